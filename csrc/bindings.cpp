@@ -1,0 +1,115 @@
+// pybind11 bindings of the torch-free kernels. Python passes raw data pointers
+// (tensor.data_ptr()) with the element counts it allocated; the C++ side re-checks
+// every size it relies on, because a wrong count here is a heap overflow, not an
+// exception. std::invalid_argument surfaces in Python as ValueError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "dispatch.h"
+#include "quant4.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void check_blocksize(int64_t blocksize) {
+  require(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + std::to_string(blocksize));
+}
+
+qk::DType dtype_of(int code, const char* what) {
+  require(code >= 0 && code <= 2, std::string(what) + ": unsupported dtype code " + std::to_string(code));
+  return static_cast<qk::DType>(code);
+}
+
+int64_t quantize_4bit(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, uintptr_t code,
+                      uintptr_t bounds, uintptr_t order, uintptr_t packed, int64_t packed_numel,
+                      uintptr_t absmax, int64_t absmax_numel, int nthreads) {
+  check_blocksize(blocksize);
+  require(n >= 0, "n must be >= 0");
+  require(packed_numel == (n + 1) / 2, "packed has " + std::to_string(packed_numel) + " bytes, expected " + std::to_string((n + 1) / 2));
+  require(absmax_numel == (n + blocksize - 1) / blocksize, "absmax has " + std::to_string(absmax_numel) + " entries, expected " + std::to_string((n + blocksize - 1) / blocksize));
+  if (n == 0) return -1;
+  require(x && code && bounds && order && packed && absmax, "null data pointer");
+  const qk::Quant4Tables t{ptr<const float>(code), ptr<const float>(bounds), ptr<const uint8_t>(order)};
+  return qk::kernels().quantize4(ptr<const void>(x), dtype_of(x_dtype, "W"), n, blocksize, t,
+                                 ptr<uint8_t>(packed), ptr<float>(absmax), nthreads < 1 ? 1 : nthreads);
+}
+
+void dequantize_4bit(uintptr_t packed, int64_t packed_numel, uintptr_t absmax, int64_t absmax_numel,
+                     uintptr_t code, int64_t n, int64_t blocksize, uintptr_t out, int out_dtype, int nthreads) {
+  check_blocksize(blocksize);
+  require(n >= 0, "n must be >= 0");
+  require(packed_numel == (n + 1) / 2, "packed has " + std::to_string(packed_numel) + " bytes, but the state's shape needs " + std::to_string((n + 1) / 2));
+  require(absmax_numel == (n + blocksize - 1) / blocksize, "absmax has " + std::to_string(absmax_numel) + " entries, but the state needs " + std::to_string((n + blocksize - 1) / blocksize));
+  if (n == 0) return;
+  require(packed && absmax && code && out, "null data pointer");
+  qk::kernels().dequantize4(ptr<const uint8_t>(packed), ptr<const float>(absmax), ptr<const float>(code), n,
+                            blocksize, ptr<void>(out), dtype_of(out_dtype, "dtype"), nthreads < 1 ? 1 : nthreads);
+}
+
+void quantize_8bit(uintptr_t x, int64_t n, int64_t blocksize, uintptr_t code, uintptr_t out,
+                   uintptr_t absmax, int64_t absmax_numel) {
+  require(blocksize >= 1, "blocksize must be positive");
+  require(absmax_numel == (n + blocksize - 1) / blocksize, "absmax size does not match n and blocksize");
+  if (n <= 0) return;
+  qk::quantize8_blockwise(ptr<const float>(x), n, blocksize, ptr<const float>(code), ptr<uint8_t>(out), ptr<float>(absmax));
+}
+
+void dequantize_8bit(uintptr_t q, uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t n,
+                     int64_t blocksize, uintptr_t out) {
+  require(blocksize >= 1, "blocksize must be positive");
+  require(absmax_numel == (n + blocksize - 1) / blocksize, "absmax size does not match n and blocksize");
+  if (n <= 0) return;
+  qk::dequantize8_blockwise(ptr<const uint8_t>(q), ptr<const float>(absmax), ptr<const float>(code), n, blocksize, ptr<float>(out));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "qlora-kernels CPU kernels (torch-free C++; pointers come from torch tensors in Python)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("quantize_4bit", &quantize_4bit, nogil,
+        "Blockwise 4-bit quantization of n elements (dtype code 0=f32, 1=bf16, 2=f16). Writes "
+        "(n+1)/2 packed bytes (even element in the high nibble) and ceil(n/blocksize) absmax; "
+        "returns -1 or the first block holding NaN/Inf.");
+  m.def("dequantize_4bit", &dequantize_4bit, nogil,
+        "Blockwise 4-bit dequantization: out[i] = code[nibble(i)] * absmax[i / blocksize], "
+        "computed in fp32 and rounded to the output dtype (0=f32, 1=bf16, 2=f16).");
+  m.def("quantize_8bit", &quantize_8bit, nogil, "8-bit blockwise quantization with a sorted 256-entry map (fp32 in).");
+  m.def("dequantize_8bit", &dequantize_8bit, nogil, "8-bit blockwise dequantization to fp32.");
+  m.def("compiled_isas", &qk::compiled_isas, "ISA paths compiled into this build.");
+  m.def("supported_isas", &qk::supported_isas, "ISA paths this CPU can run.");
+  m.def("best_isa", &qk::best_isa, "The path cpuid selects.");
+  m.def("get_isa", [] { return std::string(qk::isa_name(qk::current_isa())); }, "The path in use.");
+  m.def("set_isa", &qk::set_isa, "Force a path ('scalar', 'avx2').");
+  m.def("openmp", [] {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,110 @@
+#include "dispatch.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace qk {
+namespace {
+
+bool cpu_has(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return true;
+    case Isa::Avx2:
+#if defined(QK_X86)
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+      return false;
+#endif
+  }
+  return false;
+}
+
+bool compiled(Isa isa) {
+#if defined(QK_X86)
+  (void)isa;
+  return true;
+#else
+  return isa == Isa::Scalar;
+#endif
+}
+
+const Kernels kTable[] = {
+    {quantize4_scalar, dequantize4_scalar},
+#if defined(QK_X86)
+    {quantize4_avx2, dequantize4_avx2},
+#else
+    {quantize4_scalar, dequantize4_scalar},
+#endif
+};
+
+const Isa kAll[] = {Isa::Scalar, Isa::Avx2};
+
+Isa parse(const std::string& name) {
+  for (Isa isa : kAll)
+    if (name == isa_name(isa)) return isa;
+  throw std::invalid_argument("unknown ISA path '" + name + "'; expected one of: scalar, avx2");
+}
+
+Isa detect_best() {
+  Isa best = Isa::Scalar;
+  for (Isa isa : kAll)
+    if (compiled(isa) && cpu_has(isa)) best = isa;
+  return best;
+}
+
+Isa initial() {
+  const char* env = std::getenv("QLORA_KERNELS_ISA");
+  if (env && *env) {
+    const Isa isa = parse(env);
+    if (!compiled(isa) || !cpu_has(isa))
+      throw std::invalid_argument(std::string("QLORA_KERNELS_ISA=") + env + " is not available on this CPU/build");
+    return isa;
+  }
+  return detect_best();
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> isa{static_cast<int>(initial())};
+  return isa;
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return "scalar";
+    case Isa::Avx2: return "avx2";
+  }
+  return "?";
+}
+
+std::vector<std::string> compiled_isas() {
+  std::vector<std::string> out;
+  for (Isa isa : kAll)
+    if (compiled(isa)) out.emplace_back(isa_name(isa));
+  return out;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (Isa isa : kAll)
+    if (compiled(isa) && cpu_has(isa)) out.emplace_back(isa_name(isa));
+  return out;
+}
+
+std::string best_isa() { return isa_name(detect_best()); }
+
+Isa current_isa() { return static_cast<Isa>(current().load()); }
+
+void set_isa(const std::string& name) {
+  const Isa isa = parse(name);
+  if (!compiled(isa)) throw std::invalid_argument("ISA path '" + name + "' was not compiled into this build");
+  if (!cpu_has(isa)) throw std::invalid_argument("this CPU cannot run the '" + name + "' path");
+  current().store(static_cast<int>(isa));
+}
+
+const Kernels& kernels() { return kTable[current().load()]; }
+
+}  // namespace qk

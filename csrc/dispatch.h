@@ -1,0 +1,27 @@
+// Run-time choice of the ISA path. Detection uses cpuid (via the compiler builtins);
+// QLORA_KERNELS_ISA=scalar|avx2 forces a path at import, set_isa() at run time, so the
+// test suite reaches every path the machine can execute.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "quant4.h"
+
+namespace qk {
+
+enum class Isa : int { Scalar = 0, Avx2 = 1 };
+
+const char* isa_name(Isa isa);
+std::vector<std::string> compiled_isas();
+std::vector<std::string> supported_isas();  // compiled and runnable on this CPU
+std::string best_isa();
+Isa current_isa();
+void set_isa(const std::string& name);  // throws std::invalid_argument
+
+struct Kernels {
+  Quantize4Fn quantize4;
+  Dequantize4Fn dequantize4;
+};
+const Kernels& kernels();
+
+}  // namespace qk

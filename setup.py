@@ -1,0 +1,55 @@
+"""Builds qlora_kernels._C. Each ISA path lives in its own source file and gets its own
+compiler flags (``*_avx2.cpp`` -> -mavx2 -mfma -mf16c); the rest is built for the baseline
+ISA and picks a path at run time from cpuid. Never -march=native: wheels must run on any
+x86-64 CPU."""
+import os
+import platform
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+ISA_FLAGS = {
+    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+sources = sorted(
+    os.path.join("csrc", f)
+    for f in os.listdir("csrc")
+    if f.endswith(".cpp") and (IS_X86 or not any(f.endswith(s) for s in ISA_FLAGS))
+)
+
+
+class BuildExt(build_ext):
+    """Adds per-file ISA flags by wrapping the compiler's single-file compile step."""
+
+    def build_extensions(self):
+        original = self.compiler._compile
+
+        def compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            extra = list(extra_postargs)
+            for suffix, flags in ISA_FLAGS.items():
+                if src.endswith(suffix):
+                    extra += flags
+            return original(obj, src, ext, cc_args, extra, pp_opts)
+
+        self.compiler._compile = compile_one
+        super().build_extensions()
+
+
+openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+ext = Pybind11Extension(
+    "qlora_kernels._C",
+    sources,
+    cxx_std=17,
+    define_macros=[("QK_X86", "1")] if IS_X86 else [],
+    # -ffp-contract=off: a fused multiply-add would change rounding against the
+    # reference; no -ffast-math: the kernels rely on IEEE subnormals and NaN compares.
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"] + openmp,
+    extra_link_args=openmp,
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

@@ -1,0 +1,24 @@
+"""qlora-kernels: LoRA/QLoRA/DoRA kernels for CPUs and FPGAs.
+
+NF4/FP4 formats bit-exact with bitsandbytes; ops declared with torch.library and run on a
+selectable backend (``reference``: pure torch, ``cpu``: the C++ extension).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _ops  # noqa: F401  (registers torch.ops.qlora_kernels.*)
+from .backends import available_backends, get_backend, set_backend, unavailable_reason, use_backend
+from .formats import QuantState
+from .functional import dequantize_4bit, quantize_4bit
+
+__all__ = [
+    "QuantState",
+    "available_backends",
+    "dequantize_4bit",
+    "get_backend",
+    "quantize_4bit",
+    "set_backend",
+    "unavailable_reason",
+    "use_backend",
+]

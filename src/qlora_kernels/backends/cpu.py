@@ -1,0 +1,58 @@
+"""The cpu backend: the C++ extension (qlora_kernels._C), scalar and AVX2 paths chosen at
+run time. Threads follow torch.get_num_threads()."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import _C, formats
+from .._errors import nonfinite_error
+from .._ops import dtype_code
+from . import register_kernel
+
+_C.get_isa()  # surfaces a bad QLORA_KERNELS_ISA at import, not at the first call
+
+
+@functools.cache
+def _tables(quant_type: str):
+    bounds, order = formats.quant_tables(quant_type)
+    return formats.codebook(quant_type), bounds, order
+
+
+@register_kernel("quantize_4bit", "cpu")
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+    n = A.numel()
+    packed = torch.empty((formats.packed_numel(n), 1), dtype=torch.uint8)
+    absmax = torch.empty((formats.num_blocks(n, blocksize),), dtype=torch.float32)
+    code, bounds, order = _tables(quant_type)
+    bad = _C.quantize_4bit(A.data_ptr(), dtype_code(A.dtype), n, blocksize, code.data_ptr(), bounds.data_ptr(),
+                           order.data_ptr(), packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(),
+                           torch.get_num_threads())
+    if bad >= 0:
+        raise nonfinite_error(bad, blocksize)
+    return packed, absmax
+
+
+@register_kernel("dequantize_4bit", "cpu")
+def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
+    out = torch.empty(shape, dtype=dtype)
+    code = _tables(quant_type)[0]
+    _C.dequantize_4bit(packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(),
+                       out.numel(), blocksize, out.data_ptr(), dtype_code(dtype), torch.get_num_threads())
+    return out
+
+
+@register_kernel("quantize_blockwise_8bit", "cpu")
+def quantize_blockwise_8bit(A, code, blocksize):
+    out = torch.empty(A.shape, dtype=torch.uint8)
+    absmax = torch.empty((formats.num_blocks(A.numel(), blocksize),), dtype=torch.float32)
+    _C.quantize_8bit(A.data_ptr(), A.numel(), blocksize, code.data_ptr(), out.data_ptr(), absmax.data_ptr(), absmax.numel())
+    return out, absmax
+
+
+@register_kernel("dequantize_blockwise_8bit", "cpu")
+def dequantize_blockwise_8bit(q, absmax, code, blocksize):
+    out = torch.empty(q.shape, dtype=torch.float32)
+    _C.dequantize_8bit(q.data_ptr(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), q.numel(), blocksize, out.data_ptr())
+    return out

@@ -1,0 +1,86 @@
+"""The public functions. They validate at the Python boundary (messages name the
+argument), then call the torch.library ops, which run on the selected backend."""
+from __future__ import annotations
+
+import torch
+
+from . import _ops, formats
+from .formats import QuantState
+
+
+def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
+                  double_quant: bool = False) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``W`` (fp32/bf16/fp16, any shape, any strides) to NF4/FP4.
+
+    Returns ``(packed, state)``: ``packed`` is uint8 ``[(n + 1) // 2, 1]`` and ``state`` a
+    :class:`QuantState`; both are bit-identical to ``bitsandbytes.functional.quantize_4bit``
+    with ``compress_statistics=double_quant``. NaN/Inf in ``W`` raise ``ValueError``.
+    """
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    _ops.check_quantize_4bit(W, blocksize, quant_type)
+    packed, absmax = torch.ops.qlora_kernels.quantize_4bit(W.detach(), blocksize, quant_type)
+    code = formats.codebook(quant_type)
+    state = QuantState(absmax=absmax, shape=W.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=W.dtype)
+    if double_quant:
+        state.offset = absmax.mean()
+        qabsmax, absmax2 = torch.ops.qlora_kernels.quantize_blockwise_8bit(
+            absmax - state.offset, formats.dynamic_map(), formats.NESTED_BLOCKSIZE)
+        state.absmax = qabsmax
+        state.state2 = QuantState(absmax=absmax2, code=formats.dynamic_map(), blocksize=formats.NESTED_BLOCKSIZE,
+                                  dtype=torch.float32)
+    return packed, state
+
+
+def _check_state(state: QuantState) -> None:
+    if not isinstance(state, QuantState):
+        raise TypeError(
+            f"state must be a qlora_kernels.QuantState, got {type(state).__name__}"
+            " (convert a bitsandbytes state with QuantState.from_dict(bnb_state.as_dict()))"
+        )
+    if state.quant_type not in formats.QUANT_TYPES:
+        raise ValueError(f"state.quant_type must be one of {formats.QUANT_TYPES}, got {state.quant_type!r}")
+    if state.blocksize not in formats.BLOCKSIZES:
+        raise ValueError(f"state.blocksize must be one of {formats.BLOCKSIZES}, got {state.blocksize!r}")
+    if state.shape is None:
+        raise ValueError("state.shape is missing")
+    if state.code is None or state.code.numel() != 16 or not torch.equal(state.code.float().cpu(), formats._codebook_cpu(state.quant_type)):
+        raise ValueError(f"state.code is not the {state.quant_type} codebook")
+    if state.nested:
+        if state.offset is None:
+            raise ValueError("state.offset is missing for a double-quantized state")
+        if state.absmax.dtype != torch.uint8:
+            raise TypeError(f"state.absmax must hold uint8 codes for a double-quantized state, got {state.absmax.dtype}")
+    elif state.absmax.dtype != torch.float32:
+        raise TypeError(f"state.absmax must be float32, got {state.absmax.dtype}")
+
+
+def absmax_fp32(state: QuantState) -> torch.Tensor:
+    """The per-block fp32 absmax; decodes double quantization the way bitsandbytes does
+    (8-bit decode, then ``+ offset`` in fp32)."""
+    _check_state(state)
+    if not state.nested:
+        return state.absmax
+    s2 = state.state2
+    absmax = torch.ops.qlora_kernels.dequantize_blockwise_8bit(state.absmax, s2.absmax, s2.code, s2.blocksize)
+    return absmax + state.offset.float()
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Decode ``packed`` to ``state.shape`` in ``dtype`` (fp32/bf16/fp16; ``None`` takes the
+    dtype the weight had). Bit-identical to ``bitsandbytes.functional.dequantize_4bit``."""
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    _check_state(state)
+    if packed.dtype != torch.uint8:
+        if packed.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8) and packed.is_contiguous():
+            packed = packed.view(torch.uint8)  # bitsandbytes' quant_storage: bytes kept in another dtype
+        else:
+            raise TypeError(f"packed must hold uint8 bytes, got {packed.dtype}")
+    dtype = state.dtype if dtype is None else dtype
+    return torch.ops.qlora_kernels.dequantize_4bit(packed, absmax_fp32(state), state.blocksize, state.quant_type,
+                                                   list(state.shape), dtype)
