@@ -42,11 +42,20 @@ inline __m256i lookup16_i(__m256i lo, __m256i hi, __m256i idx) {
 }
 
 struct Tables8 {
-  __m256 bounds[15];
+  // Binary search over the 15 ascending bounds, 4 levels: the pivot of each level is
+  // bounds[idx + step - 1], fetched by one in-register permute (at most 8 candidates).
+  __m256 pivot8, pivot4, pivot2, pivot1;
   __m256i order_lo, order_hi;
   bool identity;
   explicit Tables8(const Quant4Tables& t) {
-    for (int k = 0; k < 15; ++k) bounds[k] = _mm256_set1_ps(t.bounds[k]);
+    alignas(32) float p4[8] = {t.bounds[3], t.bounds[11]};
+    alignas(32) float p2[8] = {t.bounds[1], t.bounds[5], t.bounds[9], t.bounds[13]};
+    alignas(32) float p1[8];
+    for (int k = 0; k < 8; ++k) p1[k] = t.bounds[2 * k];
+    pivot8 = _mm256_set1_ps(t.bounds[7]);
+    pivot4 = _mm256_load_ps(p4);
+    pivot2 = _mm256_load_ps(p2);
+    pivot1 = _mm256_load_ps(p1);
     alignas(32) int32_t o[16];
     identity = true;
     for (int k = 0; k < 16; ++k) {
@@ -56,11 +65,16 @@ struct Tables8 {
     order_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
     order_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(o + 8));
   }
+  static __m256i step(__m256i idx, __m256 pivot, __m256 s, int amount) {
+    const __m256i below = _mm256_castps_si256(_mm256_cmp_ps(pivot, s, _CMP_LT_OQ));
+    return _mm256_add_epi32(idx, _mm256_and_si256(below, _mm256_set1_epi32(amount)));
+  }
   // torch.bucketize(right=False): the count of bounds strictly below s.
   __m256i encode(__m256 s) const {
-    __m256i idx = _mm256_setzero_si256();
-    for (int k = 0; k < 15; ++k)
-      idx = _mm256_sub_epi32(idx, _mm256_castps_si256(_mm256_cmp_ps(bounds[k], s, _CMP_LT_OQ)));
+    __m256i idx = step(_mm256_setzero_si256(), pivot8, s, 8);
+    idx = step(idx, _mm256_permutevar8x32_ps(pivot4, _mm256_srli_epi32(idx, 3)), s, 4);
+    idx = step(idx, _mm256_permutevar8x32_ps(pivot2, _mm256_srli_epi32(idx, 2)), s, 2);
+    idx = step(idx, _mm256_permutevar8x32_ps(pivot1, _mm256_srli_epi32(idx, 1)), s, 1);
     return identity ? idx : lookup16_i(order_lo, order_hi, idx);
   }
 };

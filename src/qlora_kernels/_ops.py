@@ -90,6 +90,21 @@ def _(packed, absmax, blocksize, quant_type, shape, dtype):
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
+@torch.library.custom_op("qlora_kernels::dequantize_4bit_out", mutates_args=("out",))
+def dequantize_4bit_out(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                        out: torch.Tensor) -> None:
+    """``dequantize_4bit`` into a caller-owned contiguous ``out`` (its shape and dtype)."""
+    check_dequantize_4bit(packed, absmax, blocksize, quant_type, out.shape, out.dtype)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    run("dequantize_4bit_out", packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out)
+
+
+@dequantize_4bit_out.register_fake
+def _(packed, absmax, blocksize, quant_type, out):
+    check_dequantize_4bit(packed, absmax, blocksize, quant_type, out.shape, out.dtype)
+
+
 def check_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> None:
     if A.dtype != torch.float32 or code.dtype != torch.float32 or code.numel() != 256:
         raise TypeError("8-bit blockwise quantization takes float32 values and a 256-entry float32 map")

@@ -70,9 +70,13 @@ def absmax_fp32(state: QuantState) -> torch.Tensor:
     return absmax + state.offset.float()
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = torch.float32,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode ``packed`` to ``state.shape`` in ``dtype`` (fp32/bf16/fp16; ``None`` takes the
-    dtype the weight had). Bit-identical to ``bitsandbytes.functional.dequantize_4bit``."""
+    dtype the weight had). Bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
+
+    ``out``: a contiguous CPU tensor of ``state.shape`` to decode into (its dtype wins);
+    reusing one avoids the page faults of a fresh multi-MB allocation on every call."""
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
     _check_state(state)
@@ -81,6 +85,17 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
             packed = packed.view(torch.uint8)  # bitsandbytes' quant_storage: bytes kept in another dtype
         else:
             raise TypeError(f"packed must hold uint8 bytes, got {packed.dtype}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if tuple(out.shape) != tuple(state.shape):
+            raise ValueError(f"out has shape {tuple(out.shape)}, state.shape is {tuple(state.shape)}")
+        if out.dtype not in formats.INPUT_DTYPES:
+            raise TypeError(f"out must be float32, bfloat16 or float16, got {out.dtype}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        torch.ops.qlora_kernels.dequantize_4bit_out(packed, absmax_fp32(state), state.blocksize, state.quant_type, out)
+        return out
     dtype = state.dtype if dtype is None else dtype
     return torch.ops.qlora_kernels.dequantize_4bit(packed, absmax_fp32(state), state.blocksize, state.quant_type,
                                                    list(state.shape), dtype)

@@ -34,12 +34,17 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     return packed, absmax
 
 
+@register_kernel("dequantize_4bit_out", "cpu")
+def dequantize_4bit_out(packed, absmax, blocksize, quant_type, out):
+    code = _tables(quant_type)[0]
+    _C.dequantize_4bit(packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(),
+                       out.numel(), blocksize, out.data_ptr(), dtype_code(out.dtype), torch.get_num_threads())
+
+
 @register_kernel("dequantize_4bit", "cpu")
 def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
     out = torch.empty(shape, dtype=dtype)
-    code = _tables(quant_type)[0]
-    _C.dequantize_4bit(packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(),
-                       out.numel(), blocksize, out.data_ptr(), dtype_code(dtype), torch.get_num_threads())
+    dequantize_4bit_out(packed, absmax, blocksize, quant_type, out)
     return out
 
 

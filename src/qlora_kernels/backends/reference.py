@@ -59,6 +59,11 @@ def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
     return (code[_nibbles(packed, n)] * scale).to(dtype).reshape(shape)
 
 
+@register_kernel("dequantize_4bit_out", "reference")
+def dequantize_4bit_out(packed, absmax, blocksize, quant_type, out):
+    out.copy_(dequantize_4bit(packed, absmax, blocksize, quant_type, list(out.shape), out.dtype))
+
+
 @register_kernel("quantize_blockwise_8bit", "reference")
 def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     """bitsandbytes' CPU rule (see csrc/blockwise8.cpp): 65,536 equal bins on [-1, 1],

@@ -1,0 +1,146 @@
+"""Packed bytes, absmax (plain and double-quantized) and decoded values equal
+bitsandbytes' bit for bit, on every backend and every CPU path this machine runs."""
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels import formats
+
+from .conftest import bits, no_dynamo
+
+
+def make(dist: str, shape, dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dist == "normal":
+        x = torch.randn(shape, generator=g)
+    elif dist == "uniform":
+        x = torch.rand(shape, generator=g) * 2 - 1
+    else:  # heavy-tailed: Student-t with 2 degrees of freedom (outliers dominate absmax)
+        z = torch.randn(shape, generator=g)
+        chi2 = torch.randn((2, *shape), generator=g).pow(2).sum(0)
+        x = z / torch.sqrt(chi2 / 2 + 1e-12)
+    return (x * 0.05).to(dtype)
+
+
+SHAPES = [(0,), (1,), (7,), (4097,), (33, 65), (64, 128), (3, 5, 67)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _bnb_dequant_native_bug(bnb, shape, blocksize) -> bool:
+    """bitsandbytes 0.50.2's AVX-512 CPU dequantization indexes absmax per row
+    (row * (cols / blocksize) + col / blocksize): with a block longer than a row that
+    picks the wrong scale. It is used for an even last dim and blocksize < 2048."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap == "AVX512" and len(shape) >= 1 and shape[-1] % 2 == 0 and blocksize > shape[-1] and blocksize < 2048
+
+
+def _bnb_reference_dequant(bnb, qb, sb):
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = sb.absmax
+    if sb.nested:
+        absmax = bnb.functional.dequantize_blockwise(sb.absmax, sb.state2) + sb.offset
+    return _dequantize_4bit_compute(qb.reshape(-1), absmax, formats.codebook(sb.quant_type), sb.blocksize,
+                                    sb.shape, sb.dtype)
+
+
+@pytest.mark.parametrize("quant_type", formats.QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", formats.BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_quantize_dequantize_equal_bitsandbytes(bnb, path, quant_type, blocksize, dtype, double_quant):
+    for i, shape in enumerate(SHAPES):
+        for dist in ("normal", "uniform", "heavy"):
+            W = make(dist, shape, dtype, seed=1000 * blocksize + 10 * i + len(dist))
+            where = f"{dist} {shape}"
+            with no_dynamo():
+                qb, sb = bnb.functional.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type,
+                                                      compress_statistics=double_quant)
+                db = bnb.functional.dequantize_4bit(qb, sb)
+            packed, state = qk.quantize_4bit(W, quant_type, blocksize, double_quant)
+            assert packed.dtype == torch.uint8 and packed.shape == qb.shape, where
+            assert torch.equal(packed, qb), where
+            assert torch.equal(state.absmax, sb.absmax), where
+            if double_quant:
+                assert torch.equal(state.state2.absmax, sb.state2.absmax), where
+                assert torch.equal(bits(state.offset.reshape(1)), bits(sb.offset.reshape(1))), where
+                assert torch.equal(bits(state.state2.code), bits(sb.state2.code)), where
+            out = qk.dequantize_4bit(packed, state, dtype=dtype)
+            assert out.shape == W.shape and out.dtype == dtype, where
+            if W.numel() == 0:
+                assert db.numel() == 0
+                continue
+            if not torch.equal(bits(out), bits(db)):
+                # Only the known bitsandbytes defect may explain a difference, and then
+                # bitsandbytes' own pure-torch path must agree with us.
+                assert _bnb_dequant_native_bug(bnb, shape, blocksize), where
+                with no_dynamo():
+                    ref = _bnb_reference_dequant(bnb, qb, sb)
+                assert torch.equal(bits(out), bits(ref)), where
+
+
+def test_bnb_native_dequant_defect_is_real(bnb):
+    """Documents why the parity test may fall back to bitsandbytes' torch path: where
+    bitsandbytes' native path has the defect its error is far beyond NF4's; elsewhere
+    its output is ours bit for bit."""
+    W = torch.randn(128, 256)
+    qb, sb = bnb.functional.quantize_4bit(W, blocksize=512, quant_type="nf4")
+    theirs = bnb.functional.dequantize_4bit(qb, sb)
+    ours = qk.dequantize_4bit(*qk.quantize_4bit(W, "nf4", 512))
+    if _bnb_dequant_native_bug(bnb, (128, 256), 512):
+        assert (ours - W).abs().max() < 0.6 < (theirs - W).abs().max()
+    else:
+        assert torch.equal(bits(ours), bits(theirs))
+
+
+def test_every_cpu_path_matches_reference_on_larger_data(path):
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(257, 515, generator=g)
+    for qt in formats.QUANT_TYPES:
+        packed, state = qk.quantize_4bit(W, qt, 64, double_quant=True)
+        with qk.use_backend("reference"):
+            rp, rs = qk.quantize_4bit(W, qt, 64, double_quant=True)
+            rd = qk.dequantize_4bit(rp, rs, dtype=torch.bfloat16)
+        assert torch.equal(packed, rp) and torch.equal(state.absmax, rs.absmax)
+        assert torch.equal(bits(qk.dequantize_4bit(packed, state, dtype=torch.bfloat16)), bits(rd))
+
+
+def test_out_argument_decodes_in_place(path):
+    W = torch.randn(65, 33)
+    packed, state = qk.quantize_4bit(W)
+    for dtype in DTYPES:
+        out = torch.full(W.shape, float("nan"), dtype=dtype)
+        assert qk.dequantize_4bit(packed, state, out=out) is out
+        assert torch.equal(bits(out), bits(qk.dequantize_4bit(packed, state, dtype=dtype)))
+
+
+def test_non_contiguous_input_is_quantized_as_its_values():
+    W = torch.randn(96, 64)
+    for view in (W.t(), W[:, ::2], W[::3]):
+        packed, state = qk.quantize_4bit(view)
+        ref_packed, ref_state = qk.quantize_4bit(view.contiguous())
+        assert torch.equal(packed, ref_packed) and state.shape == view.shape
+
+
+def test_zero_blocks_encode_as_zero(bnb):
+    W = torch.zeros(3, 64)
+    W[1] = torch.linspace(-1, 1, 64)
+    packed, state = qk.quantize_4bit(W.reshape(-1)[:150])  # a full zero block and a zero-ish tail
+    qb, sb = bnb.functional.quantize_4bit(W.reshape(-1)[:150], blocksize=64, quant_type="nf4")
+    assert torch.equal(packed, qb) and torch.equal(state.absmax, sb.absmax)
+    assert torch.all(qk.dequantize_4bit(packed, state)[:64] == 0)
+
+
+def test_results_do_not_depend_on_thread_count():
+    W = torch.randn(300, 301)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        p1, s1 = qk.quantize_4bit(W)
+        d1 = qk.dequantize_4bit(p1, s1)
+        torch.set_num_threads(2)
+        p2, s2 = qk.quantize_4bit(W)
+        d2 = qk.dequantize_4bit(p2, s2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(p1, p2) and torch.equal(s1.absmax, s2.absmax) and torch.equal(d1, d2)
