@@ -17,6 +17,9 @@
 
 namespace py = pybind11;
 
+// Each op family binds itself (one file per op); they are listed here.
+void register_linear4(py::module_& m);
+
 namespace {
 
 void require(bool ok, const std::string& msg) {
@@ -118,6 +121,7 @@ PYBIND11_MODULE(_C, m) {
         "computed in fp32 and rounded to the output dtype (0=f32, 1=bf16, 2=f16).");
   m.def("quantize_8bit", &quantize_8bit, nogil, "8-bit blockwise quantization with a sorted 256-entry map (fp32 in).");
   m.def("dequantize_8bit", &dequantize_8bit, nogil, "8-bit blockwise dequantization to fp32.");
+  register_linear4(m);
   m.def("compiled_isas", &qk::compiled_isas, "ISA paths compiled into this build.");
   m.def("supported_isas", &qk::supported_isas, "ISA paths this CPU can run.");
   m.def("best_isa", &qk::best_isa, "The path cpuid selects.");
