@@ -28,10 +28,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def _bnb_dequant_native_bug(bnb, shape, blocksize) -> bool:
     """bitsandbytes 0.50.2's AVX-512 CPU dequantization indexes absmax per row
-    (row * (cols / blocksize) + col / blocksize): with a block longer than a row that
-    picks the wrong scale. It is used for an even last dim and blocksize < 2048."""
+    (row * (cols // blocksize) + col // blocksize): when rows are not a whole number of
+    blocks that picks wrong scales. It runs for last dims divisible by 16 and
+    blocksize < 2048."""
     cap = torch.backends.cpu.get_cpu_capability()
-    return cap == "AVX512" and len(shape) >= 1 and shape[-1] % 2 == 0 and blocksize > shape[-1] and blocksize < 2048
+    return (cap == "AVX512" and len(shape) >= 1 and shape[-1] % 16 == 0 and shape[-1] % blocksize != 0
+            and blocksize < 2048)
 
 
 def _bnb_reference_dequant(bnb, qb, sb):

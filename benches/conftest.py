@@ -1,0 +1,28 @@
+"""Benchmarks run outside the default test run: ``python -m pytest benches``.
+Every group holds our kernel and its peers on the same inputs; benches/report.py turns
+a ``--benchmark-json`` file into docs/benchmarks.md with the ratios."""
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    # Speed is reported at 2 threads (the project's reference machine) unless overridden.
+    torch.set_num_threads(int(config.getoption("--bench-threads")))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-threads", default="2", help="torch/OpenMP threads for the benchmarks")
+
+
+def run_case(benchmark, case, rounds: int = 7):
+    benchmark.group = case.group
+    benchmark.name = case.name
+    from qlora_kernels.bench import machine_summary
+
+    benchmark.extra_info.update(ours=case.ours, work=case.work, unit=case.unit, machine=machine_summary(), **case.extra)
+    benchmark.pedantic(case.fn, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+@pytest.fixture
+def bench_case(benchmark):
+    return lambda case, rounds=7: run_case(benchmark, case, rounds)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Sets up everything the main job and the tests need, on a fresh Debian machine:
+#   * PoCL, the CPU implementation of OpenCL (Debian: pocl-opencl-icd), for the opencl backend;
+#   * a virtual environment in .venv with the CPU build of PyTorch;
+#   * this package (pip compiles the C++ extension) with the extras the tests use.
+# Idempotent: a second run only rebuilds the package.
+# Elsewhere: set TORCH_SPEC / PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu so that
+# pip takes the CPU build of torch (a bare `torch` on an empty environment pulls CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! dpkg -s pocl-opencl-icd ocl-icd-libopencl1 >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing PoCL (pocl-opencl-icd) with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pocl-opencl-icd ocl-icd-libopencl1 clinfo >/dev/null
+  else
+    echo "setup: warning: not root, cannot apt-get install pocl-opencl-icd (the opencl tests need it)" >&2
+  fi
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing ${TORCH_SPEC:-torch==2.13.0} (CPU build)"
+  "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+fi
+"${PIP[@]}" "setuptools>=68" wheel "pybind11>=2.12"
+echo "setup: building and installing qlora-kernels[${EXTRAS:-dev}]"
+"${PIP[@]}" --no-build-isolation ".[${EXTRAS:-dev}]"
+.venv/bin/qlora-kernels info

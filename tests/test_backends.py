@@ -1,0 +1,58 @@
+"""Backend registry and run-time CPU path selection."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels import _C
+from qlora_kernels.backends import kernel_for
+
+
+def test_available_backends_and_selection():
+    assert qk.available_backends()[:2] == ["reference", "cpu"]
+    assert qk.unavailable_reason("cpu") is None
+    assert qk.get_backend() == "cpu"
+    with qk.use_backend("reference"):
+        assert qk.get_backend() == "reference"
+        assert kernel_for("dequantize_4bit")[0] == "reference"
+    assert qk.get_backend() == "cpu"
+    qk.set_backend("reference")
+    try:
+        assert qk.get_backend() == "reference"
+    finally:
+        qk.set_backend("cpu")
+    assert kernel_for("quantize_4bit")[0] == "cpu"
+
+
+def test_isa_paths_are_reported():
+    assert "scalar" in _C.compiled_isas()
+    assert set(_C.supported_isas()) <= set(_C.compiled_isas())
+    assert _C.best_isa() in _C.supported_isas()
+    assert _C.openmp()
+
+
+def _isa_in_subprocess(value: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, QLORA_KERNELS_ISA=value)
+    code = "import qlora_kernels, qlora_kernels._C as c; print(c.get_isa())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("isa", _C.supported_isas())
+def test_environment_variable_forces_a_path(isa):
+    r = _isa_in_subprocess(isa)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == isa
+
+
+def test_environment_variable_with_unknown_path_fails_clearly():
+    r = _isa_in_subprocess("avx9000")
+    assert r.returncode != 0
+    assert "unknown ISA path 'avx9000'" in r.stderr
+
+
+def test_x86_machines_run_the_avx2_path_by_default():
+    if "avx2" in _C.supported_isas():
+        assert _C.best_isa() == "avx2"

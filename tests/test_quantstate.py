@@ -1,0 +1,69 @@
+"""QuantState serialization interoperates with bitsandbytes' in both directions."""
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels import QuantState
+
+from .conftest import bits
+
+
+def _same_state(ours: QuantState, theirs) -> None:
+    assert tuple(ours.shape) == tuple(theirs.shape)
+    assert ours.blocksize == theirs.blocksize and ours.quant_type == theirs.quant_type
+    assert ours.dtype == theirs.dtype
+    assert torch.equal(ours.absmax, theirs.absmax)
+    assert torch.equal(bits(ours.code), bits(theirs.code))
+    assert ours.nested == theirs.nested
+    if ours.nested:
+        assert float(ours.offset) == float(theirs.offset)
+        assert torch.equal(ours.state2.absmax, theirs.state2.absmax)
+        assert torch.equal(bits(ours.state2.code), bits(theirs.state2.code))
+        assert ours.state2.blocksize == theirs.state2.blocksize
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("packed", [True, False])
+def test_roundtrip_with_bitsandbytes(bnb, quant_type, double_quant, dtype, packed):
+    W = torch.randn(48, 128).to(dtype)  # rows of whole blocks: see test_bnb_native_dequant_defect_is_real
+    q, ours = qk.quantize_4bit(W, quant_type, 64, double_quant)
+    d = ours.as_dict(packed=packed)
+    if packed:
+        assert all(isinstance(v, torch.Tensor) for v in d.values())
+        assert f"quant_state.bitsandbytes__{quant_type}" in d
+        assert {"absmax", "quant_map"} <= set(d)
+        assert ({"nested_absmax", "nested_quant_map"} <= set(d)) == double_quant
+    theirs = bnb.functional.QuantState.from_dict(dict(d), device=torch.device("cpu"))
+    _same_state(ours, theirs)
+    # bitsandbytes decodes our bytes with our state exactly as we do
+    assert torch.equal(bits(bnb.functional.dequantize_4bit(q, theirs)), bits(qk.dequantize_4bit(q, ours, dtype=None)))
+    # and the reverse direction: a state written by bitsandbytes loads here
+    qb, sb = bnb.functional.quantize_4bit(W, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    back = QuantState.from_dict(sb.as_dict(packed=packed))
+    _same_state(back, sb)
+    assert back == QuantState.from_dict(back.as_dict(packed=True))
+
+
+def test_from_dict_accepts_module_prefixes():
+    _, st = qk.quantize_4bit(torch.randn(8, 64), double_quant=True)
+    prefixed = {f"model.layers.0.q_proj.weight.{k}": v for k, v in st.as_dict(packed=True).items()}
+    assert QuantState.from_dict(prefixed) == st
+
+
+def test_from_dict_errors_name_the_key():
+    _, st = qk.quantize_4bit(torch.randn(8, 64))
+    d = st.as_dict(packed=True)
+    with pytest.raises(ValueError, match="quant_state"):
+        QuantState.from_dict({"absmax": d["absmax"]})
+    bad = dict(d)
+    bad["quant_state.bitsandbytes__nf4"] = torch.tensor([0xFF, 0xFE], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        QuantState.from_dict(bad)
+    extra = dict(d, surprise=torch.zeros(1))
+    with pytest.raises(ValueError, match="unexpected keys"):
+        QuantState.from_dict(extra)
+    missing = {k: v for k, v in d.items() if k != "absmax"}
+    with pytest.raises(ValueError, match="absmax"):
+        QuantState.from_dict(missing)
