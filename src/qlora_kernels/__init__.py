@@ -7,17 +7,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _ops  # noqa: F401  (registers torch.ops.qlora_kernels.*)
+from . import _ops, _ops_linear  # noqa: F401  (register torch.ops.qlora_kernels.*)
 from .backends import available_backends, get_backend, set_backend, unavailable_reason, use_backend
+from . import nn
 from .formats import QuantState
-from .functional import dequantize_4bit, quantize_4bit
+from .nn import quantize_model
+from .functional import dequantize_4bit, linear_4bit, lora_linear, lora_linear_4bit, quantize_4bit
 
 __all__ = [
     "QuantState",
     "available_backends",
     "dequantize_4bit",
     "get_backend",
+    "linear_4bit",
+    "lora_linear",
+    "lora_linear_4bit",
     "quantize_4bit",
+    "quantize_model",
     "set_backend",
     "unavailable_reason",
     "use_backend",

@@ -48,7 +48,11 @@ def _check_state(state: QuantState) -> None:
         raise ValueError(f"state.blocksize must be one of {formats.BLOCKSIZES}, got {state.blocksize!r}")
     if state.shape is None:
         raise ValueError("state.shape is missing")
-    if state.code is None or state.code.numel() != 16 or not torch.equal(state.code.float().cpu(), formats._codebook_cpu(state.quant_type)):
+    if state.code is None or state.code.numel() != 16:
+        raise ValueError(f"state.code is not the {state.quant_type} codebook")
+    # A value check is data-dependent, so torch.compile graphs skip it (eager calls check).
+    if not torch.compiler.is_compiling() and not torch.equal(state.code.float().cpu(),
+                                                             formats._codebook_cpu(state.quant_type)):
         raise ValueError(f"state.code is not the {state.quant_type} codebook")
     if state.nested:
         if state.offset is None:
@@ -99,3 +103,74 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     dtype = state.dtype if dtype is None else dtype
     return torch.ops.qlora_kernels.dequantize_4bit(packed, absmax_fp32(state), state.blocksize, state.quant_type,
                                                    list(state.shape), dtype)
+
+
+def _weight_args(packed: torch.Tensor, state: QuantState, in_features: int):
+    _check_state(state)
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape must be [out_features, in_features] for a linear layer, got {tuple(state.shape)}")
+    out_features, k = int(state.shape[0]), int(state.shape[1])
+    if k != in_features:
+        raise ValueError(f"x has {in_features} features but the 4-bit weight is [{out_features}, {k}]")
+    if packed.dtype != torch.uint8:
+        if packed.is_contiguous() and packed.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+            packed = packed.view(torch.uint8)
+        else:
+            raise TypeError(f"packed must hold uint8 bytes, got {packed.dtype}")
+    return packed, absmax_fp32(state), state.blocksize, state.quant_type, out_features
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (features last)")
+    if x.device.type != "cpu":
+        raise ValueError(f"x must be on the CPU for the cpu/reference backends, got device {x.device}")
+
+
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequantize_4bit(packed, state).T + bias`` without materializing the weight.
+    Any leading dims; fp32/bf16/fp16 ``x`` (fp32 arithmetic, result in x's dtype).
+    Differentiable in ``x`` and ``bias``; the 4-bit weight is frozen."""
+    _check_x(x)
+    args = _weight_args(packed, state, x.shape[-1])
+    return torch.ops.qlora_kernels.linear_4bit(x, *args, bias)
+
+
+def _dropout_noise(x: torch.Tensor, dropout_p: float, training: bool) -> torch.Tensor | None:
+    """torch.nn.functional.dropout's mask, drawn the same way from torch's generator (a
+    Bernoulli(1-p) tensor divided by 1-p), so a seeded run reproduces PEFT's dropout."""
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not training or dropout_p == 0.0:
+        return None
+    return torch.empty_like(x).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
+
+
+def _check_scaling(scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+    return float(scaling)
+
+
+def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+                     training: bool = False) -> torch.Tensor:
+    """QLoRA: ``linear_4bit(x) + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``, with a fused
+    backward giving dx, dA, dB (and the bias gradient when it trains)."""
+    _check_x(x)
+    args = _weight_args(packed, state, x.shape[-1])
+    noise = _dropout_noise(x, dropout_p, training)
+    return torch.ops.qlora_kernels.lora_linear_4bit(x, *args, lora_A, lora_B, _check_scaling(scaling), bias, noise)[0]
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                bias: torch.Tensor | None = None, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """LoRA on a dense base weight: ``x @ weight.T + bias + scaling * (dropout(x) @ A.T) @ B.T``."""
+    _check_x(x)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    noise = _dropout_noise(x, dropout_p, training)
+    return torch.ops.qlora_kernels.lora_linear(x, weight, lora_A, lora_B, _check_scaling(scaling), bias, noise)[0]

@@ -86,10 +86,10 @@ def use_backend(name: str) -> Iterator[str]:
 def kernel_for(op: str, backend: str | None = None) -> tuple[str, Callable]:
     backend = backend or get_backend()
     _load(backend)
+    _load("reference")
     impls = _KERNELS.get(op, {})
     if backend in impls:
         return backend, impls[backend]
-    _load("reference")
     return "reference", impls["reference"]
 
 

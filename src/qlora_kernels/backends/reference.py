@@ -90,3 +90,18 @@ def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int)
 def dequantize_blockwise_8bit(q, absmax, code, blocksize):
     n = q.numel()
     return (code[q.reshape(-1).long()] * absmax.repeat_interleave(blocksize)[:n]).reshape(q.shape)
+
+
+def _dense_weight(packed, absmax, blocksize, quant_type, out_features, in_features):
+    return dequantize_4bit(packed, absmax, blocksize, quant_type, [out_features, in_features], torch.float32)
+
+
+@register_kernel("linear_4bit", "reference")
+def linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, bias):
+    W = _dense_weight(packed, absmax, blocksize, quant_type, out_features, x2.shape[1])
+    return torch.nn.functional.linear(x2, W, bias)
+
+
+@register_kernel("linear_4bit_grad_input", "reference")
+def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
+    return dy2 @ _dense_weight(packed, absmax, blocksize, quant_type, dy2.shape[1], in_features)

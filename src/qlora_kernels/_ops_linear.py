@@ -1,0 +1,257 @@
+"""The fused linear ops, declared once: schema, fake implementation, argument checks and
+autograd. Kernels come from the selected backend (reference: dequantize + torch matmul).
+
+All arithmetic is fp32: bf16/fp16 activations are widened on entry and the result is
+rounded back to the activation dtype, so every backend agrees within fp32 tolerance."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import formats
+from .backends import run
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_weight(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                 out_features: int, in_features: int) -> None:
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"state.absmax must be float32 here, got {absmax.dtype}")
+    for name, t in (("x", x), ("packed", packed), ("state.absmax", absmax)):
+        if t.device.type not in ("cpu", "meta"):
+            raise ValueError(f"{name} must be on the CPU, got device {t.device}")
+    if blocksize not in formats.BLOCKSIZES:
+        raise ValueError(f"state.blocksize must be one of {formats.BLOCKSIZES}, got {blocksize!r}")
+    if quant_type not in formats.QUANT_TYPES:
+        raise ValueError(f"state.quant_type must be one of {formats.QUANT_TYPES}, got {quant_type!r}")
+    n = out_features * in_features
+    if packed.numel() != formats.packed_numel(n):
+        raise ValueError(f"packed has {packed.numel()} bytes but a [{out_features}, {in_features}] weight needs "
+                         f"{formats.packed_numel(n)}: the state does not belong to this weight")
+    if absmax.numel() != formats.num_blocks(n, blocksize):
+        raise ValueError(f"state.absmax has {absmax.numel()} entries but a [{out_features}, {in_features}] weight "
+                         f"with blocksize {blocksize} needs {formats.num_blocks(n, blocksize)}")
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype
+
+
+# ---------------------------------------------------------------- linear_4bit ----
+
+@torch.library.custom_op("qlora_kernels::linear_4bit", mutates_args=())
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x @ dequantize(W).T (+ bias), W [out_features, x.shape[-1]], fp32 arithmetic."""
+    check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    y = run("linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
+    return y.to(_out_dtype(x)).reshape(*x.shape[:-1], out_features)
+
+
+@linear_4bit.register_fake
+def _(x, packed, absmax, blocksize, quant_type, out_features, bias):
+    check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("qlora_kernels::linear_4bit_grad_input", mutates_args=())
+def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                           quant_type: str, in_features: int) -> torch.Tensor:
+    """dx = dy @ dequantize(W), W [dy.shape[-1], in_features]: the input gradient of
+    linear_4bit (the frozen 4-bit weight itself gets none)."""
+    check_weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features)
+    dy2 = dy.reshape(-1, dy.shape[-1]).float().contiguous()
+    dx = run("linear_4bit_grad_input", dy2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
+             in_features)
+    return dx.to(dy.dtype).reshape(*dy.shape[:-1], in_features)
+
+
+@linear_4bit_grad_input.register_fake
+def _(dy, packed, absmax, blocksize, quant_type, in_features):
+    check_weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features)
+    return dy.new_empty((*dy.shape[:-1], in_features))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, packed, absmax, blocksize, quant_type, out_features, bias = inputs
+    ctx.save_for_backward(packed, absmax)
+    ctx.meta = (blocksize, quant_type, x.shape[-1], x.dtype, bias is not None)
+
+
+def _sum_leading(dy: torch.Tensor) -> torch.Tensor:
+    return dy.reshape(-1, dy.shape[-1]).float().sum(0)
+
+
+def _linear_backward(ctx, dy):
+    packed, absmax = ctx.saved_tensors
+    blocksize, quant_type, in_features, x_dtype, has_bias = ctx.meta
+    dx = db = None
+    if ctx.needs_input_grad[0]:
+        dx = linear_4bit_grad_input(dy.contiguous(), packed, absmax, blocksize, quant_type, in_features).to(x_dtype)
+    if has_bias and ctx.needs_input_grad[6]:
+        db = _sum_leading(dy)
+    return dx, None, None, None, None, None, db
+
+
+linear_4bit.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ------------------------------------------------------------------- LoRA ops ----
+
+def check_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, out_features: int,
+               bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> None:
+    K = x.shape[-1]
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.device.type not in ("cpu", "meta"):
+            raise ValueError(f"{name} must be on the CPU, got device {t.device}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError("lora_A has rank 0: a LoRA adapter needs r >= 1")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}; x has {K} features, so it must be [r, {K}]")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; it must be [{out_features}, {r}] "
+                         f"(out_features, rank of lora_A)")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    if noise is not None and noise.shape != x.shape:
+        raise ValueError(f"dropout noise has shape {tuple(noise.shape)}, x has {tuple(x.shape)}")
+
+
+def lora_forward_tail(x2: torch.Tensor, y: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                      noise2: Optional[torch.Tensor]) -> torch.Tensor:
+    """Adds scaling * (dropout(x) @ A.T) @ B.T to y in place; returns u = dropout(x) @ A.T."""
+    xd = x2 if noise2 is None else x2 * noise2
+    u = xd @ lora_A.float().t()
+    y.addmm_(u, lora_B.float().t(), alpha=scaling)
+    return u
+
+
+def lora_backward(dy2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  scaling: float, noise2: Optional[torch.Tensor], need_x: bool):
+    """Gradients of the LoRA branch: dA, dB and the branch's share of dx (None unless need_x)."""
+    du = (dy2 @ lora_B.float()).mul_(scaling)        # [M, r]
+    dB = (dy2.t() @ u).mul_(scaling)                 # [N, r]
+    xd = x2 if noise2 is None else x2 * noise2
+    dA = du.t() @ xd                                 # [r, K]
+    dx_lora = None
+    if need_x:
+        dx_lora = du @ lora_A.float()
+        if noise2 is not None:
+            dx_lora.mul_(noise2)
+    return dA, dB, dx_lora
+
+
+@torch.library.custom_op("qlora_kernels::lora_linear_4bit", mutates_args=())
+def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                     out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, u): y = linear_4bit(x) + scaling * (u @ B.T), u = (x * noise) @ A.T; ``noise`` is
+    the already-scaled dropout mask (None: no dropout). u is kept for the backward."""
+    check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
+    check_lora(x, lora_A, lora_B, out_features, bias, noise)
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    n2 = None if noise is None else noise.reshape(x2.shape).float()
+    b = None if bias is None else bias.float().contiguous()
+    y = run("linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
+    u = lora_forward_tail(x2, y, lora_A, lora_B, scaling, n2)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features), u
+
+
+@lora_linear_4bit.register_fake
+def _(x, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias, noise):
+    check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
+    check_lora(x, lora_A, lora_B, out_features, bias, noise)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+
+
+def _lora4_setup(ctx, inputs, output):
+    x, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias, noise = inputs
+    ctx.save_for_backward(x, packed, absmax, lora_A, lora_B, noise, output[1])
+    ctx.meta = (blocksize, quant_type, scaling, bias is not None)
+
+
+def _lora4_backward(ctx, dy, _du_unused):
+    x, packed, absmax, lora_A, lora_B, noise, u = ctx.saved_tensors
+    blocksize, quant_type, scaling, has_bias = ctx.meta
+    K = x.shape[-1]
+    dy2 = dy.reshape(-1, dy.shape[-1]).float().contiguous()
+    x2 = x.reshape(-1, K).float()
+    n2 = None if noise is None else noise.reshape(x2.shape).float()
+    need_x = ctx.needs_input_grad[0]
+    dA, dB, dx_lora = lora_backward(dy2, x2, u, lora_A, lora_B, scaling, n2, need_x)
+    dx = None
+    if need_x:
+        # the op, not the kernel: under torch.compile this backward is traced with fake tensors
+        dx = linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, K).float()
+        dx = dx + dx_lora
+        dx = dx.to(x.dtype).reshape(x.shape)
+    db = _sum_leading(dy) if has_bias and ctx.needs_input_grad[9] else None
+    return (dx, None, None, None, None, None, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, db, None)
+
+
+lora_linear_4bit.register_autograd(_lora4_backward, setup_context=_lora4_setup)
+
+
+@torch.library.custom_op("qlora_kernels::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, u) for a dense base: y = x @ weight.T (+ bias) + scaling * (u @ B.T)."""
+    if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
+        raise TypeError(f"x and weight must be float32, bfloat16 or float16, got {x.dtype} and {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; x has {x.shape[-1]} features")
+    check_lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    n2 = None if noise is None else noise.reshape(x2.shape).float()
+    y = x2 @ weight.float().t()
+    if bias is not None:
+        y += bias.float()
+    u = lora_forward_tail(x2, y, lora_A, lora_B, scaling, n2)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]), u
+
+
+@lora_linear.register_fake
+def _(x, weight, lora_A, lora_B, scaling, bias, noise):
+    check_lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+
+
+def _lora_dense_setup(ctx, inputs, output):
+    x, weight, lora_A, lora_B, scaling, bias, noise = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, noise, output[1])
+    ctx.meta = (scaling, bias is not None)
+
+
+def _lora_dense_backward(ctx, dy, _du_unused):
+    x, weight, lora_A, lora_B, noise, u = ctx.saved_tensors
+    scaling, has_bias = ctx.meta
+    dy2 = dy.reshape(-1, dy.shape[-1]).float().contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    n2 = None if noise is None else noise.reshape(x2.shape).float()
+    need_x = ctx.needs_input_grad[0]
+    dA, dB, dx_lora = lora_backward(dy2, x2, u, lora_A, lora_B, scaling, n2, need_x)
+    dx = dW = None
+    if need_x:
+        dx = torch.addmm(dx_lora, dy2, weight.float()).to(x.dtype).reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        dW = (dy2.t() @ x2).to(weight.dtype)
+    db = _sum_leading(dy) if has_bias and ctx.needs_input_grad[5] else None
+    return dx, dW, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, db, None
+
+
+lora_linear.register_autograd(_lora_dense_backward, setup_context=_lora_dense_setup)

@@ -1,0 +1,173 @@
+"""Modules on the fused ops: a frozen 4-bit linear layer (bitsandbytes' state-dict keys)
+and a LoRA layer over a 4-bit or dense base."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import formats, functional
+from .formats import QuantState
+
+
+class Linear4bit(nn.Module):
+    """A frozen NF4/FP4 linear layer. ``weight`` holds the packed bytes (uint8
+    ``[(out*in + 1) // 2, 1]``, a non-trainable Parameter as in bitsandbytes' Params4bit) and
+    ``quant_state`` the decoding state; the state dict uses bitsandbytes' keys
+    (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ...)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
+                 blocksize: int = formats.DEFAULT_BLOCKSIZE, double_quant: bool = False,
+                 compute_dtype: Optional[torch.dtype] = None, device=None, dtype=None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        init = torch.empty(out_features, in_features)
+        nn.init.kaiming_uniform_(init, a=math.sqrt(5))  # nn.Linear's initialisation
+        packed, state = functional.quantize_4bit(init, quant_type, blocksize, double_quant)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = state
+        self._absmax_cache: Optional[torch.Tensor] = None
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype or torch.float32).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
+                    double_quant: bool = False) -> "Linear4bit":
+        """Quantize an ``nn.Linear`` (its bias is kept as it is, trainable or not)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = None
+        packed, state = functional.quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.quant_state = state
+        self._absmax_cache = None
+        self.bias = linear.bias
+        return self
+
+    @property
+    def quant_type(self) -> str:
+        return self.quant_state.quant_type
+
+    @property
+    def blocksize(self) -> int:
+        return self.quant_state.blocksize
+
+    def _absmax(self) -> torch.Tensor:
+        # Double-quantized absmax is decoded once and kept: it is 1/64 of the bytes of
+        # the weight in fp32 and every forward and backward needs it.
+        if self._absmax_cache is None:
+            self._absmax_cache = functional.absmax_fp32(self.quant_state)
+        return self._absmax_cache
+
+    def _plain_state(self) -> QuantState:
+        s = self.quant_state
+        return QuantState(absmax=self._absmax(), shape=s.shape, code=s.code, blocksize=s.blocksize,
+                          quant_type=s.quant_type, dtype=s.dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return functional.dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = self.bias
+        y = functional.linear_4bit(x, self.weight, self._plain_state(), bias)
+        return y.to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.quant_state.nested}")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        wkey = prefix + "weight"
+        qs = {k[len(wkey) + 1:]: state_dict[k] for k in list(state_dict) if k.startswith(wkey + ".")}
+        if qs:
+            try:
+                state = QuantState.from_dict(qs)
+            except ValueError as e:
+                error_msgs.append(f"{wkey}: {e}")
+                return
+            if tuple(state.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{wkey}: quantization state is for shape {tuple(state.shape)}, "
+                                  f"this layer is [{self.out_features}, {self.in_features}]")
+                return
+            packed = state_dict.get(wkey)
+            if packed is None or packed.numel() * packed.element_size() != formats.packed_numel(state.numel):
+                error_msgs.append(f"{wkey}: packed weight does not match its quantization state")
+                return
+            for k in qs:
+                state_dict.pop(wkey + "." + k)
+            self.quant_state = state
+            self._absmax_cache = None
+            if packed.dtype != torch.uint8:
+                packed = packed.contiguous().view(torch.uint8)
+            state_dict[wkey] = packed.reshape(-1, 1)
+            self.weight = nn.Parameter(torch.empty_like(state_dict[wkey]), requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class LoraLinear(nn.Module):
+    """``base(x) + scaling * lora_B(lora_A(dropout(x)))`` on a :class:`Linear4bit` or dense
+    ``nn.Linear`` base, through the fused ops. Initialised as PEFT does (A Kaiming-uniform,
+    B zero); ``scaling`` is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
+
+    def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, (Linear4bit, nn.Linear)):
+            raise TypeError(f"base must be qlora_kernels.nn.Linear4bit or torch.nn.Linear, got {type(base).__name__}")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        self.base_layer = base
+        self.r = r
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = float(lora_dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if isinstance(base, nn.Linear):
+            base.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if isinstance(base, Linear4bit):
+            return functional.lora_linear_4bit(x, base.weight, base._plain_state(), self.lora_A, self.lora_B,
+                                               self.scaling, base.bias, self.lora_dropout, self.training)
+        return functional.lora_linear(x, base.weight, self.lora_A, self.lora_B, self.scaling, base.bias,
+                                      self.lora_dropout, self.training)
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)
+
+
+def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
+                   double_quant: bool = False, skip: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` (except names in ``skip``) by a
+    :class:`Linear4bit`, in place; returns the model."""
+    skip = tuple(skip)
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
+    for name, lin in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Linear4bit.from_linear(lin, quant_type, blocksize, double_quant))
+    return model

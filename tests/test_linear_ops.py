@@ -1,0 +1,93 @@
+"""torch.library contracts of the linear/LoRA ops: opcheck, torch.compile, bad input."""
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels import nn as qnn
+
+from .test_linear import make_weight
+
+
+def _args4(K=70, N=33, M=5, r=4, bias=True, noise=False):
+    packed, state, Wd = make_weight(N, K)
+    x = torch.randn(M, K, requires_grad=True)
+    A = torch.randn(r, K, requires_grad=True)
+    B = torch.randn(N, r, requires_grad=True)
+    b = torch.randn(N, requires_grad=True) if bias else None
+    n = torch.empty(M, K).bernoulli_(0.8).div_(0.8) if noise else None
+    return packed, state, Wd, x, A, B, b, n
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("noise", [False, True])
+def test_opcheck_linear_and_lora_ops(path, bias, noise):
+    packed, state, Wd, x, A, B, b, n = _args4(bias=bias, noise=noise)
+    ops = torch.ops.qlora_kernels
+    torch.library.opcheck(ops.linear_4bit.default, (x, packed, state.absmax, 64, "nf4", 33, b))
+    torch.library.opcheck(ops.linear_4bit_grad_input.default,
+                          (torch.randn(5, 33), packed, state.absmax, 64, "nf4", 70))
+    torch.library.opcheck(ops.lora_linear_4bit.default, (x, packed, state.absmax, 64, "nf4", 33, A, B, 2.0, b, n))
+    torch.library.opcheck(ops.lora_linear.default, (x, Wd, A, B, 2.0, b, n))
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    qk.quantize_model(base, skip=("2",))
+    model = torch.nn.Sequential(
+        qnn.LoraLinear(base[0], r=8, lora_alpha=16), torch.nn.GELU(), qnn.LoraLinear(base[2], r=4, lora_alpha=4))
+    for m in model:
+        if isinstance(m, qnn.LoraLinear):
+            torch.nn.init.normal_(m.lora_B, std=0.1)
+    return model
+
+
+def test_small_model_runs_under_torch_compile(path):
+    model = _tiny_model()
+    x = torch.randn(6, 48)
+    eager = model(x)
+    eager.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5)
+    assert set(grads) == {"0.lora_A", "0.lora_B", "0.base_layer.bias", "2.lora_A", "2.lora_B", "2.base_layer.bias"}
+
+
+def test_bad_input_names_the_argument():
+    packed, state, Wd, x, A, B, b, n = _args4()
+    with pytest.raises(ValueError, match="x has 71 features but the 4-bit weight is"):
+        qk.linear_4bit(torch.randn(2, 71), packed, state)
+    with pytest.raises(ValueError, match="lora_A has shape"):
+        qk.lora_linear_4bit(x, packed, state, torch.randn(4, 69), B, 1.0)
+    with pytest.raises(ValueError, match="lora_B has shape"):
+        qk.lora_linear_4bit(x, packed, state, A, torch.randn(33, 5), 1.0)
+    with pytest.raises(ValueError, match="rank 0"):
+        qk.lora_linear_4bit(x, packed, state, torch.randn(0, 70), torch.randn(33, 0), 1.0)
+    with pytest.raises(TypeError, match="x must be float32"):
+        qk.linear_4bit(torch.ones(2, 70, dtype=torch.int64), packed, state)
+    with pytest.raises(TypeError, match="lora_A must be float32"):
+        qk.lora_linear_4bit(x, packed, state, A.double(), B, 1.0)
+    with pytest.raises(ValueError, match="bias has shape"):
+        qk.lora_linear_4bit(x, packed, state, A, B, 1.0, bias=torch.randn(32))
+    with pytest.raises(ValueError, match="dropout_p"):
+        qk.lora_linear_4bit(x, packed, state, A, B, 1.0, dropout_p=1.0, training=True)
+    with pytest.raises(TypeError, match="scaling"):
+        qk.lora_linear_4bit(x, packed, state, A, B, "2")
+    other_packed, other_state, _ = make_weight(33, 64)  # a state from another weight
+    with pytest.raises(ValueError, match="x has 70 features"):
+        qk.linear_4bit(x, other_packed, other_state)
+    with pytest.raises(ValueError, match="does not belong"):
+        qk.linear_4bit(x, other_packed, state)
+    with pytest.raises(ValueError, match=r"state.shape must be \[out_features, in_features\]"):
+        p1, s1 = qk.quantize_4bit(torch.randn(70))
+        qk.linear_4bit(x, p1, s1)
+    with pytest.raises(ValueError, match="must be on the CPU"):
+        qk.linear_4bit(x.detach().to("meta"), packed, state)
+    with pytest.raises(ValueError, match="weight has shape"):
+        qk.lora_linear(x, Wd.t(), A, B, 1.0)

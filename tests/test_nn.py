@@ -1,0 +1,70 @@
+"""Linear4bit, LoraLinear and quantize_model."""
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels import nn as qnn
+
+
+def test_linear4bit_from_linear_matches_functional(path):
+    lin = torch.nn.Linear(70, 33)
+    m = qnn.Linear4bit.from_linear(lin, "fp4", 128, double_quant=True)
+    assert (m.in_features, m.out_features, m.quant_type, m.blocksize) == (70, 33, "fp4", 128)
+    assert m.weight.dtype == torch.uint8 and not m.weight.requires_grad
+    x = torch.randn(2, 3, 70)
+    packed, state = qk.quantize_4bit(lin.weight.detach(), "fp4", 128, True)
+    assert torch.equal(m.weight, packed)
+    torch.testing.assert_close(m(x), x @ m.dequantize().t() + lin.bias, rtol=1e-5, atol=1e-5)
+    assert torch.equal(m.dequantize(), qk.dequantize_4bit(packed, state))
+
+
+def test_state_dict_uses_bitsandbytes_keys_and_round_trips(bnb):
+    m = qnn.Linear4bit(64, 32, double_quant=True)
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
+    other = qnn.Linear4bit(64, 32)
+    other.load_state_dict(sd)
+    x = torch.randn(4, 64)
+    assert torch.equal(other(x), m(x))
+    # bitsandbytes reads the same keys
+    st = bnb.functional.QuantState.from_dict({k[7:]: v for k, v in sd.items() if k.startswith("weight.")},
+                                             device=torch.device("cpu"))
+    assert torch.equal(bnb.functional.dequantize_4bit(sd["weight"], st), m.dequantize())
+
+
+def test_load_rejects_a_state_for_another_shape():
+    sd = qnn.Linear4bit(64, 32).state_dict()
+    with pytest.raises(RuntimeError, match=r"quantization state is for shape \(32, 64\)"):
+        qnn.Linear4bit(64, 16).load_state_dict(sd)
+
+
+def test_quantize_model_swaps_linears_except_skipped():
+    model = torch.nn.ModuleDict({
+        "body": torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)),
+        "lm_head": torch.nn.Linear(8, 4),
+    })
+    out = qk.quantize_model(model, blocksize=32)
+    assert out is model
+    assert isinstance(model["body"][0], qnn.Linear4bit) and isinstance(model["body"][2], qnn.Linear4bit)
+    assert type(model["lm_head"]) is torch.nn.Linear
+    assert model["body"][0].blocksize == 32
+
+
+def test_lora_linear_module_trains_only_adapters(path):
+    base = qnn.Linear4bit(32, 16, bias=True)
+    base.bias.requires_grad_(False)
+    layer = qnn.LoraLinear(base, r=4, lora_alpha=8, lora_dropout=0.1)
+    assert layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_B) == 0  # PEFT's init: the adapter starts as a no-op
+    x = torch.randn(3, 32)
+    layer.eval()
+    torch.testing.assert_close(layer(x), base(x))
+    layer.train()
+    layer(x).sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    assert qnn.LoraLinear(torch.nn.Linear(32, 16), r=16, lora_alpha=8, use_rslora=True).scaling == 2.0
+    with pytest.raises(TypeError, match="base must be"):
+        qnn.LoraLinear(torch.nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        qnn.LoraLinear(torch.nn.Linear(4, 4), r=0)
