@@ -1,0 +1,177 @@
+"""Benchmark cases for the fused 4-bit linear and LoRA layers, each beside its peers on
+the same inputs (see PEERS.md): torch dense fp32 (MKL), PyTorch's int4 CPU kernel (bf16
+activations), ONNX Runtime MatMulNBits (int4, symmetric, block 64) and MatMulBnb4 (NF4),
+bitsandbytes matmul_4bit, and for the LoRA layer PEFT on bitsandbytes and on nn.Linear."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from . import functional
+from .bench import Case
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+PHI3_SHAPES = {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 16384), "down": (8192, 3072)}
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _ort_session(W: torch.Tensor, kind: str, M: int, accuracy_level: int = 0):
+    """A one-MatMul ONNX model (X[M, K] @ W.T), weight-quantized by ORT's own quantizer."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    N, K = W.shape
+    wt = numpy_helper.from_array(W.t().contiguous().numpy().astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "mm",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], [wt])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if kind == "nbits":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(model, block_size=64, is_symmetric=True, accuracy_level=accuracy_level)
+    else:
+        from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+        q = MatMulBnb4Quantizer(model, 1, 64)  # quant_type 1 = NF4
+    q.process()
+    qm = q.model.model if hasattr(q.model, "model") else q.model
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(qm.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in qm.graph.node}
+    assert ops & {"MatMulNBits", "MatMulBnb4"}, f"ORT quantizer left {ops}"
+    return sess
+
+
+def _torch_int4(W: torch.Tensor):
+    """PyTorch's CPU int4 weight-only kernel: symmetric int4 with group 64, as ((q - 8) *
+    scale + zero) with zero = 0; bf16 activations (its vectorised path)."""
+    N, K = W.shape
+    g = W.reshape(N, K // 64, 64)
+    scale = g.abs().amax(-1).clamp(min=1e-8) / 7
+    q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + 8, 0, 15).to(torch.int32).reshape(N, K)
+    wp = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    sz = torch.stack([scale.t(), torch.zeros_like(scale.t())], dim=-1).to(torch.bfloat16).contiguous()
+    return wp, sz
+
+
+def linear_cases(M: int, K: int, N: int, label: str = "", peers: bool = True) -> list[Case]:
+    torch.manual_seed(0)
+    W = torch.randn(N, K) * 0.02
+    x = torch.randn(M, K)
+    packed, state = functional.quantize_4bit(W, "nf4", 64)
+    g = f"linear M={M} {K}->{N}{(' ' + label) if label else ''}"
+    flops = 2.0 * M * K * N
+    cases = [Case(g, "qlora-kernels linear_4bit", lambda: functional.linear_4bit(x, packed, state), True,
+                  flops, "GFLOP/s")]
+    if not peers:
+        return cases
+    cases.append(Case(g, "torch dense fp32 x @ W.T", lambda: x @ W.t(), False, flops, "GFLOP/s"))
+    try:
+        wp, sz = _torch_int4(W)
+        xb = x.to(torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 64, sz)
+        cases.append(Case(g, "torch int4 _weight_int4pack_mm_for_cpu (bf16)",
+                          lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 64, sz), False, flops, "GFLOP/s"))
+    except Exception as e:  # not every torch build has it
+        logging.getLogger(__name__).warning("torch int4 peer unavailable: %s", e)
+    try:
+        xn = x.numpy()
+        for kind, name in (("nbits", "ONNX Runtime MatMulNBits (int4 sym, acc 0)"),
+                           ("bnb4", "ONNX Runtime MatMulBnb4 (NF4)")):
+            sess = _ort_session(W, kind, M)
+            cases.append(Case(g, name, (lambda s=sess: s.run(None, {"X": xn})), False, flops, "GFLOP/s"))
+        sess4 = _ort_session(W, "nbits", M, accuracy_level=4)
+        cases.append(Case(g, "ONNX Runtime MatMulNBits (int4 sym, acc 4)", lambda: sess4.run(None, {"X": xn}), False,
+                          flops, "GFLOP/s"))
+    except ImportError as e:
+        logging.getLogger(__name__).warning("ONNX Runtime peers unavailable: %s", e)
+    try:
+        import bitsandbytes as bnb
+
+        qb, sb = bnb.functional.quantize_4bit(W, blocksize=64, quant_type="nf4")
+        cases.append(Case(g, "bitsandbytes matmul_4bit", lambda: bnb.matmul_4bit(x, qb.t(), quant_state=sb), False,
+                          flops, "GFLOP/s"))
+    except ImportError as e:
+        logging.getLogger(__name__).warning("bitsandbytes peer unavailable: %s", e)
+    return cases
+
+
+def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, alpha: int = 32) -> list[Case]:
+    """One QLoRA layer, forward + backward (input and adapter gradients), beside PEFT's LoRA
+    layer on a bitsandbytes Linear4bit and on a dense nn.Linear."""
+    from . import nn as qnn
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(K, N, bias=False)
+    dense.weight.requires_grad_(False)
+    x = torch.randn(M, K, requires_grad=True)
+    dy = torch.randn(M, N)
+    g = f"LoRA layer fwd+bwd M={M} {K}->{N} r={r}"
+    flops = 2 * 2.0 * M * K * N
+
+    ours = qnn.LoraLinear(qnn.Linear4bit.from_linear(dense, "nf4", 64), r=r, lora_alpha=alpha)
+    torch.nn.init.normal_(ours.lora_B, std=0.01)
+
+    def run(layer):
+        def f():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(x).backward(dy)
+        return f
+
+    cases = [Case(g, "qlora-kernels LoraLinear on Linear4bit (NF4)", run(ours), True, flops, "GFLOP/s")]
+    try:
+        import bitsandbytes as bnb
+        from peft import LoraConfig, get_peft_model
+
+        def peft_layer(base):
+            model = torch.nn.Sequential()
+            model.add_module("proj", base)
+            pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0))
+            return pm
+
+        bl = bnb.nn.Linear4bit(K, N, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+        bl.weight = bnb.nn.Params4bit(dense.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                      blocksize=64)
+        bl = bl.to("cpu")  # Params4bit quantizes on .to(device)
+        assert bl.weight.dtype == torch.uint8
+        cases.append(Case(g, "PEFT LoRA on bitsandbytes Linear4bit (NF4)", run(peft_layer(bl)), False, flops,
+                          "GFLOP/s"))
+        d2 = torch.nn.Linear(K, N, bias=False)
+        d2.weight = torch.nn.Parameter(dense.weight.detach().clone(), requires_grad=False)
+        cases.append(Case(g, "PEFT LoRA on dense fp32 nn.Linear", run(peft_layer(d2)), False, flops, "GFLOP/s"))
+    except ImportError as e:
+        logging.getLogger(__name__).warning("PEFT/bitsandbytes peers unavailable: %s", e)
+    return cases
+
+
+def thread_scaling_cases(M: int, K: int = 4096, N: int = 4096) -> list[Case]:
+    torch.manual_seed(0)
+    W = torch.randn(N, K) * 0.02
+    x = torch.randn(M, K)
+    packed, state = functional.quantize_4bit(W, "nf4", 64)
+    g = f"thread scaling linear_4bit M={M} {K}->{N}"
+    out = []
+    for t in (1, 2):
+        def f(t=t):
+            with threads(t):
+                functional.linear_4bit(x, packed, state)
+        out.append(Case(g, f"qlora-kernels {t} thread{'s' if t > 1 else ''}", f, t == 2, 2.0 * M * K * N, "GFLOP/s"))
+    return out
