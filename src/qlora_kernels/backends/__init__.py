@@ -11,8 +11,8 @@ import threading
 from typing import Callable, Iterator
 
 _KERNELS: dict[str, dict[str, Callable]] = {}
-_KNOWN = ("reference", "cpu")
-_MODULES = {"reference": "qlora_kernels.backends.reference", "cpu": "qlora_kernels.backends.cpu"}
+_KNOWN = ("reference", "cpu", "opencl", "hls")
+_MODULES = {name: f"qlora_kernels.backends.{name}" for name in _KNOWN}
 _LOADED: dict[str, bool] = {}
 _REASONS: dict[str, str] = {}
 _state = threading.local()
