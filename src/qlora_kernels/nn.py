@@ -164,6 +164,9 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = f
                    double_quant: bool = False, skip: Iterable[str] = ("lm_head",)) -> nn.Module:
     """Replace every ``nn.Linear`` in ``model`` (except names in ``skip``) by a
     :class:`Linear4bit`, in place; returns the model."""
+    from .integrations.peft_hook import install_peft_dispatch
+
+    install_peft_dispatch()
     skip = tuple(skip)
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
     for name, lin in targets:

@@ -1,0 +1,59 @@
+"""DoRA's weight norm, ||W + s·B·A|| per output row, without materializing W in fp32.
+
+    ||W_n + s (BA)_n||² = ||W_n||² + 2s · Σ_j B[n,j] (W Aᵀ)[n,j] + s² · B_n (A Aᵀ) B_nᵀ
+
+||W_n||² is fixed for a frozen base and computed once (decoded in row chunks); W Aᵀ is one
+4-bit GEMM with the r rows of A as its input, so the per-step cost is a rank-r product
+instead of PEFT's full dequantization. The norm is a constant for autograd (DoRA paper,
+section 4.3), so everything here runs without gradients."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import functional
+from ..nn import Linear4bit
+
+_CHUNK_ELEMENTS = 1 << 20  # 4 MB of fp32 per decoded chunk
+
+
+def base_row_sq_norms(base: torch.nn.Module) -> torch.Tensor:
+    """Σ_k W[n,k]² in fp64 for a Linear4bit (cached on the module, keyed by the packed
+    weight's identity and version) or a dense nn.Linear."""
+    if not isinstance(base, Linear4bit):
+        return base.weight.detach().double().pow(2).sum(1)
+    key = (base.weight.data_ptr(), base.weight._version, id(base.quant_state))
+    cached = getattr(base, "_qk_row_sq_norms", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    N, K = base.out_features, base.in_features
+    bs = base.blocksize
+    # A chunk must start on a block boundary and on a whole byte.
+    step = math.lcm(bs, 2) // math.gcd(math.lcm(bs, 2), K)
+    rows = max(step, (_CHUNK_ELEMENTS // max(K, 1)) // step * step)
+    absmax = base._absmax()
+    out = torch.empty(N, dtype=torch.float64)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        e0, e1 = r0 * K, r1 * K
+        packed = base.weight.reshape(-1)[e0 // 2:(e1 + 1) // 2]
+        ab = absmax[e0 // bs:-(-e1 // bs)]
+        chunk = torch.ops.qlora_kernels.dequantize_4bit(packed, ab, bs, base.quant_type, [r1 - r0, K], torch.float32)
+        out[r0:r1] = chunk.double().pow(2).sum(1)
+    base._qk_row_sq_norms = (key, out)
+    return out
+
+
+@torch.no_grad()
+def weight_norm(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Row norms of W + scaling · B·A (fp32, detached)."""
+    A = lora_A.detach().float()
+    B = lora_B.detach().double()
+    if isinstance(base, Linear4bit):
+        WAt = functional.linear_4bit(A, base.weight, base._plain_state()).t().double()  # [N, r]
+    else:
+        WAt = (A @ base.weight.detach().float().t()).t().double()
+    G = A.double() @ A.double().t()
+    sq = base_row_sq_norms(base) + 2 * scaling * (B * WAt).sum(1) + scaling**2 * ((B @ G) * B).sum(1)
+    return sq.clamp_min(0).sqrt().float()

@@ -1,0 +1,247 @@
+"""PEFT integration: LoRA and DoRA layers for qlora_kernels' Linear4bit (and dense
+nn.Linear) that PEFT creates itself, and patch_peft_model for models PEFT already built.
+
+Supported PEFT: 0.21 (tested with 0.21.2; its layer constructor takes the LoraConfig and
+variants resolve through ``resolve_lora_variant(config=...)``). Earlier releases pass the
+adapter options as keyword arguments and are not supported.
+
+get_peft_model() dispatches through ``LoraModel._create_new_module``; ``install()``
+(called by ``qlora_kernels.quantize_model`` and the transformers quantizer) puts a
+first-match dispatcher for our Linear4bit in front of PEFT's own, the same effect as
+``LoraConfig._register_custom_module`` without asking users to touch their config."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional
+from ..nn import Linear4bit
+from . import dora
+
+try:
+    from peft.tuners.lora import LoraConfig, LoraLayer
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.lora.layer import LoraVariant
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+except ImportError as e:  # pragma: no cover - exercised only without peft
+    raise ImportError("qlora_kernels.integrations.peft needs `pip install peft` (qlora-kernels[hf])") from e
+
+_MERGE_WARNING = "Merge lora module to 4-bit linear may get different generations due to rounding errors."
+_UNMERGE_WARNING = "Unmerge lora module to 4-bit linear may get different generations due to rounding errors."
+
+
+def _dropout_p(module: nn.Module) -> float:
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+def _fused_lora(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                bias: Optional[torch.Tensor], p: float, training: bool) -> torch.Tensor:
+    if isinstance(base, Linear4bit):
+        return functional.lora_linear_4bit(x, base.weight, base._plain_state(), A, B, scaling, bias, p, training)
+    return functional.lora_linear(x, base.weight, A, B, scaling, bias, p, training)
+
+
+class DoraVariant(LoraVariant):
+    """DoRA on our layers: the magnitude lives in PEFT's DoraLinearLayer (same parameter,
+    same saved key ``lora_magnitude_vector``); the norm comes from qlora_kernels.integrations.dora
+    and the LoRA product from the fused op."""
+
+    @staticmethod
+    def init(module: "QKLoraLinear", adapter_name: str, **kwargs: Any) -> None:
+        if not module.lora_magnitude_vector:
+            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        layer = DoraLinearLayer(fan_in_fan_out=False)
+        norm = dora.weight_norm(module.get_base_layer(), module.lora_A[adapter_name].weight,
+                                module.lora_B[adapter_name].weight, module.scaling[adapter_name])
+        layer.weight = nn.Parameter(norm, requires_grad=True)
+        module.lora_magnitude_vector[adapter_name] = layer
+
+    @staticmethod
+    def _factor(module: "QKLoraLinear", adapter: str) -> torch.Tensor:
+        norm = dora.weight_norm(module.get_base_layer(), module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                                module.scaling[adapter])
+        return module.lora_magnitude_vector[adapter].weight / norm
+
+    @staticmethod
+    def merge_safe(module: "QKLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        factor = DoraVariant._factor(module, active_adapter).detach()
+        module._cache_store(f"{active_adapter}-dora_factor", factor)
+        return factor.view(-1, 1) * (orig_weight + module.get_delta_weight(active_adapter))
+
+    @staticmethod
+    def merge_unsafe(module: "QKLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data = DoraVariant.merge_safe(module, active_adapter, orig_weight)
+
+    @staticmethod
+    def unmerge(module: "QKLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        factor = module._cache_pop(f"{active_adapter}-dora_factor")
+        return orig_weight / factor.view(-1, 1) - module.get_delta_weight(active_adapter)
+
+    @staticmethod
+    def forward(module: "QKLoraLinear", active_adapter: str, x: torch.Tensor, result: torch.Tensor,
+                **kwargs) -> torch.Tensor:
+        """result (= base(x) with bias) + the DoRA correction, PEFT's formula:
+        (m/‖W+sBA‖ − 1)·(x_d Wᵀ) + (m/‖W+sBA‖)·s·B A x_d, with x_d = dropout(x)."""
+        base = module.get_base_layer()
+        A, B = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
+        s = module.scaling[active_adapter]
+        ms = DoraVariant._factor(module, active_adapter)
+        dropout = module.lora_dropout[active_adapter]
+        xd = dropout(x) if (module.training and _dropout_p(dropout) > 0) else x
+        z = _fused_lora(base, xd, A, B, s, None, 0.0, False)  # x_d Wᵀ + s·B A x_d
+        if xd is x:
+            plain = result - base.bias if base.bias is not None else result
+        elif isinstance(base, Linear4bit):
+            plain = functional.linear_4bit(xd, base.weight, base._plain_state())
+        else:
+            plain = F.linear(xd, base.weight)
+        return result + ms * z - plain
+
+
+class QKLoraLinear(nn.Module, LoraLayer):
+    """PEFT LoRA/DoRA layer over a qlora_kernels Linear4bit or a dense nn.Linear, running
+    the fused ops whenever one plain adapter (or one DoRA adapter) is active."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: int = 1, **kwargs) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            # PEFT's feature probe does not know Linear4bit and says so; the sizes are set below.
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            LoraLayer.__init__(self, base_layer)
+        base = self.get_base_layer()
+        if not isinstance(base, (Linear4bit, nn.Linear)):
+            raise TypeError(f"QKLoraLinear wraps Linear4bit or nn.Linear, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs) -> Optional[LoraVariant]:
+        if getattr(config, "alora_invocation_tokens", None) is not None or getattr(config, "arrow_config", None):
+            raise ValueError(f"{type(self).__name__} supports LoRA and DoRA only")
+        return DoraVariant() if config.use_dora else None
+
+    # -- merging: dequantize, add, requantize (with PEFT's warning) -------------------------
+    def _base_weight(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        return base.dequantize() if isinstance(base, Linear4bit) else base.weight.data
+
+    def _set_base_weight(self, w: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        if isinstance(base, Linear4bit):
+            s = base.quant_state
+            packed, state = functional.quantize_4bit(w.float(), s.quant_type, s.blocksize, s.nested)
+            base.weight = nn.Parameter(packed, requires_grad=False)
+            base.quant_state, base._absmax_cache = state, None
+        else:
+            base.weight.data = w.to(base.weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        quantized = isinstance(self.get_base_layer(), Linear4bit)
+        for a in adapter_names or []:
+            if a not in self.lora_A:
+                continue
+            if quantized:
+                warnings.warn(_MERGE_WARNING)
+            w = self._base_weight().clone()
+            w = self.lora_variant[a].merge_safe(self, a, w) if a in self.lora_variant else w + self.get_delta_weight(a)
+            if safe_merge and not torch.isfinite(w).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {a} seems to be broken")
+            self._set_base_weight(w)
+            if self.lora_bias[a]:
+                self.get_base_layer().bias.data += self.lora_B[a].bias
+            self.merged_adapters.append(a)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        quantized = isinstance(self.get_base_layer(), Linear4bit)
+        while self.merged_adapters:
+            a = self.merged_adapters.pop()
+            if a not in self.lora_A:
+                continue
+            if quantized:
+                warnings.warn(_UNMERGE_WARNING)
+            w = self._base_weight()
+            w = self.lora_variant[a].unmerge(self, a, w) if a in self.lora_variant else w - self.get_delta_weight(a)
+            self._set_base_weight(w)
+            if self.lora_bias[a]:
+                self.get_base_layer().bias.data -= self.lora_B[a].bias
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        base = self.get_base_layer()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return base(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) == 1 and not self.lora_bias[active[0]]:
+            a = active[0]
+            A, B, s, p = self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a], _dropout_p(self.lora_dropout[a])
+            if a not in self.lora_variant:
+                return _fused_lora(base, x, A, B, s, base.bias, p, self.training)
+            if p == 0.0 or not self.training:
+                # DoRA without dropout collapses to m/‖W+sBA‖ · (x Wᵀ + s·B A x) + bias: one fused
+                # LoRA product, the norm a constant (DoRA §4.3).
+                y = DoraVariant._factor(self, a) * _fused_lora(base, x, A, B, s, None, 0.0, False)
+                return y + base.bias if base.bias is not None else y
+        result = base(x, *args, **kwargs)
+        for a in active:
+            if a in self.lora_variant:
+                result = self.lora_variant[a].forward(self, active_adapter=a, x=x, result=result)
+            else:
+                result = result + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x))) * self.scaling[a]
+        return result
+
+    def __repr__(self) -> str:
+        return "qlora_kernels." + super().__repr__()
+
+
+def _dispatch(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> Optional[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, Linear4bit):
+        return QKLoraLinear(target, adapter_name, config=config, **kwargs)
+    return None
+
+
+def install() -> None:
+    """Make get_peft_model() wrap qlora_kernels' Linear4bit in QKLoraLinear (idempotent)."""
+    from peft.tuners.lora.model import LoraModel
+
+    original = LoraModel._create_new_module
+    if getattr(original, "_qlora_kernels", False):
+        return
+
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        new = _dispatch(target, adapter_name, lora_config, **kwargs)
+        return new if new is not None else original(lora_config, adapter_name, target, **kwargs)
+
+    _create_new_module._qlora_kernels = True
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+
+
+def install_if_available() -> bool:
+    try:
+        install()
+        return True
+    except ImportError:
+        return False
