@@ -36,6 +36,7 @@ def bnb_quantize(model):
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.detach().clone())
                 setattr(mod, child_name, q.to("cpu"))
+    model.is_loaded_in_4bit = True  # what transformers sets; PEFT then picks its bitsandbytes layers
     return model
 
 

@@ -14,7 +14,17 @@ from .formats import QuantState
 from .nn import quantize_model
 from .functional import dequantize_4bit, linear_4bit, lora_linear, lora_linear_4bit, quantize_4bit
 
+
+
+def patch_peft_model(peft_model):
+    """See qlora_kernels.integrations.peft.patch_peft_model (imports PEFT on first use)."""
+    from .integrations.peft import patch_peft_model as _patch
+
+    return _patch(peft_model)
+
+
 __all__ = [
+    "patch_peft_model",
     "QuantState",
     "available_backends",
     "dequantize_4bit",

@@ -39,8 +39,13 @@ def check_weight(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bl
                          f"with blocksize {blocksize} needs {formats.num_blocks(n, blocksize)}")
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    return x.dtype
+def _shaped(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    """``t`` (a fresh contiguous 2-D result) in ``dtype`` and ``shape`` without returning a
+    view: autograd forbids in-place updates of custom-op outputs that are views, and PEFT's
+    mixed-batch forward updates the output in place."""
+    t = t if t.dtype == dtype else t.to(dtype)
+    shape = tuple(shape)
+    return t if tuple(t.shape) == shape else t.resize_(shape)
 
 
 # ---------------------------------------------------------------- linear_4bit ----
@@ -53,7 +58,7 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blo
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = run("linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
-    return y.to(_out_dtype(x)).reshape(*x.shape[:-1], out_features)
+    return _shaped(y, x.dtype, (*x.shape[:-1], out_features))
 
 
 @linear_4bit.register_fake
@@ -71,7 +76,7 @@ def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch
     dy2 = dy.reshape(-1, dy.shape[-1]).float().contiguous()
     dx = run("linear_4bit_grad_input", dy2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
              in_features)
-    return dx.to(dy.dtype).reshape(*dy.shape[:-1], in_features)
+    return _shaped(dx, dy.dtype, (*dy.shape[:-1], in_features))
 
 
 @linear_4bit_grad_input.register_fake
@@ -167,7 +172,7 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     b = None if bias is None else bias.float().contiguous()
     y = run("linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
     u = lora_forward_tail(x2, y, lora_A, lora_B, scaling, n2)
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features), u
+    return _shaped(y, x.dtype, (*x.shape[:-1], out_features)), u
 
 
 @lora_linear_4bit.register_fake
@@ -221,7 +226,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     if bias is not None:
         y += bias.float()
     u = lora_forward_tail(x2, y, lora_A, lora_B, scaling, n2)
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]), u
+    return _shaped(y, x.dtype, (*x.shape[:-1], weight.shape[0])), u
 
 
 @lora_linear.register_fake

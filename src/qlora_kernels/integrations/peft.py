@@ -245,3 +245,54 @@ def install_if_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+def _as_our_base(base: nn.Module) -> Optional[nn.Module]:
+    """Our Linear4bit holding a bitsandbytes Linear4bit's very bytes and state, the dense
+    nn.Linear as it is, or None for anything else."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+    if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
+        from ..formats import QuantState
+
+        w = base.weight
+        if not getattr(w, "bnb_quantized", True) or w.quant_state is None:
+            raise ValueError(f"{type(base).__name__}: the bitsandbytes weight is not quantized yet")
+        ours = Linear4bit.__new__(Linear4bit)
+        nn.Module.__init__(ours)
+        ours.in_features, ours.out_features = base.in_features, base.out_features
+        ours.compute_dtype = None
+        ours.weight = nn.Parameter(w.data.view(torch.uint8).reshape(-1, 1), requires_grad=False)
+        ours.quant_state = QuantState.from_dict(w.quant_state.as_dict(packed=True))
+        ours._absmax_cache = None
+        ours.bias = base.bias
+        return ours
+    if type(base) is nn.Linear or isinstance(base, Linear4bit):
+        return base
+    return None
+
+
+def patch_peft_model(peft_model: nn.Module) -> nn.Module:
+    """Replace, in place, PEFT's LoRA/DoRA layers on bitsandbytes Linear4bit and on dense
+    nn.Linear bases by QKLoraLinear (the same bytes, state and adapter tensors: nothing is
+    copied or re-initialised), so training and saving go on as before; returns the model."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    install()
+    targets = []
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, QKLoraLinear):
+            base = _as_our_base(module.get_base_layer())
+            if base is not None and (isinstance(module, PeftLinear) or type(module).__name__ == "Linear4bit"):
+                targets.append((name, module, base))
+    for name, module, base in targets:
+        new = QKLoraLinear.__new__(QKLoraLinear)
+        new.__dict__.update(module.__dict__)  # adapters, dropout, scaling, merge state: shared, not copied
+        new._modules["base_layer"] = base
+        for a in list(new.lora_variant):
+            new.lora_variant[a] = DoraVariant()
+        parent_name, _, child = name.rpartition(".")
+        setattr(peft_model.get_submodule(parent_name) if parent_name else peft_model, child, new)
+    return peft_model

@@ -1,0 +1,178 @@
+"""patch_peft_model on PEFT models built over bitsandbytes and dense bases; adapter files
+interchange with stock PEFT in both directions; merge/unmerge; adapters API; bad input."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels.integrations.peft import QKLoraLinear
+
+from .hf_models import TARGETS, batch, tiny_model
+from .test_peft_integration import bnb_quantize, close, pair
+
+def _peft(model, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=8, lora_alpha=16, target_modules=TARGETS["llama"], init_lora_weights=False)
+    cfg.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, LoraConfig(**cfg))
+
+
+@pytest.mark.parametrize("kind", ["bnb4", "dense"])
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_patch_peft_model_keeps_outputs_and_trains(kind, use_dora):
+    base = tiny_model("llama")
+    model = bnb_quantize(copy.deepcopy(base)) if kind == "bnb4" else copy.deepcopy(base)
+    pm = _peft(model, use_dora=use_dora)
+    b = batch()
+    before = pm(**b).logits.detach()
+    ids = {n: id(p) for n, p in pm.named_parameters() if p.requires_grad}
+    qk.patch_peft_model(pm)
+    assert sum(isinstance(m, QKLoraLinear) for m in pm.modules()) == 14
+    close(pm(**b).logits, before, "logits after patching")
+    # the trained tensors are the same objects: optimizers built before patching still work
+    assert {n: id(p) for n, p in pm.named_parameters() if p.requires_grad} == ids
+    loss = pm(**b).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_adapter_files_interchange_with_stock_peft(tmp_path, use_dora):
+    from peft import PeftModel
+
+    ours, theirs = pair("llama", use_dora)
+    b = batch()
+    # train ours a little so the adapter is not the initial one
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for s in range(2):
+        opt.zero_grad()
+        ours(**batch(seed=20 + s)).loss.backward()
+        opt.step()
+    ours.save_pretrained(tmp_path / "ours")
+    files = {p.name for p in (tmp_path / "ours").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "ours" / "adapter_model.safetensors").keys()
+    assert any(k.endswith("lora_A.weight") for k in keys) and any(k.endswith("lora_B.weight") for k in keys)
+    assert any(k.endswith("lora_magnitude_vector") for k in keys) == use_dora
+    ref = ours(**b).logits.detach()
+    base = tiny_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on_bnb = PeftModel.from_pretrained(bnb_quantize(copy.deepcopy(base)), tmp_path / "ours")
+        on_dense = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        on_ours = PeftModel.from_pretrained(qk.quantize_model(copy.deepcopy(base), double_quant=True), tmp_path / "ours")
+    # Train mode (dropout is 0): in eval mode on AVX512-BF16 CPUs bitsandbytes repacks the
+    # weight for a bf16 GEMV, which is not the fp32 computation being compared.
+    for m in (on_bnb, on_dense, on_ours):
+        m.train()
+    close(on_bnb(**b).logits, ref, "stock PEFT on bitsandbytes")
+    close(on_ours(**b).logits, ref, "ours reloaded")
+    # On the dense base the only difference is NF4's: bound it by the gap between the two
+    # bases without adapters.
+    plain_gap = (base(**b).logits - qk.quantize_model(copy.deepcopy(base), double_quant=True)(**b).logits).abs().max()
+    assert (on_dense(**b).logits - ref).abs().max() <= 1.5 * plain_gap
+    # reverse: an adapter trained/saved by stock PEFT on bitsandbytes loads into ours
+    theirs.save_pretrained(tmp_path / "theirs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mine = PeftModel.from_pretrained(qk.quantize_model(copy.deepcopy(base), double_quant=True), tmp_path / "theirs")
+    assert sum(isinstance(m, QKLoraLinear) for m in mine.modules()) == 14
+    mine.train()
+    close(mine(**b).logits, theirs(**b).logits, "stock adapter on ours")
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_merge_unmerge_and_unload(use_dora):
+    """Merging dequantizes, adds and requantizes exactly as PEFT does on bitsandbytes (our
+    bytes are bitsandbytes' bytes), so both merged models agree; the merged model's
+    distance from the unmerged one is the requantization error, bounded by the base's own
+    NF4 error: one more quantization of an already quantized weight (2.5x the base's gap;
+    unmerging requantizes once more)."""
+    ours, theirs = pair("llama", use_dora)
+    with torch.no_grad():  # a trained-size adapter: a small delta, as in practice
+        for m in (ours, theirs):
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(0.05)
+    ours.train(), theirs.train()
+    b = batch()
+    ref = ours(**b).logits.detach()
+    base = tiny_model("llama")
+    nf4_gap = (base(**b).logits - qk.quantize_model(copy.deepcopy(base), double_quant=True)(**b).logits).abs().max()
+    with pytest.warns(UserWarning, match="Merge lora module to 4-bit linear"):
+        ours.merge_adapter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.merge_adapter()
+    merged = ours(**b).logits.detach()
+    close(merged, theirs(**b).logits, "merged vs PEFT+bitsandbytes merged", rtol=1e-3)
+    assert (merged - ref).abs().max() <= 2.5 * nf4_gap
+    with pytest.warns(UserWarning, match="Unmerge lora module to 4-bit linear"):
+        ours.unmerge_adapter()
+    assert (ours(**b).logits - ref).abs().max() <= 3.5 * nf4_gap
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unloaded = ours.merge_and_unload()
+    assert not any(isinstance(m, QKLoraLinear) for m in unloaded.modules())
+    assert isinstance(unloaded.model.layers[0].self_attn.q_proj, qk.nn.Linear4bit)
+    assert (unloaded(**b).logits - ref).abs().max() <= 4.5 * nf4_gap
+
+
+def test_adapter_api_disable_switch_mixed_batch():
+    from peft import LoraConfig
+
+    ours, _ = pair("llama", False)
+    b = batch()
+    with_adapter = ours(**b).logits.detach()
+    with ours.disable_adapter():
+        base_only = ours(**b).logits.detach()
+    plain = qk.quantize_model(tiny_model("llama"), double_quant=True)
+    close(base_only, plain(**b).logits, "disable_adapter")
+    ours.add_adapter("second", LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS["llama"], lora_dropout=0.1,
+                                          use_rslora=True, init_lora_weights=False))
+    ours.set_adapter("second")
+    ours.eval()
+    second = ours(**b).logits.detach()
+    assert not torch.allclose(second, with_adapter)
+    mixed = ours(input_ids=b["input_ids"], adapter_names=["default", "second"]).logits
+    close(mixed[0], with_adapter[0], "mixed batch row 0 (default)")
+    close(mixed[1], second[1], "mixed batch row 1 (second)")
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["second"] == 4 / 2  # rsLoRA: alpha / sqrt(r)
+
+
+def test_lora_bias_runs_the_unfused_path():
+    pm = _peft(qk.quantize_model(tiny_model("llama"), double_quant=True), lora_bias=True)
+    out = pm(**batch())
+    out.loss.backward()
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QKLoraLinear) and layer.lora_B["default"].bias.grad is not None
+
+
+def test_bad_targets_and_adapter_files(tmp_path):
+    from peft import PeftModel
+
+    with pytest.raises(ValueError, match="Target module SiLUActivation.*is not supported"):
+        _peft(qk.quantize_model(tiny_model("llama")), target_modules=["act_fn"])
+    ours, _ = pair("llama", False)
+    ours.save_pretrained(tmp_path / "a")
+    from transformers import AutoModelForCausalLM
+
+    from .hf_models import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.intermediate_size = 192  # another base shape: gate/up/down differ
+    other = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(RuntimeError, match=r"size mismatch for .*mlp\.gate_proj\.lora_B"):
+        PeftModel.from_pretrained(qk.quantize_model(other), tmp_path / "a")
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(Exception, match="adapter_model.safetensors|header|deserializ|incomplete|Error"):
+        PeftModel.from_pretrained(qk.quantize_model(tiny_model("llama")), tmp_path / "a")
