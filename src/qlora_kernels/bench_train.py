@@ -1,0 +1,112 @@
+"""Training-step benchmark cases: one AdamW step of LoRA r=16 on every projection, batch
+2 x 256 tokens, on a random Phi-3-architecture model (hidden 1024, intermediate 2816, 4
+layers, vocab 32064) and on SmolLM2-135M-Instruct, with qlora-kernels' layers beside
+PEFT + bitsandbytes QLoRA (and PEFT LoRA on the fp32 base) on the same weights."""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Callable
+
+import torch
+
+from .bench import Case
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+PHI3_BENCH = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=32064, max_position_embeddings=512, pad_token_id=0)
+TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+           "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def random_phi3():
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(Phi3Config(**PHI3_BENCH), dtype=torch.float32), "phi3"
+
+
+def smollm2():
+    from .models import load_smollm2
+
+    return load_smollm2(), "llama"
+
+
+def bnb_quantize(model):
+    import bitsandbytes as bnb
+
+    for _, mod in list(model.named_modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is torch.nn.Linear and name != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      quant_type="nf4", compute_dtype=torch.float32)
+                q.weight = bnb.nn.Params4bit(child.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                             blocksize=64, compress_statistics=True)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(mod, name, q.to("cpu"))
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def build(kind: str, base, arch: str, use_dora: bool = False):
+    """A PEFT model of one kind: 'ours' (qlora-kernels NF4), 'bnb' (PEFT + bitsandbytes
+    NF4) or 'dense' (PEFT on the fp32 base)."""
+    from peft import LoraConfig, get_peft_model
+
+    from . import quantize_model
+
+    model = copy.deepcopy(base)
+    if kind == "ours":
+        model = quantize_model(model, "nf4", 64, double_quant=True)
+    elif kind == "bnb":
+        model = bnb_quantize(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS[arch], lora_dropout=0.0, use_dora=use_dora)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(model, cfg)
+    pm.train()
+    return pm
+
+
+def step_fn(pm, batch_size: int = 2, seq: int = 256, vocab: int = 32064) -> Callable[[], None]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (batch_size, seq), generator=g)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    return step
+
+
+def train_cases(which: str = "phi3") -> list[Case]:
+    base, arch = random_phi3() if which == "phi3" else smollm2()
+    vocab = base.config.vocab_size
+    tokens = 2 * 256
+    g = f"train step {which} LoRA r=16 all projections 2x256"
+    cases = []
+    for kind, name, ours in (("ours", "qlora-kernels QLoRA (NF4)", True),
+                             ("bnb", "PEFT + bitsandbytes QLoRA (NF4)", False),
+                             ("dense", "PEFT LoRA on the fp32 base", False)):
+        try:
+            cases.append(Case(g, name, step_fn(build(kind, base, arch), vocab=vocab), ours, tokens, "k tokens/s"))
+        except ImportError as e:
+            logging.getLogger(__name__).warning("peer %s unavailable: %s", name, e)
+    gd = f"train step {which} DoRA vs LoRA r=16 2x256"
+    cases.append(Case(gd, "qlora-kernels QLoRA (NF4) LoRA", step_fn(build("ours", base, arch), vocab=vocab), True,
+                      tokens, "k tokens/s"))
+    cases.append(Case(gd, "qlora-kernels QLoRA (NF4) DoRA", step_fn(build("ours", base, arch, True), vocab=vocab),
+                      False, tokens, "k tokens/s"))
+    try:
+        cases.append(Case(gd, "PEFT + bitsandbytes DoRA (NF4)", step_fn(build("bnb", base, arch, True), vocab=vocab),
+                          False, tokens, "k tokens/s"))
+    except ImportError:
+        pass
+    return cases
