@@ -10,6 +10,7 @@ import torch
 
 import qlora_kernels as qk
 from qlora_kernels.integrations.peft import QKLoraLinear
+from qlora_kernels.peers import bnb_quantize_model
 
 from .hf_models import TARGETS, batch, tiny_model
 
@@ -23,21 +24,7 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = RTOL) -> No
 
 
 def bnb_quantize(model):
-    import bitsandbytes as bnb
-
-    for name, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if type(child) is torch.nn.Linear and child_name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      quant_type="nf4", compute_dtype=torch.float32)
-                q.weight = bnb.nn.Params4bit(child.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True,
-                                             blocksize=64)
-                if child.bias is not None:
-                    q.bias = torch.nn.Parameter(child.bias.detach().clone())
-                setattr(mod, child_name, q.to("cpu"))
-    model.is_loaded_in_4bit = True  # what transformers sets; PEFT then picks its bitsandbytes layers
-    return model
+    return bnb_quantize_model(model)
 
 
 def pair(arch: str, use_dora: bool):

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .bench import Case
+from .peers import bnb_quantize_model
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -34,23 +35,6 @@ def smollm2():
     return load_smollm2(), "llama"
 
 
-def bnb_quantize(model):
-    import bitsandbytes as bnb
-
-    for _, mod in list(model.named_modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is torch.nn.Linear and name != "lm_head":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      quant_type="nf4", compute_dtype=torch.float32)
-                q.weight = bnb.nn.Params4bit(child.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                             blocksize=64, compress_statistics=True)
-                if child.bias is not None:
-                    q.bias = torch.nn.Parameter(child.bias.detach().clone(), requires_grad=False)
-                setattr(mod, name, q.to("cpu"))
-    model.is_loaded_in_4bit = True
-    return model
-
-
 def build(kind: str, base, arch: str, use_dora: bool = False):
     """A PEFT model of one kind: 'ours' (qlora-kernels NF4), 'bnb' (PEFT + bitsandbytes
     NF4) or 'dense' (PEFT on the fp32 base)."""
@@ -62,7 +46,7 @@ def build(kind: str, base, arch: str, use_dora: bool = False):
     if kind == "ours":
         model = quantize_model(model, "nf4", 64, double_quant=True)
     elif kind == "bnb":
-        model = bnb_quantize(model)
+        model = bnb_quantize_model(model)
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS[arch], lora_dropout=0.0, use_dora=use_dora)
