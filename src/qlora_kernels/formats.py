@@ -50,10 +50,12 @@ _FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
 
 @functools.cache
 def _codebook_cpu(quant_type: str) -> torch.Tensor:
+    # device="cpu" explicitly: a first call under `with torch.device("meta")` (as
+    # from_pretrained runs) must not cache meta tensors for the rest of the process.
     if quant_type == "nf4":
-        return torch.tensor(_NF4_VALUES, dtype=torch.float32)
+        return torch.tensor(_NF4_VALUES, dtype=torch.float32, device="cpu")
     if quant_type == "fp4":
-        raw = torch.tensor(_FP4_RAW, dtype=torch.float32)
+        raw = torch.tensor(_FP4_RAW, dtype=torch.float32, device="cpu")
         return raw / raw.abs().max()
     raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
@@ -87,7 +89,7 @@ def _dynamic_map_cpu() -> torch.Tensor:
     linspace(0.1, 1, 2^i + 1), both signs, plus 0 and 1; sorted."""
     values: list[float] = []
     for i in range(7):
-        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32, device="cpu")
         mids = (edges[:-1] + edges[1:]) / 2.0
         scale = 10 ** (-6 + i)
         values += (scale * mids).tolist()
@@ -95,7 +97,7 @@ def _dynamic_map_cpu() -> torch.Tensor:
     values += [0.0, 1.0]
     values.sort()
     assert len(values) == 256
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device="cpu")
 
 
 def dynamic_map() -> torch.Tensor:
