@@ -14,6 +14,7 @@ IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 ISA_FLAGS = {
     "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
 
 sources = sorted(
@@ -52,4 +53,22 @@ ext = Pybind11Extension(
     extra_link_args=openmp,
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+# qlora_kernels._hls: the HLS kernels (hls/*.cpp) C-simulated under plain g++, with the
+# host call sequences (hls/host) and their bindings: the `hls` backend. No ISA flags (the
+# per-file wrapper above leaves these sources alone); -ffp-contract=off keeps every fp32
+# operation the kernels spell out a separate rounding, as on the FPGA.
+hls_sources = sorted(
+    os.path.join(d, f)
+    for d in ("hls", os.path.join("hls", "host"))
+    for f in os.listdir(d)
+    if f.endswith(".cpp")
+) + [os.path.join("hls", "bindings", "qk_hls_bindings.cpp")]
+hls_ext = Pybind11Extension(
+    "qlora_kernels._hls",
+    hls_sources,
+    include_dirs=["hls"],
+    cxx_std=17,
+    extra_compile_args=["-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-unused-label"],
+)
+
+setup(ext_modules=[ext, hls_ext], cmdclass={"build_ext": BuildExt})

@@ -1,0 +1,90 @@
+"""The hls backend (qlora_kernels._hls: the C-simulated HLS kernels) under the same parity
+tests as every backend: the functions below are the suites' own tests, run with the hls
+backend selected (a subset of their parameters, since C-simulation is slow)."""
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels.backends import kernel_for
+
+from . import test_bnb_parity, test_linear, test_linear_ops, test_ops
+
+HLS_OPS = ("dequantize_4bit", "dequantize_4bit_out", "linear_4bit", "linear_4bit_grad_input")
+
+pytestmark = pytest.mark.skipif(qk.unavailable_reason("hls") is not None,
+                                reason=f"hls backend unavailable: {qk.unavailable_reason('hls')}")
+
+
+@pytest.fixture
+def hls():
+    with qk.use_backend("hls"):
+        yield ("hls", None)
+
+
+def test_hls_backend_provides_its_kernels(hls):
+    assert "hls" in qk.available_backends()
+    for op in HLS_OPS:
+        assert kernel_for(op)[0] == "hls", op
+    assert kernel_for("quantize_4bit")[0] == "reference"
+
+
+BNB = [("nf4", 64, torch.float32, False), ("fp4", 128, torch.bfloat16, True), ("nf4", 4096, torch.float16, True),
+       ("fp4", 32, torch.float32, False)]
+
+
+@pytest.mark.parametrize("quant_type,blocksize,dtype,double_quant", BNB, ids=[f"{q}-bs{b}-{str(d)[6:]}-dq{int(x)}"
+                                                                               for q, b, d, x in BNB])
+def test_dequantize_equals_bitsandbytes(bnb, hls, quant_type, blocksize, dtype, double_quant):
+    test_bnb_parity.test_quantize_dequantize_equal_bitsandbytes(bnb, hls, quant_type, blocksize, dtype, double_quant)
+
+
+def test_dequantize_matches_reference_on_larger_data(hls):
+    test_bnb_parity.test_every_cpu_path_matches_reference_on_larger_data(hls)
+
+
+def test_out_argument_decodes_in_place(hls):
+    test_bnb_parity.test_out_argument_decodes_in_place(hls)
+
+
+@pytest.mark.parametrize("lead,K,N", test_linear.SHAPES, ids=[f"{l}x{K}->{N}" for l, K, N in test_linear.SHAPES])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_forward_and_input_grad_match_reference(hls, lead, K, N, bias):
+    test_linear.test_forward_and_input_grad_match_reference(hls, lead, K, N, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_activations(hls, dtype):
+    test_linear.test_half_precision_activations(hls, dtype)
+
+
+def test_phi3_shaped_layer_on_the_gemv_and_gemm_engines(hls):
+    """A Phi-3-mini down_proj slice (K = 8192: 64 tiles, the GEMV's full on-chip x) at M = 1
+    and M = 20, within the fp32 bound of the reference."""
+    packed, state, Wd = test_linear.make_weight(48, 8192)
+    for m in (1, 20):
+        x = torch.randn(m, 8192)
+        test_linear.assert_within(qk.linear_4bit(x, packed, state), x @ Wd.t(), test_linear.dot_bound(x, Wd),
+                                  f"M={m}")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck_linear_ops(hls, bias):
+    test_linear_ops.test_opcheck_linear_and_lora_ops(hls, bias, False)
+
+
+@pytest.mark.parametrize("shape", [(7,), (33, 70)])
+def test_opcheck_dequantize(hls, shape):
+    test_ops.test_opcheck_quantize_and_dequantize(hls, torch.bfloat16, shape)
+
+
+def test_bad_sizes_raise_instead_of_overflowing():
+    from qlora_kernels import _hls
+
+    code = torch.zeros(16)
+    packed, absmax, out = torch.zeros(10, dtype=torch.uint8), torch.zeros(1), torch.zeros(21)
+    with pytest.raises(ValueError, match="packed has 10 bytes"):
+        _hls.dequantize_4bit(packed.data_ptr(), 10, absmax.data_ptr(), 1, code.data_ptr(), 21, 64, out.data_ptr())
+    with pytest.raises(ValueError, match="blocksize"):
+        _hls.dequantize_4bit(packed.data_ptr(), 10, absmax.data_ptr(), 1, code.data_ptr(), 20, 48, out.data_ptr())
+    with pytest.raises(ValueError, match="rank"):
+        _hls.lora_down(out.data_ptr(), 1, 1, out.data_ptr(), 65, out.data_ptr())
