@@ -126,7 +126,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("supported_isas", &qk::supported_isas, "ISA paths this CPU can run.");
   m.def("best_isa", &qk::best_isa, "The path cpuid selects.");
   m.def("get_isa", [] { return std::string(qk::isa_name(qk::current_isa())); }, "The path in use.");
-  m.def("set_isa", &qk::set_isa, "Force a path ('scalar', 'avx2').");
+  m.def("set_isa", &qk::set_isa, "Force a path ('scalar', 'avx2', 'avx512').");
   m.def("openmp", [] {
 #ifdef _OPENMP
     return true;

@@ -17,6 +17,13 @@ bool cpu_has(Isa isa) {
 #else
       return false;
 #endif
+    case Isa::Avx512:
+#if defined(QK_X86)
+      return cpu_has(Isa::Avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+      return false;
+#endif
   }
   return false;
 }
@@ -34,17 +41,19 @@ const Kernels kTable[] = {
     {quantize4_scalar, dequantize4_scalar},
 #if defined(QK_X86)
     {quantize4_avx2, dequantize4_avx2},
+    {quantize4_avx2, dequantize4_avx2},
 #else
+    {quantize4_scalar, dequantize4_scalar},
     {quantize4_scalar, dequantize4_scalar},
 #endif
 };
 
-const Isa kAll[] = {Isa::Scalar, Isa::Avx2};
+const Isa kAll[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512};
 
 Isa parse(const std::string& name) {
   for (Isa isa : kAll)
     if (name == isa_name(isa)) return isa;
-  throw std::invalid_argument("unknown ISA path '" + name + "'; expected one of: scalar, avx2");
+  throw std::invalid_argument("unknown ISA path '" + name + "'; expected one of: scalar, avx2, avx512");
 }
 
 Isa detect_best() {
@@ -76,6 +85,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
   }
   return "?";
 }

@@ -1,5 +1,5 @@
 // Run-time choice of the ISA path. Detection uses cpuid (via the compiler builtins);
-// QLORA_KERNELS_ISA=scalar|avx2 forces a path at import, set_isa() at run time, so the
+// QLORA_KERNELS_ISA=scalar|avx2|avx512 forces a path at import, set_isa() at run time, so the
 // test suite reaches every path the machine can execute.
 #pragma once
 #include <string>
@@ -9,7 +9,9 @@
 
 namespace qk {
 
-enum class Isa : int { Scalar = 0, Avx2 = 1 };
+// Avx512 (F+BW+VL+DQ) has its own fused-linear kernels; the quantize/dequantize
+// kernels reuse the AVX2 ones on it.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 const char* isa_name(Isa isa);
 std::vector<std::string> compiled_isas();

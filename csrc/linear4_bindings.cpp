@@ -1,6 +1,148 @@
-// Bindings of the fused 4-bit linear kernels (filled in by the linear4 work).
+// Bindings of the fused 4-bit linear kernels. Python passes raw data pointers
+// (tensor.data_ptr()) and every size; nothing is trusted: sizes must agree with each
+// other, strides must cover a row, sizes must not overflow, and the output must not
+// overlap an input. Violations raise std::invalid_argument (ValueError in Python).
 #include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "dispatch.h"
+#include "linear4.h"
 
 namespace py = pybind11;
 
-void register_linear4(py::module_& m) { (void)m; }
+namespace {
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+std::string s(int64_t v) { return std::to_string(v); }
+
+int64_t mul_checked(int64_t a, int64_t b, const char* what) {
+  int64_t r;
+  require(!__builtin_mul_overflow(a, b, &r) && r <= (int64_t(1) << 60), std::string(what) + " is too large");
+  return r;
+}
+
+// Byte range [begin, end) of a rows x cols fp32 matrix with row stride ld (empty if no elements).
+struct Extent {
+  uintptr_t begin = 0, end = 0;
+};
+
+Extent matrix_extent(uintptr_t p, int64_t rows, int64_t cols, int64_t ld, const char* name) {
+  if (rows == 0 || cols == 0) return {};
+  require(p != 0, std::string(name) + ": null data pointer");
+  require(p % alignof(float) == 0, std::string(name) + ": data pointer is not 4-byte aligned");
+  const int64_t span = mul_checked(rows - 1, ld, name) + cols;
+  return {p, p + static_cast<uintptr_t>(mul_checked(span, 4, name))};
+}
+
+bool overlap(const Extent& a, const Extent& b) { return a.begin < b.end && b.begin < a.end; }
+
+struct CheckedWeight {
+  qk::Weight4 w;
+  Extent packed, absmax, code;
+};
+
+// W is [N, K]; packed/absmax sizes must match exactly what quantize_4bit produced.
+CheckedWeight check_weight(uintptr_t packed, int64_t packed_numel, uintptr_t absmax, int64_t absmax_numel,
+                           uintptr_t code, int64_t N, int64_t K, int64_t blocksize) {
+  require(N >= 0 && K >= 0, "N and K must be >= 0, got N=" + s(N) + ", K=" + s(K));
+  require(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= (int64_t(1) << 30),
+          "blocksize must be a positive even number, got " + s(blocksize));
+  const int64_t n = mul_checked(N, K, "N*K");
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  require(packed_numel == (n + 1) / 2, "packed has " + s(packed_numel) + " bytes, but a [" + s(N) + ", " + s(K) +
+                                           "] weight needs " + s((n + 1) / 2));
+  require(absmax_numel == nblocks, "absmax has " + s(absmax_numel) + " entries, but a [" + s(N) + ", " + s(K) +
+                                       "] weight with blocksize " + s(blocksize) + " needs " + s(nblocks));
+  CheckedWeight c{{reinterpret_cast<const uint8_t*>(packed), reinterpret_cast<const float*>(absmax),
+                   reinterpret_cast<const float*>(code), N, K, blocksize},
+                  {},
+                  {},
+                  {}};
+  if (n > 0) {
+    require(packed != 0, "packed: null data pointer");
+    c.packed = {packed, packed + static_cast<uintptr_t>(packed_numel)};
+    c.absmax = matrix_extent(absmax, 1, absmax_numel, absmax_numel, "absmax");
+    c.code = matrix_extent(code, 1, 16, 16, "code");
+  }
+  return c;
+}
+
+void check_output(const Extent& out, const char* name, std::initializer_list<std::pair<Extent, const char*>> inputs) {
+  for (const auto& in : inputs)
+    require(!overlap(out, in.first), std::string(name) + " must not overlap " + in.second);
+}
+
+void linear4_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, int64_t packed_numel,
+                     uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t N, int64_t blocksize,
+                     uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+  require(M >= 0, "M must be >= 0, got " + s(M));
+  const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code, N, K, blocksize);
+  require(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
+  require(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
+  const Extent ex = matrix_extent(x, M, K, ldx, "x");
+  const Extent ey = matrix_extent(y, M, N, ldy, "y");
+  const Extent eb = bias ? matrix_extent(bias, 1, N, N, "bias") : Extent{};
+  check_output(ey, "y", {{ex, "x"}, {eb, "bias"}, {cw.packed, "packed"}, {cw.absmax, "absmax"}, {cw.code, "code"}});
+  if (M == 0 || N == 0) return;
+  qk::linear4_kernels().forward(reinterpret_cast<const float*>(x), M, ldx, cw.w,
+                                bias ? reinterpret_cast<const float*>(bias) : nullptr, reinterpret_cast<float*>(y),
+                                ldy, nthreads < 1 ? 1 : nthreads);
+}
+
+void linear4_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, uintptr_t packed, int64_t packed_numel,
+                            uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t K, int64_t blocksize,
+                            uintptr_t dx, int64_t lddx, int nthreads) {
+  require(M >= 0, "M must be >= 0, got " + s(M));
+  const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code, N, K, blocksize);
+  require(lddy >= N && lddy >= 1, "lddy (row stride of dy) must be >= N=" + s(N) + ", got " + s(lddy));
+  require(lddx >= K && lddx >= 1, "lddx (row stride of dx) must be >= K=" + s(K) + ", got " + s(lddx));
+  const Extent edy = matrix_extent(dy, M, N, lddy, "dy");
+  const Extent edx = matrix_extent(dx, M, K, lddx, "dx");
+  check_output(edx, "dx", {{edy, "dy"}, {cw.packed, "packed"}, {cw.absmax, "absmax"}, {cw.code, "code"}});
+  if (M == 0 || K == 0) return;
+  qk::linear4_kernels().backward_input(reinterpret_cast<const float*>(dy), M, lddy, cw.w, reinterpret_cast<float*>(dx),
+                                       lddx, nthreads < 1 ? 1 : nthreads);
+}
+
+std::string linear4_plan(int64_t M, int64_t N, int64_t K, int64_t blocksize, bool backward) {
+  require(M >= 0 && N >= 0 && K >= 0, "sizes must be >= 0");
+  require(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + s(blocksize));
+  const qk::Weight4 w{nullptr, nullptr, nullptr, N, K, blocksize};
+  return qk::linear4_kernels().plan(M, w, backward);
+}
+
+}  // namespace
+
+void register_linear4(py::module_& m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear4_forward", &linear4_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("absmax_ptr"), py::arg("absmax_numel"),
+        py::arg("code_ptr"), py::arg("N"), py::arg("blocksize"), py::arg("bias_ptr"), py::arg("y_ptr"),
+        py::arg("ldy"), py::arg("nthreads"),
+        "Fused 4-bit linear: y[M, N] = x[M, K] @ Wd.T (+ bias[N] unless bias_ptr is 0), fp32, where "
+        "Wd[n, k] = code[nibble(n*K + k)] * absmax[(n*K + k) // blocksize] (even flat index in the high "
+        "nibble). x and y are row-major with row strides ldx >= K and ldy >= N (in elements). packed_numel "
+        "must be (N*K + 1) // 2 and absmax_numel ceil(N*K / blocksize). Wd is never materialized; fp32 "
+        "accumulation, |err| <= (K+2) * 2^-24 * (|x| @ |Wd|.T). y must not overlap any input.");
+  m.def("linear4_backward_input", &linear4_backward_input, nogil, py::arg("dy_ptr"), py::arg("M"), py::arg("N"),
+        py::arg("lddy"), py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("absmax_ptr"),
+        py::arg("absmax_numel"), py::arg("code_ptr"), py::arg("K"), py::arg("blocksize"), py::arg("dx_ptr"),
+        py::arg("lddx"), py::arg("nthreads"),
+        "Input gradient of the fused 4-bit linear: dx[M, K] = dy[M, N] @ Wd, fp32, for the same [N, K] "
+        "weight layout as linear4_forward; row strides lddy >= N and lddx >= K. dx is overwritten and must "
+        "not overlap any input. |err| <= (N+2) * 2^-24 * (|dy| @ |Wd|).");
+  m.def("linear4_plan", &linear4_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"),
+        py::arg("backward") = false,
+        "The code path the current ISA takes for these sizes: 'scalar', 'gemv' (streaming, few rows), "
+        "'gemv-256' (AVX-512 build, rows of 64*odd elements) or 'gemm' (decoded panels + micro-kernel).");
+  m.def("linear4_peak_scratch_bytes", &qk::linear4_peak_scratch_bytes,
+        "Largest scratch (bytes, summed over threads) any single linear4 call held at once since the last "
+        "reset; it is sized by the cache blocking (and M*K for the few-row forward), never by N*K.");
+  m.def("linear4_reset_peak_scratch", &qk::linear4_reset_peak_scratch, "Resets linear4_peak_scratch_bytes() to 0.");
+}

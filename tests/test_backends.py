@@ -53,6 +53,7 @@ def test_environment_variable_with_unknown_path_fails_clearly():
     assert "unknown ISA path 'avx9000'" in r.stderr
 
 
-def test_x86_machines_run_the_avx2_path_by_default():
-    if "avx2" in _C.supported_isas():
-        assert _C.best_isa() == "avx2"
+def test_cpuid_picks_the_widest_supported_path():
+    order = ["scalar", "avx2", "avx512"]
+    supported = [i for i in order if i in _C.supported_isas()]
+    assert _C.best_isa() == supported[-1]

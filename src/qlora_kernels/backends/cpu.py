@@ -61,3 +61,28 @@ def dequantize_blockwise_8bit(q, absmax, code, blocksize):
     out = torch.empty(q.shape, dtype=torch.float32)
     _C.dequantize_8bit(q.data_ptr(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), q.numel(), blocksize, out.data_ptr())
     return out
+
+
+# ---- fused 4-bit linear (csrc/linear4_*): never materializes the fp32 weight ----
+if hasattr(_C, "linear4_forward"):
+
+    @register_kernel("linear_4bit", "cpu")
+    def linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, bias):
+        M, K = x2.shape
+        y = torch.empty((M, out_features), dtype=torch.float32)
+        code = _tables(quant_type)[0]
+        _C.linear4_forward(x2.data_ptr(), M, K, x2.stride(0) if M else K, packed.data_ptr(), packed.numel(),
+                           absmax.data_ptr(), absmax.numel(), code.data_ptr(), out_features, blocksize,
+                           bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features,
+                           torch.get_num_threads())
+        return y
+
+    @register_kernel("linear_4bit_grad_input", "cpu")
+    def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
+        M, N = dy2.shape
+        dx = torch.empty((M, in_features), dtype=torch.float32)
+        code = _tables(quant_type)[0]
+        _C.linear4_backward_input(dy2.data_ptr(), M, N, dy2.stride(0) if M else N, packed.data_ptr(),
+                                  packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), in_features,
+                                  blocksize, dx.data_ptr(), in_features, torch.get_num_threads())
+        return dx
