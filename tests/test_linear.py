@@ -46,8 +46,10 @@ def test_forward_and_input_grad_match_reference(path, lead, K, N, bias):
         y = qk.linear_4bit(x, packed, state, b)
         ref = x.detach() @ Wd.t() + (b.detach() if bias else 0)
         assert y.shape == (*lead, N) and y.dtype == torch.float32
-        assert_within(y.detach().reshape(-1, N), ref.reshape(-1, N), dot_bound(x.detach().reshape(-1, K), Wd),
-                      f"forward {quant_type} bs{blocksize}")
+        bound = dot_bound(x.detach().reshape(-1, K), Wd)
+        if bias:  # adding the bias rounds once more
+            bound = bound + 2 * EPS32 * ref.reshape(-1, N).abs().double()
+        assert_within(y.detach().reshape(-1, N), ref.reshape(-1, N), bound, f"forward {quant_type} bs{blocksize}")
         dy = torch.randn_like(y)
         y.backward(dy)
         assert_within(x.grad.reshape(-1, K), (dy.reshape(-1, N) @ Wd), dot_bound(dy.reshape(-1, N), Wd.t()),
