@@ -22,6 +22,15 @@ def _info(args) -> int:
         reason = qk.unavailable_reason(name)
         if reason:
             print(f"  {name}: unavailable ({reason})")
+    reason = qk.unavailable_reason("opencl")
+    if reason:
+        print(f"  opencl: unavailable ({reason})")
+    else:
+        from qlora_kernels import opencl
+
+        d = opencl.device_info()
+        print(f"OpenCL device: {d['selector']} {d['platform']} / {d['device']} ({d['opencl_c_version']}), "
+              f"kernel style {d['style']} ({opencl.ENV_DEVICE}, {opencl.ENV_STYLE} override)")
     return 0
 
 
@@ -43,6 +52,23 @@ def _bench(args) -> int:
     return 0
 
 
+def _fpga_estimate(args) -> int:
+    import json
+
+    from qlora_kernels import fpga
+
+    opts = {"blocksize": args.blocksize, "double_quant": args.double_quant, "lm_head": args.lm_head,
+            "context": args.context, "efficiency": args.efficiency, "clock_mhz": args.clock_mhz,
+            "lora_rank": args.lora_rank, "train_seq": args.seq, "train_batch": args.batch}
+    try:
+        est = fpga.estimate(board=args.board, model=args.model, **opts)
+    except ValueError as e:
+        print(f"fpga-estimate: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(est.as_dict(), indent=2, default=float) if args.json else est)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qlora-kernels", description="LoRA/QLoRA kernels for CPUs and FPGAs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -52,6 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (default: torch's)")
     b.add_argument("--output", help="also write the table as markdown to this file")
     b.set_defaults(func=_bench)
+    fe = sub.add_parser("fpga-estimate", help="what an FPGA board would do with a model (decode, training, resources)")
+    fe.add_argument("--board", default="u280", help="u280, u55c, v80 or agilex7m (default u280)")
+    fe.add_argument("--model", default="phi-3-mini", help="phi-3-mini, or a Hugging Face config.json (or its folder)")
+    fe.add_argument("--json", action="store_true", help="print the full result as JSON")
+    fe.add_argument("--blocksize", type=int, default=64)
+    fe.add_argument("--double-quant", action="store_true", help="8-bit absmax (double quantization)")
+    fe.add_argument("--lm-head", choices=("bf16", "4bit"), default="bf16")
+    fe.add_argument("--context", type=int, default=1024, help="KV positions for the with-KV decode figure")
+    fe.add_argument("--efficiency", type=float, default=None, help="memory derating (default: the board's)")
+    fe.add_argument("--clock-mhz", type=float, default=None, help="kernel clock (default: the board's)")
+    fe.add_argument("--lora-rank", type=int, default=16)
+    fe.add_argument("--seq", type=int, default=512, help="training sequence length")
+    fe.add_argument("--batch", type=int, default=1, help="training batch size")
+    fe.set_defaults(func=_fpga_estimate)
+    from .finetune.command import add_parser as _add_finetune  # light: torch loads only when it runs
+
+    _add_finetune(sub)
     args = p.parse_args(argv)
     return args.func(args)
 

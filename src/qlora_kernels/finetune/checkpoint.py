@@ -1,0 +1,129 @@
+"""Files that survive an interruption: every file is written under a temporary name and
+renamed into place (a rename is atomic on one filesystem), and a checkpoint is a folder
+built aside and swapped in, so a kill at any instant leaves either the previous checkpoint
+or the new one, never a half-written mix.
+
+A checkpoint holds the adapter (PEFT's format), the optimizer and scheduler states, the
+RNG states (torch, python, numpy) and state.json (step, losses so far, the held-out
+results measured before training, the run's configuration)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import FinetuneError
+
+NAME = "checkpoint"
+_PREV = ".checkpoint.prev"
+_TMP_PREFIX = ".checkpoint.tmp-"
+
+
+# -- atomic files -----------------------------------------------------------------------------
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_json(path: Path, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_adapter(model, out: Path) -> list:
+    """PEFT's save_pretrained into a scratch folder, then its two adapter files renamed into
+    ``out`` (PEFT also writes a README.md model card there, which could overwrite a user's
+    README: it stays behind). Returns the names written."""
+    tmp = out / f".adapter.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        names = []
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            os.chmod(tmp / name, 0o666 & ~umask)  # safetensors creates 0600; users expect their umask
+            os.replace(tmp / name, out / name)
+            names.append(name)
+        return names
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- RNG --------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def clean_stale(out: Path) -> None:
+    """Scratch folders of checkpoints that a SIGKILL cut short (ours by name, never a user's)."""
+    for p in out.glob(_TMP_PREFIX + "*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def save(out: Path, model, optimizer, scheduler, state: dict) -> Path:
+    tmp = out / f"{_TMP_PREFIX}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    atomic_json(tmp / "state.json", state)
+    final, prev = out / NAME, out / _PREV
+    # Swap: the old checkpoint steps aside before the new one takes its name, so one of
+    # the two is always complete (find() falls back to the previous).
+    if final.exists():
+        if prev.exists():
+            shutil.rmtree(prev)
+        os.replace(final, prev)
+    os.replace(tmp, final)
+    shutil.rmtree(prev, ignore_errors=True)
+    return final
+
+
+def find(out: Path) -> Optional[Path]:
+    for p in (out / NAME, out / _PREV):
+        if (p / "state.json").is_file():
+            return p
+    return None
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"checkpoint {path}: state.json is unreadable ({e})") from None
+
+
+def restore(path: Path, model, optimizer, scheduler) -> None:
+    """Adapter weights, optimizer, scheduler and RNG states back in place, bit for bit."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "adapter" / "adapter_model.safetensors")
+    res = set_peft_model_state_dict(model, weights)
+    unexpected = list(getattr(res, "unexpected_keys", []) or [])
+    if unexpected:
+        raise FinetuneError(f"checkpoint {path}: adapter does not fit the model ({unexpected[0]} ...)")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))

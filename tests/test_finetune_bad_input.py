@@ -1,0 +1,108 @@
+"""`qlora-kernels finetune` on bad input: one clear line on stderr, a non-zero exit, no
+traceback, and nothing already in the output folder lost."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from .finetune_helpers import TINY_ARGS, build_tiny_model, run_inproc, spawn
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-bad"))
+
+
+def _fails(capsys, args, *needles):
+    rc, out, err = run_inproc(args, capsys)
+    assert rc not in (0, None), (rc, out, err)
+    assert err.count("\n") == 1 and err.startswith("qlora-kernels finetune: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def test_missing_data_file(tmp_path, capsys):
+    _fails(capsys, ["--data", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")], "nope.jsonl",
+           "no such file")
+
+
+def test_empty_data_file(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    _fails(capsys, ["--data", str(tmp_path / "empty.jsonl"), "--output", str(tmp_path / "o")], "empty")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, capsys):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": \n')
+    _fails(capsys, ["--data", str(f), "--output", str(tmp_path / "o")], "line 3", "not valid JSON")
+    f.write_text('{"prompt": "a", "response": "b"}\n{"question": "c"}\n')
+    _fails(capsys, ["--data", str(f), "--output", str(tmp_path / "o")], "line 2", '"prompt"+"response"')
+    f.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    _fails(capsys, ["--data", str(f), "--output", str(tmp_path / "o")], "line 1", "assistant")
+
+
+def test_model_folder_without_weights(tiny_dir, tmp_path, capsys):
+    m = tmp_path / "noweights"
+    shutil.copytree(tiny_dir, m)
+    for f in m.glob("*.safetensors"):
+        f.unlink()
+    _fails(capsys, ["--model", str(m), "--output", str(tmp_path / "o")], "no weights")
+    _fails(capsys, ["--model", str(tmp_path / "absent"), "--output", str(tmp_path / "o")], "no such folder")
+
+
+def test_seq_len_shorter_than_template(tiny_dir, tmp_path, capsys):
+    _fails(capsys, ["--model", str(tiny_dir), "--seq-len", "12", "--output", str(tmp_path / "o")],
+           "--seq-len 12", "template")
+
+
+def test_unknown_backend_and_bad_numbers(tmp_path, capsys):
+    _fails(capsys, ["--backend", "cuda", "--output", str(tmp_path / "o")], "--backend 'cuda' is unknown")
+    _fails(capsys, ["--method", "ia3", "--output", str(tmp_path / "o")], "--method 'ia3' is unknown")
+    _fails(capsys, ["--lr", "-1", "--output", str(tmp_path / "o")], "--lr")
+    _fails(capsys, ["--steps", "many", "--output", str(tmp_path / "o")], "--steps")  # argparse's own error
+
+
+def test_unwritable_output(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("user data")
+    _fails(capsys, ["--output", str(blocker / "sub")], "cannot write")
+    _fails(capsys, ["--output", str(blocker)], "not a folder")
+    assert blocker.read_text() == "user data"
+
+
+def test_output_folder_keeps_user_files(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "README.md").write_text("my readme")
+    rc, _, err = run_inproc(["--model", str(tiny_dir), "--output", str(out), *TINY_ARGS[:-2], "--steps", "2",
+                             "--samples", "0"], capsys)
+    assert rc == 0, err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").read_text() == "my readme"
+    before = (out / "metrics.json").read_bytes()
+    # A second run into the same folder refuses instead of overwriting the first one's results.
+    _fails(capsys, ["--model", str(tiny_dir), "--output", str(out), "--steps", "2"], "already holds a run",
+           "--resume")
+    assert (out / "metrics.json").read_bytes() == before
+    assert json.loads(before)["train"]["steps"] == 2
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    _fails(capsys, ["--output", str(tmp_path), "--resume"], "no checkpoint")
+
+
+def test_console_exit_code_and_single_line(tmp_path):
+    p = spawn(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")])
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert err.strip().count("\n") == 0 and "missing.jsonl" in err and "Traceback" not in err, err
+
+
+def test_debug_shows_traceback(tmp_path):
+    p = spawn(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"), "--debug"])
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "Traceback" in err and "FinetuneError" in err
