@@ -21,7 +21,8 @@ def table(data: dict) -> str:
         for b in sorted(bs, key=lambda b: (not b["extra_info"].get("ours"), b["stats"]["median"])):
             med = b["stats"]["median"]
             work, unit = b["extra_info"].get("work"), b["extra_info"].get("unit", "")
-            tp = f"{work / med / 1e9:.2f} {unit}" if work else ""
+            scale = 1e9 if unit.startswith("G") else 1.0  # G-units are per 1e9; plain units as they are
+            tp = f"{work / med / scale:.2f} {unit}" if work else ""
             sp = "" if b["extra_info"].get("ours") or best is None else f"{med / best:.2f}x"
             lines.append(f"| {g} | {b['name']} | {med * 1e3:.2f} | {tp} | {sp} |")
     return "\n".join(lines)

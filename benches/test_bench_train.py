@@ -10,4 +10,4 @@ CASES = bench_train.train_cases("phi3") + bench_train.train_cases("smollm2")
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c.group}-{c.name}" for c in CASES])
 def test_train_step(bench_case, i):
-    bench_case(CASES[i], rounds=3)
+    bench_case(CASES[i], rounds=5)

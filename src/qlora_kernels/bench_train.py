@@ -80,17 +80,17 @@ def train_cases(which: str = "phi3") -> list[Case]:
                              ("bnb", "PEFT + bitsandbytes QLoRA (NF4)", False),
                              ("dense", "PEFT LoRA on the fp32 base", False)):
         try:
-            cases.append(Case(g, name, step_fn(build(kind, base, arch), vocab=vocab), ours, tokens, "k tokens/s"))
+            cases.append(Case(g, name, step_fn(build(kind, base, arch), vocab=vocab), ours, tokens, "tokens/s"))
         except ImportError as e:
             logging.getLogger(__name__).warning("peer %s unavailable: %s", name, e)
     gd = f"train step {which} DoRA vs LoRA r=16 2x256"
     cases.append(Case(gd, "qlora-kernels QLoRA (NF4) LoRA", step_fn(build("ours", base, arch), vocab=vocab), True,
-                      tokens, "k tokens/s"))
+                      tokens, "tokens/s"))
     cases.append(Case(gd, "qlora-kernels QLoRA (NF4) DoRA", step_fn(build("ours", base, arch, True), vocab=vocab),
-                      False, tokens, "k tokens/s"))
+                      False, tokens, "tokens/s"))
     try:
         cases.append(Case(gd, "PEFT + bitsandbytes DoRA (NF4)", step_fn(build("bnb", base, arch, True), vocab=vocab),
-                          False, tokens, "k tokens/s"))
+                          False, tokens, "tokens/s"))
     except ImportError:
         pass
     return cases
