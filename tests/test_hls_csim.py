@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 HLS = ROOT / "hls"
 EPS32 = 2.0**-24
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for C-simulation")
+
+
+def test_gxx_is_available():
+    """The package build needs g++ too, so the C-simulation never has a reason to skip."""
+    assert shutil.which("g++") is not None
 
 
 @pytest.fixture(scope="session")
