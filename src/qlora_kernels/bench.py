@@ -111,26 +111,81 @@ def ratio_rows(results: dict[tuple[str, str], float], ours_flags: dict[tuple[str
     return rows
 
 
-def run(quick: bool = False) -> list[dict]:
+def all_cases(quick: bool = False) -> list[Case]:
+    """The built-in set: quantization, the fused linear at M=1 and M=512, one QLoRA layer
+    forward+backward, and (full run only) a training step on SmolLM2-135M-Instruct."""
+    from . import bench_linear
+
     size = 2048 if quick else 4096
     cases = quant_cases(size, size)
-    results, flags, work = {}, {}, {}
-    for c in cases:
-        ts = time_call(c.fn, min_rounds=3 if quick else 7, min_seconds=0.2 if quick else 1.0)
+    cases += bench_linear.linear_cases(1, size, size)
+    cases += bench_linear.linear_cases(512 if not quick else 128, size, size)
+    cases += bench_linear.lora_layer_cases(512 if not quick else 128, size, size)
+    if not quick:
+        from . import bench_train
+
+        try:
+            cases += [c for c in bench_train.train_cases("smollm2") if "DoRA" not in c.group]
+        except (ImportError, OSError) as e:  # the model wheel is optional
+            import logging
+
+            logging.getLogger(__name__).warning("training-step benchmark skipped: %s", e)
+    return cases
+
+
+def run(quick: bool = False, progress: bool = True) -> list[dict]:
+    cases = all_cases(quick)
+    results, flags, work, units = {}, {}, {}, {}
+    it = cases
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            it = tqdm(cases, desc="bench", unit="case")
+        except ImportError:
+            pass
+    for c in it:
+        ts = time_call(c.fn, min_rounds=3 if quick else 5, min_seconds=0.2 if quick else 1.0)
         results[(c.group, c.name)] = statistics.median(ts)
         flags[(c.group, c.name)] = c.ours
         work[(c.group, c.name)] = c.work
+        units[(c.group, c.name)] = c.unit
     rows = ratio_rows(results, flags)
     for r in rows:
-        w = work[(r["group"], r["name"])]
-        r["throughput"] = (w / r["median_s"] / 1e9) if w else None
+        key = (r["group"], r["name"])
+        w, unit = work[key], units[key]
+        r["unit"] = unit
+        r["throughput"] = (w / r["median_s"] / (1e9 if unit.startswith("G") else 1.0)) if w else None
     return rows
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """A bar chart of our speedup over each peer (log scale; 1 = parity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = [r for r in rows if r["speedup_vs_this"]]
+    labels = [f"{r['group']}\nvs {r['name']}" for r in peers]
+    vals = [r["speedup_vs_this"] for r in peers]
+    fig, ax = plt.subplots(figsize=(10, 0.38 * len(peers) + 1.5))
+    ax.barh(range(len(vals)), vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(vals)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("our speedup (peer time / our time), log scale")
+    ax.set_title("qlora-kernels vs peers, same inputs, same process")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| group | implementation | median ms | G elem/s | our speedup vs it |", "|---|---|---:|---:|---:|"]
+    lines = ["| group | implementation | median ms | throughput | our speedup vs it |", "|---|---|---:|---:|---:|"]
     for r in rows:
-        sp = f"{r['speedup_vs_this']:.1f}x" if r["speedup_vs_this"] else ""
-        tp = f"{r['throughput']:.2f}" if r.get("throughput") else ""
+        sp = f"{r['speedup_vs_this']:.2f}x" if r["speedup_vs_this"] else ""
+        tp = f"{r['throughput']:.2f} {r.get('unit', '')}" if r.get("throughput") else ""
         lines.append(f"| {r['group']} | {r['name']} | {r['median_s'] * 1e3:.2f} | {tp} | {sp} |")
     return "\n".join(lines)

@@ -41,14 +41,24 @@ def _bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    import os
+
     print(f"machine: {bench.machine_summary()}")
     rows = bench.run(quick=args.quick)
     table = bench.format_table(rows)
     print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(f"# qlora-kernels bench\n\nMachine: {bench.machine_summary()}\n\n{table}\n")
-        print(f"wrote {args.output}")
+    out = args.output or "bench-report"
+    os.makedirs(out, exist_ok=True)
+    md, png = os.path.join(out, "bench.md"), os.path.join(out, "bench.png")
+    with open(md + ".tmp", "w") as f:
+        f.write(f"# qlora-kernels bench\n\nMachine: {bench.machine_summary()}\n\n"
+                f"Command: qlora-kernels bench{' --quick' if args.quick else ''}\n\n{table}\n\n![speedups](bench.png)\n")
+    os.replace(md + ".tmp", md)
+    try:
+        bench.plot(rows, png)
+    except ImportError as e:
+        print(f"no chart ({e}); pip install matplotlib")
+    print(f"wrote {md} and {png}")
     return 0
 
 
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="benchmark the kernels against the installed peers")
     b.add_argument("--quick", action="store_true", help="smaller shapes, fewer rounds (about a minute)")
     b.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (default: torch's)")
-    b.add_argument("--output", help="also write the table as markdown to this file")
+    b.add_argument("--output", help="folder for bench.md and bench.png (default: bench-report)")
     b.set_defaults(func=_bench)
     fe = sub.add_parser("fpga-estimate", help="what an FPGA board would do with a model (decode, training, resources)")
     fe.add_argument("--board", default="u280", help="u280, u55c, v80 or agilex7m (default u280)")
