@@ -344,11 +344,16 @@ def test_bad_state_caught_while_loading_too(ours_saved, tmp_path, monkeypatch):
     report = logging.Handler()
     report.emit = lambda record: report.records.append(record.getMessage())
     report.records = []
+    import transformers.utils.logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()  # an earlier test or the environment may have silenced it
     logging.getLogger("transformers").addHandler(report)  # it does not propagate to pytest's
     try:
-        with pytest.raises(RuntimeError, match="conversion"):
+        with pytest.raises(RuntimeError, match="conversion") as excinfo:
             load(tmp_path)
     finally:
         logging.getLogger("transformers").removeHandler(report)
+        hf_logging.set_verbosity(verbosity)
     # transformers' report names the layer (how much of our message it shows varies by version)
-    assert "k_proj" in "".join(report.records)
+    assert "k_proj" in "".join(report.records) + str(excinfo.value)
