@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import qlora_kernels as qk
 from qlora_kernels import _C

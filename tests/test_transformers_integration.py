@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import qlora_kernels as qk
 from qlora_kernels.integrations import transformers as qkt
-from qlora_kernels.integrations.transformers import QLoraKernelsConfig, config_from_bitsandbytes
+from qlora_kernels.integrations.transformers import QLoraKernelsConfig
 from qlora_kernels.nn import Linear4bit
 
 from .hf_models import TARGETS, batch, tiny_model

@@ -30,7 +30,6 @@ def threads(n: int):
 def _ort_session(W: torch.Tensor, kind: str, M: int, accuracy_level: int = 0):
     """A one-MatMul ONNX model (X[M, K] @ W.T), weight-quantized by ORT's own quantizer."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
