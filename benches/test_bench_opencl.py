@@ -13,6 +13,7 @@ import qlora_kernels as qk
 from qlora_kernels import functional
 from qlora_kernels import opencl as ocl
 from qlora_kernels.bench import Case
+from qlora_kernels.bench_linear import linear_inputs
 
 assert qk.unavailable_reason("opencl") is None, f"the opencl backend must run here: {qk.unavailable_reason('opencl')}"
 POCL_THREADS = os.environ.get("POCL_MAX_PTHREAD_COUNT", str(os.cpu_count()))
@@ -43,12 +44,8 @@ def _direct_cpp(x, packed, state, N):
 
 
 def linear_group(M: int, K: int = 4096, N: int = 4096, fpga: bool = False) -> list[Case]:
-    torch.manual_seed(0)
-    W = torch.randn(N, K) * 0.02
-    x = torch.randn(M, K)
-    packed, state = functional.quantize_4bit(W, "nf4", 64)
+    _, x, packed, state, flops = linear_inputs(M, K, N)
     g = f"opencl linear M={M} {K}->{N}"
-    flops = 2.0 * M * K * N
     f = lambda: functional.linear_4bit(x, packed, state)  # noqa: E731
     cases = [
         Case(g, "opencl NDRange (PoCL)", _on("opencl", f), True, flops, "GFLOP/s", EXTRA),

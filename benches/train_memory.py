@@ -39,7 +39,7 @@ def main() -> int:
             continue
         m = json.loads(r.stdout.strip().splitlines()[-1])
         rows.append((kind, "DoRA" if dora else "LoRA", m["peak_rss_mb"]))
-    print(f"| model | base | adapter | peak RSS MB |\n|---|---|---|---:|")
+    print("| model | base | adapter | peak RSS MB |\n|---|---|---|---:|")
     for kind, ad, mb in rows:
         print(f"| {a.model} | {kind} | {ad} | {mb:.0f} |")
     return 0

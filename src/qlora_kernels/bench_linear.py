@@ -70,13 +70,18 @@ def _torch_int4(W: torch.Tensor):
     return wp, sz
 
 
-def linear_cases(M: int, K: int, N: int, label: str = "", peers: bool = True) -> list[Case]:
+def linear_inputs(M: int, K: int, N: int):
+    """The inputs every linear benchmark shares: (W, x, packed, state, flops), seeded."""
     torch.manual_seed(0)
     W = torch.randn(N, K) * 0.02
     x = torch.randn(M, K)
     packed, state = functional.quantize_4bit(W, "nf4", 64)
+    return W, x, packed, state, 2.0 * M * K * N
+
+
+def linear_cases(M: int, K: int, N: int, label: str = "", peers: bool = True) -> list[Case]:
+    W, x, packed, state, flops = linear_inputs(M, K, N)
     g = f"linear M={M} {K}->{N}{(' ' + label) if label else ''}"
-    flops = 2.0 * M * K * N
     cases = [Case(g, "qlora-kernels linear_4bit", lambda: functional.linear_4bit(x, packed, state), True,
                   flops, "GFLOP/s")]
     if not peers:
@@ -162,15 +167,12 @@ def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, al
 
 
 def thread_scaling_cases(M: int, K: int = 4096, N: int = 4096) -> list[Case]:
-    torch.manual_seed(0)
-    W = torch.randn(N, K) * 0.02
-    x = torch.randn(M, K)
-    packed, state = functional.quantize_4bit(W, "nf4", 64)
+    _, x, packed, state, flops = linear_inputs(M, K, N)
     g = f"thread scaling linear_4bit M={M} {K}->{N}"
     out = []
     for t in (1, 2):
         def f(t=t):
             with threads(t):
                 functional.linear_4bit(x, packed, state)
-        out.append(Case(g, f"qlora-kernels {t} thread{'s' if t > 1 else ''}", f, t == 2, 2.0 * M * K * N, "GFLOP/s"))
+        out.append(Case(g, f"qlora-kernels {t} thread{'s' if t > 1 else ''}", f, t == 2, flops, "GFLOP/s"))
     return out
