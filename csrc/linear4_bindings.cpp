@@ -1,4 +1,4 @@
-// Bindings of the fused 4-bit linear kernels. Python passes raw data pointers
+// Bindings of the fused 4-bit linear kernels and the dense fp32 linear (dense.h). Python passes raw data pointers
 // (tensor.data_ptr()) and every size; nothing is trusted: sizes must agree with each
 // other, strides must cover a row, sizes must not overflow, and the output must not
 // overlap an input. Violations raise std::invalid_argument (ValueError in Python).
@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "dense.h"
 #include "dispatch.h"
 #include "linear4.h"
 
@@ -110,6 +111,45 @@ void linear4_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, ui
                                        lddx, nthreads < 1 ? 1 : nthreads);
 }
 
+qk::DenseWeight check_dense(uintptr_t w, int64_t N, int64_t K, int64_t ldw, Extent& ew) {
+  require(N >= 0 && K >= 0, "N and K must be >= 0, got N=" + s(N) + ", K=" + s(K));
+  require(ldw >= K && ldw >= 1, "ldw (row stride of W) must be >= K=" + s(K) + ", got " + s(ldw));
+  ew = matrix_extent(w, N, K, ldw, "W");
+  return {reinterpret_cast<const float*>(w), N, K, ldw};
+}
+
+void dense_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t N, int64_t ldw,
+                   uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+  require(M >= 0, "M must be >= 0, got " + s(M));
+  Extent ew;
+  const qk::DenseWeight dw = check_dense(w, N, K, ldw, ew);
+  require(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
+  require(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
+  const Extent ex = matrix_extent(x, M, K, ldx, "x");
+  const Extent ey = matrix_extent(y, M, N, ldy, "y");
+  const Extent eb = bias ? matrix_extent(bias, 1, N, N, "bias") : Extent{};
+  check_output(ey, "y", {{ex, "x"}, {eb, "bias"}, {ew, "W"}});
+  if (M == 0 || N == 0) return;
+  qk::dense_kernels().forward(reinterpret_cast<const float*>(x), M, ldx, dw,
+                              bias ? reinterpret_cast<const float*>(bias) : nullptr, reinterpret_cast<float*>(y), ldy,
+                              nthreads < 1 ? 1 : nthreads);
+}
+
+void dense_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, uintptr_t w, int64_t K, int64_t ldw,
+                          uintptr_t dx, int64_t lddx, int nthreads) {
+  require(M >= 0, "M must be >= 0, got " + s(M));
+  Extent ew;
+  const qk::DenseWeight dw = check_dense(w, N, K, ldw, ew);
+  require(lddy >= N && lddy >= 1, "lddy (row stride of dy) must be >= N=" + s(N) + ", got " + s(lddy));
+  require(lddx >= K && lddx >= 1, "lddx (row stride of dx) must be >= K=" + s(K) + ", got " + s(lddx));
+  const Extent edy = matrix_extent(dy, M, N, lddy, "dy");
+  const Extent edx = matrix_extent(dx, M, K, lddx, "dx");
+  check_output(edx, "dx", {{edy, "dy"}, {ew, "W"}});
+  if (M == 0 || K == 0) return;
+  qk::dense_kernels().backward_input(reinterpret_cast<const float*>(dy), M, lddy, dw, reinterpret_cast<float*>(dx),
+                                     lddx, nthreads < 1 ? 1 : nthreads);
+}
+
 std::string linear4_plan(int64_t M, int64_t N, int64_t K, int64_t blocksize, bool backward) {
   require(M >= 0 && N >= 0 && K >= 0, "sizes must be >= 0");
   require(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + s(blocksize));
@@ -137,6 +177,16 @@ void register_linear4(py::module_& m) {
         "Input gradient of the fused 4-bit linear: dx[M, K] = dy[M, N] @ Wd, fp32, for the same [N, K] "
         "weight layout as linear4_forward; row strides lddy >= N and lddx >= K. dx is overwritten and must "
         "not overlap any input. |err| <= (N+2) * 2^-24 * (|dy| @ |Wd|).");
+  m.def("dense_forward", &dense_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("w_ptr"), py::arg("N"), py::arg("ldw"), py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("ldy"),
+        py::arg("nthreads"),
+        "Dense fp32 linear: y[M, N] = x[M, K] @ W[N, K].T (+ bias[N] unless bias_ptr is 0), row strides "
+        "ldx >= K, ldw >= K, ldy >= N (elements); fp32 accumulation. y must not overlap any input.");
+  m.def("dense_backward_input", &dense_backward_input, nogil, py::arg("dy_ptr"), py::arg("M"), py::arg("N"),
+        py::arg("lddy"), py::arg("w_ptr"), py::arg("K"), py::arg("ldw"), py::arg("dx_ptr"), py::arg("lddx"),
+        py::arg("nthreads"),
+        "Input gradient of the dense fp32 linear: dx[M, K] = dy[M, N] @ W[N, K]; row strides lddy >= N, "
+        "ldw >= K, lddx >= K. dx is overwritten and must not overlap any input.");
   m.def("linear4_plan", &linear4_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"),
         py::arg("backward") = false,
         "The code path the current ISA takes for these sizes: 'scalar', 'gemv' (streaming, few rows), "

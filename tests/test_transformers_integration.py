@@ -91,15 +91,25 @@ def test_dequantize_gives_dense_linears(fp32):
     close(logits(q, IDS), before)
 
 
+def test_fuse_loss_option_installs_the_fused_head(fp32):
+    from qlora_kernels.integrations.hf_loss import is_fused
+
+    q = load(fp32["llama"][0], quantization_config=QLoraKernelsConfig(fuse_loss=True))
+    assert is_fused(q) and not is_fused(load(fp32["llama"][0], quantization_config=QLoraKernelsConfig()))
+    q.train()
+    out = q(input_ids=IDS, labels=IDS)
+    assert out.logits is None and torch.isfinite(out.loss)
+
+
 def test_config_json_round_trip_and_bad_options():
     cfg = QLoraKernelsConfig("fp4", 128, False, "bfloat16", skip_modules=["lm_head", "o_proj"])
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d == {"quant_method": "qlora_kernels", "quant_type": "fp4", "blocksize": 128, "double_quant": False,
-                 "compute_dtype": "bfloat16", "skip_modules": ["lm_head", "o_proj"]}
+                 "fuse_loss": False, "compute_dtype": "bfloat16", "skip_modules": ["lm_head", "o_proj"]}
     back = QLoraKernelsConfig.from_dict(d)
     assert back.to_dict() == d and back.compute_dtype is torch.bfloat16
     for bad, match in [(dict(quant_type="int4"), "quant_type"), (dict(blocksize=100), "blocksize"),
-                       (dict(double_quant=1), "double_quant"), (dict(compute_dtype="int8"), "compute_dtype"),
+                       (dict(double_quant=1), "double_quant"), (dict(fuse_loss="yes"), "fuse_loss"), (dict(compute_dtype="int8"), "compute_dtype"),
                        (dict(group_size=32), "unknown options"), (dict(quant_method="bitsandbytes"), "quant_method")]:
         with pytest.raises((ValueError, TypeError), match=match):
             QLoraKernelsConfig(**bad)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _ops, _ops_linear  # noqa: F401  (register torch.ops.qlora_kernels.*)
+from . import _ops, _ops_linear, _ops_loss  # noqa: F401  (register torch.ops.qlora_kernels.*)
 from .backends import available_backends, get_backend, set_backend, unavailable_reason, use_backend
 from . import nn  # noqa: F401  (qlora_kernels.nn)
 from .formats import QuantState
 from .nn import quantize_model
-from .functional import dequantize_4bit, linear_4bit, lora_linear, lora_linear_4bit, quantize_4bit
+from .functional import (dequantize_4bit, linear_4bit, linear_cross_entropy, lora_linear, lora_linear_4bit,
+                         quantize_4bit)
 
 
 
@@ -30,6 +31,7 @@ __all__ = [
     "dequantize_4bit",
     "get_backend",
     "linear_4bit",
+    "linear_cross_entropy",
     "lora_linear",
     "lora_linear_4bit",
     "quantize_4bit",

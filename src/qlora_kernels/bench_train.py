@@ -36,15 +36,16 @@ def smollm2():
 
 
 def build(kind: str, base, arch: str, use_dora: bool = False):
-    """A PEFT model of one kind: 'ours' (qlora-kernels NF4), 'bnb' (PEFT + bitsandbytes
-    NF4) or 'dense' (PEFT on the fp32 base)."""
+    """A PEFT model of one kind: 'ours' (qlora-kernels NF4 with the fused output head +
+    loss), 'ours-unfused' (the same with transformers' own loss), 'bnb' (PEFT +
+    bitsandbytes NF4) or 'dense' (PEFT on the fp32 base)."""
     from peft import LoraConfig, get_peft_model
 
     from . import quantize_model
 
     model = copy.deepcopy(base)
-    if kind == "ours":
-        model = quantize_model(model, "nf4", 64, double_quant=True)
+    if kind in ("ours", "ours-unfused"):
+        model = quantize_model(model, "nf4", 64, double_quant=True, fuse_loss=kind == "ours")
     elif kind == "bnb":
         model = bnb_quantize_model(model)
     for p in model.parameters():
@@ -76,7 +77,8 @@ def train_cases(which: str = "phi3") -> list[Case]:
     tokens = 2 * 256
     g = f"train step {which} LoRA r=16 all projections 2x256"
     cases = []
-    for kind, name, ours in (("ours", "qlora-kernels QLoRA (NF4)", True),
+    for kind, name, ours in (("ours", "qlora-kernels QLoRA (NF4), fused head + loss", True),
+                             ("ours-unfused", "qlora-kernels QLoRA (NF4), transformers' loss", False),
                              ("bnb", "PEFT + bitsandbytes QLoRA (NF4)", False),
                              ("dense", "PEFT LoRA on the fp32 base", False)):
         try:
@@ -93,4 +95,38 @@ def train_cases(which: str = "phi3") -> list[Case]:
                           False, tokens, "tokens/s"))
     except ImportError:
         pass
+    return cases
+
+
+def loss_cases() -> list[Case]:
+    """The output head + loss of the training-step cases alone (forward + backward, frozen
+    head): the fused linear_cross_entropy beside transformers' way (F.linear, then
+    F.cross_entropy on fp32 logits); and the dense head GEMM beside torch's."""
+    import torch.nn.functional as F
+
+    from .backends import run
+    from .functional import linear_cross_entropy
+
+    cases = []
+    for name, K, V in (("phi3", 1024, 32064), ("smollm2", 576, 49152)):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(512, K, generator=g).requires_grad_()
+        W = torch.randn(V, K, generator=g) / K ** 0.5
+        labels = torch.randint(0, V, (512,), generator=g)
+        group = f"head + loss fwd+bwd 512 tokens {name} {K}->{V}"
+        flops = 4.0 * 512 * K * V
+
+        def fused(x=x, W=W, labels=labels):
+            linear_cross_entropy(x, W, labels).backward()
+
+        def unfused(x=x, W=W, labels=labels):
+            F.cross_entropy(F.linear(x, W).float(), labels).backward()
+
+        cases += [Case(group, "qlora-kernels linear_cross_entropy", fused, True, flops, "GFLOP/s"),
+                  Case(group, "torch F.linear + F.cross_entropy", unfused, False, flops, "GFLOP/s")]
+        xd = x.detach()
+        gd = f"dense fp32 linear 512x{K}->{V}"
+        cases += [Case(gd, "qlora-kernels dense kernel", lambda xd=xd, W=W: run("linear_dense", xd, W, None), True,
+                       flops / 2, "GFLOP/s"),
+                  Case(gd, "torch x @ W.T", lambda xd=xd, W=W: xd @ W.t(), False, flops / 2, "GFLOP/s")]
     return cases

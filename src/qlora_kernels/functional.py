@@ -174,3 +174,29 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     noise = _dropout_noise(x, dropout_p, training)
     return torch.ops.qlora_kernels.lora_linear(x, weight, lora_A, lora_B, _check_scaling(scaling), bias, noise)[0]
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         num_items_in_batch=None) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(x, weight, bias).float(), labels, ignore_index=ignore_index,
+    reduction=reduction)`` without materializing the [rows, vocab] logits: the output head
+    and the loss fused, chunk by chunk, with the gradients computed in the forward pass
+    (see _ops_loss). ``x`` is [..., hidden], ``labels`` has x's shape without its last
+    dimension. ``num_items_in_batch`` divides the summed loss instead of the number of
+    labelled rows (transformers' convention for gradient accumulation)."""
+    _check_x(x)
+    for name, t in (("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    grad = torch.is_grad_enabled()
+    loss = torch.ops.qlora_kernels.linear_cross_entropy(
+        x, weight, bias, labels, int(ignore_index), grad and x.requires_grad, grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad)[0]
+    if num_items_in_batch is not None:
+        return loss / num_items_in_batch
+    if reduction == "sum":
+        return loss
+    return loss / (labels != ignore_index).sum()

@@ -161,9 +161,12 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
-                   double_quant: bool = False, skip: Iterable[str] = ("lm_head",)) -> nn.Module:
+                   double_quant: bool = False, skip: Iterable[str] = ("lm_head",), fuse_loss: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` in ``model`` (except names in ``skip``) by a
-    :class:`Linear4bit`, in place; returns the model."""
+    :class:`Linear4bit`, in place; returns the model. ``fuse_loss``: on a transformers
+    causal LM, also compute the training loss with the fused output head + cross-entropy
+    (integrations.hf_loss.fuse_loss: no [tokens, vocab] logits, and ``logits=None`` in the
+    output of training-mode forwards that are given labels)."""
     from .integrations.peft_hook import install_peft_dispatch
 
     install_peft_dispatch()
@@ -173,4 +176,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = f
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Linear4bit.from_linear(lin, quant_type, blocksize, double_quant))
+    if fuse_loss:
+        from .integrations.hf_loss import fuse_loss as _fuse
+
+        _fuse(model)
     return model

@@ -86,3 +86,25 @@ if hasattr(_C, "linear4_forward"):
                                   packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), in_features,
                                   blocksize, dx.data_ptr(), in_features, torch.get_num_threads())
         return dx
+
+
+# ---- dense fp32 linear (csrc/dense_*): the frozen output head of the fused loss ----
+if hasattr(_C, "dense_forward"):
+
+    @register_kernel("linear_dense", "cpu")
+    def linear_dense(x2, weight, bias):
+        M, K = x2.shape
+        N = weight.shape[0]
+        y = torch.empty((M, N), dtype=torch.float32)
+        _C.dense_forward(x2.data_ptr(), M, K, max(K, 1), weight.data_ptr(), N, max(K, 1),
+                         bias.data_ptr() if bias is not None else 0, y.data_ptr(), max(N, 1), torch.get_num_threads())
+        return y
+
+    @register_kernel("linear_dense_grad_input", "cpu")
+    def linear_dense_grad_input(dy2, weight):
+        M, N = dy2.shape
+        K = weight.shape[1]
+        dx = torch.empty((M, K), dtype=torch.float32)
+        _C.dense_backward_input(dy2.data_ptr(), M, N, max(N, 1), weight.data_ptr(), K, max(K, 1), dx.data_ptr(),
+                                max(K, 1), torch.get_num_threads())
+        return dx

@@ -105,3 +105,13 @@ def linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, bias):
 @register_kernel("linear_4bit_grad_input", "reference")
 def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
     return dy2 @ _dense_weight(packed, absmax, blocksize, quant_type, dy2.shape[1], in_features)
+
+
+@register_kernel("linear_dense", "reference")
+def linear_dense(x2, weight, bias):
+    return torch.nn.functional.linear(x2, weight, bias)
+
+
+@register_kernel("linear_dense_grad_input", "reference")
+def linear_dense_grad_input(dy2, weight):
+    return dy2 @ weight

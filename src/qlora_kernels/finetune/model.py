@@ -85,10 +85,13 @@ def find_targets(model: nn.Module) -> list:
 
 
 def prepare(model: nn.Module, method: str, rank: int, alpha: float, dropout: float, targets: list):
-    """qlora: NF4 base + LoRA; dora: NF4 base + DoRA; lora: dense fp32 base + LoRA. The
-    seed must be set before: LoRA's A matrices are drawn here."""
+    """qlora: NF4 base + LoRA; dora: NF4 base + DoRA; lora: dense fp32 base + LoRA; every
+    method trains through the fused output head + loss where the model allows it
+    (integrations.hf_loss). The seed must be set before: LoRA's A matrices are drawn here."""
     import qlora_kernels as qk
     from peft import LoraConfig, get_peft_model
+
+    from ..integrations.hf_loss import fuse_loss
 
     if method in ("qlora", "dora"):
         head = _output_name(model)
@@ -100,6 +103,7 @@ def prepare(model: nn.Module, method: str, rank: int, alpha: float, dropout: flo
         # PEFT builds its own layers on a dense base; this swaps in our fused dense LoRA op
         # (same tensors, same saved keys).
         qk.patch_peft_model(pm)
+    fuse_loss(pm)
     return pm
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
+from ..integrations.hf_loss import is_fused
 from .data import IGNORE, Order, collate
 
 # Tests set this to a few hundredths of a second so that a signal reliably lands mid-run.
@@ -62,19 +63,22 @@ def _keeps_logits(model) -> bool:
 def loss_sum(model, batch: dict, trim: bool) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over labelled tokens, their number). With ``trim`` the output
     head runs only from the first position any row has a label for (``logits_to_keep``):
-    the prompt and template tokens need no 49k-wide logits."""
+    the prompt and template tokens need no 49k-wide logits. A model with the fused head +
+    loss (integrations.hf_loss) computes the sum itself when it trains (no logits at all)."""
     labels = batch["labels"]
     L = labels.shape[1]
     valid = labels[:, 1:] != IGNORE
     n = int(valid.sum())
     first = 0
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     if trim:
         cols = valid.any(0).nonzero()
         first = int(cols[0]) if len(cols) else L - 2
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    logits_to_keep=L - first, use_cache=False)
-    else:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        kw["logits_to_keep"] = L - first
+    if is_fused(model) and model.training and torch.is_grad_enabled():
+        # num_items_in_batch=1: transformers' loss is then the sum
+        return model(**kw, labels=labels, num_items_in_batch=1).loss, n
+    out = model(**kw)
     logits = out.logits[:, :-1]
     target = labels[:, first + 1:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),

@@ -54,17 +54,21 @@ class QLoraKernelsConfig(QuantizationConfigMixin):
     ``skip_modules``: module names (or suffixes / regexes, matched as transformers matches
     bitsandbytes' ``llm_int8_skip_modules``) kept in full precision; ``None`` takes
     transformers' default (output embeddings, tied and last modules). ``compute_dtype``:
-    the dtype activations are cast to inside the 4-bit layers (``None``: the input's)."""
+    the dtype activations are cast to inside the 4-bit layers (``None``: the input's).
+    ``fuse_loss``: compute the training loss with the fused output head + cross-entropy
+    (integrations.hf_loss: no [tokens, vocab] logits; ``logits=None`` in training-mode
+    outputs that carry a loss)."""
 
     def __init__(self, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE, double_quant: bool = True,
-                 compute_dtype=torch.float32, skip_modules: Optional[Iterable[str]] = ("lm_head",), **kwargs):
+                 compute_dtype=torch.float32, skip_modules: Optional[Iterable[str]] = ("lm_head",),
+                 fuse_loss: bool = False, **kwargs):
         method = kwargs.pop("quant_method", QUANT_METHOD)
         if method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {method!r}")
         if kwargs:  # an unknown key may be a format option this version does not understand
             raise ValueError(f"QLoraKernelsConfig: unknown options {sorted(kwargs)}")
         self.quant_method, self.quant_type, self.blocksize = QUANT_METHOD, quant_type, blocksize
-        self.double_quant = double_quant
+        self.double_quant, self.fuse_loss = double_quant, fuse_loss
         self.compute_dtype = _as_dtype(compute_dtype, "compute_dtype")
         self.skip_modules = [skip_modules] if isinstance(skip_modules, str) else (
             None if skip_modules is None else list(skip_modules))
@@ -77,13 +81,15 @@ class QLoraKernelsConfig(QuantizationConfigMixin):
             raise ValueError(f"blocksize must be one of {formats.BLOCKSIZES}, got {self.blocksize!r}")
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {type(self.double_quant).__name__}")
+        if not isinstance(self.fuse_loss, bool):
+            raise TypeError(f"fuse_loss must be a bool, got {type(self.fuse_loss).__name__}")
         if self.skip_modules is not None and not all(isinstance(s, str) for s in self.skip_modules):
             raise TypeError(f"skip_modules must be a list of module names, got {self.skip_modules!r}")
 
     def to_dict(self) -> dict[str, Any]:
         # config.json needs plain JSON: the dtype goes by name, as BitsAndBytesConfig writes it.
         return {"quant_method": QUANT_METHOD, "quant_type": self.quant_type, "blocksize": self.blocksize,
-                "double_quant": self.double_quant,
+                "double_quant": self.double_quant, "fuse_loss": self.fuse_loss,
                 "compute_dtype": None if self.compute_dtype is None else str(self.compute_dtype).removeprefix("torch."),
                 "skip_modules": None if self.skip_modules is None else list(self.skip_modules)}
 
@@ -358,6 +364,10 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
         from .peft_hook import install_peft_dispatch
 
         install_peft_dispatch()  # get_peft_model() then wraps Linear4bit in the fused LoRA layer
+        if self.quantization_config.fuse_loss:
+            from .hf_loss import fuse_loss
+
+            fuse_loss(model)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

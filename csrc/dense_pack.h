@@ -1,0 +1,63 @@
+// B-panel packing of the dense fp32 linear (dense.h) into the micro-panel layout of
+// linear4_gemm.h: micro-panel q at bp + q * panel_stride(kc, NR), element (k, r) at
+// k*NR + r, columns past the panel zero. ISA-flagged translation units only.
+#pragma once
+#include <cstring>
+
+#include "dense.h"
+#include "linear4_simd.h"
+
+namespace qk {
+namespace {
+
+// Forward (y = x W^T): bp[q*ps + k*NR + r] = W[n0 + q*NR + r, p0 + k]. Rows of W become
+// columns of the panel, so 8x8 tiles are transposed in registers.
+template <int NR>
+void pack_dense_forward(const DenseWeight& w, int64_t n0, int64_t nc, int64_t p0, int64_t kc, float* bp) {
+  static_assert(NR % 8 == 0, "rows are packed 8 at a time");
+  const int64_t ps = panel_stride(kc, NR), kv = kc & ~int64_t(7);
+  for (int64_t q = 0; q * NR < nc; ++q) {
+    float* dst = bp + q * ps;
+    for (int g = 0; g < NR / 8; ++g) {
+      const int64_t r0 = q * NR + g * 8;
+      const float* rows[8];
+      int live = 0;
+      for (int r = 0; r < 8; ++r) {
+        const bool in = r0 + r < nc;
+        rows[r] = in ? w.w + (n0 + r0 + r) * w.ld + p0 : nullptr;
+        live += in;
+      }
+      if (live == 0) {
+        for (int64_t k = 0; k < kc; ++k) _mm256_storeu_ps(dst + k * NR + g * 8, _mm256_setzero_ps());
+        continue;
+      }
+      for (int64_t k = 0; k < kv; k += 8) {
+        __m256 v[8];
+        for (int r = 0; r < 8; ++r) v[r] = rows[r] ? _mm256_loadu_ps(rows[r] + k) : _mm256_setzero_ps();
+        transpose8(v);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k + j) * NR + g * 8, v[j]);
+      }
+      for (int64_t k = kv; k < kc; ++k)
+        for (int r = 0; r < 8; ++r) dst[k * NR + g * 8 + r] = rows[r] ? rows[r][k] : 0.f;
+    }
+  }
+}
+
+// Backward (dx = dy W): bp[q*ps + k*NR + r] = W[p0 + k, k0 + q*NR + r], a copy of row
+// segments.
+template <int NR>
+void pack_dense_backward(const DenseWeight& w, int64_t k0, int64_t nc, int64_t p0, int64_t kc, float* bp) {
+  const int64_t ps = panel_stride(kc, NR);
+  for (int64_t q = 0; q * NR < nc; ++q) {
+    const int64_t c0 = q * NR, cols = imin(NR, nc - c0);
+    float* dst = bp + q * ps;
+    const float* src = w.w + p0 * w.ld + k0 + c0;
+    for (int64_t k = 0; k < kc; ++k, src += w.ld, dst += NR) {
+      std::memcpy(dst, src, cols * sizeof(float));
+      for (int64_t r = cols; r < NR; ++r) dst[r] = 0.f;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qk

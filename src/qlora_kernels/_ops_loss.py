@@ -1,0 +1,143 @@
+"""The fused output head + cross-entropy loss, declared once: ``linear_cross_entropy``.
+
+A causal LM's training loss is ``cross_entropy(hidden @ W.T + b, labels)`` over a vocabulary
+of 32k-150k entries. Evaluated the usual way it materializes [tokens, vocab] logits, their
+log-softmax and its gradient (three 65 MB tensors for 512 tokens x 32k vocabulary) and it
+spends more time there than in every 4-bit layer of a small model together. Here the rows
+are taken a chunk at a time: the chunk's logits come from the dense kernel of the selected
+backend (csrc/dense_*.cpp on the CPU), the softmax gradient overwrites them in place and is
+multiplied straight back into the input gradient, so the backward pass has nothing left to
+do but scale by the incoming gradient (the idea of Liger-Kernel's fused linear
+cross-entropy; the chunking is ours). Memory stays O(chunk x vocab).
+
+Arithmetic is fp32 like transformers' loss (it upcasts the logits)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._ops_linear import _FLOATS, _no_autocast
+from .backends import run
+
+# Logit rows per chunk. Each chunk re-packs the whole weight for the GEMMs, which pays
+# off from a few hundred rows: 512 x 1024 -> 32064, fwd+bwd, 2 threads: 356 ms at 32 rows
+# per chunk, 267 at 65, 223 at 130, 204 at 261, 201 at 523 (unfused torch: 391 ms). So
+# ~32 MiB of logits per chunk, but never fewer than 128 rows.
+_CHUNK_BYTES = 32 << 20
+
+
+def chunk_rows(vocab: int) -> int:
+    return max(128, min(4096, _CHUNK_BYTES // (4 * max(vocab, 1))))
+
+
+def check_loss_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor) -> None:
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if weight.dtype not in _FLOATS:
+        raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [vocab, hidden], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; weight is {tuple(weight.shape)}, so x's last dimension "
+                         f"must be {weight.shape[1]}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 (or int32) tensor of class indices, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(x.shape[:-1])} (x without its "
+                         f"last dimension)")
+    for name, t in (("x", x), ("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device.type not in ("cpu", "meta"):
+            raise ValueError(f"{name} must be on the CPU, got device {t.device}")
+
+
+@torch.library.custom_op("qlora_kernels::linear_cross_entropy", mutates_args=())
+@_no_autocast
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                         ignore_index: int, grad_x: bool, grad_weight: bool,
+                         grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dx, dweight, dbias): loss = sum over rows whose label != ignore_index of
+    cross_entropy(x @ weight.T + bias, label), fp32, and its gradients with respect to x,
+    weight and bias (computed only when asked for; an empty tensor otherwise)."""
+    check_loss_args(x, weight, bias, labels)
+    V, K = weight.shape
+    x2 = x.reshape(-1, K).float().contiguous()
+    lab = labels.reshape(-1).long()
+    w = weight.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    valid = lab != ignore_index
+    bad = valid & ((lab < 0) | (lab >= V))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"labels[{i}] = {int(lab[i])} is outside [0, {V}) and is not ignore_index={ignore_index}")
+    M = x2.shape[0]
+    total = torch.zeros((), dtype=torch.float32)
+    dx = torch.empty((M, K) if grad_x else (0,), dtype=torch.float32)
+    dw = torch.zeros((V, K) if grad_weight else (0,), dtype=torch.float32)
+    db = torch.zeros((V,) if grad_bias else (0,), dtype=torch.float32)
+    any_grad = grad_x or grad_weight or grad_bias
+    step = chunk_rows(V)
+    for i in range(0, M, step):
+        xc, vc = x2[i:i + step], valid[i:i + step]
+        safe = torch.where(vc, lab[i:i + step], 0).unsqueeze(1)
+        logits = run("linear_dense", xc, w, b)
+        lse = torch.logsumexp(logits, 1)
+        total += torch.where(vc, lse - logits.gather(1, safe).squeeze(1), 0.0).sum()
+        if not any_grad:
+            continue
+        g = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+        g.scatter_add_(1, safe, -vc.to(g.dtype).unsqueeze(1))
+        if not bool(vc.all()):
+            g.mul_(vc.unsqueeze(1))
+        if grad_x:
+            dx[i:i + step] = run("linear_dense_grad_input", g, w)
+        if grad_weight:
+            dw.addmm_(g.t(), xc)
+        if grad_bias:
+            db += g.sum(0)
+    if grad_x:
+        dx = dx.reshape(x.shape)
+    if grad_weight:
+        dw = dw.to(weight.dtype)
+    return total, dx, dw, db
+
+
+@linear_cross_entropy.register_fake
+def _(x, weight, bias, labels, ignore_index, grad_x, grad_weight, grad_bias):
+    check_loss_args(x, weight, bias, labels)
+    f32 = torch.float32
+    return (x.new_empty((), dtype=f32), x.new_empty(x.shape if grad_x else (0,), dtype=f32),
+            x.new_empty(weight.shape if grad_weight else (0,), dtype=weight.dtype),
+            x.new_empty((weight.shape[0],) if grad_bias else (0,), dtype=f32))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias = inputs[:3]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
+    ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, inputs[5:8])
+
+
+def _backward(ctx, g, *_unused):
+    dx, dw, db = ctx.saved_tensors
+    x_dtype, w_dtype, b_dtype, (grad_x, grad_weight, grad_bias) = ctx.meta
+    out = [None] * 8
+    if ctx.needs_input_grad[0]:
+        if not grad_x:
+            raise RuntimeError("linear_cross_entropy was called without grad_x, so it kept no gradient for x")
+        out[0] = (dx * g).to(x_dtype)
+    if ctx.needs_input_grad[1]:
+        if not grad_weight:
+            raise RuntimeError("linear_cross_entropy was called without grad_weight, so it kept no gradient for "
+                               "weight")
+        out[1] = (dw * g).to(w_dtype)
+    if ctx.needs_input_grad[2]:
+        if not grad_bias:
+            raise RuntimeError("linear_cross_entropy was called without grad_bias, so it kept no gradient for bias")
+        out[2] = (db * g).to(b_dtype)
+    return tuple(out)
+
+
+linear_cross_entropy.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,122 @@
+"""The fused output head + cross-entropy (qlora_kernels.linear_cross_entropy) inside a
+Hugging Face causal LM, so that ``model(input_ids, labels=...).loss.backward()`` -- what the
+Trainer, TRL and PEFT training loops run -- never materializes the [tokens, vocab] logits.
+
+``fuse_loss(model)`` gives one model instance its own ``forward``: in training (module in
+train mode, autograd on, ``labels`` given, the output head a plain ``nn.Linear``) it runs the
+class's forward with the head made an identity and transformers' ``loss_function`` replaced
+by the fused loss on the hidden states, with transformers' label shift, ``ignore_index``
+and ``num_items_in_batch`` rules; the output carries the loss and ``logits=None`` (as
+Liger-Kernel does in training: the logits are exactly what is not computed). Anything else
+(evaluation, generation, no labels, a LoRA or ``modules_to_save`` wrapper on the head, a
+model whose head is followed by soft-capping or scaling) runs the original forward
+untouched. Other instances of the class are not affected."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional import linear_cross_entropy
+
+log = logging.getLogger(__name__)
+
+# Config fields of architectures whose logits are transformed after the head (Gemma 2/3
+# soft-capping, Cohere/Granite scaling): the fused loss would skip that step.
+_POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_FLAG = "_qlora_kernels_fused_loss"
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``fuse_loss`` would leave this model alone (None: it can fuse)."""
+    m = _causal_lm(model)
+    if not hasattr(m, "get_output_embeddings") or not hasattr(m, "config"):
+        return f"{type(m).__name__} is not a transformers model"
+    params = inspect.signature(type(m).forward).parameters
+    if "labels" not in params or "logits_to_keep" not in params:
+        return f"{type(m).__name__}.forward is not a causal-LM forward (labels, logits_to_keep)"
+    for attr in _POST_HEAD:
+        v = getattr(m.config, attr, None)
+        if v not in (None, 1, 1.0):
+            return f"{type(m).__name__} transforms its logits after the head ({attr}={v})"
+    head = m.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return f"its output head is a {type(head).__name__}, not an nn.Linear"
+    return None
+
+
+def fuse_loss(model: nn.Module) -> bool:
+    """Install the fused head + loss on ``model`` (a transformers ``*ForCausalLM`` or a PEFT
+    model around one); returns whether it was installed (the reason is logged if not)."""
+    reason = unsupported_reason(model)
+    m = _causal_lm(model)
+    if reason is not None:
+        log.info("qlora-kernels: fused loss not installed: %s", reason)
+        return False
+    # The class's signature stays visible (functools.wraps): the Trainer drops dataset
+    # columns the forward does not name.
+    @functools.wraps(type(m).forward)
+    def forward(self, *args, **kwargs):
+        return _fused_forward(self, *args, **kwargs)
+
+    m.forward = types.MethodType(forward, m)
+    setattr(m, _FLAG, True)
+    return True
+
+
+def unfuse_loss(model: nn.Module) -> None:
+    m = _causal_lm(model)
+    m.__dict__.pop("forward", None)
+    m.__dict__.pop(_FLAG, None)
+
+
+def is_fused(model: nn.Module) -> bool:
+    return bool(getattr(_causal_lm(model), _FLAG, False))
+
+
+@contextlib.contextmanager
+def _instance_attr(obj, name: str, value):
+    missing = object()
+    old = obj.__dict__.get(name, missing)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if old is missing:
+            obj.__dict__.pop(name, None)
+        else:
+            obj.__dict__[name] = old
+
+
+def _fused_forward(self, *args, **kwargs):
+    original = type(self).forward
+    head = self.get_output_embeddings()
+    if (kwargs.get("labels") is None or not self.training or not torch.is_grad_enabled()
+            or type(head) is not nn.Linear or kwargs.get("return_dict") is False):
+        return original(self, *args, **kwargs)
+
+    def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+                      shift_labels=None, **_):
+        hidden = logits  # the head was an identity: these are the final hidden states
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        if shift_labels.shape[-1] != hidden.shape[-2]:  # logits_to_keep cut the positions
+            shift_labels = shift_labels[..., -hidden.shape[-2]:]
+        return linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), bias=head.bias,
+                                    ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
+
+    with _instance_attr(head, "forward", lambda h: h), _instance_attr(self, "_loss_function", loss_function):
+        out = original(self, *args, **kwargs)
+    # a fresh output without the hidden states that came out of the skipped head
+    return type(out)(**{k: v for k, v in out.items() if k != "logits"})
