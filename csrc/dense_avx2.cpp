@@ -7,18 +7,12 @@ namespace qk {
 
 void dense_forward_avx2(const float* x, int64_t M, int64_t ldx, const DenseWeight& w, const float* bias, float* y,
                         int64_t ldy, int nthreads) {
-  const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
-    pack_dense_forward<Kernel6x16::NR>(w, j0, nc, p0, kc, bp);
-  };
-  gemm_driver<Kernel6x16>(M, w.N, w.K, x, ldx, y, ldy, bias, pack, nthreads);
+  dense_forward_with<Kernel6x16>(x, M, ldx, w, bias, y, ldy, nthreads);
 }
 
 void dense_backward_input_avx2(const float* dy, int64_t M, int64_t lddy, const DenseWeight& w, float* dx,
                                int64_t lddx, int nthreads) {
-  const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
-    pack_dense_backward<Kernel6x16::NR>(w, j0, nc, p0, kc, bp);
-  };
-  gemm_driver<Kernel6x16>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, nthreads);
+  dense_backward_input_with<Kernel6x16>(dy, M, lddy, w, dx, lddx, nthreads);
 }
 
 }  // namespace qk

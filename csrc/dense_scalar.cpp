@@ -56,13 +56,11 @@ const DenseKernels kAvx512{dense_forward_avx512, dense_backward_input_avx512};
 }  // namespace
 
 const DenseKernels& dense_kernels() {
-  switch (current_isa()) {
 #if defined(QK_X86)
-    case Isa::Avx2: return kAvx2;
-    case Isa::Avx512: return kAvx512;
+  return for_current_isa(kScalar, kAvx2, kAvx512);
+#else
+  return for_current_isa(kScalar, kScalar, kScalar);
 #endif
-    default: return kScalar;
-  }
 }
 
 }  // namespace qk

@@ -26,4 +26,15 @@ struct Kernels {
 };
 const Kernels& kernels();
 
+// The entry of a per-ISA table for the current path (builds without x86 pass the scalar
+// entry three times).
+template <class T>
+const T& for_current_isa(const T& scalar, const T& avx2, const T& avx512) {
+  switch (current_isa()) {
+    case Isa::Avx2: return avx2;
+    case Isa::Avx512: return avx512;
+    default: return scalar;
+  }
+}
+
 }  // namespace qk

@@ -21,13 +21,11 @@ const Linear4Kernels kAvx512{linear4_forward_avx512, linear4_backward_input_avx5
 }  // namespace
 
 const Linear4Kernels& linear4_kernels() {
-  switch (current_isa()) {
 #if defined(QK_X86)
-    case Isa::Avx2: return kAvx2;
-    case Isa::Avx512: return kAvx512;
+  return for_current_isa(kScalar, kAvx2, kAvx512);
+#else
+  return for_current_isa(kScalar, kScalar, kScalar);
 #endif
-    default: return kScalar;
-  }
 }
 
 ScratchMeter::ScratchMeter() : live_(0), peak_(0) {}
