@@ -41,7 +41,7 @@ const Kernels kTable[] = {
     {quantize4_scalar, dequantize4_scalar},
 #if defined(QK_X86)
     {quantize4_avx2, dequantize4_avx2},
-    {quantize4_avx2, dequantize4_avx2},
+    {quantize4_avx2, dequantize4_avx512},
 #else
     {quantize4_scalar, dequantize4_scalar},
     {quantize4_scalar, dequantize4_scalar},

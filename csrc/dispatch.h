@@ -9,8 +9,8 @@
 
 namespace qk {
 
-// Avx512 (F+BW+VL+DQ) has its own fused-linear kernels; the quantize/dequantize
-// kernels reuse the AVX2 ones on it.
+// Avx512 (F+BW+VL+DQ) has its own fused-linear kernels and fp32 dequantization; the
+// quantizer and the bf16/fp16 dequantization reuse the AVX2 kernels on it.
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 const char* isa_name(Isa isa);
