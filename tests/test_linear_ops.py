@@ -91,3 +91,27 @@ def test_bad_input_names_the_argument():
         qk.linear_4bit(x.detach().to("meta"), packed, state)
     with pytest.raises(ValueError, match="weight has shape"):
         qk.lora_linear(x, Wd.t(), A, B, 1.0)
+
+
+def test_inference_calls_skip_the_dispatcher_and_agree():
+    """Calls that need no autograd run the op's implementation directly (no dispatcher
+    overhead); anything that needs the dispatcher (autograd, fake tensors) still gets it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    packed, state, _ = make_weight(33, 70)
+    x = torch.randn(5, 70)
+
+    def ops_seen(fn):
+        with torch.profiler.profile() as prof:
+            out = fn()
+        return out, {e.name for e in prof.events()}
+
+    y_direct, seen = ops_seen(lambda: qk.linear_4bit(x, packed, state))
+    assert "qlora_kernels::linear_4bit" not in seen
+    xg = x.clone().requires_grad_()
+    y_op, seen = ops_seen(lambda: qk.linear_4bit(xg, packed, state))
+    assert "qlora_kernels::linear_4bit" in seen
+    assert torch.equal(y_direct, y_op.detach())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # state.absmax stays real
+        fake = qk.linear_4bit(mode.from_tensor(x), mode.from_tensor(packed), state)
+    assert fake.shape == (5, 33)

@@ -23,6 +23,8 @@ def _no_autocast(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not torch.is_autocast_enabled("cpu"):  # entering the context costs ~10 us a call
+            return fn(*args, **kwargs)
         with torch.autocast("cpu", enabled=False):
             return fn(*args, **kwargs)
 
@@ -64,16 +66,34 @@ def _shaped(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
 
 # ---------------------------------------------------------------- linear_4bit ----
 
-@torch.library.custom_op("qlora_kernels::linear_4bit", mutates_args=())
 @_no_autocast
-def linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-                out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                     out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y = x @ dequantize(W).T (+ bias), W [out_features, x.shape[-1]], fp32 arithmetic."""
     check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = run("linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
     return _shaped(y, x.dtype, (*x.shape[:-1], out_features))
+
+
+linear_4bit = torch.library.custom_op("qlora_kernels::linear_4bit", mutates_args=())(linear_4bit_impl)
+
+
+def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether an op may run its implementation directly instead of through the
+    dispatcher: eager, plain CPU tensors, no autograd needed, no torch function or
+    dispatch mode active. The dispatcher and custom-op wrappers cost ~20 us a call, 10% of
+    an M=1 4096x4096 linear_4bit; everything they would add (autograd, fake tensors,
+    tracing, modes) is excluded by these conditions."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._len_torch_dispatch_stack() > 0)
 
 
 @linear_4bit.register_fake
