@@ -1,7 +1,10 @@
 """TRL's SFTTrainer runs unchanged on a model quantized with qlora_kernels (PEFT creates
-our fused layers), including under the bf16 autocast TRL enables on capable CPUs."""
+our fused layers), including under the bf16 autocast TRL enables on capable CPUs, with and
+without our fused output head + loss installed (TRL 1.x computes its loss through its own
+fused LM head, ``fused_lm_head=True``; ours stays out of its way)."""
 import warnings
 
+import pytest
 import torch
 
 import qlora_kernels as qk
@@ -24,13 +27,14 @@ def char_tokenizer():
                                    eos_token="</s>")
 
 
-def test_sft_trainer_steps_reduce_the_loss(tmp_path):
+@pytest.mark.parametrize("fuse_loss", [False, True])
+def test_sft_trainer_steps_reduce_the_loss(tmp_path, fuse_loss):
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(0)
-    model = qk.quantize_model(tiny_model("llama"), double_quant=True)
+    model = qk.quantize_model(tiny_model("llama"), double_quant=True, fuse_loss=fuse_loss)
     packed_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     data = Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog."] * 16})
     args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
