@@ -26,5 +26,20 @@ for suite in quant linear train opencl; do
   "$PY" benches/report.py "bench-results/${suite}.json" --title "$suite" \
     --command "$PY -m pytest benches/test_bench_${suite}.py --benchmark-json=bench-results/${suite}.json" >> "$out.tmp"
 done
+# Peak memory is a per-process high-water mark: its own script, one process per row.
+if [ "${MEMORY:-1}" = 1 ]; then
+  {
+    echo
+    echo "## peak memory of a training step"
+    echo
+    echo "- machine: as above; each configuration in its own process, peak RSS after 2 AdamW steps,"
+    echo "  random Phi-3 (hidden 1024, intermediate 2816, 4 layers, vocab 32064), LoRA r=16 on every"
+    echo "  projection, batch 2 x 256. The fp32 model is built first in every process (the same for"
+    echo "  all rows). ours = NF4 + the fused head + loss; ours-unfused = NF4 + transformers' loss."
+    echo "- command: \`$PY benches/train_memory.py --model phi3 --steps 2\`"
+    echo
+    "$PY" benches/train_memory.py --model phi3 --steps 2
+  } >> "$out.tmp"
+fi
 mv "$out.tmp" "$out"
 echo "wrote $out"
