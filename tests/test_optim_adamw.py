@@ -171,3 +171,22 @@ def test_native_binding_rejects_overlaps_and_bad_sizes():
                       False, 1)
     with pytest.raises(ValueError, match="betas"):
         _C.adamw_step(ptrs(p), ptrs(g), ptrs(m), ptrs(v), [32], [1.0], 1e-3, 1.5, 0.999, 1e-8, 0.0, False, 1)
+
+
+@pytest.mark.parametrize("style", ["ndrange", "fpga"])
+def test_opencl_matches_the_oracle(style):
+    """kernels/adamw.cl (both kernel styles, PoCL here) against the pure-torch oracle."""
+    import qlora_kernels as qk
+    from qlora_kernels import opencl as ocl
+
+    reason = qk.unavailable_reason("opencl")
+    assert reason is None, f"the opencl backend must run here (CI installs PoCL): {reason}"
+    ps = _params(7)
+    qs = _twins(ps)
+    groups = lambda params: [{"params": params[:3], "lr": 2e-2}, {"params": params[3:], "weight_decay": 0.0}]  # noqa: E731
+    with ocl.use_style(style):
+        ours = AdamW(groups(ps), lr=1e-2, weight_decay=0.1, backend="opencl")
+        oracle = AdamW(groups(qs), lr=1e-2, weight_decay=0.1, backend="reference")
+        _run([(ours, ps), (oracle, qs)], none_every=4)
+    _assert_close(ours, ps, oracle, qs)
+    assert ocl.stats()["programs"].count("adamw") == 1

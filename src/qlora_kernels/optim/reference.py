@@ -23,3 +23,12 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, ep
         bias_correction2 = 1 - beta2**step
         denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
         p.addcdiv_(m, denom, value=-(lr / bias_correction1))
+
+
+def coefficients(step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> list[float]:
+    """The fp32 coefficients of one tensor's step, in the order kernels/adamw.cl reads them
+    (csrc/adamw_bindings.cpp computes the same in double, each rounded once to fp32)."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return [1 - lr * weight_decay, float(weight_decay != 0), 1 - beta1, beta2, 1 - beta2,
+            math.sqrt(bias_correction2), eps, -(lr / bias_correction1)]
