@@ -83,12 +83,25 @@ class AdamW(torch.optim.Optimizer):
                 raise ValueError("AdamW: the loaded state uses amsgrad=True, which this optimizer does not support")
 
     def _gather(self, group):
+        from torch.distributed.tensor import DTensor
+
+        # FSDP2 hands DTensor parameters; the update is elementwise, so each rank updates
+        # its local shard (the state stays DTensor, as torch's AdamW keeps it).
+        def local(t):
+            return t.to_local() if isinstance(t, DTensor) else t
+
         rows = []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             where = f"AdamW: parameter {i} of its group (shape {tuple(p.shape)})"
-            g = p.grad
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            step_t = state["step"]
+            p, g = local(p), local(p.grad)
             if g.is_sparse:
                 raise RuntimeError(f"{where}: AdamW does not support sparse gradients")
             if p.device.type != "cpu" or g.device.type != "cpu":
@@ -97,16 +110,11 @@ class AdamW(torch.optim.Optimizer):
                 raise TypeError(f"{where}: parameters and gradients must be float32, got {p.dtype}/{g.dtype}")
             if g.shape != p.shape:
                 raise ValueError(f"{where}: gradient shape {tuple(g.shape)} does not match the parameter")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            for key in ("exp_avg", "exp_avg_sq"):
-                s = state[key]
+            moments = [local(state["exp_avg"]), local(state["exp_avg_sq"])]
+            for key, s in zip(("exp_avg", "exp_avg_sq"), moments):
                 if s.shape != p.shape or s.dtype != torch.float32 or s.device.type != "cpu":
                     raise ValueError(f"{where}: state {key!r} must be a float32 CPU tensor of the parameter's shape")
-            rows.append((p, g, state["exp_avg"], state["exp_avg_sq"], state["step"]))
+            rows.append((p, g, *moments, step_t))
         # Steps advance only once every parameter of the group passed its checks.
         for row in rows:
             row[4].add_(1)
