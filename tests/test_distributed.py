@@ -120,9 +120,13 @@ def test_world_size_must_divide_the_batch(tmp_path):
     assert "global batch size 5 is not divisible by the world size 2" in results[0].stderr
 
 
-def test_mesh_on_another_device_type_is_refused(tmp_path):
+def test_mesh_on_another_device_type_is_refused_and_bf16_policy_leaves_bytes(tmp_path):
+    """One gloo rank: a mesh on 'meta' is refused; under MixedPrecisionPolicy(bf16) the packed
+    weight reaches the layer's forward as the same uint8 bytes (only floats are cast)."""
     script = (
-        "import torch, torch.distributed as dist\n"
+        "import hashlib, torch, torch.distributed as dist\n"
+        "from torch.distributed.fsdp import MixedPrecisionPolicy\n"
+        "from qlora_kernels.nn import Linear4bit, LoraLinear\n"
         "from torch.distributed.device_mesh import init_device_mesh\n"
         "from qlora_kernels.integrations import distributed as qd\n"
         "qd.init_process_group()\n"
@@ -133,11 +137,21 @@ def test_mesh_on_another_device_type_is_refused(tmp_path):
         "        print(e)\n"
         "    except Exception as e:\n"
         "        print('mesh could not be built:', type(e).__name__, e)\n"
+        "torch.manual_seed(0)\n"
+        "m = torch.nn.Sequential(LoraLinear(Linear4bit.from_linear(torch.nn.Linear(64, 64, bias=False))))\n"
+        "h = lambda t: hashlib.sha256(t.clone().numpy().tobytes()).hexdigest()  # clone: numpy() pins storage\n"
+        "before = h(m[0].base_layer.weight.detach())\n"
+        "seen = []\n"
+        "m[0].register_forward_pre_hook(lambda mod, a: seen.append((mod.base_layer.weight.dtype, h(mod.base_layer.weight.detach()))))\n"
+        "qd.fully_shard_model(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))\n"
+        "y = m(torch.randn(3, 64))\n"
+        "print('forward saw', seen[0][0], seen[0][1] == before, 'out', y.dtype)\n"
     )
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=_env(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(_free_port())))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mesh: the device mesh is on 'meta'" in r.stdout
+    assert "forward saw torch.uint8 True out torch.bfloat16" in r.stdout, r.stdout
 
 
 def test_helpers_refuse_bad_input():
