@@ -146,7 +146,9 @@ def fully_shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
     kw = dict(mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     for unit in decoder_layers(model):
         fully_shard(unit, **kw)
-    fully_shard(model, **kw)
+    # The root unit is the transformers model inside PEFT's wrappers: generate() and PEFT
+    # call it directly, and its forward must be the one that gathers the root's parameters.
+    fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model, **kw)
     return model
 
 
