@@ -64,6 +64,25 @@ def full_grads(model, mode: str, engine=None) -> dict:
     return out
 
 
+def reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark (VmHWM) so the training phase is measured apart
+    from model construction (the fp32 model exists briefly before quantization)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def packed_local_fraction(model) -> float:
     """Bytes of packed 4-bit weights this rank holds between forwards / their full size:
     1/world when the engine really shards them, 1 when it replicates them."""
@@ -119,6 +138,10 @@ def main() -> None:
         config = qd.deepspeed_config(int(mode[-1]), per_rank, world_size=world)
         model = engine = qd.deepspeed_initialize(model, opt, config)
 
+    import gc
+
+    gc.collect()
+    peak_reset = reset_peak_rss()
     losses, grads1 = [], None
     t0 = time.perf_counter()
     for step in range(args.steps):
@@ -140,21 +163,21 @@ def main() -> None:
         losses.append(float(loss.detach()))
     seconds = time.perf_counter() - t0
     fraction = packed_local_fraction(model)
+    train_peak = peak_rss_kib()
 
     adapters = qd.adapter_state_dict(model)
     digest_after = qd.packed_digest(model)
     qd.save_adapter(model, os.path.join(args.out, "adapter"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    peaks = [peak]
+    peaks = [(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, train_peak)]  # KiB on Linux
     if world > 1:
         import torch.distributed as dist
 
         gathered = [None] * world
-        dist.all_gather_object(gathered, peak)
+        dist.all_gather_object(gathered, peaks[0])
         peaks = gathered
     if rank == 0:
         torch.save(dict(grads1=grads1, adapters=adapters, losses=losses, digest_before=digest_before,
-                        digest_after=digest_after, world=world, peak_rss_kib=peaks, model_rss_kib=rss_model, packed_local_fraction=fraction,
+                        digest_after=digest_after, world=world, peak_rss_kib=peaks, peak_reset=peak_reset, model_rss_kib=rss_model, packed_local_fraction=fraction,
                         seconds=seconds), os.path.join(args.out, "result.pt"))
     if world > 1:
         import torch.distributed as dist

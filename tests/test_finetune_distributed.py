@@ -33,9 +33,15 @@ def single(tiny_dir, tmp_path_factory):
     return out
 
 
-def torchrun(args: list, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), "-m", "qlora_kernels.cli", "finetune", *args]
+def torchrun(args: list, nproc: int = 2, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """The command under torchrun, or under the deepspeed launcher (which also passes
+    --local_rank before the subcommand)."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "qlora_kernels.cli", "finetune", *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), "--module", "qlora_kernels.cli", "finetune", *args]
     env = dict(CHILD_ENV, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -46,9 +52,10 @@ def _adapter(folder):
     return load_file(folder / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero3"])
-def test_two_processes_train_the_single_process_adapter(mode, tiny_dir, single, tmp_path):
-    r = torchrun(["--model", str(tiny_dir), "--output", str(tmp_path), "--distributed", mode, *ARGS])
+@pytest.mark.parametrize("mode,launcher", [("ddp", "torchrun"), ("zero3", "deepspeed")])
+def test_two_processes_train_the_single_process_adapter(mode, launcher, tiny_dir, single, tmp_path):
+    r = torchrun(["--model", str(tiny_dir), "--output", str(tmp_path), "--distributed", mode, *ARGS],
+                 launcher=launcher)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("held-out loss after") == 1  # one rank speaks
     assert f"distributed: {mode}, 2 processes (gloo), 2 examples per process" in r.stdout
