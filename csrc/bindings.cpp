@@ -19,6 +19,7 @@ namespace py = pybind11;
 
 // Each op family binds itself (one file per op); they are listed here.
 void register_linear4(py::module_& m);
+void register_adamw(py::module_& m);
 
 namespace {
 
@@ -122,6 +123,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_8bit", &quantize_8bit, nogil, "8-bit blockwise quantization with a sorted 256-entry map (fp32 in).");
   m.def("dequantize_8bit", &dequantize_8bit, nogil, "8-bit blockwise dequantization to fp32.");
   register_linear4(m);
+  register_adamw(m);
   m.def("compiled_isas", &qk::compiled_isas, "ISA paths compiled into this build.");
   m.def("supported_isas", &qk::supported_isas, "ISA paths this CPU can run.");
   m.def("best_isa", &qk::best_isa, "The path cpuid selects.");

@@ -81,6 +81,9 @@ def _fpga_estimate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qlora-kernels", description="LoRA/QLoRA kernels for CPUs and FPGAs")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the
+    # environment says the same, so the value is accepted and not used.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, CPU paths, backends, threads").set_defaults(func=_info)
     b = sub.add_parser("bench", help="benchmark the kernels against the installed peers")

@@ -41,7 +41,7 @@ ENV_STYLE = "QLORA_KERNELS_OPENCL_STYLE"
 ENV_CACHE_MB = "QLORA_KERNELS_OPENCL_CACHE_MB"
 STYLES = ("ndrange", "fpga")
 KERNEL_DIR = Path(__file__).resolve().with_name("kernels")
-FAMILIES = ("quant4", "linear4", "linear4_task", "lora")
+FAMILIES = ("quant4", "linear4", "linear4_task", "lora", "adamw")
 VENDORS = {None: [], "xilinx": ["-DQK_XILINX"], "intel": ["-DQK_INTEL"]}
 # Strict IEEE division; no -cl-mad-enable / -cl-fast-relaxed-math / -cl-denorms-are-zero:
 # the quantizer divides by a subnormal floor and must round like torch.

@@ -108,3 +108,12 @@ if hasattr(_C, "dense_forward"):
         _C.dense_backward_input(dy2.data_ptr(), M, N, max(N, 1), weight.data_ptr(), K, max(K, 1), dx.data_ptr(),
                                 max(K, 1), torch.get_num_threads())
         return dx
+
+
+# ---- fused AdamW (csrc/adamw_*): one native call per parameter group ----
+@register_kernel("adamw_step", "cpu")
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize):
+    _C.adamw_step([t.data_ptr() for t in params], [t.data_ptr() for t in grads],
+                  [t.data_ptr() for t in exp_avgs], [t.data_ptr() for t in exp_avg_sqs],
+                  [t.numel() for t in params], list(steps), lr, beta1, beta2, eps, weight_decay, maximize,
+                  torch.get_num_threads())

@@ -333,3 +333,34 @@ def dora_weight_norm(packed, absmax, blocksize, quant_type, out_features, in_fea
                   F32(scaling), d_norm)
         op.download("norm", d_norm, norm)
     return norm
+
+
+# ---------------------------------------------------------------------- adamw ----
+
+@register_kernel("adamw_step", "opencl")
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize):
+    from ..optim.reference import coefficients
+
+    sizes = [p.numel() for p in params]
+    total = sum(sizes)
+    if total == 0:
+        return
+    _check_int(elements=total)
+    offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0)
+    coeffs = torch.tensor([c for s in steps for c in coefficients(s, lr, beta1, beta2, eps, weight_decay)],
+                          dtype=torch.float32)
+    flat = {role: torch.cat([t.reshape(-1) for t in ts])
+            for role, ts in (("p", params), ("g", grads), ("m", exp_avgs), ("v", exp_avg_sqs))}
+    with _RT.op("adamw_step") as op:
+        bufs = {role: op.upload(f"adamw {role}", t) for role, t in flat.items()}
+        args = (bufs["p"], bufs["g"], bufs["m"], bufs["v"], op.upload("adamw offsets", offsets),
+                op.upload("adamw coeffs", coeffs), I32(len(sizes)), I32(bool(maximize)))
+        if _fpga():
+            op.launch("adamw", "adamw_task", (1,), (1,), *args)
+        else:
+            op.launch("adamw", "adamw_nd", (_up(total, _LOCAL),), (_LOCAL,), *args)
+        for role in ("p", "m", "v"):
+            op.download(f"adamw {role}", bufs[role], flat[role])
+    for role, ts in (("p", params), ("m", exp_avgs), ("v", exp_avg_sqs)):
+        for t, part in zip(ts, flat[role].split(sizes)):
+            t.copy_(part.view(t.shape))

@@ -39,7 +39,7 @@ def atomic_json(path: Path, obj) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def save_adapter(model, out: Path) -> list:
+def save_adapter(model, out: Path, state_dict=None) -> list:
     """PEFT's save_pretrained into a scratch folder, then its two adapter files renamed into
     ``out`` (PEFT also writes a README.md model card there, which could overwrite a user's
     README: it stays behind). Returns the names written."""
@@ -47,7 +47,7 @@ def save_adapter(model, out: Path) -> list:
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        model.save_pretrained(tmp, save_embedding_layers=False)
+        model.save_pretrained(tmp, save_embedding_layers=False, state_dict=state_dict)
         names = []
         umask = os.umask(0)
         os.umask(umask)

@@ -57,6 +57,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a("--save-every", type=int, default=20, help="checkpoint every N steps (default 20; also on Ctrl-C/SIGTERM)")
     a("--samples", type=int, help="held-out prompts answered greedily before and after (default 3)")
     a("--max-new-tokens", type=int, help="length of those answers (default 32)")
+    a("--distributed", help="data-parallel engine under torchrun/the deepspeed launcher: none, ddp, fsdp2, zero2, "
+                            "zero3 (default: ddp when launched with several processes, else none); --batch-size "
+                            "is the global micro-batch and must divide by the number of processes")
     a("--debug", action="store_true", help="show tracebacks and library warnings")
 
     def error(message):  # argparse's own errors, in one line like ours
@@ -237,9 +240,21 @@ def _quiet_libraries(debug: bool) -> None:
 # -- the run ----------------------------------------------------------------------------------
 def run(args) -> int:
     t_start = time.perf_counter()
+    from .distributed import setup
+
+    session = setup(args.distributed, args.resume)
+    try:
+        return _run(args, session, t_start)
+    finally:
+        session.close()
+
+
+def _run(args, session, t_start) -> int:
     from . import checkpoint, data, model as M
 
-    out = _output_dir(args)
+    if not session.main:  # one rank speaks; errors still reach stderr from every rank
+        sys.stdout = open(os.devnull, "w")
+    out = session.broadcast(_output_dir(args))
     # Options and data are checked before the output folder is created (a typo leaves no
     # empty folder behind); a resumed run reads its options from the checkpoint first.
     if args.resume:
@@ -253,7 +268,9 @@ def run(args) -> int:
         records, data_name, dups = data.load_records(cfg["data"])  # bad data fails before the slow load
         if cfg["model"] is not None:
             M.check_model_dir(cfg["model"])
-        ckpt = _prepare_output(out, False)
+        session.check_batch(cfg["batch_size"])
+        ckpt = _prepare_output(out, False) if session.main else None
+        session.barrier()
     _quiet_libraries(args.debug)
 
     import numpy as np
@@ -293,6 +310,9 @@ def run(args) -> int:
     pm = M.prepare(base, cfg["method"], cfg["rank"], cfg["alpha"], cfg["dropout"], targets)
     load_seconds = time.perf_counter() - t_load
     opt, sched = T.make_optimizer(pm, cfg["lr"], cfg["steps"], warmup)
+    train_model, wrapped_opt = session.wrap(pm, opt, cfg["batch_size"], cfg["grad_accum"])
+    if wrapped_opt is not opt:  # FSDP2 replaced the parameters
+        opt, sched = wrapped_opt, torch.optim.lr_scheduler.LambdaLR(wrapped_opt, T.lr_lambda(cfg["steps"], warmup))
     trainable, total = M.count_params(pm)
     pad = tok.pad_token_id
 
@@ -306,6 +326,9 @@ def run(args) -> int:
     print(f"data: {data_name}: {len(records)} unique examples ({dups} duplicates dropped) -> {len(train_ex)} train, "
           f"{len(eval_ex)} held-out" + (f" ({skipped} skipped: prompt longer than --seq-len)" if skipped else "") +
           ("" if had_template else "; plain fallback template (the tokenizer has none)"))
+    if session.on:
+        print(f"distributed: {session.mode}, {session.world} processes (gloo), "
+              f"{cfg['batch_size'] // session.world} examples per process per micro-batch")
     print(f"training: {cfg['steps']} steps x {cfg['batch_size']} x {cfg['grad_accum']} examples, seq-len "
           f"{cfg['seq_len']}, lr {cfg['lr']:g} (warm-up {warmup}, cosine), seed {cfg['seed']}; output {out}")
 
@@ -326,7 +349,8 @@ def run(args) -> int:
         if show:
             print(report.format_samples("samples before:", state["samples_before"]))
 
-    state = T.train(pm, train_ex, pad, opt, sched, state, cfg, out, save_every=cfg["save_every"])
+    state = T.train(train_model, train_ex, pad, opt, sched, state, cfg, out, save_every=cfg["save_every"],
+                    session=session, save_model=pm)
 
     after = T.heldout_loss(pm, eval_ex, cfg["batch_size"], pad)
     before = state["eval_before"]["loss"]
@@ -335,7 +359,15 @@ def run(args) -> int:
     if show:
         print(report.format_samples("samples after:", samples_after))
 
-    written = checkpoint.save_adapter(pm, out)
+    if session.on:
+        from ..integrations.distributed import adapter_state_dict
+
+        adapters = adapter_state_dict(pm)  # collective: FSDP2 and ZeRO-3 gather the shards
+        if not session.main:
+            return 0
+        written = checkpoint.save_adapter(pm, out, state_dict=adapters)
+    else:
+        written = checkpoint.save_adapter(pm, out)
     rate = state["tokens_trained"] / max(1e-9, state["train_seconds"])
     extra = {"model_dir": str(model_dir), "data_name": data_name, "targets": targets, "warmup": warmup,
              "trainable_parameters": trainable, "parameters": total,

@@ -152,24 +152,32 @@ def _peak_rss_kb() -> int:
 
 
 def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg: dict, out, *,
-          save_every: int, progress: bool = True) -> dict:
+          save_every: int, progress: bool = True, session=None, save_model=None) -> dict:
     """Runs steps state["step"] .. cfg["steps"], appending to state["losses"]; checkpoints
     every ``save_every`` steps, at the end, and when SIGINT/SIGTERM arrives (then raises
-    Interrupted). Returns the state."""
+    Interrupted). Returns the state. Under ``session`` (finetune/distributed.py) ``model`` is
+    the wrapped module, ``save_model`` the PEFT model; each rank trains on its slice of
+    every global micro-batch and only rank 0 of a ddp run writes checkpoints."""
     from tqdm.auto import tqdm
+
+    from .distributed import Session
+
+    session = session or Session("none")
+    save_model = save_model if save_model is not None else model
+    writes = not session.on or (session.mode == "ddp" and session.main)
 
     steps, B, accum, seed = cfg["steps"], cfg["batch_size"], cfg["grad_accum"], cfg["seed"]
     order = Order(len(train_examples), seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    trim, delay = _keeps_logits(model), float(os.environ.get(STEP_DELAY_ENV) or 0)
+    trim, delay = _keeps_logits(save_model), float(os.environ.get(STEP_DELAY_ENV) or 0)
     bar = tqdm(total=steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True,
-               disable=not progress, file=sys.stderr, mininterval=0.5)
+               disable=not (progress and session.main), file=sys.stderr, mininterval=0.5)
     session_tokens, session_t0 = 0, time.perf_counter()
     model.train()
 
     def save():
         state["peak_rss_kb"] = max(state.get("peak_rss_kb", 0), _peak_rss_kb())
-        return checkpoint.save(out, model, opt, sched, state)
+        return checkpoint.save(out, save_model, opt, sched, state) if writes else out / checkpoint.NAME
 
     with _StopFlag(bar.write) as stop:
         while state["step"] < steps:
@@ -180,12 +188,14 @@ def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg
             tokens, total = sum(int(b["attention_mask"].sum()) for b in batches), 0.0
             for m, b in enumerate(batches):
                 torch.manual_seed(step_seed(seed, step, m))  # dropout masks: a function of (seed, step)
-                s, _ = loss_sum(model, b, trim)
-                (s / n_total).backward()  # per-token mean over the whole accumulated step
+                s, _ = loss_sum(model, session.shard(b), trim)
+                session.backward(s, n_total, accum)  # per-token mean over the whole accumulated step
                 total += float(s)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if m < accum - 1:
+                    session.micro_done()
+            total = session.sum(total)
             lr = opt.param_groups[0]["lr"]
-            opt.step()
+            session.step(opt, params)
             sched.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0

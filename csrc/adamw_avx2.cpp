@@ -1,0 +1,31 @@
+// AVX2+FMA path of the fused AdamW: 8 lanes (the loop is adamw_simd.h).
+#include <immintrin.h>
+
+#include "adamw_simd.h"
+
+namespace qk {
+namespace {
+
+struct Avx2 {
+  using Reg = __m256;
+  static constexpr int kLanes = 8;
+  static Reg set1(float x) { return _mm256_set1_ps(x); }
+  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, Reg x) { _mm256_storeu_ps(p, x); }
+  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
+  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  static Reg div(Reg a, Reg b) { return _mm256_div_ps(a, b); }
+  static Reg sqrt(Reg a) { return _mm256_sqrt_ps(a); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static Reg neg(Reg a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+};
+
+}  // namespace
+
+void adamw_range_avx2(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end,
+                      const AdamWCoeffs& c) {
+  adamw_range_simd<Avx2>(p, g, m, v, begin, end, c);
+}
+
+}  // namespace qk

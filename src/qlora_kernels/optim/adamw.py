@@ -1,0 +1,145 @@
+"""qlora_kernels.optim.AdamW: torch.optim.AdamW's update (decoupled weight decay, bias
+correction as torch computes it, no amsgrad) run by one fused multi-tensor kernel of the
+selected backend (``cpu``: csrc/adamw_*.cpp, ``opencl``: kernels/adamw.cl, ``reference``:
+pure torch). The state uses torch's keys (``step``, ``exp_avg``, ``exp_avg_sq``) and
+tensors, so a state_dict moves between this optimizer and torch.optim.AdamW both ways."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backends
+from . import reference as _reference  # noqa: F401  (registers the reference kernel)
+
+# Keys torch.optim.AdamW keeps in each param group; filled in so that a state_dict saved
+# here loads into torch's optimizer without touching its defaults.
+_TORCH_GROUP_KEYS = dict(amsgrad=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                         decoupled_weight_decay=True)
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"AdamW: {name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"AdamW: {name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"AdamW: {name} must be finite, got {out}")
+    return out
+
+
+def _check_hyper(lr, betas, eps, weight_decay) -> None:
+    if _number("lr", lr) < 0:
+        raise ValueError(f"AdamW: invalid learning rate (lr) {lr}: must be >= 0")
+    if _number("eps", eps) < 0:
+        raise ValueError(f"AdamW: invalid eps {eps}: must be >= 0")
+    if _number("weight_decay", weight_decay) < 0:
+        raise ValueError(f"AdamW: invalid weight_decay {weight_decay}: must be >= 0")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"AdamW: betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= _number(f"betas[{i}]", b) < 1.0:
+            raise ValueError(f"AdamW: invalid beta parameter at index {i}: {b} (must be in [0, 1))")
+
+
+class AdamW(torch.optim.Optimizer):
+    """Fused AdamW for fp32 CPU parameters (the adapter weights of a QLoRA model).
+
+    Arguments are torch.optim.AdamW's. ``amsgrad=True`` is refused (use torch.optim.AdamW
+    for it); ``backend`` picks the kernel (default: the selected qlora_kernels backend).
+    Sparse gradients, non-fp32 or non-CPU parameters raise; non-contiguous parameters,
+    gradients or state are updated through contiguous copies.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize: bool = False, backend: str | None = None):
+        _check_hyper(lr, betas, eps, weight_decay)
+        if amsgrad:
+            raise ValueError("AdamW: amsgrad=True is not supported by qlora_kernels.optim.AdamW; "
+                             "use torch.optim.AdamW(amsgrad=True)")
+        if backend is not None:
+            backends._check(backend)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=bool(maximize),
+                        backend=backend, **_TORCH_GROUP_KEYS)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("backend", None)
+            for key, value in _TORCH_GROUP_KEYS.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a state_dict of torch.optim.AdamW has no backend key
+            group.setdefault("backend", None)
+            if group.get("amsgrad"):
+                raise ValueError("AdamW: the loaded state uses amsgrad=True, which this optimizer does not support")
+
+    def _gather(self, group):
+        from torch.distributed.tensor import DTensor
+
+        # FSDP2 hands DTensor parameters; the update is elementwise, so each rank updates
+        # its local shard (the state stays DTensor, as torch's AdamW keeps it).
+        def local(t):
+            return t.to_local() if isinstance(t, DTensor) else t
+
+        rows = []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            where = f"AdamW: parameter {i} of its group (shape {tuple(p.shape)})"
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            step_t = state["step"]
+            p, g = local(p), local(p.grad)
+            if g.is_sparse:
+                raise RuntimeError(f"{where}: AdamW does not support sparse gradients")
+            if p.device.type != "cpu" or g.device.type != "cpu":
+                raise ValueError(f"{where}: parameters and gradients must be CPU tensors, got {p.device}/{g.device}")
+            if p.dtype != torch.float32 or g.dtype != torch.float32:
+                raise TypeError(f"{where}: parameters and gradients must be float32, got {p.dtype}/{g.dtype}")
+            if g.shape != p.shape:
+                raise ValueError(f"{where}: gradient shape {tuple(g.shape)} does not match the parameter")
+            moments = [local(state["exp_avg"]), local(state["exp_avg_sq"])]
+            for key, s in zip(("exp_avg", "exp_avg_sq"), moments):
+                if s.shape != p.shape or s.dtype != torch.float32 or s.device.type != "cpu":
+                    raise ValueError(f"{where}: state {key!r} must be a float32 CPU tensor of the parameter's shape")
+            rows.append((p, g, *moments, step_t))
+        # Steps advance only once every parameter of the group passed its checks.
+        for row in rows:
+            row[4].add_(1)
+        return [row[:4] + (float(row[4]),) for row in rows]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            rows = self._gather(group)
+            if not rows:
+                continue
+            beta1, beta2 = (float(b) for b in group["betas"])
+            # Kernels write through data pointers: non-contiguous tensors go through
+            # contiguous copies, written back afterwards.
+            work = [[t if t.is_contiguous() else t.contiguous() for t in row[:4]] for row in rows]
+            kernel = backends.kernel_for("adamw_step", group["backend"])[1]
+            kernel([w[0] for w in work], [w[1] for w in work], [w[2] for w in work], [w[3] for w in work],
+                   [row[4] for row in rows], _number("lr", group["lr"]), beta1, beta2, float(group["eps"]),
+                   float(group["weight_decay"]), bool(group["maximize"]))
+            for row, w in zip(rows, work):
+                for k in (0, 2, 3):
+                    if w[k] is not row[k]:
+                        row[k].copy_(w[k])
+        return loss
