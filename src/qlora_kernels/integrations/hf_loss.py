@@ -34,8 +34,9 @@ _FLAG = "_qlora_kernels_fused_loss"
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # DDP forwards to .module
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
