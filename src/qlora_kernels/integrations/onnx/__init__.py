@@ -9,6 +9,7 @@ output ``logits`` [batch_size, sequence_length, vocab]."""
 from __future__ import annotations
 
 from .errors import ExportError
-from .export import ExportResult, export
+from .adapters import swap_adapters
+from .exporter import ExportResult, export
 
-__all__ = ["ExportError", "ExportResult", "export"]
+__all__ = ["ExportError", "ExportResult", "export", "swap_adapters"]

@@ -135,13 +135,17 @@ def ort_quantized_model(W: torch.Tensor, kind: str, accuracy_level: int = 0):
     return qm
 
 
-def session(model, threads: int | None = None):
+def session(model, threads: int | None = None, spinning: bool = False):
     """A CPU InferenceSession on an in-memory ModelProto or a file path, with torch's thread
-    count (so side-by-side timings use the same cores)."""
+    count (so side-by-side timings use the same cores). ORT's pool threads spin after each
+    run unless told not to; interleaved with torch (whose OpenMP threads spin too) or with
+    other sessions alive, the spinning threads take the cores from the work (a 135M-model
+    forward went from 0.05 s to over 1 s), so spinning is off unless a benchmark asks."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     src = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
