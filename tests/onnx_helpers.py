@@ -12,18 +12,9 @@ REL_TOL = 1e-4
 
 
 def with_lora(model, targets, dora: bool = False, r: int = 4, seed: int = 0):
-    from peft import LoraConfig, get_peft_model
+    from qlora_kernels.bench_onnx import random_lora
 
-    from qlora_kernels.integrations.peft import install
-
-    install()
-    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_dora=dora))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return pm.eval()
+    return random_lora(model, targets, r=r, dora=dora, std=0.05, seed=seed)
 
 
 def ort_logits(path, ids, mask=None):

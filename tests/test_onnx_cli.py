@@ -7,8 +7,8 @@ import torch
 
 from qlora_kernels import cli
 from qlora_kernels.integrations.onnx import contrib, verify
-from tests.finetune_helpers import build_tiny_model
-from tests.onnx_helpers import REL_TOL, with_lora
+from .finetune_helpers import build_tiny_model
+from .onnx_helpers import REL_TOL, with_lora
 
 
 @pytest.fixture(scope="module")

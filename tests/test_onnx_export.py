@@ -11,8 +11,8 @@ from onnx import numpy_helper
 
 from qlora_kernels import nn as qnn
 from qlora_kernels.integrations.onnx import ExportError, export, swap_adapters, verify
-from tests.hf_models import TARGETS, tiny_model
-from tests.onnx_helpers import REL_TOL, ort_logits, torch_logits, with_lora
+from .hf_models import TARGETS, tiny_model
+from .onnx_helpers import REL_TOL, ort_logits, torch_logits, with_lora
 
 SHAPES = [(2, 8), (1, 1), (3, 13)]  # traced at (2, 8): the others prove the dims are dynamic
 

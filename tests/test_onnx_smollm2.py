@@ -8,9 +8,9 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels.integrations.onnx import contrib, export, swap_adapters, verify
 from qlora_kernels.models import load_smollm2
-from tests.onnx_helpers import REL_TOL, with_lora
+from .onnx_helpers import REL_TOL, with_lora
 
-LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from qlora_kernels.bench_onnx import LLAMA
 NEW_TOKENS = 16
 
 

@@ -13,27 +13,32 @@ from pathlib import Path
 import torch
 
 from .bench import Case
+from .finetune.model import LLAMA_TARGETS as LLAMA  # every Llama projection
 
-LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-def smollm2_lora(r: int = 16):
-    """SmolLM2 quantized to NF4 with our layers, with LoRA adapters whose B is not zero."""
+def random_lora(model, targets, r: int = 16, dora: bool = False, std: float = 0.01, seed: int = 0):
+    """PEFT LoRA (or DoRA) on ``targets`` with B drawn at random: PEFT starts B at zero, and
+    a zero branch would be neither measured nor tested. Returns the PEFT model in eval mode."""
     from peft import LoraConfig, get_peft_model
 
-    from . import quantize_model
     from .integrations.peft import install
-    from .models import load_smollm2
 
     install()
-    m = quantize_model(load_smollm2(), skip=("lm_head",))
-    pm = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=LLAMA))
-    g = torch.Generator().manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), use_dora=dora))
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     return pm.eval()
+
+
+def smollm2_lora(r: int = 16):
+    """SmolLM2 quantized to NF4 with our layers, with LoRA adapters on every projection."""
+    from . import quantize_model
+    from .models import load_smollm2
+
+    return random_lora(quantize_model(load_smollm2(), skip=("lm_head",)), LLAMA, r)
 
 
 def onnx_cases(formats=("bnb4", "nbits"), prompt: int = 128, workdir: str | None = None) -> list[Case]:
