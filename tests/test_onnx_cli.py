@@ -7,14 +7,16 @@ import torch
 
 from qlora_kernels import cli
 from qlora_kernels.integrations.onnx import contrib, verify
+
 from .finetune_helpers import build_tiny_model
 from .onnx_helpers import REL_TOL, with_lora
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    import qlora_kernels as qk
     from transformers import AutoModelForCausalLM
+
+    import qlora_kernels as qk
 
     root = tmp_path_factory.mktemp("export-cli")
     model_dir = build_tiny_model(root / "model")
@@ -55,11 +57,11 @@ def test_export_model_and_adapter(folders, tmp_path, capsys):
     proto = onnx.load(str(out))
     assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == 14
     assert not any(".lora_" in i.name for i in proto.graph.initializer)
-    assert dict((p.key, p.value) for p in proto.metadata_props)["merge_adapters"] == "True"
+    assert {p.key: p.value for p in proto.metadata_props}["merge_adapters"] == "True"
 
 
 def test_bad_input(folders, tmp_path, capsys):
-    model_dir, run, _ = folders
+    model_dir, _, _ = folders
     rc, _, err = _run(["--onnx", str(tmp_path / "no" / "x.onnx"), "--model", str(model_dir)], capsys)
     assert rc == 2 and "does not exist" in err
     rc, _, err = _run(["--onnx", str(tmp_path / "x.onnx"), "--model", str(model_dir), "--adapter",

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from qlora_kernels import nn as qnn
 from qlora_kernels.integrations.onnx import ExportError, export, swap_adapters, verify
+
 from .hf_models import TARGETS, tiny_model
 from .onnx_helpers import REL_TOL, ort_logits, torch_logits, with_lora
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import qlora_kernels as qk
+from qlora_kernels.bench_onnx import LLAMA
 from qlora_kernels.integrations.onnx import contrib, export, swap_adapters, verify
 from qlora_kernels.models import load_smollm2
+
 from .onnx_helpers import REL_TOL, with_lora
 
-from qlora_kernels.bench_onnx import LLAMA
 NEW_TOKENS = 16
 
 

@@ -8,8 +8,8 @@ The graph follows Hugging Face Optimum's decoder convention without a KV cache: 
 output ``logits`` [batch_size, sequence_length, vocab]."""
 from __future__ import annotations
 
-from .errors import ExportError
 from .adapters import swap_adapters
+from .errors import ExportError
 from .exporter import ExportResult, export
 
 __all__ = ["ExportError", "ExportResult", "export", "swap_adapters"]

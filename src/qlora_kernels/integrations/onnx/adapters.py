@@ -3,8 +3,8 @@ after the PEFT parameters (``<module>.lora_A.<adapter>.weight``), stored transpo
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 

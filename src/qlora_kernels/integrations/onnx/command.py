@@ -73,6 +73,7 @@ def run(args) -> int:
     base = args.base or _default_base(adapter)
     if base != "dense":
         import qlora_kernels as qk
+
         from ...finetune.model import _output_name
 
         head = _output_name(model)

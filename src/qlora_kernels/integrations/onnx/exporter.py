@@ -8,7 +8,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -29,8 +28,8 @@ class ExportResult:
     adapters: int                    # adapters kept as branches
     merged: int                      # adapters merged into their base
     weight_error: float              # max |W - W_written| / max |W| (0 when nothing was re-encoded)
-    requant_error: Optional[dict]    # torch logits, original vs with the written weights
-    ort_error: Optional[dict]        # ORT logits vs the original torch model (None with verify=False)
+    requant_error: dict | None       # torch logits, original vs with the written weights
+    ort_error: dict | None           # ORT logits vs the original torch model (None with verify=False)
     node_counts: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -158,7 +157,7 @@ def _write(program, path: Path, meta: dict) -> None:
 
 
 def export(model: torch.nn.Module, path, example_inputs=None, weight_format: str = "bnb4",
-           merge_adapters: bool = False, opset: Optional[int] = None, overwrite: bool = False,
+           merge_adapters: bool = False, opset: int | None = None, overwrite: bool = False,
            verify_output: bool = True, log=print) -> ExportResult:
     """Export ``model`` to the ONNX file ``path`` (see the module docstring and docs/onnx.md).
 

@@ -5,7 +5,6 @@ MatMulNBits or a dense MatMul), and LoRA/DoRA adapters either as their own MatMu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -32,7 +31,7 @@ class Bnb4Base(nn.Module):
     """x @ dequant(W)^T (+ bias) as one MatMulBnb4: our packed bytes and fp32 absmax."""
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-                 in_features: int, out_features: int, bias: Optional[torch.Tensor]):
+                 in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.quant_type = blocksize, quant_type
@@ -48,7 +47,7 @@ class Bnb4Base(nn.Module):
 class NBitsBase(nn.Module):
     """x @ dequant(W)^T (+ bias) as one MatMulNBits (int4 symmetric, block 64)."""
 
-    def __init__(self, W: torch.Tensor, bias: Optional[torch.Tensor]):
+    def __init__(self, W: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = W.shape
         B, scales = contrib.quantize_nbits(W)
@@ -82,7 +81,7 @@ class LoraBranch(nn.Module):
     the factor computed at export (it is a constant of the weights, DoRA §4.3) and stored
     as ``lora_magnitude_vector.<adapter>.weight`` (the factor, not PEFT's raw magnitude)."""
 
-    def __init__(self, base: nn.Module, adapters: list, dora_factor: Optional[torch.Tensor]):
+    def __init__(self, base: nn.Module, adapters: list, dora_factor: torch.Tensor | None):
         super().__init__()
         self.base_layer = base
         self.lora_A = nn.ModuleDict({a: _Weight(A, transpose=True) for a, A, _, _ in adapters})
@@ -114,7 +113,7 @@ def _dense_weight(base: nn.Module) -> torch.Tensor:
     return base.dequantize() if isinstance(base, Linear4bit) else base.weight.detach().float()
 
 
-def _encode(W: torch.Tensor, bias, fmt: str, like: Optional[Linear4bit], report: SwapReport) -> nn.Module:
+def _encode(W: torch.Tensor, bias, fmt: str, like: Linear4bit | None, report: SwapReport) -> nn.Module:
     """Write a dense weight W in the chosen format; ``like`` gives the 4-bit format it had."""
     if fmt == "fp32" or like is None:
         lin = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None)
@@ -196,7 +195,7 @@ def export_lora(module: nn.Module, path: str, base: nn.Module, fmt: str, merge: 
     return _encode(W, base.bias, fmt, like, report)
 
 
-def _as_known_base(base: nn.Module) -> Optional[nn.Module]:
+def _as_known_base(base: nn.Module) -> nn.Module | None:
     from ..peft import _as_our_base
 
     try:
@@ -222,7 +221,7 @@ def _lora_layer_types() -> tuple:
         return (LoraLinear,)
 
 
-def _unknown(module: nn.Module) -> Optional[str]:
+def _unknown(module: nn.Module) -> str | None:
     """Why the exporter cannot write this (not swapped) module, or None."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer

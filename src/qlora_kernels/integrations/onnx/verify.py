@@ -2,7 +2,7 @@
 generation (a full-sequence forward per step: the graph has no KV cache)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
