@@ -14,14 +14,14 @@ out=docs/benchmarks.md
   echo "means we are faster. The machines are shared and noisy: read ratios, not absolute times."
   echo
 } > "$out.tmp"
-for suite in ${SUITES:-quant linear train opencl optim}; do
+for suite in ${SUITES:-quant linear train opencl optim onnx}; do
   f="benches/test_bench_${suite}.py"
   [ -f "$f" ] || continue
   cmd="$PY -m pytest $f --benchmark-json=bench-results/${suite}.json -q -p no:cacheprovider"
   echo "== $cmd"
   $cmd
 done
-for suite in quant linear train opencl optim; do
+for suite in quant linear train opencl optim onnx; do
   [ -f "bench-results/${suite}.json" ] || continue
   "$PY" benches/report.py "bench-results/${suite}.json" --title "$suite" \
     --command "$PY -m pytest benches/test_bench_${suite}.py --benchmark-json=bench-results/${suite}.json" >> "$out.tmp"

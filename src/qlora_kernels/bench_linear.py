@@ -29,33 +29,9 @@ def threads(n: int):
 
 def _ort_session(W: torch.Tensor, kind: str, M: int, accuracy_level: int = 0):
     """A one-MatMul ONNX model (X[M, K] @ W.T), weight-quantized by ORT's own quantizer."""
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from .integrations.onnx import contrib
 
-    N, K = W.shape
-    wt = numpy_helper.from_array(W.t().contiguous().numpy().astype(np.float32), "W")
-    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "mm",
-                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", K])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], [wt])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    if kind == "nbits":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        q = MatMulNBitsQuantizer(model, block_size=64, is_symmetric=True, accuracy_level=accuracy_level)
-    else:
-        from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
-
-        q = MatMulBnb4Quantizer(model, 1, 64)  # quant_type 1 = NF4
-    q.process()
-    qm = q.model.model if hasattr(q.model, "model") else q.model
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(qm.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    ops = {n.op_type for n in qm.graph.node}
-    assert ops & {"MatMulNBits", "MatMulBnb4"}, f"ORT quantizer left {ops}"
-    return sess
+    return contrib.session(contrib.ort_quantized_model(W, kind, accuracy_level))
 
 
 def _torch_int4(W: torch.Tensor):

@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     from .finetune.command import add_parser as _add_finetune  # light: torch loads only when it runs
 
     _add_finetune(sub)
+    from .integrations.onnx.command import add_parser as _add_export
+
+    _add_export(sub)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,53 @@
+"""Swapping LoRA adapters in an exported file: the branches' A and B are initializers named
+after the PEFT parameters (``<module>.lora_A.<adapter>.weight``), stored transposed."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import ExportError
+
+
+def _saved_key(name: str) -> str:
+    # PEFT's adapter_model.safetensors drops the adapter name: ".lora_A.default.weight" -> ".lora_A.weight"
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
+
+
+def swap_adapters(src, dst, tensors: Mapping[str, torch.Tensor], overwrite: bool = False) -> int:
+    """Write ``src`` with the given LoRA tensors (PEFT's shapes: A [r, in], B [out, r]; keys as
+    in the model's state dict or in PEFT's saved adapter file) to ``dst``; returns how many
+    initializers were replaced. Every lora_A/lora_B of the file must be given, with its shape."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .exporter import _check_path
+
+    dst = _check_path(dst, overwrite)
+    proto = onnx.load(str(src))
+    by_name = {}
+    for init in proto.graph.initializer:
+        if ".lora_A." in init.name or ".lora_B." in init.name:
+            by_name[init.name] = init
+    if not by_name:
+        raise ExportError(f"{src}: no LoRA initializers (was it exported with merge_adapters=True?)")
+    given = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
+    replaced = 0
+    for name, init in by_name.items():
+        t = given.get(name, given.get(_saved_key(name)))
+        if t is None:
+            raise ExportError(f"no tensor given for {name} (or {_saved_key(name)})")
+        want = tuple(reversed(init.dims))
+        if tuple(t.shape) != want:
+            raise ExportError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+        init.CopyFrom(numpy_helper.from_array(t.detach().float().t().contiguous().numpy(), name))
+        replaced += 1
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
+    try:
+        onnx.save(proto, str(tmp))
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return replaced
