@@ -41,5 +41,8 @@ if [ "${MEMORY:-1}" = 1 ]; then
     "$PY" benches/train_memory.py --model phi3 --steps 2
   } >> "$out.tmp"
 fi
+# The per-rank memory table of the distributed engines (benches/dist_memory.py spawns
+# 7 training processes; rerun it by hand and paste its output into that file).
+{ echo; cat docs/benchmarks_dist_memory.md; } >> "$out.tmp"
 mv "$out.tmp" "$out"
 echo "wrote $out"
