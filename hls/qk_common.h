@@ -86,4 +86,56 @@ apply_scales_32:
   return r * (spw == 1 ? a.a[0] : one);
 }
 
+// The codebook into a register ROM (the caller partitions rom completely).
+static inline void qk_load_rom(const float* codebook, float rom[QK_CODES]) {
+qk_load_rom_loop:
+  for (int j = 0; j < QK_CODES; ++j) {
+#pragma HLS PIPELINE II=1
+    rom[j] = codebook[j];
+  }
+}
+
+// The QK_LANES weights of a beat through the ROM (even lane = high nibble), no absmax.
+static inline void qk_decode_beat(const qk_word_t& wv, const float rom[QK_CODES], float cv[QK_LANES]) {
+qk_decode_beat_lane:
+  for (int l = 0; l < QK_LANES; ++l) {
+#pragma HLS UNROLL
+    const unsigned byte = qk_byte(wv, l / 2);
+    cv[l] = rom[(l & 1) ? (byte & 0xFu) : (byte >> 4)];
+  }
+}
+
+// Beats src[off .. off + n) of 16 fp32 each into buf, per_row beats to a row of buf.
+template <int W>
+static inline void qk_unpack_beats(const qk_word_t* src, long off, int n, int per_row, float buf[][W]) {
+qk_unpack_beats_loop:
+  for (int i = 0; i < n; ++i) {
+#pragma HLS LOOP_TRIPCOUNT min=16 max=4096
+#pragma HLS PIPELINE II=1
+    const qk_word_t b = src[off + i];
+  qk_unpack_beats_lane:
+    for (int l = 0; l < 16; ++l) {
+#pragma HLS UNROLL
+      buf[i / per_row][16 * (i % per_row) + l] = qk_word_f32(b, l);
+    }
+  }
+}
+
+// The inverse of qk_unpack_beats: buf into beats dst[off .. off + n).
+template <int W>
+static inline void qk_pack_beats(const float buf[][W], qk_word_t* dst, long off, int n, int per_row) {
+qk_pack_beats_loop:
+  for (int i = 0; i < n; ++i) {
+#pragma HLS LOOP_TRIPCOUNT min=16 max=4096
+#pragma HLS PIPELINE II=1
+    qk_word_t b;
+  qk_pack_beats_lane:
+    for (int l = 0; l < 16; ++l) {
+#pragma HLS UNROLL
+      qk_word_set_f32(b, l, buf[i / per_row][16 * (i % per_row) + l]);
+    }
+    dst[off + i] = b;
+  }
+}
+
 #endif  // QK_COMMON_H

@@ -3,6 +3,7 @@
 // element (plus one fp32 add for the absmax offset), in the reference's order.
 #include <cassert>
 
+#include "qk_common.h"
 #include "qk_kernels.h"
 
 namespace {
@@ -44,11 +45,7 @@ void qk_dec_core(qk_stream<qk_word_t>& packed, qk_stream<float>& scales, const f
   const int beats = (n + QK_DECODE_LANES - 1) / QK_DECODE_LANES;
   float rom[QK_CODES];
 #pragma HLS ARRAY_PARTITION variable=rom complete
-dec_load_rom:
-  for (int j = 0; j < QK_CODES; ++j) {
-#pragma HLS PIPELINE II=1
-    rom[j] = codebook[j];
-  }
+  qk_load_rom(codebook, rom);
   qk_word_t pw;
 dec_beats:
   for (int beat = 0; beat < beats; ++beat) {

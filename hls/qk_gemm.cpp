@@ -28,38 +28,17 @@ void qk_gemm_core(qk_stream<qk_word_t>& ws, qk_stream<qk_scale4_t>& ss, const qk
 #pragma HLS ARRAY_PARTITION variable=cv complete
   const int rbeats = (rows + 15) / 16;
 
-gemm_load_rom:
-  for (int j = 0; j < QK_CODES; ++j) {
-#pragma HLS PIPELINE II=1
-    rom[j] = codebook[j];
-  }
+  qk_load_rom(codebook, rom);
 gemm_mtile:
   for (int mt = 0; mt < mtiles; ++mt) {
 #pragma HLS LOOP_TRIPCOUNT min=1 max=256
-  gemm_load_y:
-    for (int i = 0; i < QK_GEMM_TM * rbeats; ++i) {
-#pragma HLS LOOP_TRIPCOUNT min=16 max=4096
-#pragma HLS PIPELINE II=1
-      const qk_word_t b = y_in[(long)mt * QK_GEMM_TM * rbeats + i];
-    gemm_load_y_lane:
-      for (int l = 0; l < 16; ++l) {
-#pragma HLS UNROLL
-        acc[i / rbeats][16 * (i % rbeats) + l] = qk_word_f32(b, l);
-      }
-    }
+    const long yoff = (long)mt * QK_GEMM_TM * rbeats;
+    qk_unpack_beats<QK_GEMM_MAX_ROWS>(y_in, yoff, QK_GEMM_TM * rbeats, rbeats, acc);
   gemm_tile:
     for (int t = 0; t < tiles; ++t) {
 #pragma HLS LOOP_TRIPCOUNT min=1 max=64
-    gemm_load_x:
-      for (int i = 0; i < QK_GEMM_TM * (QK_LANES / 16); ++i) {
-#pragma HLS PIPELINE II=1
-        const qk_word_t b = x[((long)mt * tiles + t) * QK_GEMM_TM * (QK_LANES / 16) + i];
-      gemm_load_x_lane:
-        for (int l = 0; l < 16; ++l) {
-#pragma HLS UNROLL
-          xk[i / (QK_LANES / 16)][16 * (i % (QK_LANES / 16)) + l] = qk_word_f32(b, l);
-        }
-      }
+      const int xbeats = QK_GEMM_TM * (QK_LANES / 16);
+      qk_unpack_beats<QK_LANES>(x, ((long)mt * tiles + t) * xbeats, xbeats, QK_LANES / 16, xk);
     gemm_row_m:
       for (int i = 0; i < rows * QK_GEMM_TM; ++i) {
 #pragma HLS LOOP_TRIPCOUNT min=16 max=65536
@@ -69,12 +48,7 @@ gemm_mtile:
         if (m == 0) {
           const qk_word_t wv = ws.read();
           a = ss.read();
-        gemm_decode:
-          for (int l = 0; l < QK_LANES; ++l) {
-#pragma HLS UNROLL
-            const unsigned byte = qk_byte(wv, l / 2);
-            cv[l] = rom[(l & 1) ? (byte & 0xFu) : (byte >> 4)];
-          }
+          qk_decode_beat(wv, rom, cv);
         }
         float p[QK_LANES], s[QK_SCALE_SLOTS];
 #pragma HLS ARRAY_PARTITION variable=p complete
@@ -92,18 +66,7 @@ gemm_mtile:
         acc[m][n] += qk_apply_scales(s, a, spw);
       }
     }
-  gemm_store_y:
-    for (int i = 0; i < QK_GEMM_TM * rbeats; ++i) {
-#pragma HLS LOOP_TRIPCOUNT min=16 max=4096
-#pragma HLS PIPELINE II=1
-      qk_word_t b;
-    gemm_store_y_lane:
-      for (int l = 0; l < 16; ++l) {
-#pragma HLS UNROLL
-        qk_word_set_f32(b, l, acc[i / rbeats][16 * (i % rbeats) + l]);
-      }
-      y_out[(long)mt * QK_GEMM_TM * rbeats + i] = b;
-    }
+    qk_pack_beats<QK_GEMM_MAX_ROWS>(acc, y_out, yoff, QK_GEMM_TM * rbeats, rbeats);
   }
 }
 

@@ -27,39 +27,16 @@ void qk_gemm_t_core(qk_stream<qk_word_t>& ws, qk_stream<qk_scale4_t>& ss, const 
   const int rbeats = (rows + 15) / 16;
   const int xbeats = QK_GEMM_TM * (QK_LANES / 16);
 
-gemmt_load_rom:
-  for (int j = 0; j < QK_CODES; ++j) {
-#pragma HLS PIPELINE II=1
-    rom[j] = codebook[j];
-  }
+  qk_load_rom(codebook, rom);
 gemmt_mtile:
   for (int mt = 0; mt < mtiles; ++mt) {
 #pragma HLS LOOP_TRIPCOUNT min=1 max=256
-  gemmt_load_dy:
-    for (int i = 0; i < QK_GEMM_TM * rbeats; ++i) {
-#pragma HLS LOOP_TRIPCOUNT min=16 max=4096
-#pragma HLS PIPELINE II=1
-      const qk_word_t b = dy[(long)mt * QK_GEMM_TM * rbeats + i];
-    gemmt_load_dy_lane:
-      for (int l = 0; l < 16; ++l) {
-#pragma HLS UNROLL
-        dyb[i / rbeats][16 * (i % rbeats) + l] = qk_word_f32(b, l);
-      }
-    }
+    qk_unpack_beats<QK_GEMM_MAX_ROWS>(dy, (long)mt * QK_GEMM_TM * rbeats, QK_GEMM_TM * rbeats, rbeats, dyb);
   gemmt_tile:
     for (int t = 0; t < tiles; ++t) {
 #pragma HLS LOOP_TRIPCOUNT min=1 max=64
       const long xoff = ((long)mt * tiles + t) * xbeats;
-    gemmt_load_acc:
-      for (int i = 0; i < xbeats; ++i) {
-#pragma HLS PIPELINE II=1
-        const qk_word_t b = dx_in[xoff + i];
-      gemmt_load_acc_lane:
-        for (int l = 0; l < 16; ++l) {
-#pragma HLS UNROLL
-          acc[i / (QK_LANES / 16)][16 * (i % (QK_LANES / 16)) + l] = qk_word_f32(b, l);
-        }
-      }
+      qk_unpack_beats<QK_LANES>(dx_in, xoff, xbeats, QK_LANES / 16, acc);
     gemmt_row_m:
       for (int i = 0; i < rows * QK_GEMM_TM; ++i) {
 #pragma HLS LOOP_TRIPCOUNT min=16 max=65536
@@ -69,12 +46,7 @@ gemmt_mtile:
         if (m == 0) {
           const qk_word_t wv = ws.read();
           a = ss.read();
-        gemmt_decode:
-          for (int l = 0; l < QK_LANES; ++l) {
-#pragma HLS UNROLL
-            const unsigned byte = qk_byte(wv, l / 2);
-            cv[l] = rom[(l & 1) ? (byte & 0xFu) : (byte >> 4)];
-          }
+          qk_decode_beat(wv, rom, cv);
         }
         const float d = dyb[m][n];
         float ds[QK_SCALE_SLOTS];
@@ -91,17 +63,7 @@ gemmt_mtile:
           acc[m][l] += prod;
         }
       }
-    gemmt_store:
-      for (int i = 0; i < xbeats; ++i) {
-#pragma HLS PIPELINE II=1
-        qk_word_t b;
-      gemmt_store_lane:
-        for (int l = 0; l < 16; ++l) {
-#pragma HLS UNROLL
-          qk_word_set_f32(b, l, acc[i / (QK_LANES / 16)][16 * (i % (QK_LANES / 16)) + l]);
-        }
-        dx_out[xoff + i] = b;
-      }
+      qk_pack_beats<QK_LANES>(acc, dx_out, xoff, xbeats, QK_LANES / 16);
     }
   }
 }
