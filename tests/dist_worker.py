@@ -180,8 +180,15 @@ def main() -> None:
                         digest_after=digest_after, world=world, peak_rss_kib=peaks, peak_reset=peak_reset, model_rss_kib=rss_model, packed_local_fraction=fraction,
                         seconds=seconds), os.path.join(args.out, "result.pt"))
     if world > 1:
+        import gc
+
         import torch.distributed as dist
 
+        # The DDP reducer / engine hold the process group and gloo threads: drop them before
+        # the group, or their destructors at interpreter exit can abort the rank
+        # ("terminate called without an active exception").
+        del model, opt, engine
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

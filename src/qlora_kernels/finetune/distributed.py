@@ -5,6 +5,7 @@ loss is scaled so that the engines' gradient averaging yields exactly the single
 gradient of the per-token mean over the global step. Rank 0 prints and writes files."""
 from __future__ import annotations
 
+import gc
 from typing import Optional
 
 import torch
@@ -62,6 +63,10 @@ class Session:
 
     def close(self) -> None:
         if self.on:
+            # Wrappers that hold the group (DDP's reducer, DeepSpeed's engine) may sit in
+            # reference cycles: collect them before the group goes, or their destructors at
+            # interpreter exit can abort the rank.
+            gc.collect()
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
