@@ -14,6 +14,8 @@ IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 ISA_FLAGS = {
     "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "_avx512vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512vbmi",
+                        "-mfma", "-mf16c"],
     "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
 

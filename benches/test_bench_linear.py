@@ -4,9 +4,10 @@ import pytest
 
 from qlora_kernels import bench_linear as bl
 
-GROUPS = [bl.linear_cases(1, 4096, 4096), bl.linear_cases(512, 4096, 4096)]
+GROUPS = [bl.linear_cases(1, 4096, 4096), bl.linear_cases(512, 4096, 4096), bl.linear_int8_cases(1, 4096, 4096)]
 for name, (k, n) in bl.PHI3_SHAPES.items():
-    GROUPS += [bl.linear_cases(1, k, n, f"phi3 {name}"), bl.linear_cases(512, k, n, f"phi3 {name}")]
+    GROUPS += [bl.linear_cases(1, k, n, f"phi3 {name}"), bl.linear_cases(512, k, n, f"phi3 {name}"),
+               bl.linear_int8_cases(1, k, n, f"phi3 {name}")]
 GROUPS += [bl.lora_layer_cases(512, 4096, 4096, 16, 32), bl.thread_scaling_cases(1), bl.thread_scaling_cases(512)]
 CASES = [c for g in GROUPS for c in g]
 

@@ -11,6 +11,7 @@
 #include "dense.h"
 #include "dispatch.h"
 #include "linear4.h"
+#include "linear4_q8.h"
 
 namespace py = pybind11;
 
@@ -111,6 +112,33 @@ void linear4_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, ui
                                        lddx, nthreads < 1 ? 1 : nthreads);
 }
 
+// The int8-compute forward (linear4_q8.h): the same checks, code8 is 16 int8 entries.
+void linear4_q8_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, int64_t packed_numel,
+                        uintptr_t absmax, int64_t absmax_numel, uintptr_t code8, int64_t N, int64_t blocksize,
+                        uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+  require(M >= 0, "M must be >= 0, got " + s(M));
+  // code8 is 16 bytes: check it as 4 floats' worth of bytes.
+  const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, absmax, N, K, blocksize);
+  require(N * K == 0 || code8 != 0, "code8: null data pointer");
+  const Extent ec{code8, code8 + 16};
+  require(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
+  require(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
+  const Extent ex = matrix_extent(x, M, K, ldx, "x");
+  const Extent ey = matrix_extent(y, M, N, ldy, "y");
+  const Extent eb = bias ? matrix_extent(bias, 1, N, N, "bias") : Extent{};
+  check_output(ey, "y", {{ex, "x"}, {eb, "bias"}, {cw.packed, "packed"}, {cw.absmax, "absmax"}, {ec, "code8"}});
+  if (M == 0 || N == 0) return;
+  const qk::Weight4Q8 w{cw.w.packed, cw.w.absmax, reinterpret_cast<const int8_t*>(code8), N, K, blocksize};
+  qk::linear4_q8_forward(reinterpret_cast<const float*>(x), M, ldx, w,
+                         bias ? reinterpret_cast<const float*>(bias) : nullptr, reinterpret_cast<float*>(y), ldy,
+                         nthreads < 1 ? 1 : nthreads);
+}
+
+const char* linear4_q8_plan(int64_t N, int64_t K, int64_t blocksize) {
+  require(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + s(blocksize));
+  return qk::linear4_q8_plan(qk::Weight4Q8{nullptr, nullptr, nullptr, N, K, blocksize});
+}
+
 qk::DenseWeight check_dense(uintptr_t w, int64_t N, int64_t K, int64_t ldw, Extent& ew) {
   require(N >= 0 && K >= 0, "N and K must be >= 0, got N=" + s(N) + ", K=" + s(K));
   require(ldw >= K && ldw >= 1, "ldw (row stride of W) must be >= K=" + s(K) + ", got " + s(ldw));
@@ -177,6 +205,15 @@ void register_linear4(py::module_& m) {
         "Input gradient of the fused 4-bit linear: dx[M, K] = dy[M, N] @ Wd, fp32, for the same [N, K] "
         "weight layout as linear4_forward; row strides lddy >= N and lddx >= K. dx is overwritten and must "
         "not overlap any input. |err| <= (N+2) * 2^-24 * (|dy| @ |Wd|).");
+  m.def("linear4_q8_forward", &linear4_q8_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"),
+        py::arg("ldx"), py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("absmax_ptr"),
+        py::arg("absmax_numel"), py::arg("code8_ptr"), py::arg("N"), py::arg("blocksize"), py::arg("bias_ptr"),
+        py::arg("y_ptr"), py::arg("ldy"), py::arg("nthreads"),
+        "int8-compute 4-bit linear (opt-in, inference): as linear4_forward, but x is quantized to int8 per "
+        "group of blocksize elements of each row and the codebook is the int8 table code8 (16 entries, "
+        "rint(code * 127)); integer dot products per segment, scaled by absmax * sx in fp32 (csrc/linear4_q8.h).");
+  m.def("linear4_q8_plan", &linear4_q8_plan, py::arg("N"), py::arg("K"), py::arg("blocksize"),
+        "The path linear4_q8_forward takes for these sizes on the current ISA: 'avx512-vnni' or 'scalar'.");
   m.def("dense_forward", &dense_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"), py::arg("ldx"),
         py::arg("w_ptr"), py::arg("N"), py::arg("ldw"), py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("ldy"),
         py::arg("nthreads"),

@@ -144,13 +144,33 @@ void gemv_row(const P& p, const float* xp, const Weight4& w, const BlockIndex& b
     } else {
       sv = p.lane_scale(w.absmax + bi(i));
     }
-    for8([&](auto s) {
-      constexpr int S = decltype(s)::value;
-      V v = P::template nib<S>(raw, tab);
-      if (!U) v = P::mul(v, sv);
+    if (U) {
+      for8([&](auto s) {
+        constexpr int S = decltype(s)::value;
+        const V v = P::template nib<S>(raw, tab);
 #pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m) acc[m][S % PA] = P::fma(v, P::load(xp + m * K + c + S * P::L), acc[m][S % PA]);
-    });
+        for (int m = 0; m < MB; ++m) acc[m][S % PA] = P::fma(v, P::load(xp + m * K + c + S * P::L), acc[m][S % PA]);
+      });
+    } else {
+      // Blocks smaller than the chunk: lane j's eight products share one block, so they
+      // are summed unscaled and scaled once (one multiply per lane group instead of one
+      // per decoded vector; the rounding stays within the fp32 dot-product bound).
+      V part[MB][2];
+      for8([&](auto s) {
+        constexpr int S = decltype(s)::value;
+        const V v = P::template nib<S>(raw, tab);
+#pragma GCC unroll 8
+        for (int m = 0; m < MB; ++m) {
+          const V xv = P::load(xp + m * K + c + S * P::L);
+          part[m][S % 2] = S < 2 ? P::mul(v, xv) : P::fma(v, xv, part[m][S % 2]);
+        }
+      });
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        acc[m][0] = P::fma(part[m][0], sv, acc[m][0]);
+        acc[m][1] = P::fma(part[m][1], sv, acc[m][1]);
+      }
+    }
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m) {

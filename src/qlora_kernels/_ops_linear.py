@@ -70,14 +70,31 @@ def _shaped(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
 def linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                      out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y = x @ dequantize(W).T (+ bias), W [out_features, x.shape[-1]], fp32 arithmetic."""
+    return _linear_run("linear_4bit", x, packed, absmax, blocksize, quant_type, out_features, bias)
+
+
+def _linear_run(kernel: str, x, packed, absmax, blocksize, quant_type, out_features, bias) -> torch.Tensor:
     check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
-    y = run("linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
+    y = run(kernel, x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
     return _shaped(y, x.dtype, (*x.shape[:-1], out_features))
 
 
 linear_4bit = torch.library.custom_op("qlora_kernels::linear_4bit", mutates_args=())(linear_4bit_impl)
+
+
+@_no_autocast
+def linear_4bit_int8_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                          quant_type: str, out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """linear_4bit in int8 arithmetic (opt-in; csrc/linear4_q8.h has the definition): x
+    quantized to int8 per block of its row, the codebook as int8, exact integer dot
+    products scaled in fp32. The backward is the fp32 one of linear_4bit (straight-through
+    for the activation quantization)."""
+    return _linear_run("linear_4bit_int8", x, packed, absmax, blocksize, quant_type, out_features, bias)
+
+
+linear_4bit_int8 = torch.library.custom_op("qlora_kernels::linear_4bit_int8", mutates_args=())(linear_4bit_int8_impl)
 
 
 def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
@@ -97,9 +114,12 @@ def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 @linear_4bit.register_fake
-def _(x, packed, absmax, blocksize, quant_type, out_features, bias):
+def _linear_fake(x, packed, absmax, blocksize, quant_type, out_features, bias):
     check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+linear_4bit_int8.register_fake(_linear_fake)
 
 
 @torch.library.custom_op("qlora_kernels::linear_4bit_grad_input", mutates_args=())
@@ -144,6 +164,7 @@ def _linear_backward(ctx, dy):
 
 
 linear_4bit.register_autograd(_linear_backward, setup_context=_linear_setup)
+linear_4bit_int8.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # ------------------------------------------------------------------- LoRA ops ----

@@ -119,6 +119,7 @@ def all_cases(quick: bool = False) -> list[Case]:
     size = 2048 if quick else 4096
     cases = quant_cases(size, size)
     cases += bench_linear.linear_cases(1, size, size)
+    cases += bench_linear.linear_int8_cases(1, size, size)
     cases += bench_linear.linear_cases(512 if not quick else 128, size, size)
     cases += bench_linear.lora_layer_cases(512 if not quick else 128, size, size)
     if not quick:

@@ -93,6 +93,32 @@ def linear_cases(M: int, K: int, N: int, label: str = "", peers: bool = True) ->
     return cases
 
 
+def linear_int8_cases(M: int, K: int, N: int, label: str = "") -> list[Case]:
+    """``linear_4bit(compute="int8")`` beside the peers that also compute with quantized
+    activations: ORT MatMulNBits accuracy_level=4 (int8) and torch int4 (bf16). A group
+    of its own, so that the exact fp32 path's ratios stay against every peer."""
+    W, x, packed, state, flops = linear_inputs(M, K, N)
+    g = f"linear M={M} {K}->{N}{(' ' + label) if label else ''} int8 compute"
+    cases = [Case(g, "qlora-kernels linear_4bit compute=int8", lambda: functional.linear_4bit(x, packed, state,
+                                                                                              compute="int8"),
+                  True, flops, "GFLOP/s")]
+    try:
+        wp, sz = _torch_int4(W)
+        xb = x.to(torch.bfloat16)
+        cases.append(Case(g, "torch int4 _weight_int4pack_mm_for_cpu (bf16)",
+                          lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 64, sz), False, flops, "GFLOP/s"))
+    except Exception as e:  # not every torch build has it
+        logging.getLogger(__name__).warning("torch int4 peer unavailable: %s", e)
+    try:
+        xn = x.numpy()
+        sess4 = _ort_session(W, "nbits", M, accuracy_level=4)
+        cases.append(Case(g, "ONNX Runtime MatMulNBits (int4 sym, acc 4)", lambda: sess4.run(None, {"X": xn}), False,
+                          flops, "GFLOP/s"))
+    except ImportError as e:
+        logging.getLogger(__name__).warning("ONNX Runtime peers unavailable: %s", e)
+    return cases
+
+
 def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, alpha: int = 32) -> list[Case]:
     """One QLoRA layer, forward + backward (input and adapter gradients), beside PEFT's LoRA
     layer on a bitsandbytes Linear4bit and on a dense nn.Linear."""

@@ -66,6 +66,18 @@ def codebook(quant_type: str) -> torch.Tensor:
 
 
 @functools.cache
+def _int8_codebook_cpu(quant_type: str) -> torch.Tensor:
+    return torch.round(_codebook_cpu(quant_type) * 127).to(torch.int8)
+
+
+def int8_codebook(quant_type: str) -> torch.Tensor:
+    """The codebook of the int8-compute linear (``linear_4bit(..., compute="int8")``):
+    ``rint(code * 127)`` as int8, indexed by nibble (both codebooks span [-1, 1]). A
+    fresh copy each call."""
+    return _int8_codebook_cpu(quant_type).clone()
+
+
+@functools.cache
 def _quant_tables_cpu(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     code = _codebook_cpu(quant_type)
     # Stable sort: FP4 has +0 (nibble 0) and -0 (nibble 8); the stable order puts nibble

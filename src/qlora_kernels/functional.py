@@ -7,6 +7,7 @@ import weakref
 import torch
 
 from . import _ops, _ops_linear, formats
+from . import backends as _backends
 from .formats import QuantState
 
 
@@ -146,16 +147,77 @@ def _check_x(x) -> None:
         raise ValueError(f"x must be on the CPU for the cpu/reference backends, got device {x.device}")
 
 
-def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+# Inference fast path of linear_4bit. A weight is validated once per (state, packed) and
+# remembered while none of the tensors involved changes (identity and version counter);
+# an eager fp32 call that needs no autograd then goes straight to the cpu kernel. The
+# checks, the backend lookup and the reshapes cost ~15 us a call, 8-10% of an M=1
+# 4096 x 4096 product. id(state) -> (weak reference, signature, kernel arguments).
+_PLAIN: dict = {}
+
+
+def _plain_signature(packed: torch.Tensor, state: QuantState) -> tuple:
+    a, c = state.absmax, state.code
+    return (id(packed), packed._version, id(a), a._version, id(c), c._version, state.blocksize, state.quant_type,
+            state.shape, state.state2)
+
+
+_COMPUTE = {"fp32": ("linear_4bit", _ops_linear.linear_4bit_impl),
+            "int8": ("linear_4bit_int8", _ops_linear.linear_4bit_int8_impl)}
+
+
+def _remember_plain(packed: torch.Tensor, state: QuantState, args: tuple) -> None:
+    p, absmax, blocksize, quant_type, out_features = args
+    if state.nested or not (p.is_contiguous() and absmax.is_contiguous()):
+        return
+    kernels = {}
+    for compute, (op, _) in _COMPUTE.items():
+        backend, kernels[compute] = _backends.kernel_for(op, "cpu")
+        if backend != "cpu":
+            return
+    key = id(state)
+    _PLAIN[key] = (weakref.ref(state, lambda _, key=key: _PLAIN.pop(key, None)), _plain_signature(packed, state),
+                   (kernels, p, absmax, blocksize, quant_type, out_features, int(state.shape[1])))
+
+
+def _linear_4bit_plain(x, packed, state, bias, compute):
+    """The fast path, or None when this call does not qualify."""
+    entry = _PLAIN.get(id(state))
+    if (entry is None or bias is not None or type(x) is not torch.Tensor or x.dtype is not torch.float32
+            or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()) or entry[0]() is not state
+            or entry[1] != _plain_signature(packed, state) or _backends.get_backend() != "cpu"
+            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0
+            or torch.compiler.is_compiling()):
+        return None
+    kernels, p, absmax, blocksize, quant_type, out_features, k = entry[2]
+    if x.dim() < 1 or x.shape[-1] != k or not x.is_contiguous() or compute not in kernels:
+        return None
+    return kernels[compute](x, p, absmax, blocksize, quant_type, out_features, None)
+
+
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None, *,
+                compute: str = "fp32") -> torch.Tensor:
     """``x @ dequantize_4bit(packed, state).T + bias`` without materializing the weight.
     Any leading dims; fp32/bf16/fp16 ``x`` (fp32 arithmetic, result in x's dtype).
-    Differentiable in ``x`` and ``bias``; the 4-bit weight is frozen."""
+    Differentiable in ``x`` and ``bias``; the 4-bit weight is frozen.
+
+    ``compute="int8"`` (opt-in, for inference) quantizes each block of ``x`` to int8 and
+    uses the codebook as int8 (ONNX Runtime's MatMulNBits accuracy_level=4, llama.cpp's
+    8-bit activations): ~2x faster for few rows on AVX-512 VNNI CPUs, with ~0.5% relative
+    error instead of fp32 rounding; its gradient is the fp32 one."""
+    y = _linear_4bit_plain(x, packed, state, bias, compute)
+    if y is not None:
+        return y
+    if compute not in _COMPUTE:
+        raise ValueError(f"compute must be one of {tuple(_COMPUTE)}, got {compute!r}")
+    op, impl = _COMPUTE[compute]
     _check_x(x)
     args = _weight_args(packed, state, x.shape[-1])
     if _ops_linear.plain_call_ok(x, bias, args[0], args[1]):  # inference: skip the dispatcher
-        return _ops_linear.linear_4bit_impl(x, *args, bias)
-    return torch.ops.qlora_kernels.linear_4bit(x, *args, bias)
+        y = impl(x, *args, bias)
+        if _backends.get_backend() == "cpu":
+            _remember_plain(packed, state, args)
+        return y
+    return getattr(torch.ops.qlora_kernels, op)(x, *args, bias)
 
 
 def _dropout_noise(x: torch.Tensor, dropout_p: float, training: bool) -> torch.Tensor | None:

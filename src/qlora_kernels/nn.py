@@ -12,6 +12,12 @@ from . import formats, functional
 from .formats import QuantState
 
 
+def _check_compute(compute: str) -> str:
+    if compute not in ("fp32", "int8"):
+        raise ValueError(f"compute must be 'fp32' or 'int8', got {compute!r}")
+    return compute
+
+
 class Linear4bit(nn.Module):
     """A frozen NF4/FP4 linear layer. ``weight`` holds the packed bytes (uint8
     ``[(out*in + 1) // 2, 1]``, a non-trainable Parameter as in bitsandbytes' Params4bit) and
@@ -20,12 +26,13 @@ class Linear4bit(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
                  blocksize: int = formats.DEFAULT_BLOCKSIZE, double_quant: bool = False,
-                 compute_dtype: Optional[torch.dtype] = None, device=None, dtype=None):
+                 compute_dtype: Optional[torch.dtype] = None, device=None, dtype=None, compute: str = "fp32"):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
+        self.compute = _check_compute(compute)
         init = torch.empty(out_features, in_features)
         nn.init.kaiming_uniform_(init, a=math.sqrt(5))  # nn.Linear's initialisation
         packed, state = functional.quantize_4bit(init, quant_type, blocksize, double_quant)
@@ -40,14 +47,16 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
-                    double_quant: bool = False) -> "Linear4bit":
-        """Quantize an ``nn.Linear`` (its bias is kept as it is, trainable or not)."""
+                    double_quant: bool = False, compute: str = "fp32") -> "Linear4bit":
+        """Quantize an ``nn.Linear`` (its bias is kept as it is, trainable or not).
+        ``compute="int8"`` selects the int8-compute forward (see functional.linear_4bit)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = None
+        self.compute = _check_compute(compute)
         packed, state = functional.quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state
@@ -71,9 +80,16 @@ class Linear4bit(nn.Module):
         return self._absmax_cache
 
     def _plain_state(self) -> QuantState:
-        s = self.quant_state
-        return QuantState(absmax=self._absmax(), shape=s.shape, code=s.code, blocksize=s.blocksize,
-                          quant_type=s.quant_type, dtype=s.dtype)
+        # Kept between calls: the functional fast path remembers a validated weight per
+        # state object, so a fresh state per forward would be validated every time.
+        s, a = self.quant_state, self._absmax()
+        key = (s, a, s.code, s.shape, s.blocksize, s.quant_type, s.dtype)
+        cached = getattr(self, "_plain_cache", None)
+        if cached is None or len(cached[0]) != len(key) or any(u is not v for u, v in zip(cached[0], key)):
+            cached = (key, QuantState(absmax=a, shape=s.shape, code=s.code, blocksize=s.blocksize,
+                                      quant_type=s.quant_type, dtype=s.dtype))
+            self._plain_cache = cached
+        return cached[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return functional.dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
@@ -83,12 +99,13 @@ class Linear4bit(nn.Module):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = self.bias
-        y = functional.linear_4bit(x, self.weight, self._plain_state(), bias)
+        y = functional.linear_4bit(x, self.weight, self._plain_state(), bias, compute=getattr(self, "compute", "fp32"))
         return y.to(in_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.quant_state.nested}")
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.quant_state.nested}"
+                + (f", compute={self.compute}" if getattr(self, "compute", "fp32") != "fp32" else ""))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import math
+
 import torch
 
 from .. import _C, formats
@@ -67,14 +69,27 @@ def dequantize_blockwise_8bit(q, absmax, code, blocksize):
 if hasattr(_C, "linear4_forward"):
 
     @register_kernel("linear_4bit", "cpu")
-    def linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, bias):
-        M, K = x2.shape
-        y = torch.empty((M, out_features), dtype=torch.float32)
-        code = _tables(quant_type)[0]
-        _C.linear4_forward(x2.data_ptr(), M, K, x2.stride(0) if M else K, packed.data_ptr(), packed.numel(),
-                           absmax.data_ptr(), absmax.numel(), code.data_ptr(), out_features, blocksize,
+    def linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias):
+        """x: contiguous fp32, any leading dims (the op passes it 2-D; functional's
+        inference fast path passes the caller's tensor as it is)."""
+        K = x.shape[-1]
+        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+        _C.linear4_forward(x.data_ptr(), y.numel() // out_features if out_features else math.prod(x.shape[:-1]), K,
+                           K, packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(),
+                           _tables(quant_type)[0].data_ptr(), out_features, blocksize,
                            bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features,
                            torch.get_num_threads())
+        return y
+
+    @register_kernel("linear_4bit_int8", "cpu")
+    def linear_4bit_int8(x, packed, absmax, blocksize, quant_type, out_features, bias):
+        K = x.shape[-1]
+        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+        _C.linear4_q8_forward(x.data_ptr(), y.numel() // out_features if out_features else math.prod(x.shape[:-1]),
+                              K, K, packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(),
+                              formats._int8_codebook_cpu(quant_type).data_ptr(), out_features, blocksize,
+                              bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features,
+                              torch.get_num_threads())
         return y
 
     @register_kernel("linear_4bit_grad_input", "cpu")

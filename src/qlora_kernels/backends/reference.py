@@ -102,6 +102,66 @@ def linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, bias):
     return torch.nn.functional.linear(x2, W, bias)
 
 
+def quantize_x_groups(x2: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation quantizer of the int8-compute linear (csrc/linear4_q8.h): per group
+    of ``group`` elements of each row, xq = clamp(rint(x * (127 / amax)), -127, 127) and
+    sx = amax / 127**2 (the int8 codebook's 1/127 folded in), both in fp32; all-zero
+    groups give 0 and 0, non-finite ones 0 and NaN.
+    Returns xq (int32, [M, K]) and sx ([M, ceil(K / group)])."""
+    M, K = x2.shape
+    ng = -(-K // group)
+    xp = torch.nn.functional.pad(x2, (0, ng * group - K)).view(M, ng, group)
+    finite = torch.isfinite(xp).all(-1)
+    amax = torch.where(finite, xp.abs().amax(-1), torch.zeros(()))
+    ok = finite & (amax > 0)
+    # Tensor / tensor: an IEEE fp32 division (a Python scalar numerator would become a
+    # reciprocal times the scalar, one more rounding than the C++ quantizer makes).
+    inv = torch.where(ok, torch.full_like(amax, 127.0) / torch.where(ok, amax, torch.ones(())), torch.zeros(()))
+    xq = torch.round(xp * inv.unsqueeze(-1)).clamp(-127, 127)
+    xq = torch.where(ok.unsqueeze(-1), xq, torch.zeros(())).view(M, -1)[:, :K].to(torch.int32)
+    sx = torch.where(finite, amax / torch.full_like(amax, 16129.0), torch.full_like(amax, float("nan")))
+    return xq, sx
+
+
+def _segments(N: int, K: int, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per element of W: its segment id within its row (a new segment where the x group or
+    the flat weight block changes), and per (row, segment): the block and the group."""
+    k = torch.arange(K)
+    flat = torch.arange(N).unsqueeze(1) * K + k
+    start = (k % blocksize == 0) | (flat % blocksize == 0)
+    start[:, 0] = True
+    seg = torch.cumsum(start.long(), 1) - 1
+    nseg = int(seg.max()) + 1 if seg.numel() else 0
+    block = torch.zeros(N, nseg, dtype=torch.long).scatter_(1, seg, flat // blocksize)
+    group = torch.zeros(N, nseg, dtype=torch.long).scatter_(1, seg, (k // blocksize).expand(N, K))
+    return seg, block, group
+
+
+@register_kernel("linear_4bit_int8", "reference")
+def linear_4bit_int8(x2, packed, absmax, blocksize, quant_type, out_features, bias):
+    """y = sum over segments of float(exact integer dot) * fp32(absmax * sx), summed in
+    fp64 and rounded once: the definition the native paths are held to."""
+    M, K = x2.shape
+    N = out_features
+    y = torch.zeros(M, N, dtype=torch.float64)
+    if M == 0 or N == 0 or K == 0:
+        return (y.float() + bias) if bias is not None else y.float()
+    xq, sx = quantize_x_groups(x2.float(), blocksize)
+    code8 = formats.int8_codebook(quant_type).long()
+    c8 = code8[_nibbles(packed, N * K)].view(N, K)
+    seg, block, group = _segments(N, K, blocksize)
+    nseg = block.shape[1]
+    for n0 in range(0, N, 64):  # rows of W in slices: the products are [M, rows, K]
+        n1 = min(N, n0 + 64)
+        prod = xq.long().unsqueeze(1) * c8[n0:n1].unsqueeze(0)
+        dots = torch.zeros(M, n1 - n0, nseg, dtype=torch.long).scatter_add_(2, seg[n0:n1].expand(M, -1, -1), prod)
+        scale = absmax[block[n0:n1]].unsqueeze(0) * sx[:, group[n0:n1]]  # fp32 products, as the kernels
+        used = torch.zeros(n1 - n0, nseg, dtype=torch.bool).scatter_(1, seg[n0:n1], True)
+        y[:, n0:n1] = torch.where(used, dots.double() * scale.double(), torch.zeros((), dtype=torch.float64)).sum(-1)
+    y = y.float()
+    return y + bias if bias is not None else y
+
+
 @register_kernel("linear_4bit_grad_input", "reference")
 def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
     return dy2 @ _dense_weight(packed, absmax, blocksize, quant_type, dy2.shape[1], in_features)

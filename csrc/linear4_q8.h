@@ -1,0 +1,46 @@
+// qlora-kernels: the int8-compute variant of the fused 4-bit linear forward (opt-in,
+// inference), the CPU counterpart of ONNX Runtime's MatMulNBits accuracy_level=4 and of
+// llama.cpp's 8-bit activation dot products. torch-free.
+//
+// Same weight layout as linear4.h. Two extra roundings define it (the reference is
+// qlora_kernels.backends.reference.linear_4bit_int8):
+//   * x is quantized per group of `blocksize` elements of each row (groups start at the
+//     row start): amax = max|x|, xq = clamp(rint(x * (127 / amax)), -127, 127) (ties to
+//     even, fp32), sx = amax / 127^2 (fp32; the codebook's 1/127 folded in); an all-zero
+//     group gives xq = 0, sx = 0, a non-finite one xq = 0, sx = NaN (the row's outputs
+//     become NaN, as in fp32);
+//   * the 16-entry codebook is used as int8 code8 = rint(code * 127) (formats.py).
+// Along a row, the elements are cut into segments where both the x group and the weight
+// block stay the same; y[m, n] = sum_seg float(sum_k xq[k] * code8[q]) * (absmax_b * sx_g)
+// (+ bias): the integer sums are exact, the fp32 part is one product per segment and the
+// sum of the segments (in partial sums of at most 8 elements each on the SIMD path).
+#pragma once
+#include <cstdint>
+
+#include "linear4.h"
+
+namespace qk {
+
+struct Weight4Q8 {
+  const uint8_t* packed;
+  const float* absmax;
+  const int8_t* code8;  // 16 entries, index = nibble
+  int64_t N, K, blocksize;
+};
+
+void linear4_q8_forward_scalar(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias,
+                               float* y, int64_t ldy, int nthreads);
+#if defined(QK_X86)
+// AVX-512 VNNI + VBMI: rows of whole 128-element chunks whose blocks either cover whole
+// chunks or split them on 8-element groups (linear4_q8_plan says which path runs).
+bool linear4_q8_avx512vnni_fits(const Weight4Q8& w);
+void linear4_q8_forward_avx512vnni(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias,
+                                   float* y, int64_t ldy, int nthreads);
+#endif
+
+// The path a call takes on the current ISA ("avx512-vnni" or "scalar") and the call.
+const char* linear4_q8_plan(const Weight4Q8& w);
+void linear4_q8_forward(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias, float* y,
+                        int64_t ldy, int nthreads);
+
+}  // namespace qk
