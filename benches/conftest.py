@@ -14,15 +14,15 @@ def pytest_addoption(parser):
     parser.addoption("--bench-threads", default="2", help="torch/OpenMP threads for the benchmarks")
 
 
-def run_case(benchmark, case, rounds: int = 7):
+def run_case(benchmark, case, rounds: int = 7, iterations: int = 1):
     benchmark.group = case.group
     benchmark.name = case.name
     from qlora_kernels.bench import machine_summary
 
     benchmark.extra_info.update(ours=case.ours, work=case.work, unit=case.unit, machine=machine_summary(), **case.extra)
-    benchmark.pedantic(case.fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(case.fn, rounds=rounds, warmup_rounds=1, iterations=iterations)
 
 
 @pytest.fixture
 def bench_case(benchmark):
-    return lambda case, rounds=7: run_case(benchmark, case, rounds)
+    return lambda case, rounds=7, iterations=1: run_case(benchmark, case, rounds, iterations)

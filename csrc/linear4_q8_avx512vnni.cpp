@@ -78,7 +78,7 @@ float row_dot(const Weight4Q8& w, int64_t n, const int8_t* xlo, const int8_t* xh
     __m512 v = _mm512_set1_ps(a[0]);
 #pragma GCC unroll 4
     for (int t = 1; t < NB; ++t)
-      v = _mm512_mask_broadcastss_ps(v, static_cast<__mmask16>(0xffffu << (t * 16 / NB)), _mm_set_ss(a[t]));
+      v = _mm512_mask_mov_ps(v, static_cast<__mmask16>(0xffffu << (t * 16 / NB)), _mm512_set1_ps(a[t]));
     return v;
   };
   __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
