@@ -213,7 +213,8 @@ void register_linear4(py::module_& m) {
         "group of blocksize elements of each row and the codebook is the int8 table code8 (16 entries, "
         "rint(code * 127)); integer dot products per segment, scaled by absmax * sx in fp32 (csrc/linear4_q8.h).");
   m.def("linear4_q8_plan", &linear4_q8_plan, py::arg("N"), py::arg("K"), py::arg("blocksize"),
-        "The path linear4_q8_forward takes for these sizes on the current ISA: 'avx512-vnni' or 'scalar'.");
+        "The path linear4_q8_forward takes for these sizes on the current ISA: 'avx512-vnni', 'avx2' or "
+        "'scalar'.");
   m.def("dense_forward", &dense_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"), py::arg("ldx"),
         py::arg("w_ptr"), py::arg("N"), py::arg("ldw"), py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("ldy"),
         py::arg("nthreads"),

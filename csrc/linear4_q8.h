@@ -31,6 +31,10 @@ struct Weight4Q8 {
 void linear4_q8_forward_scalar(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias,
                                float* y, int64_t ldy, int nthreads);
 #if defined(QK_X86)
+// AVX2: rows of whole 64-element chunks, blocksize 32 or a multiple of 64.
+bool linear4_q8_avx2_fits(const Weight4Q8& w);
+void linear4_q8_forward_avx2(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias,
+                             float* y, int64_t ldy, int nthreads);
 // AVX-512 VNNI + VBMI: rows of whole 128-element chunks whose blocks either cover whole
 // chunks or split them on 8-element groups (linear4_q8_plan says which path runs).
 bool linear4_q8_avx512vnni_fits(const Weight4Q8& w);
@@ -38,7 +42,7 @@ void linear4_q8_forward_avx512vnni(const float* x, int64_t M, int64_t ldx, const
                                    float* y, int64_t ldy, int nthreads);
 #endif
 
-// The path a call takes on the current ISA ("avx512-vnni" or "scalar") and the call.
+// The path a call takes on the current ISA ("avx512-vnni", "avx2" or "scalar") and the call.
 const char* linear4_q8_plan(const Weight4Q8& w);
 void linear4_q8_forward(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias, float* y,
                         int64_t ldy, int nthreads);

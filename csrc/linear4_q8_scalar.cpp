@@ -1,5 +1,5 @@
 // Portable path of the int8-compute linear (linear4_q8.h): any shape, any blocksize,
-// blocks straddling rows. Also what the scalar and AVX2 ISA paths run.
+// blocks straddling rows: what runs where no SIMD kernel fits.
 #include <vector>
 
 #include "dispatch.h"
@@ -39,6 +39,7 @@ void linear4_q8_forward_scalar(const float* x, int64_t M, int64_t ldx, const Wei
 const char* linear4_q8_plan(const Weight4Q8& w) {
 #if defined(QK_X86)
   if (current_isa() == Isa::Avx512 && linear4_q8_avx512vnni_fits(w)) return "avx512-vnni";
+  if (current_isa() != Isa::Scalar && linear4_q8_avx2_fits(w)) return "avx2";
 #endif
   (void)w;
   return "scalar";
@@ -47,7 +48,9 @@ const char* linear4_q8_plan(const Weight4Q8& w) {
 void linear4_q8_forward(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias, float* y,
                         int64_t ldy, int nthreads) {
 #if defined(QK_X86)
-  if (linear4_q8_plan(w)[0] == 'a') return linear4_q8_forward_avx512vnni(x, M, ldx, w, bias, y, ldy, nthreads);
+  const char* plan = linear4_q8_plan(w);
+  if (plan[0] == 'a' && plan[3] == '5') return linear4_q8_forward_avx512vnni(x, M, ldx, w, bias, y, ldy, nthreads);
+  if (plan[0] == 'a') return linear4_q8_forward_avx2(x, M, ldx, w, bias, y, ldy, nthreads);
 #endif
   linear4_q8_forward_scalar(x, M, ldx, w, bias, y, ldy, nthreads);
 }

@@ -48,6 +48,7 @@ def assert_int8_close(y, ref, mag, K, what=""):
 SHAPES = [  # (M, N, K, blocksize)
     (1, 1, 128, 64), (1, 7, 4096, 64), (7, 33, 256, 32), (2, 16, 384, 256), (3, 9, 640, 128),
     (1, 4, 4096, 4096), (4, 5, 96, 32), (1, 7, 4097, 64), (2, 3, 200, 128), (1, 300, 1024, 64),
+    (2, 6, 192, 64), (3, 5, 320, 32),  # whole 64- but not 128-element chunks: the AVX2 kernel on every SIMD ISA
 ]
 
 
@@ -64,14 +65,15 @@ def test_int8_matches_its_definition(isa, M, N, K, blocksize, quant_type):
     assert_int8_close(y - bias, ref - bias, magnitude(x, packed, state), K, f"{isa} {M}x{N}x{K} bs{blocksize}")
 
 
-def test_int8_reaches_the_vnni_path_where_the_cpu_has_it():
+def test_int8_reaches_each_kernel_where_the_cpu_has_it():
     flags = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
-    vnni = "avx512_vnni" in flags and "avx512vbmi" in flags and "avx512" in native_paths()
-    with on_path("cpu", "avx512" if "avx512" in native_paths() else native_paths()[-1]):
-        assert _C.linear4_q8_plan(4096, 4096, 64) == ("avx512-vnni" if vnni else "scalar")
-        assert _C.linear4_q8_plan(4096, 4100, 64) == "scalar"  # K not whole 128-element chunks
-    with on_path("cpu", "scalar"):
-        assert _C.linear4_q8_plan(4096, 4096, 64) == "scalar"
+    vnni = "avx512_vnni" in flags and "avx512vbmi" in flags
+    expected = {"scalar": "scalar", "avx2": "avx2", "avx512": "avx512-vnni" if vnni else "avx2"}
+    for isa in native_paths():
+        with on_path("cpu", isa):
+            assert _C.linear4_q8_plan(4096, 4096, 64) == expected[isa], isa
+            assert _C.linear4_q8_plan(4096, 192, 64) == ("scalar" if isa == "scalar" else "avx2")
+            assert _C.linear4_q8_plan(4096, 4100, 64) == "scalar"  # K not whole 64-element chunks
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
