@@ -4,7 +4,8 @@ import pytest
 
 from qlora_kernels import bench_linear as bl
 
-GROUPS = [bl.linear_cases(1, 4096, 4096), bl.linear_cases(512, 4096, 4096), bl.linear_int8_cases(1, 4096, 4096)]
+GROUPS = [bl.linear_cases(1, 4096, 4096), bl.linear_cases(512, 4096, 4096), bl.linear_int8_cases(1, 4096, 4096),
+          bl.linear_int8_cases(512, 4096, 4096)]
 for name, (k, n) in bl.PHI3_SHAPES.items():
     GROUPS += [bl.linear_cases(1, k, n, f"phi3 {name}"), bl.linear_cases(512, k, n, f"phi3 {name}"),
                bl.linear_int8_cases(1, k, n, f"phi3 {name}")]

@@ -120,6 +120,117 @@ float row_dot(const Weight4Q8& w, int64_t n, const int8_t* xlo, const int8_t* xh
   return _mm512_reduce_add_ps(_mm512_add_ps(f0, f1));
 }
 
+// Quantized rows of x, each in prepare_row's layout, at fixed strides.
+struct XRows {
+  int8_t *lo, *hi;  // K / 2 bytes per row
+  int32_t* corr;    // 16 per chunk per row
+  float* sxv;       // 16 per chunk per row
+  int64_t K;
+  int8_t* lo_of(int64_t m) const { return lo + m * (K / 2); }
+  int8_t* hi_of(int64_t m) const { return hi + m * (K / 2); }
+  int32_t* corr_of(int64_t m) const { return corr + m * (K / kChunk) * 16; }
+  float* sxv_of(int64_t m) const { return sxv + m * (K / kChunk) * 16; }
+};
+
+// Several rows of x: out[r] = sum over chunks [c0, c1) of weight row n . row m0 + r of x.
+// Each chunk of W is looked up once for all R rows (the lookups and the block scale are
+// half the work of the one-row loop).
+template <int NB, int R>
+void rows_x_dot(const Weight4Q8& w, int64_t n, const XRows& xs, int64_t m0, int64_t c0, int64_t c1, __m512i tab,
+                float* out) {
+  const int64_t K = w.K, bs = w.blocksize;
+  const int sh = __builtin_ctzll(static_cast<uint64_t>(bs));
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  const auto blk = [=](int64_t i) { return pow2 ? (i >> sh) : i / bs; };
+  const uint8_t* row = w.packed + n * K / 2;
+  const int64_t i0 = n * K;
+  __m512 f[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) f[r] = _mm512_setzero_ps();
+  for (int64_t c = c0; c < c1; c += kChunk) {
+    const __m512i raw = _mm512_loadu_si512(row + c / 2);
+    const __m512i lo = _mm512_permutexvar_epi8(raw, tab);
+    const __m512i hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(raw, 4), tab);
+    const float* a = w.absmax + blk(i0 + c);
+    __m512 s = _mm512_set1_ps(a[0]);
+#pragma GCC unroll 4
+    for (int t = 1; t < NB; ++t)
+      s = _mm512_mask_mov_ps(s, static_cast<__mmask16>(0xffffu << (t * 16 / NB)), _mm512_set1_ps(a[t]));
+    const int64_t q = (c / kChunk) * 16;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = m0 + r;
+      __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(xs.corr_of(m) + q), lo, _mm512_loadu_si512(xs.lo_of(m) + c / 2));
+      acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xs.hi_of(m) + c / 2));
+      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, _mm512_loadu_ps(xs.sxv_of(m) + q)), f[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(f[r]);
+}
+
+template <int NB>
+void rows_x_dot_any(int rows, const Weight4Q8& w, int64_t n, const XRows& xs, int64_t m0, int64_t c0, int64_t c1,
+                    __m512i tab, float* out) {
+  while (rows > 0) {
+    const int r = rows >= 4 ? 4 : rows >= 2 ? 2 : 1;
+    switch (r) {
+      case 4: rows_x_dot<NB, 4>(w, n, xs, m0, c0, c1, tab, out); break;
+      case 2: rows_x_dot<NB, 2>(w, n, xs, m0, c0, c1, tab, out); break;
+      default: rows_x_dot<NB, 1>(w, n, xs, m0, c0, c1, tab, out); break;
+    }
+    rows -= r;
+    m0 += r;
+    out += r;
+  }
+}
+
+// Many rows of x: tiles of kTileRows rows are quantized together; every thread takes a
+// range of weight rows in blocks of kBlockN (~kBlockN * K / 2 bytes: L2-resident while
+// all groups of the tile pass over it) and runs each weight row against groups of
+// kGroupRows rows of x (their quantized rows, ~8 KiB each for K = 4096, stay in L1).
+// Measured at M=512, 4096x4096 (2 threads): 27.5 ms; groups of 8 rows took 42 ms, and
+// slicing K to keep 16-row groups in L1 took 118 ms (y updated column-wise per slice).
+constexpr int64_t kTileRows = 64, kGroupRows = 4, kBlockN = 256;
+
+void forward_many_rows(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias, float* y,
+                       int64_t ldy, int nthreads, __m512i tab) {
+  const int64_t N = w.N, K = w.K, bs = w.blocksize, nch = K / kChunk;
+  ScratchMeter meter;
+  const int64_t mt_max = imin(kTileRows, M);
+  // Per row: K bytes of xlo/xhi (K / 4 floats), 32 lanes per chunk of corr and sxv.
+  ScratchBuf buf(meter, mt_max * (K / 4 + 32 * nch));
+  int8_t* bytes = reinterpret_cast<int8_t*>(buf.data());
+  const XRows xs{bytes, bytes + mt_max * (K / 2), reinterpret_cast<int32_t*>(buf.data() + mt_max * (K / 4)),
+                 buf.data() + mt_max * (K / 4 + 16 * nch), K};
+  const int T = threads_for(ceil_div(N, 16), nthreads);
+  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+    const int64_t mt = imin(kTileRows, M - m0);
+#pragma omp parallel for num_threads(threads_for(mt, nthreads)) schedule(static)
+    for (int64_t r = 0; r < mt; ++r)
+      prepare_row(x + (m0 + r) * ldx, K, bs, xs.lo_of(r), xs.hi_of(r), xs.corr_of(r), xs.sxv_of(r));
+#pragma omp parallel num_threads(T)
+    {
+      const int64_t t = thread_id(), nb = N * t / T, ne = N * (t + 1) / T;
+      float d[kGroupRows];
+      for (int64_t n0 = nb; n0 < ne; n0 += kBlockN) {
+        for (int64_t g = 0; g < mt; g += kGroupRows) {
+          const int rows = static_cast<int>(imin(kGroupRows, mt - g));
+          for (int64_t n = n0; n < imin(ne, n0 + kBlockN); ++n) {
+            if (bs == 32)
+              rows_x_dot_any<4>(rows, w, n, xs, g, 0, K, tab, d);
+            else if (bs == 64)
+              rows_x_dot_any<2>(rows, w, n, xs, g, 0, K, tab, d);
+            else
+              rows_x_dot_any<1>(rows, w, n, xs, g, 0, K, tab, d);
+            for (int r = 0; r < rows; ++r) y[(m0 + g + r) * ldy + n] = bias ? bias[n] + d[r] : d[r];
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 bool linear4_q8_avx512vnni_fits(const Weight4Q8& w) {
@@ -133,6 +244,10 @@ bool linear4_q8_avx512vnni_fits(const Weight4Q8& w) {
 void linear4_q8_forward_avx512vnni(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias,
                                    float* y, int64_t ldy, int nthreads) {
   const int64_t N = w.N, K = w.K, bs = w.blocksize, nch = K / kChunk;
+  alignas(64) uint8_t t8[64];
+  for (int j = 0; j < 64; ++j) t8[j] = static_cast<uint8_t>(w.code8[j % 16] + 128);
+  const __m512i tab = _mm512_load_si512(t8);
+  if (M > 1) return forward_many_rows(x, M, ldx, w, bias, y, ldy, nthreads, tab);
   ScratchMeter meter;
   // xlo, xhi: K bytes; corr, sxv: 16 lanes per chunk (in floats: K/2 + 32 * nch).
   ScratchBuf buf(meter, K / 2 + 32 * nch + 16);
@@ -140,19 +255,13 @@ void linear4_q8_forward_avx512vnni(const float* x, int64_t M, int64_t ldx, const
   int8_t* xhi = xlo + K / 2;
   int32_t* corr = reinterpret_cast<int32_t*>(buf.data() + K / 2);
   float* sxv = buf.data() + K / 2 + 16 * nch;
-  alignas(64) uint8_t t8[64];
-  for (int j = 0; j < 64; ++j) t8[j] = static_cast<uint8_t>(w.code8[j % 16] + 128);
-  const __m512i tab = _mm512_load_si512(t8);
-  for (int64_t m = 0; m < M; ++m) {
-    prepare_row(x + m * ldx, K, bs, xlo, xhi, corr, sxv);
-    float* ym = y + m * ldy;
+  prepare_row(x, K, bs, xlo, xhi, corr, sxv);
 #pragma omp parallel for num_threads(threads_for(ceil_div(N, 16), nthreads)) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-      const float d = bs == 32   ? row_dot<4>(w, n, xlo, xhi, corr, sxv, tab)
-                      : bs == 64 ? row_dot<2>(w, n, xlo, xhi, corr, sxv, tab)
-                                 : row_dot<1>(w, n, xlo, xhi, corr, sxv, tab);
-      ym[n] = bias ? d + bias[n] : d;
-    }
+  for (int64_t n = 0; n < N; ++n) {
+    const float d = bs == 32   ? row_dot<4>(w, n, xlo, xhi, corr, sxv, tab)
+                    : bs == 64 ? row_dot<2>(w, n, xlo, xhi, corr, sxv, tab)
+                               : row_dot<1>(w, n, xlo, xhi, corr, sxv, tab);
+    y[n] = bias ? d + bias[n] : d;
   }
 }
 
