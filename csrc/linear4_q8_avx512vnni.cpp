@@ -160,7 +160,8 @@ void rows_x_dot(const Weight4Q8& w, int64_t n, const XRows& xs, int64_t m0, int6
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const int64_t m = m0 + r;
-      __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(xs.corr_of(m) + q), lo, _mm512_loadu_si512(xs.lo_of(m) + c / 2));
+      __m512i acc =
+          _mm512_dpbusd_epi32(_mm512_loadu_si512(xs.corr_of(m) + q), lo, _mm512_loadu_si512(xs.lo_of(m) + c / 2));
       acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xs.hi_of(m) + c / 2));
       f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, _mm512_loadu_ps(xs.sxv_of(m) + q)), f[r]);
     }
