@@ -71,7 +71,7 @@ float row_dot(const Weight4Q8& w, int64_t n, const int8_t* xlo, const int8_t* xh
   // of two in practice, so shift.
   const int sh = __builtin_ctzll(static_cast<uint64_t>(bs));
   const bool pow2 = (bs & (bs - 1)) == 0;
-  const auto blk = [=](int64_t i) { return pow2 ? (i >> sh) : i / bs; };
+  const auto blk = [=](uint64_t i) { return pow2 ? (i >> sh) : i / static_cast<uint64_t>(bs); };
   // Lane j's block scale, for blocks smaller than a chunk: broadcasts (load-port work)
   // instead of a masked load and a permute, which cost ~15% of the whole call.
   const auto scales = [](const float* a) {
@@ -83,11 +83,13 @@ float row_dot(const Weight4Q8& w, int64_t n, const int8_t* xlo, const int8_t* xh
   };
   __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
   const uint8_t* row = w.packed + n * K / 2;
-  const int64_t i0 = n * K;
-  int64_t c = 0;
+  const uint64_t i0 = static_cast<uint64_t>(n * K);
+  // Unsigned offsets: signed ones cost a sign fix-up per division by 2 and by the chunk.
+  uint64_t c = 0;
+  const uint64_t Ku = static_cast<uint64_t>(K);
   // Two chunks per step with their loads and lookups interleaved by hand: the same code
   // written one chunk at a time (lambdas) measured 8% slower (GCC 12).
-  for (; c + 2 * kChunk <= K; c += 2 * kChunk) {
+  for (; c + 2 * kChunk <= Ku; c += 2 * kChunk) {
     const __m512i raw0 = _mm512_loadu_si512(row + c / 2), raw1 = _mm512_loadu_si512(row + (c + kChunk) / 2);
     __m512i a0 = _mm512_loadu_si512(corr + (c / kChunk) * 16), a1 = _mm512_loadu_si512(corr + (c / kChunk + 1) * 16);
     a0 = _mm512_dpbusd_epi32(a0, _mm512_permutexvar_epi8(raw0, tab), _mm512_loadu_si512(xlo + c / 2));
@@ -107,7 +109,7 @@ float row_dot(const Weight4Q8& w, int64_t n, const int8_t* xlo, const int8_t* xh
     f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_mul_ps(s0, _mm512_loadu_ps(sxv + (c / kChunk) * 16)), f0);
     f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_mul_ps(s1, _mm512_loadu_ps(sxv + (c / kChunk + 1) * 16)), f1);
   }
-  for (; c < K; c += kChunk) {
+  for (; c < Ku; c += kChunk) {
     const __m512i raw = _mm512_loadu_si512(row + c / 2);
     __m512i a = _mm512_loadu_si512(corr + (c / kChunk) * 16);
     a = _mm512_dpbusd_epi32(a, _mm512_permutexvar_epi8(raw, tab), _mm512_loadu_si512(xlo + c / 2));
