@@ -135,7 +135,7 @@ void gemv_row(const P& p, const float* xp, const Weight4& w, const BlockIndex& b
   typename P::Tab tab = p.base;
   int64_t cur = -1;
   for (int64_t c = 0; c < K; c += P::C) {
-    const int64_t i = n * K + c;
+    const uint64_t i = static_cast<uint64_t>(n * K + c);  // unsigned: i / 2 without a sign fix-up
     const typename P::Raw raw = P::raw(w.packed + i / 2);
     V sv = P::zero();
     if (U) {
