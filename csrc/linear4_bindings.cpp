@@ -49,9 +49,10 @@ struct CheckedWeight {
   Extent packed, absmax, code;
 };
 
-// W is [N, K]; packed/absmax sizes must match exactly what quantize_4bit produced.
+// W is [N, K]; packed/absmax sizes must match exactly what quantize_4bit produced. The
+// codebook is 16 fp32 entries, or 16 int8 ones (code_words = 4) for the int8 forward.
 CheckedWeight check_weight(uintptr_t packed, int64_t packed_numel, uintptr_t absmax, int64_t absmax_numel,
-                           uintptr_t code, int64_t N, int64_t K, int64_t blocksize) {
+                           uintptr_t code, int64_t N, int64_t K, int64_t blocksize, int64_t code_words = 16) {
   require(N >= 0 && K >= 0, "N and K must be >= 0, got N=" + s(N) + ", K=" + s(K));
   require(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= (int64_t(1) << 30),
           "blocksize must be a positive even number, got " + s(blocksize));
@@ -70,7 +71,7 @@ CheckedWeight check_weight(uintptr_t packed, int64_t packed_numel, uintptr_t abs
     require(packed != 0, "packed: null data pointer");
     c.packed = {packed, packed + static_cast<uintptr_t>(packed_numel)};
     c.absmax = matrix_extent(absmax, 1, absmax_numel, absmax_numel, "absmax");
-    c.code = matrix_extent(code, 1, 16, 16, "code");
+    c.code = matrix_extent(code, 1, code_words, code_words, "code");
   }
   return c;
 }
@@ -80,17 +81,23 @@ void check_output(const Extent& out, const char* name, std::initializer_list<std
     require(!overlap(out, in.first), std::string(name) + " must not overlap " + in.second);
 }
 
-void linear4_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, int64_t packed_numel,
-                     uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t N, int64_t blocksize,
-                     uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+// x [M, K] (row stride ldx), bias [N] or 0, y [M, N] (row stride ldy) of a forward call.
+void check_forward_io(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t bias, uintptr_t y, int64_t N,
+                      int64_t ldy, const CheckedWeight& cw) {
   require(M >= 0, "M must be >= 0, got " + s(M));
-  const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code, N, K, blocksize);
   require(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
   require(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
   const Extent ex = matrix_extent(x, M, K, ldx, "x");
   const Extent ey = matrix_extent(y, M, N, ldy, "y");
   const Extent eb = bias ? matrix_extent(bias, 1, N, N, "bias") : Extent{};
   check_output(ey, "y", {{ex, "x"}, {eb, "bias"}, {cw.packed, "packed"}, {cw.absmax, "absmax"}, {cw.code, "code"}});
+}
+
+void linear4_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, int64_t packed_numel,
+                     uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t N, int64_t blocksize,
+                     uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+  const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code, N, K, blocksize);
+  check_forward_io(x, M, K, ldx, bias, y, N, ldy, cw);
   if (M == 0 || N == 0) return;
   qk::linear4_kernels().forward(reinterpret_cast<const float*>(x), M, ldx, cw.w,
                                 bias ? reinterpret_cast<const float*>(bias) : nullptr, reinterpret_cast<float*>(y),
@@ -112,21 +119,12 @@ void linear4_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, ui
                                        lddx, nthreads < 1 ? 1 : nthreads);
 }
 
-// The int8-compute forward (linear4_q8.h): the same checks, code8 is 16 int8 entries.
+// The int8-compute forward (linear4_q8.h): the same checks; code8 is 16 int8 entries.
 void linear4_q8_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, int64_t packed_numel,
                         uintptr_t absmax, int64_t absmax_numel, uintptr_t code8, int64_t N, int64_t blocksize,
                         uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
-  require(M >= 0, "M must be >= 0, got " + s(M));
-  // code8 is 16 bytes: check it as 4 floats' worth of bytes.
-  const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, absmax, N, K, blocksize);
-  require(N * K == 0 || code8 != 0, "code8: null data pointer");
-  const Extent ec{code8, code8 + 16};
-  require(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
-  require(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
-  const Extent ex = matrix_extent(x, M, K, ldx, "x");
-  const Extent ey = matrix_extent(y, M, N, ldy, "y");
-  const Extent eb = bias ? matrix_extent(bias, 1, N, N, "bias") : Extent{};
-  check_output(ey, "y", {{ex, "x"}, {eb, "bias"}, {cw.packed, "packed"}, {cw.absmax, "absmax"}, {ec, "code8"}});
+  const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code8, N, K, blocksize, 4);
+  check_forward_io(x, M, K, ldx, bias, y, N, ldy, cw);
   if (M == 0 || N == 0) return;
   const qk::Weight4Q8 w{cw.w.packed, cw.w.absmax, reinterpret_cast<const int8_t*>(code8), N, K, blocksize};
   qk::linear4_q8_forward(reinterpret_cast<const float*>(x), M, ldx, w,

@@ -36,23 +36,38 @@ void linear4_q8_forward_scalar(const float* x, int64_t M, int64_t ldx, const Wei
   }
 }
 
-const char* linear4_q8_plan(const Weight4Q8& w) {
+namespace {
+
+enum class Q8Path { Scalar, Avx2, Avx512Vnni };
+
+Q8Path q8_path(const Weight4Q8& w) {
 #if defined(QK_X86)
-  if (current_isa() == Isa::Avx512 && linear4_q8_avx512vnni_fits(w)) return "avx512-vnni";
-  if (current_isa() != Isa::Scalar && linear4_q8_avx2_fits(w)) return "avx2";
+  if (current_isa() == Isa::Avx512 && linear4_q8_avx512vnni_fits(w)) return Q8Path::Avx512Vnni;
+  if (current_isa() != Isa::Scalar && linear4_q8_avx2_fits(w)) return Q8Path::Avx2;
 #endif
   (void)w;
-  return "scalar";
+  return Q8Path::Scalar;
+}
+
+}  // namespace
+
+const char* linear4_q8_plan(const Weight4Q8& w) {
+  switch (q8_path(w)) {
+    case Q8Path::Avx512Vnni: return "avx512-vnni";
+    case Q8Path::Avx2: return "avx2";
+    default: return "scalar";
+  }
 }
 
 void linear4_q8_forward(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias, float* y,
                         int64_t ldy, int nthreads) {
+  switch (q8_path(w)) {
 #if defined(QK_X86)
-  const char* plan = linear4_q8_plan(w);
-  if (plan[0] == 'a' && plan[3] == '5') return linear4_q8_forward_avx512vnni(x, M, ldx, w, bias, y, ldy, nthreads);
-  if (plan[0] == 'a') return linear4_q8_forward_avx2(x, M, ldx, w, bias, y, ldy, nthreads);
+    case Q8Path::Avx512Vnni: return linear4_q8_forward_avx512vnni(x, M, ldx, w, bias, y, ldy, nthreads);
+    case Q8Path::Avx2: return linear4_q8_forward_avx2(x, M, ldx, w, bias, y, ldy, nthreads);
 #endif
-  linear4_q8_forward_scalar(x, M, ldx, w, bias, y, ldy, nthreads);
+    default: return linear4_q8_forward_scalar(x, M, ldx, w, bias, y, ldy, nthreads);
+  }
 }
 
 }  // namespace qk

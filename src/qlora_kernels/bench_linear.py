@@ -46,6 +46,29 @@ def _torch_int4(W: torch.Tensor):
     return wp, sz
 
 
+def _torch_int4_cases(g: str, W: torch.Tensor, x: torch.Tensor, flops: float) -> list[Case]:
+    try:
+        wp, sz = _torch_int4(W)
+        xb = x.to(torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 64, sz)
+    except Exception as e:  # not every torch build has it
+        logging.getLogger(__name__).warning("torch int4 peer unavailable: %s", e)
+        return []
+    return [Case(g, "torch int4 _weight_int4pack_mm_for_cpu (bf16)",
+                 lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 64, sz), False, flops, "GFLOP/s")]
+
+
+def _ort_cases(g: str, W: torch.Tensor, x: torch.Tensor, flops: float, kinds) -> list[Case]:
+    """One case per (kind, accuracy_level, name) of ORT's one-MatMul models."""
+    try:
+        xn = x.numpy()
+        sessions = [(name, _ort_session(W, kind, x.shape[0], level)) for kind, level, name in kinds]
+    except ImportError as e:
+        logging.getLogger(__name__).warning("ONNX Runtime peers unavailable: %s", e)
+        return []
+    return [Case(g, name, (lambda s=sess: s.run(None, {"X": xn})), False, flops, "GFLOP/s") for name, sess in sessions]
+
+
 def linear_inputs(M: int, K: int, N: int):
     """The inputs every linear benchmark shares: (W, x, packed, state, flops), seeded."""
     torch.manual_seed(0)
@@ -63,25 +86,10 @@ def linear_cases(M: int, K: int, N: int, label: str = "", peers: bool = True) ->
     if not peers:
         return cases
     cases.append(Case(g, "torch dense fp32 x @ W.T", lambda: x @ W.t(), False, flops, "GFLOP/s"))
-    try:
-        wp, sz = _torch_int4(W)
-        xb = x.to(torch.bfloat16)
-        torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 64, sz)
-        cases.append(Case(g, "torch int4 _weight_int4pack_mm_for_cpu (bf16)",
-                          lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 64, sz), False, flops, "GFLOP/s"))
-    except Exception as e:  # not every torch build has it
-        logging.getLogger(__name__).warning("torch int4 peer unavailable: %s", e)
-    try:
-        xn = x.numpy()
-        for kind, name in (("nbits", "ONNX Runtime MatMulNBits (int4 sym, acc 0)"),
-                           ("bnb4", "ONNX Runtime MatMulBnb4 (NF4)")):
-            sess = _ort_session(W, kind, M)
-            cases.append(Case(g, name, (lambda s=sess: s.run(None, {"X": xn})), False, flops, "GFLOP/s"))
-        sess4 = _ort_session(W, "nbits", M, accuracy_level=4)
-        cases.append(Case(g, "ONNX Runtime MatMulNBits (int4 sym, acc 4)", lambda: sess4.run(None, {"X": xn}), False,
-                          flops, "GFLOP/s"))
-    except ImportError as e:
-        logging.getLogger(__name__).warning("ONNX Runtime peers unavailable: %s", e)
+    cases += _torch_int4_cases(g, W, x, flops)
+    cases += _ort_cases(g, W, x, flops, (("nbits", 0, "ONNX Runtime MatMulNBits (int4 sym, acc 0)"),
+                                         ("bnb4", 0, "ONNX Runtime MatMulBnb4 (NF4)"),
+                                         ("nbits", 4, "ONNX Runtime MatMulNBits (int4 sym, acc 4)")))
     try:
         import bitsandbytes as bnb
 
@@ -102,21 +110,8 @@ def linear_int8_cases(M: int, K: int, N: int, label: str = "") -> list[Case]:
     cases = [Case(g, "qlora-kernels linear_4bit compute=int8", lambda: functional.linear_4bit(x, packed, state,
                                                                                               compute="int8"),
                   True, flops, "GFLOP/s")]
-    try:
-        wp, sz = _torch_int4(W)
-        xb = x.to(torch.bfloat16)
-        cases.append(Case(g, "torch int4 _weight_int4pack_mm_for_cpu (bf16)",
-                          lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, wp, 64, sz), False, flops, "GFLOP/s"))
-    except Exception as e:  # not every torch build has it
-        logging.getLogger(__name__).warning("torch int4 peer unavailable: %s", e)
-    try:
-        xn = x.numpy()
-        sess4 = _ort_session(W, "nbits", M, accuracy_level=4)
-        cases.append(Case(g, "ONNX Runtime MatMulNBits (int4 sym, acc 4)", lambda: sess4.run(None, {"X": xn}), False,
-                          flops, "GFLOP/s"))
-    except ImportError as e:
-        logging.getLogger(__name__).warning("ONNX Runtime peers unavailable: %s", e)
-    return cases
+    return (cases + _torch_int4_cases(g, W, x, flops)
+            + _ort_cases(g, W, x, flops, (("nbits", 4, "ONNX Runtime MatMulNBits (int4 sym, acc 4)"),)))
 
 
 def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, alpha: int = 32) -> list[Case]:

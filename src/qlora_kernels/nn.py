@@ -12,12 +12,6 @@ from . import formats, functional
 from .formats import QuantState
 
 
-def _check_compute(compute: str) -> str:
-    if compute not in ("fp32", "int8"):
-        raise ValueError(f"compute must be 'fp32' or 'int8', got {compute!r}")
-    return compute
-
-
 class Linear4bit(nn.Module):
     """A frozen NF4/FP4 linear layer. ``weight`` holds the packed bytes (uint8
     ``[(out*in + 1) // 2, 1]``, a non-trainable Parameter as in bitsandbytes' Params4bit) and
@@ -32,7 +26,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
-        self.compute = _check_compute(compute)
+        self.compute = functional.check_compute(compute)
         init = torch.empty(out_features, in_features)
         nn.init.kaiming_uniform_(init, a=math.sqrt(5))  # nn.Linear's initialisation
         packed, state = functional.quantize_4bit(init, quant_type, blocksize, double_quant)
@@ -56,7 +50,7 @@ class Linear4bit(nn.Module):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = None
-        self.compute = _check_compute(compute)
+        self.compute = functional.check_compute(compute)
         packed, state = functional.quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state

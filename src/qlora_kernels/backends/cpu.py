@@ -3,7 +3,6 @@ run time. Threads follow torch.get_num_threads()."""
 from __future__ import annotations
 
 import functools
-
 import math
 
 import torch
@@ -68,29 +67,25 @@ def dequantize_blockwise_8bit(q, absmax, code, blocksize):
 # ---- fused 4-bit linear (csrc/linear4_*): never materializes the fp32 weight ----
 if hasattr(_C, "linear4_forward"):
 
-    @register_kernel("linear_4bit", "cpu")
-    def linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias):
+    def _forward(entry, code, x, packed, absmax, blocksize, out_features, bias):
         """x: contiguous fp32, any leading dims (the op passes it 2-D; functional's
         inference fast path passes the caller's tensor as it is)."""
         K = x.shape[-1]
         y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
-        _C.linear4_forward(x.data_ptr(), y.numel() // out_features if out_features else math.prod(x.shape[:-1]), K,
-                           K, packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(),
-                           _tables(quant_type)[0].data_ptr(), out_features, blocksize,
-                           bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features,
-                           torch.get_num_threads())
+        entry(x.data_ptr(), y.numel() // out_features if out_features else math.prod(x.shape[:-1]), K, K,
+              packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), out_features,
+              blocksize, bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features,
+              torch.get_num_threads())
         return y
+
+    @register_kernel("linear_4bit", "cpu")
+    def linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias):
+        return _forward(_C.linear4_forward, _tables(quant_type)[0], x, packed, absmax, blocksize, out_features, bias)
 
     @register_kernel("linear_4bit_int8", "cpu")
     def linear_4bit_int8(x, packed, absmax, blocksize, quant_type, out_features, bias):
-        K = x.shape[-1]
-        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
-        _C.linear4_q8_forward(x.data_ptr(), y.numel() // out_features if out_features else math.prod(x.shape[:-1]),
-                              K, K, packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(),
-                              formats._int8_codebook_cpu(quant_type).data_ptr(), out_features, blocksize,
-                              bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features,
-                              torch.get_num_threads())
-        return y
+        return _forward(_C.linear4_q8_forward, formats._int8_codebook_cpu(quant_type), x, packed, absmax, blocksize,
+                        out_features, bias)
 
     @register_kernel("linear_4bit_grad_input", "cpu")
     def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
