@@ -16,6 +16,7 @@
 
 #include "adamw.h"
 #include "dispatch.h"
+#include "require.h"
 
 namespace py = pybind11;
 
@@ -37,10 +38,6 @@ namespace {
 
 using Ptrs = std::vector<uintptr_t>;
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
-
 // 16K floats (64 KiB per array): big enough that the loop overhead vanishes, small
 // enough that a 2-thread split of a few MB stays balanced.
 constexpr int64_t kChunk = int64_t(1) << 14;
@@ -56,9 +53,9 @@ void check_no_overlap(std::vector<Range> r) {
   uintptr_t end_all = 0, end_written = 0;
   size_t t_all = 0, t_written = 0;
   for (const Range& x : r) {
-    require(x.begin >= end_written, "tensor " + std::to_string(x.tensor) + " overlaps the param/exp_avg/exp_avg_sq of tensor " +
+    QK_REQUIRE(x.begin >= end_written, "tensor " + std::to_string(x.tensor) + " overlaps the param/exp_avg/exp_avg_sq of tensor " +
                                         std::to_string(t_written) + " (the update would race with itself)");
-    require(!x.written || x.begin >= end_all, "the param/exp_avg/exp_avg_sq of tensor " + std::to_string(x.tensor) +
+    QK_REQUIRE(!x.written || x.begin >= end_all, "the param/exp_avg/exp_avg_sq of tensor " + std::to_string(x.tensor) +
                                                   " overlaps an input of tensor " + std::to_string(t_all));
     if (x.end > end_all) end_all = x.end, t_all = x.tensor;
     if (x.written && x.end > end_written) end_written = x.end, t_written = x.tensor;
@@ -74,25 +71,25 @@ void adamw_step(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, con
                 const std::vector<int64_t>& numels, const std::vector<double>& steps, double lr, double beta1,
                 double beta2, double eps, double weight_decay, bool maximize, int nthreads) {
   const size_t n = params.size();
-  require(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && numels.size() == n &&
+  QK_REQUIRE(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && numels.size() == n &&
               steps.size() == n,
           "params, grads, exp_avgs, exp_avg_sqs, numels and steps must have the same length");
-  require(std::isfinite(lr) && std::isfinite(beta1) && std::isfinite(beta2) && std::isfinite(eps) &&
+  QK_REQUIRE(std::isfinite(lr) && std::isfinite(beta1) && std::isfinite(beta2) && std::isfinite(eps) &&
               std::isfinite(weight_decay),
           "lr, betas, eps and weight_decay must be finite");
-  require(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "betas must be in [0, 1)");
+  QK_REQUIRE(beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1, "betas must be in [0, 1)");
   std::vector<Range> ranges;
   std::vector<qk::AdamWCoeffs> coeffs(n);
   std::vector<Work> work;
   for (size_t t = 0; t < n; ++t) {
     const int64_t len = numels[t];
-    require(len >= 0 && len <= (int64_t(1) << 40), "numels[" + std::to_string(t) + "] is out of range");
-    require(steps[t] >= 1 && std::isfinite(steps[t]), "steps[" + std::to_string(t) + "] must be >= 1");
+    QK_REQUIRE(len >= 0 && len <= (int64_t(1) << 40), "numels[" + std::to_string(t) + "] is out of range");
+    QK_REQUIRE(steps[t] >= 1 && std::isfinite(steps[t]), "steps[" + std::to_string(t) + "] must be >= 1");
     if (len == 0) continue;
     const uintptr_t ptrs[4] = {params[t], grads[t], exp_avgs[t], exp_avg_sqs[t]};
     for (int k = 0; k < 4; ++k) {
-      require(ptrs[k] != 0, "tensor " + std::to_string(t) + ": null data pointer");
-      require(ptrs[k] % alignof(float) == 0, "tensor " + std::to_string(t) + ": data pointer is not 4-byte aligned");
+      QK_REQUIRE(ptrs[k] != 0, "tensor " + std::to_string(t) + ": null data pointer");
+      QK_REQUIRE(ptrs[k] % alignof(float) == 0, "tensor " + std::to_string(t) + ": data pointer is not 4-byte aligned");
       ranges.push_back({ptrs[k], ptrs[k] + static_cast<uintptr_t>(len) * 4, k != 1, t});
     }
     const double bc1 = 1.0 - std::pow(beta1, steps[t]);

@@ -13,6 +13,7 @@
 #endif
 
 #include "dispatch.h"
+#include "require.h"
 #include "quant4.h"
 
 namespace py = pybind11;
@@ -22,10 +23,6 @@ void register_linear4(py::module_& m);
 void register_adamw(py::module_& m);
 
 namespace {
-
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
 
 // A fresh multi-MB torch tensor is untouched memory: first-touch page faults cost more
 // than decoding into it. Asking for transparent huge pages (as torch does under
@@ -49,11 +46,11 @@ T* ptr(uintptr_t p) {
 }
 
 void check_blocksize(int64_t blocksize) {
-  require(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + std::to_string(blocksize));
+  QK_REQUIRE(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + std::to_string(blocksize));
 }
 
 qk::DType dtype_of(int code, const char* what) {
-  require(code >= 0 && code <= 2, std::string(what) + ": unsupported dtype code " + std::to_string(code));
+  QK_REQUIRE(code >= 0 && code <= 2, std::string(what) + ": unsupported dtype code " + std::to_string(code));
   return static_cast<qk::DType>(code);
 }
 
@@ -61,11 +58,11 @@ int64_t quantize_4bit(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, ui
                       uintptr_t bounds, uintptr_t order, uintptr_t packed, int64_t packed_numel,
                       uintptr_t absmax, int64_t absmax_numel, int nthreads) {
   check_blocksize(blocksize);
-  require(n >= 0, "n must be >= 0");
-  require(packed_numel == (n + 1) / 2, "packed has " + std::to_string(packed_numel) + " bytes, expected " + std::to_string((n + 1) / 2));
-  require(absmax_numel == (n + blocksize - 1) / blocksize, "absmax has " + std::to_string(absmax_numel) + " entries, expected " + std::to_string((n + blocksize - 1) / blocksize));
+  QK_REQUIRE(n >= 0, "n must be >= 0");
+  QK_REQUIRE(packed_numel == (n + 1) / 2, "packed has " + std::to_string(packed_numel) + " bytes, expected " + std::to_string((n + 1) / 2));
+  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize, "absmax has " + std::to_string(absmax_numel) + " entries, expected " + std::to_string((n + blocksize - 1) / blocksize));
   if (n == 0) return -1;
-  require(x && code && bounds && order && packed && absmax, "null data pointer");
+  QK_REQUIRE(x && code && bounds && order && packed && absmax, "null data pointer");
   const qk::Quant4Tables t{ptr<const float>(code), ptr<const float>(bounds), ptr<const uint8_t>(order)};
   return qk::kernels().quantize4(ptr<const void>(x), dtype_of(x_dtype, "W"), n, blocksize, t,
                                  ptr<uint8_t>(packed), ptr<float>(absmax), nthreads < 1 ? 1 : nthreads);
@@ -74,11 +71,11 @@ int64_t quantize_4bit(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, ui
 void dequantize_4bit(uintptr_t packed, int64_t packed_numel, uintptr_t absmax, int64_t absmax_numel,
                      uintptr_t code, int64_t n, int64_t blocksize, uintptr_t out, int out_dtype, int nthreads) {
   check_blocksize(blocksize);
-  require(n >= 0, "n must be >= 0");
-  require(packed_numel == (n + 1) / 2, "packed has " + std::to_string(packed_numel) + " bytes, but the state's shape needs " + std::to_string((n + 1) / 2));
-  require(absmax_numel == (n + blocksize - 1) / blocksize, "absmax has " + std::to_string(absmax_numel) + " entries, but the state needs " + std::to_string((n + blocksize - 1) / blocksize));
+  QK_REQUIRE(n >= 0, "n must be >= 0");
+  QK_REQUIRE(packed_numel == (n + 1) / 2, "packed has " + std::to_string(packed_numel) + " bytes, but the state's shape needs " + std::to_string((n + 1) / 2));
+  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize, "absmax has " + std::to_string(absmax_numel) + " entries, but the state needs " + std::to_string((n + blocksize - 1) / blocksize));
   if (n == 0) return;
-  require(packed && absmax && code && out, "null data pointer");
+  QK_REQUIRE(packed && absmax && code && out, "null data pointer");
   const qk::DType ot = dtype_of(out_dtype, "dtype");
   advise_hugepages(out, n * (ot == qk::DType::F32 ? 4 : 2));
   qk::kernels().dequantize4(ptr<const uint8_t>(packed), ptr<const float>(absmax), ptr<const float>(code), n,
@@ -87,16 +84,16 @@ void dequantize_4bit(uintptr_t packed, int64_t packed_numel, uintptr_t absmax, i
 
 void quantize_8bit(uintptr_t x, int64_t n, int64_t blocksize, uintptr_t code, uintptr_t out,
                    uintptr_t absmax, int64_t absmax_numel) {
-  require(blocksize >= 1, "blocksize must be positive");
-  require(absmax_numel == (n + blocksize - 1) / blocksize, "absmax size does not match n and blocksize");
+  QK_REQUIRE(blocksize >= 1, "blocksize must be positive");
+  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize, "absmax size does not match n and blocksize");
   if (n <= 0) return;
   qk::quantize8_blockwise(ptr<const float>(x), n, blocksize, ptr<const float>(code), ptr<uint8_t>(out), ptr<float>(absmax));
 }
 
 void dequantize_8bit(uintptr_t q, uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t n,
                      int64_t blocksize, uintptr_t out) {
-  require(blocksize >= 1, "blocksize must be positive");
-  require(absmax_numel == (n + blocksize - 1) / blocksize, "absmax size does not match n and blocksize");
+  QK_REQUIRE(blocksize >= 1, "blocksize must be positive");
+  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize, "absmax size does not match n and blocksize");
   if (n <= 0) return;
   qk::dequantize8_blockwise(ptr<const uint8_t>(q), ptr<const float>(absmax), ptr<const float>(code), n, blocksize, ptr<float>(out));
 }

@@ -10,6 +10,7 @@
 
 #include "dense.h"
 #include "dispatch.h"
+#include "require.h"
 #include "linear4.h"
 #include "linear4_q8.h"
 
@@ -17,15 +18,15 @@ namespace py = pybind11;
 
 namespace {
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
-
 std::string s(int64_t v) { return std::to_string(v); }
+
+bool linear4_q8_repacked_fits_ok(int64_t N, int64_t K, int64_t blocksize) {
+  return N >= 0 && K >= 0 && blocksize >= 2 && qk::linear4_q8_repacked_fits(N, K, blocksize);
+}
 
 int64_t mul_checked(int64_t a, int64_t b, const char* what) {
   int64_t r;
-  require(!__builtin_mul_overflow(a, b, &r) && r <= (int64_t(1) << 60), std::string(what) + " is too large");
+  QK_REQUIRE(!__builtin_mul_overflow(a, b, &r) && r <= (int64_t(1) << 60), std::string(what) + " is too large");
   return r;
 }
 
@@ -36,8 +37,8 @@ struct Extent {
 
 Extent matrix_extent(uintptr_t p, int64_t rows, int64_t cols, int64_t ld, const char* name) {
   if (rows == 0 || cols == 0) return {};
-  require(p != 0, std::string(name) + ": null data pointer");
-  require(p % alignof(float) == 0, std::string(name) + ": data pointer is not 4-byte aligned");
+  QK_REQUIRE(p != 0, std::string(name) + ": null data pointer");
+  QK_REQUIRE(p % alignof(float) == 0, std::string(name) + ": data pointer is not 4-byte aligned");
   const int64_t span = mul_checked(rows - 1, ld, name) + cols;
   return {p, p + static_cast<uintptr_t>(mul_checked(span, 4, name))};
 }
@@ -53,14 +54,14 @@ struct CheckedWeight {
 // codebook is 16 fp32 entries, or 16 int8 ones (code_words = 4) for the int8 forward.
 CheckedWeight check_weight(uintptr_t packed, int64_t packed_numel, uintptr_t absmax, int64_t absmax_numel,
                            uintptr_t code, int64_t N, int64_t K, int64_t blocksize, int64_t code_words = 16) {
-  require(N >= 0 && K >= 0, "N and K must be >= 0, got N=" + s(N) + ", K=" + s(K));
-  require(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= (int64_t(1) << 30),
+  QK_REQUIRE(N >= 0 && K >= 0, "N and K must be >= 0, got N=" + s(N) + ", K=" + s(K));
+  QK_REQUIRE(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= (int64_t(1) << 30),
           "blocksize must be a positive even number, got " + s(blocksize));
   const int64_t n = mul_checked(N, K, "N*K");
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  require(packed_numel == (n + 1) / 2, "packed has " + s(packed_numel) + " bytes, but a [" + s(N) + ", " + s(K) +
+  QK_REQUIRE(packed_numel == (n + 1) / 2, "packed has " + s(packed_numel) + " bytes, but a [" + s(N) + ", " + s(K) +
                                            "] weight needs " + s((n + 1) / 2));
-  require(absmax_numel == nblocks, "absmax has " + s(absmax_numel) + " entries, but a [" + s(N) + ", " + s(K) +
+  QK_REQUIRE(absmax_numel == nblocks, "absmax has " + s(absmax_numel) + " entries, but a [" + s(N) + ", " + s(K) +
                                        "] weight with blocksize " + s(blocksize) + " needs " + s(nblocks));
   CheckedWeight c{{reinterpret_cast<const uint8_t*>(packed), reinterpret_cast<const float*>(absmax),
                    reinterpret_cast<const float*>(code), N, K, blocksize},
@@ -68,7 +69,7 @@ CheckedWeight check_weight(uintptr_t packed, int64_t packed_numel, uintptr_t abs
                   {},
                   {}};
   if (n > 0) {
-    require(packed != 0, "packed: null data pointer");
+    QK_REQUIRE(packed != 0, "packed: null data pointer");
     c.packed = {packed, packed + static_cast<uintptr_t>(packed_numel)};
     c.absmax = matrix_extent(absmax, 1, absmax_numel, absmax_numel, "absmax");
     c.code = matrix_extent(code, 1, code_words, code_words, "code");
@@ -78,15 +79,15 @@ CheckedWeight check_weight(uintptr_t packed, int64_t packed_numel, uintptr_t abs
 
 void check_output(const Extent& out, const char* name, std::initializer_list<std::pair<Extent, const char*>> inputs) {
   for (const auto& in : inputs)
-    require(!overlap(out, in.first), std::string(name) + " must not overlap " + in.second);
+    QK_REQUIRE(!overlap(out, in.first), std::string(name) + " must not overlap " + in.second);
 }
 
 // x [M, K] (row stride ldx), bias [N] or 0, y [M, N] (row stride ldy) of a forward call.
 void check_forward_io(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t bias, uintptr_t y, int64_t N,
                       int64_t ldy, const CheckedWeight& cw) {
-  require(M >= 0, "M must be >= 0, got " + s(M));
-  require(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
-  require(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
+  QK_REQUIRE(M >= 0, "M must be >= 0, got " + s(M));
+  QK_REQUIRE(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
+  QK_REQUIRE(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
   const Extent ex = matrix_extent(x, M, K, ldx, "x");
   const Extent ey = matrix_extent(y, M, N, ldy, "y");
   const Extent eb = bias ? matrix_extent(bias, 1, N, N, "bias") : Extent{};
@@ -107,10 +108,10 @@ void linear4_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t p
 void linear4_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, uintptr_t packed, int64_t packed_numel,
                             uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t K, int64_t blocksize,
                             uintptr_t dx, int64_t lddx, int nthreads) {
-  require(M >= 0, "M must be >= 0, got " + s(M));
+  QK_REQUIRE(M >= 0, "M must be >= 0, got " + s(M));
   const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code, N, K, blocksize);
-  require(lddy >= N && lddy >= 1, "lddy (row stride of dy) must be >= N=" + s(N) + ", got " + s(lddy));
-  require(lddx >= K && lddx >= 1, "lddx (row stride of dx) must be >= K=" + s(K) + ", got " + s(lddx));
+  QK_REQUIRE(lddy >= N && lddy >= 1, "lddy (row stride of dy) must be >= N=" + s(N) + ", got " + s(lddy));
+  QK_REQUIRE(lddx >= K && lddx >= 1, "lddx (row stride of dx) must be >= K=" + s(K) + ", got " + s(lddx));
   const Extent edy = matrix_extent(dy, M, N, lddy, "dy");
   const Extent edx = matrix_extent(dx, M, K, lddx, "dx");
   check_output(edx, "dx", {{edy, "dy"}, {cw.packed, "packed"}, {cw.absmax, "absmax"}, {cw.code, "code"}});
@@ -132,25 +133,73 @@ void linear4_q8_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_
                          nthreads < 1 ? 1 : nthreads);
 }
 
+void require_repack_shape(int64_t N, int64_t K, int64_t blocksize) {
+  QK_REQUIRE(N >= 0 && K >= 0 && qk::linear4_q8_repack_shape_ok(K, blocksize),
+             "the repacked layout needs K a multiple of blocksize and blocksize a multiple of 16, got N=" + s(N) +
+                 ", K=" + s(K) + ", blocksize=" + s(blocksize));
+}
+
+int64_t linear4_q8_repacked_bytes(int64_t N, int64_t K, int64_t blocksize) {
+  require_repack_shape(N, K, blocksize);
+  mul_checked(N, K, "N*K");
+  return qk::linear4_q8_repacked_bytes(N, K, blocksize);
+}
+
+void linear4_q8_repack(uintptr_t packed, int64_t packed_numel, int64_t N, int64_t K, int64_t blocksize, uintptr_t out,
+                       int64_t out_numel, int nthreads) {
+  require_repack_shape(N, K, blocksize);
+  QK_REQUIRE(packed_numel == mul_checked(N, K, "N*K") / 2, "packed has " + s(packed_numel) + " bytes, but a [" + s(N) +
+                                                               ", " + s(K) + "] weight needs " + s(N * K / 2));
+  const int64_t need = qk::linear4_q8_repacked_bytes(N, K, blocksize);
+  QK_REQUIRE(out_numel == need, "out has " + s(out_numel) + " bytes, the repacked weight needs " + s(need));
+  QK_REQUIRE((packed != 0 && out != 0) || N * K == 0, "null data pointer");
+  const Extent ep{packed, packed + static_cast<uintptr_t>(packed_numel)}, eo{out, out + static_cast<uintptr_t>(out_numel)};
+  check_output(eo, "out", {{ep, "packed"}});
+  if (N * K == 0) return;
+  qk::linear4_q8_repack(reinterpret_cast<const uint8_t*>(packed), N, K, blocksize, reinterpret_cast<uint8_t*>(out),
+                        nthreads < 1 ? 1 : nthreads);
+}
+
+// The one-row int8 forward on a repacked weight (linear4_q8.h): the checks of
+// linear4_q8_forward, with the repacked bytes in place of packed.
+void linear4_q8_forward_repacked(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t repacked,
+                                 int64_t repacked_numel, uintptr_t absmax, int64_t absmax_numel, uintptr_t code8,
+                                 int64_t N, int64_t blocksize, uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+  QK_REQUIRE(linear4_q8_repacked_fits_ok(N, K, blocksize), "no repacked int8 kernel for N=" + s(N) + ", K=" + s(K) +
+                                                               ", blocksize=" + s(blocksize) + " on this CPU");
+  const int64_t need = linear4_q8_repacked_bytes(N, K, blocksize);
+  QK_REQUIRE(repacked_numel == need, "repacked has " + s(repacked_numel) + " bytes, but a [" + s(N) + ", " + s(K) +
+                                         "] weight needs " + s(need));
+  // check_weight sizes packed as N*K / 2 bytes; the repacked extent replaces it.
+  CheckedWeight cw = check_weight(repacked, N * K / 2, absmax, absmax_numel, code8, N, K, blocksize, 4);
+  if (N * K > 0) cw.packed = {repacked, repacked + static_cast<uintptr_t>(repacked_numel)};
+  check_forward_io(x, M, K, ldx, bias, y, N, ldy, cw);
+  if (M == 0 || N == 0) return;
+  const qk::Weight4Q8 w{nullptr, cw.w.absmax, reinterpret_cast<const int8_t*>(code8), N, K, blocksize};
+  qk::linear4_q8_forward_repacked(reinterpret_cast<const float*>(x), M, ldx, reinterpret_cast<const uint8_t*>(repacked),
+                                  w, bias ? reinterpret_cast<const float*>(bias) : nullptr, reinterpret_cast<float*>(y),
+                                  ldy, nthreads < 1 ? 1 : nthreads);
+}
+
 const char* linear4_q8_plan(int64_t N, int64_t K, int64_t blocksize) {
-  require(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + s(blocksize));
+  QK_REQUIRE(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + s(blocksize));
   return qk::linear4_q8_plan(qk::Weight4Q8{nullptr, nullptr, nullptr, N, K, blocksize});
 }
 
 qk::DenseWeight check_dense(uintptr_t w, int64_t N, int64_t K, int64_t ldw, Extent& ew) {
-  require(N >= 0 && K >= 0, "N and K must be >= 0, got N=" + s(N) + ", K=" + s(K));
-  require(ldw >= K && ldw >= 1, "ldw (row stride of W) must be >= K=" + s(K) + ", got " + s(ldw));
+  QK_REQUIRE(N >= 0 && K >= 0, "N and K must be >= 0, got N=" + s(N) + ", K=" + s(K));
+  QK_REQUIRE(ldw >= K && ldw >= 1, "ldw (row stride of W) must be >= K=" + s(K) + ", got " + s(ldw));
   ew = matrix_extent(w, N, K, ldw, "W");
   return {reinterpret_cast<const float*>(w), N, K, ldw};
 }
 
 void dense_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t N, int64_t ldw,
                    uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
-  require(M >= 0, "M must be >= 0, got " + s(M));
+  QK_REQUIRE(M >= 0, "M must be >= 0, got " + s(M));
   Extent ew;
   const qk::DenseWeight dw = check_dense(w, N, K, ldw, ew);
-  require(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
-  require(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
+  QK_REQUIRE(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
+  QK_REQUIRE(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
   const Extent ex = matrix_extent(x, M, K, ldx, "x");
   const Extent ey = matrix_extent(y, M, N, ldy, "y");
   const Extent eb = bias ? matrix_extent(bias, 1, N, N, "bias") : Extent{};
@@ -163,11 +212,11 @@ void dense_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, 
 
 void dense_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, uintptr_t w, int64_t K, int64_t ldw,
                           uintptr_t dx, int64_t lddx, int nthreads) {
-  require(M >= 0, "M must be >= 0, got " + s(M));
+  QK_REQUIRE(M >= 0, "M must be >= 0, got " + s(M));
   Extent ew;
   const qk::DenseWeight dw = check_dense(w, N, K, ldw, ew);
-  require(lddy >= N && lddy >= 1, "lddy (row stride of dy) must be >= N=" + s(N) + ", got " + s(lddy));
-  require(lddx >= K && lddx >= 1, "lddx (row stride of dx) must be >= K=" + s(K) + ", got " + s(lddx));
+  QK_REQUIRE(lddy >= N && lddy >= 1, "lddy (row stride of dy) must be >= N=" + s(N) + ", got " + s(lddy));
+  QK_REQUIRE(lddx >= K && lddx >= 1, "lddx (row stride of dx) must be >= K=" + s(K) + ", got " + s(lddx));
   const Extent edy = matrix_extent(dy, M, N, lddy, "dy");
   const Extent edx = matrix_extent(dx, M, K, lddx, "dx");
   check_output(edx, "dx", {{edy, "dy"}, {ew, "W"}});
@@ -177,8 +226,8 @@ void dense_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, uint
 }
 
 std::string linear4_plan(int64_t M, int64_t N, int64_t K, int64_t blocksize, bool backward) {
-  require(M >= 0 && N >= 0 && K >= 0, "sizes must be >= 0");
-  require(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + s(blocksize));
+  QK_REQUIRE(M >= 0 && N >= 0 && K >= 0, "sizes must be >= 0");
+  QK_REQUIRE(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + s(blocksize));
   const qk::Weight4 w{nullptr, nullptr, nullptr, N, K, blocksize};
   return qk::linear4_kernels().plan(M, w, backward);
 }
@@ -213,6 +262,20 @@ void register_linear4(py::module_& m) {
   m.def("linear4_q8_plan", &linear4_q8_plan, py::arg("N"), py::arg("K"), py::arg("blocksize"),
         "The path linear4_q8_forward takes for these sizes on the current ISA: 'avx512-vnni', 'avx2' or "
         "'scalar'.");
+  m.def("linear4_q8_repacked_fits", &linear4_q8_repacked_fits_ok, py::arg("N"), py::arg("K"), py::arg("blocksize"),
+        "Whether this CPU has the one-row int8 kernel on a repacked weight for these sizes (linear4_q8.h).");
+  m.def("linear4_q8_repacked_bytes", &linear4_q8_repacked_bytes, py::arg("N"), py::arg("K"),
+        py::arg("blocksize"), "Size in bytes of the repacked weight (rows padded to panels of 16 blocks); K must "
+        "be a multiple of blocksize, blocksize a multiple of 16.");
+  m.def("linear4_q8_repack", &linear4_q8_repack, nogil, py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("N"),
+        py::arg("K"), py::arg("blocksize"), py::arg("out_ptr"), py::arg("out_numel"), py::arg("nthreads"),
+        "Writes the repacked layout of a [N, K] packed 4-bit weight (linear4_q8.h) into out.");
+  m.def("linear4_q8_forward_repacked", &linear4_q8_forward_repacked, nogil, py::arg("x_ptr"), py::arg("M"),
+        py::arg("K"), py::arg("ldx"), py::arg("repacked_ptr"), py::arg("repacked_numel"), py::arg("absmax_ptr"),
+        py::arg("absmax_numel"), py::arg("code8_ptr"), py::arg("N"), py::arg("blocksize"), py::arg("bias_ptr"),
+        py::arg("y_ptr"), py::arg("ldy"), py::arg("nthreads"),
+        "linear4_q8_forward on the repacked weight (linear4_q8_repack): the same definition; every row of x "
+        "streams the whole weight, so it is meant for M = 1.");
   m.def("dense_forward", &dense_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"), py::arg("ldx"),
         py::arg("w_ptr"), py::arg("N"), py::arg("ldw"), py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("ldy"),
         py::arg("nthreads"),

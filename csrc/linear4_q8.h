@@ -42,6 +42,29 @@ void linear4_q8_forward_avx512vnni(const float* x, int64_t M, int64_t ldx, const
                                    float* y, int64_t ldy, int nthreads);
 #endif
 
+// Repacked weight of the one-row AVX-512 VNNI kernel (compute="int8" at M=1, built once
+// per weight and cached by qlora_kernels.functional, as ONNX Runtime prepacks MatMulNBits
+// weights). Rows of whole blocks (K % blocksize == 0) are cut into panels of 16 blocks;
+// panel p of row n is blocksize / 8 vectors of 64 bytes, and byte 4j + i of vector v is
+// byte 4v + i of block 16p + j of the row (zero past the row's last block). Lane j of a
+// vpdpbusd over a panel then only meets block 16p + j, so the 16 block scales of a panel
+// apply once, to one vector, instead of per 128-element chunk (~4 of ~9 zmm operations per
+// chunk in the bitsandbytes layout).
+bool linear4_q8_repack_shape_ok(int64_t K, int64_t blocksize);  // K % blocksize == 0, blocksize % 16 == 0
+int64_t linear4_q8_repacked_bytes(int64_t N, int64_t K, int64_t blocksize);
+void linear4_q8_repack(const uint8_t* packed, int64_t N, int64_t K, int64_t blocksize, uint8_t* out, int nthreads);
+// Whether the current ISA has the repacked kernel for this shape (else callers keep to
+// linear4_q8_forward), and the kernel (only when it fits): rows of x one at a time, each
+// streaming the repacked weight (meant for M = 1). Same definition, same bound.
+bool linear4_q8_repacked_fits(int64_t N, int64_t K, int64_t blocksize);
+#if defined(QK_X86)
+void linear4_q8_forward_repacked_avx512vnni(const float* x, int64_t M, int64_t ldx, const uint8_t* repacked,
+                                            const Weight4Q8& w, const float* bias, float* y, int64_t ldy,
+                                            int nthreads);
+#endif
+void linear4_q8_forward_repacked(const float* x, int64_t M, int64_t ldx, const uint8_t* repacked, const Weight4Q8& w,
+                                 const float* bias, float* y, int64_t ldy, int nthreads);
+
 // The path a call takes on the current ISA ("avx512-vnni", "avx2" or "scalar") and the call.
 const char* linear4_q8_plan(const Weight4Q8& w);
 void linear4_q8_forward(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias, float* y,

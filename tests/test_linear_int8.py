@@ -178,7 +178,8 @@ def test_fast_path_sees_in_place_changes():
     x, packed, state = make(1, 8, 256, 64)
     with torch.no_grad():
         for compute in ("fp32", "int8"):
-            y0 = qk.linear_4bit(x, packed, state, compute=compute)
+            qk.linear_4bit(x, packed, state, compute=compute)  # validates and remembers the weight
+            y0 = qk.linear_4bit(x, packed, state, compute=compute)  # the fast path (one row int8: repacked)
             state.absmax.mul_(2)
             torch.testing.assert_close(qk.linear_4bit(x, packed, state, compute=compute), 2 * y0, rtol=1e-5, atol=0)
             state.absmax.div_(2)
@@ -188,3 +189,109 @@ def test_fast_path_sees_in_place_changes():
             torch.testing.assert_close(qk.linear_4bit(x, packed, state, compute=compute), y0, rtol=0, atol=0)
         with pytest.raises(ValueError, match="features"):
             qk.linear_4bit(torch.randn(1, 128), packed, state)
+
+
+# ---- the one-row kernel on a repacked weight (csrc/linear4_q8.h) ----
+
+def repacked_by_torch(packed, N, K, bs):
+    """The repacked layout, stated again with torch indexing: rows cut into panels of 16
+    blocks, byte 4j + i of vector v of a panel = byte 4v + i of the panel's block j."""
+    nb, P = K // bs, -(-(K // bs) // 16)
+    rows = packed.view(N, nb, bs // 2)
+    rows = torch.cat([rows, rows.new_zeros(N, P * 16 - nb, bs // 2)], 1)
+    return rows.view(N, P, 16, bs // 8, 4).permute(0, 1, 3, 2, 4).reshape(-1)
+
+
+def vnni_cpu() -> bool:
+    flags = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+    return "avx512_vnni" in flags and "avx512vbmi" in flags and "avx512" in native_paths()
+
+
+REPACK_SHAPES = [  # (N, K, blocksize): whole panels, a short last panel, one block a row, awkward N
+    (1, 128, 64), (7, 384, 64), (33, 1152, 32), (5, 4096, 128), (3, 2048, 256), (300, 1024, 64), (9, 4096, 4096),
+    (2, 2048, 64),
+]
+
+
+@pytest.mark.parametrize("N,K,blocksize", REPACK_SHAPES + [(4, 96, 32), (3, 1536, 512)])
+def test_repacked_layout(N, K, blocksize):
+    _, packed, _ = make(1, N, K, blocksize)
+    nbytes = _C.linear4_q8_repacked_bytes(N, K, blocksize)
+    out = torch.full((nbytes,), 0xAB, dtype=torch.uint8)
+    _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), N, K, blocksize, out.data_ptr(), nbytes, 2)
+    assert torch.equal(out, repacked_by_torch(packed, N, K, blocksize))
+
+
+def run_repacked(x, packed, state, bias=None):
+    N, K, bs = state.shape[0], state.shape[1], state.blocksize
+    nbytes = _C.linear4_q8_repacked_bytes(N, K, bs)
+    rep = torch.empty(nbytes, dtype=torch.uint8)
+    _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), N, K, bs, rep.data_ptr(), nbytes, 2)
+    y = torch.empty(x.shape[0], N)
+    code8 = formats.int8_codebook(state.quant_type)
+    _C.linear4_q8_forward_repacked(x.data_ptr(), x.shape[0], K, K, rep.data_ptr(), nbytes, state.absmax.data_ptr(),
+                                   state.absmax.numel(), code8.data_ptr(), N, bs,
+                                   0 if bias is None else bias.data_ptr(), y.data_ptr(), N, 2)
+    return y
+
+
+@pytest.mark.parametrize("N,K,blocksize", REPACK_SHAPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_repacked_kernel_matches_its_definition(N, K, blocksize, quant_type):
+    x, packed, state = make(2, N, K, blocksize, quant_type)
+    bias = torch.randn(N)
+    assert _C.linear4_q8_repacked_fits(N, K, blocksize) == vnni_cpu()
+    if not vnni_cpu():  # no such kernel here: the bindings refuse it, the fast path keeps to the others
+        with pytest.raises(ValueError, match="no repacked int8 kernel"):
+            run_repacked(x, packed, state, bias)
+        return
+    ref = reference.linear_4bit_int8(x, packed, state.absmax, blocksize, quant_type, N, bias)
+    y = run_repacked(x, packed, state, bias)
+    assert_int8_close(y - bias, ref - bias, magnitude(x, packed, state), K, f"repacked {N}x{K} bs{blocksize}")
+    # The fast path of linear_4bit runs it for one row, and gives the same bits.
+    with torch.no_grad():
+        for _ in range(2):  # the first call validates and remembers the weight
+            y1 = qk.linear_4bit(x[:1], packed, state, compute="int8")
+    assert torch.equal(y1, run_repacked(x[:1], packed, state))
+    assert qk.functional._PLAIN[id(state)][3]["int8_one_row"] is not None
+
+
+def test_repacked_zero_and_nonfinite_rows_and_forced_isas():
+    x, packed, state = make(4, 40, 2048, 64)  # 32 blocks a row: two panels
+    x[0] = 0.0
+    x[1, 1500] = float("nan")
+    x[2, 3] = float("-inf")
+    ys = [qk.linear_4bit(x[m:m + 1], packed, state, compute="int8") for m in range(4) for _ in range(2)][1::2]
+    assert torch.equal(ys[0], torch.zeros(1, 40))
+    assert ys[1].isnan().all() and ys[2].isnan().all()
+    ref = reference.linear_4bit_int8(x[3:], packed, state.absmax, 64, "nf4", 40, None)
+    assert_int8_close(ys[3], ref, magnitude(x[3:], packed, state), 2048, "fast path")
+    # Forcing another ISA after the repacked kernel was made: the call takes that ISA's path.
+    for isa in native_paths():
+        with on_path("cpu", isa):
+            y = qk.linear_4bit(x[3:], packed, state, compute="int8")
+        assert_int8_close(y, ref, magnitude(x[3:], packed, state), 2048, isa)
+
+
+def test_repacked_bad_input():
+    _, packed, state = make(1, 4, 256, 64)
+    out = torch.empty(_C.linear4_q8_repacked_bytes(4, 256, 64), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        _C.linear4_q8_repacked_bytes(4, 250, 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, 256, 8, out.data_ptr(), out.numel(), 1)
+    with pytest.raises(ValueError, match="out has"):
+        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, 256, 64, out.data_ptr(), out.numel() - 1, 1)
+    with pytest.raises(ValueError, match="packed has"):
+        _C.linear4_q8_repack(packed.data_ptr(), packed.numel() - 2, 4, 256, 64, out.data_ptr(), out.numel(), 1)
+    with pytest.raises(ValueError, match="overlap"):
+        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, 256, 64, packed.data_ptr(), out.numel(), 1)
+    if vnni_cpu():
+        x, y, code8 = torch.randn(1, 256), torch.empty(1, 4), formats.int8_codebook("nf4")
+        with pytest.raises(ValueError, match="repacked has"):
+            _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel() + 64,
+                                           state.absmax.data_ptr(), state.absmax.numel(), code8.data_ptr(), 4, 64, 0,
+                                           y.data_ptr(), 4, 1)
+        with pytest.raises(ValueError, match="absmax has"):
+            _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel(),
+                                           state.absmax.data_ptr(), 3, code8.data_ptr(), 4, 64, 0, y.data_ptr(), 4, 1)

@@ -181,15 +181,32 @@ def _remember_plain(packed: torch.Tensor, state: QuantState, args: tuple) -> Non
         if backend != "cpu":
             return
     key = id(state)
-    _PLAIN[key] = (weakref.ref(state, lambda _, key=key: _PLAIN.pop(key, None)), _plain_signature(packed, state),
-                   (kernels, p, absmax, blocksize, quant_type, out_features, int(state.shape[1])))
+    old = _PLAIN.get(key)
+    if old is not None and old[0]() is state and old[1] == _plain_signature(packed, state):
+        return  # still valid: keep what it holds (a repacked copy is costly to remake)
+    _PLAIN[key] = (weakref.ref(state, lambda _, key=key, d=_PLAIN: d.pop(key, None)), _plain_signature(packed, state),
+                   (kernels, p, absmax, blocksize, quant_type, out_features, int(state.shape[1])), {})
+
+
+def _int8_one_row(entry):
+    """The repacked one-row int8 kernel of this weight (backends.cpu.int8_one_row), made on
+    the first one-row int8 call and kept with the entry: it holds a second copy of the
+    weight, which only inference at M=1 with compute="int8" asks for."""
+    extra = entry[3]
+    if "int8_one_row" not in extra:
+        from .backends import cpu
+
+        _, p, absmax, blocksize, quant_type, out_features, k = entry[2]
+        extra["int8_one_row"] = cpu.int8_one_row(p, absmax, blocksize, quant_type, out_features, k)
+    return extra["int8_one_row"]
 
 
 def _linear_4bit_plain(x, packed, state, bias, compute):
     """The fast path, or None when this call does not qualify."""
     entry = _PLAIN.get(id(state))
-    if (entry is None or bias is not None or type(x) is not torch.Tensor or x.dtype is not torch.float32
-            or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()) or entry[0]() is not state
+    grad = torch.is_grad_enabled()
+    if (entry is None or type(x) is not torch.Tensor or x.dtype is not torch.float32
+            or not x.is_cpu or (x.requires_grad and grad) or entry[0]() is not state
             or entry[1] != _plain_signature(packed, state) or _backends.get_backend() != "cpu"
             or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0
             or torch.compiler.is_compiling()):
@@ -197,7 +214,16 @@ def _linear_4bit_plain(x, packed, state, bias, compute):
     kernels, p, absmax, blocksize, quant_type, out_features, k = entry[2]
     if x.dim() < 1 or x.shape[-1] != k or not x.is_contiguous() or compute not in kernels:
         return None
-    return kernels[compute](x, p, absmax, blocksize, quant_type, out_features, None)
+    if bias is not None and (type(bias) is not torch.Tensor or bias.dtype is not torch.float32 or not bias.is_cpu
+                             or bias.shape != (out_features,) or not bias.is_contiguous()
+                             or (bias.requires_grad and grad)):
+        return None
+    if compute == "int8" and x.numel() == k:  # one row: the repacked kernel, where there is one
+        one_row = _int8_one_row(entry)
+        y = None if one_row is None else one_row(x, bias)
+        if y is not None:
+            return y
+    return kernels[compute](x, p, absmax, blocksize, quant_type, out_features, bias)
 
 
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None, *,
@@ -217,10 +243,14 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: 
     _check_x(x)
     args = _weight_args(packed, state, x.shape[-1])
     if _ops_linear.plain_call_ok(x, bias, args[0], args[1]):  # inference: skip the dispatcher
-        y = impl(x, *args, bias)
         if _backends.get_backend() == "cpu":
+            # Validated: remembered, and run as every later call will be (the one-row int8
+            # kernel and the general one agree within their bound, not bit for bit).
             _remember_plain(packed, state, args)
-        return y
+            y = _linear_4bit_plain(x, packed, state, bias, compute)
+            if y is not None:
+                return y
+        return impl(x, *args, bias)
     return getattr(torch.ops.qlora_kernels, op)(x, *args, bias)
 
 

@@ -87,6 +87,34 @@ if hasattr(_C, "linear4_forward"):
         return _forward(_C.linear4_q8_forward, formats._int8_codebook_cpu(quant_type), x, packed, absmax, blocksize,
                         out_features, bias)
 
+    def int8_one_row(packed, absmax, blocksize, quant_type, out_features, in_features):
+        """The one-row int8 forward on a repacked copy of this weight (csrc/linear4_q8.h):
+        a callable ``f(x, bias=None) -> y`` for one row of contiguous fp32 ``x`` (and a
+        contiguous fp32 ``bias``) that returns None while another ISA is forced; None
+        where this CPU has no such kernel. The copy (the size of ``packed``) is made here,
+        once: the caller keeps ``f`` only while the weight and absmax stay unchanged."""
+        N, K = out_features, in_features
+        if not _C.linear4_q8_repacked_fits(N, K, blocksize):
+            return None
+        nbytes = _C.linear4_q8_repacked_bytes(N, K, blocksize)
+        repacked = torch.empty(nbytes, dtype=torch.uint8)
+        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), N, K, blocksize, repacked.data_ptr(), nbytes,
+                             torch.get_num_threads())
+        code = formats._int8_codebook_cpu(quant_type)
+        ptrs = (repacked.data_ptr(), nbytes, absmax.data_ptr(), absmax.numel(), code.data_ptr(), N, blocksize)
+        forward, fits = _C.linear4_q8_forward_repacked, _C.linear4_q8_repacked_fits
+
+        def f(x, bias=None):
+            if not fits(N, K, blocksize):
+                return None
+            y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
+            forward(x.data_ptr(), 1, K, K, *ptrs, 0 if bias is None else bias.data_ptr(), y.data_ptr(), N,
+                    torch.get_num_threads())
+            return y
+
+        f.keep = (repacked, absmax, code)  # the pointers above stay valid while f lives
+        return f
+
     @register_kernel("linear_4bit_grad_input", "cpu")
     def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
         M, N = dy2.shape

@@ -1,0 +1,66 @@
+// The repacked weight layout of the one-row int8 kernel (linear4_q8.h): the byte
+// permutation, and the dispatch of the kernel that reads it. Portable.
+#include <cstring>
+
+#include "dispatch.h"
+#include "linear4_common.h"
+#include "linear4_q8.h"
+
+namespace qk {
+
+namespace {
+constexpr int64_t kPanelBlocks = 16;
+}
+
+bool linear4_q8_repack_shape_ok(int64_t K, int64_t blocksize) {
+  // Blocks of whole rows; 16-byte blocks or larger keep a panel a whole number of vector
+  // pairs (the kernel's unrolling).
+  return blocksize >= 16 && blocksize % 16 == 0 && K % blocksize == 0;
+}
+
+int64_t linear4_q8_repacked_bytes(int64_t N, int64_t K, int64_t blocksize) {
+  const int64_t panels = ceil_div(K / blocksize, kPanelBlocks);
+  return N * panels * kPanelBlocks * (blocksize / 2);
+}
+
+void linear4_q8_repack(const uint8_t* packed, int64_t N, int64_t K, int64_t blocksize, uint8_t* out, int nthreads) {
+  const int64_t nb = K / blocksize, half = blocksize / 2, V = blocksize / 8;
+  const int64_t panels = ceil_div(nb, kPanelBlocks), row_out = panels * kPanelBlocks * half;
+#pragma omp parallel for num_threads(threads_for(ceil_div(N, 64), nthreads)) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* row = packed + n * (K / 2);
+    uint8_t* o = out + n * row_out;
+    for (int64_t p = 0; p < panels; ++p)
+      for (int64_t v = 0; v < V; ++v)
+        for (int64_t j = 0; j < kPanelBlocks; ++j, o += 4) {
+          const int64_t b = p * kPanelBlocks + j;
+          if (b < nb)
+            std::memcpy(o, row + b * half + 4 * v, 4);
+          else
+            std::memset(o, 0, 4);
+        }
+  }
+}
+
+bool linear4_q8_repacked_fits(int64_t N, int64_t K, int64_t blocksize) {
+#if defined(QK_X86)
+  // The kernel quantizes x with the chunked VNNI kernel's prepare_row: that shape must fit too.
+  const Weight4Q8 w{nullptr, nullptr, nullptr, N, K, blocksize};
+  return current_isa() == Isa::Avx512 && linear4_q8_repack_shape_ok(K, blocksize) && linear4_q8_avx512vnni_fits(w);
+#else
+  (void)N, (void)K, (void)blocksize;
+  return false;
+#endif
+}
+
+void linear4_q8_forward_repacked(const float* x, int64_t M, int64_t ldx, const uint8_t* repacked, const Weight4Q8& w,
+                                 const float* bias, float* y, int64_t ldy, int nthreads) {
+  // Callers check linear4_q8_repacked_fits first (the bindings refuse the call otherwise).
+#if defined(QK_X86)
+  linear4_q8_forward_repacked_avx512vnni(x, M, ldx, repacked, w, bias, y, ldy, nthreads);
+#else
+  (void)x, (void)M, (void)ldx, (void)repacked, (void)w, (void)bias, (void)y, (void)ldy, (void)nthreads;
+#endif
+}
+
+}  // namespace qk
