@@ -295,3 +295,37 @@ def test_repacked_bad_input():
         with pytest.raises(ValueError, match="absmax has"):
             _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel(),
                                            state.absmax.data_ptr(), 3, code8.data_ptr(), 4, 64, 0, y.data_ptr(), 4, 1)
+
+
+def test_int8_repack_switch_frees_and_remakes_the_copy():
+    from qlora_kernels import functional
+
+    x, packed, state = make(1, 12, 1024, 64)
+    general = reference.linear_4bit_int8(x, packed, state.absmax, 64, "nf4", 12, None)
+    try:
+        assert functional.int8_repack() is True
+        qk.linear_4bit(x, packed, state, compute="int8")
+        assert (functional._PLAIN[id(state)][3].get("int8_one_row") is not None) == vnni_cpu()
+        assert functional.int8_repack(False) is False
+        assert "int8_one_row" not in functional._PLAIN[id(state)][3]  # freed
+        y = qk.linear_4bit(x, packed, state, compute="int8")  # the general kernel: the op's bits
+        assert "int8_one_row" not in functional._PLAIN[id(state)][3]
+        assert torch.equal(y, torch.ops.qlora_kernels.linear_4bit_int8(x, packed, state.absmax, 64, "nf4", 12, None))
+        assert_int8_close(y, general, magnitude(x, packed, state), 1024, "repack off")
+        functional.int8_repack(True)
+        qk.linear_4bit(x, packed, state, compute="int8")
+        assert (functional._PLAIN[id(state)][3].get("int8_one_row") is not None) == vnni_cpu()
+        with pytest.raises(TypeError, match="enabled must be a bool"):
+            functional.int8_repack(1)
+    finally:
+        functional.int8_repack(True)
+
+
+def test_int8_repack_env_var_starts_it_off():
+    import subprocess
+    import sys
+
+    code = "from qlora_kernels import functional; print(functional.int8_repack())"
+    env = {**__import__("os").environ, "QLORA_KERNELS_INT8_REPACK": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -2,6 +2,7 @@
 argument), then call the torch.library ops, which run on the selected backend."""
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -188,10 +189,34 @@ def _remember_plain(packed: torch.Tensor, state: QuantState, args: tuple) -> Non
                    (kernels, p, absmax, blocksize, quant_type, out_features, int(state.shape[1])), {})
 
 
+# Whether one-row compute="int8" calls may keep a repacked copy of their weight (see
+# int8_repack); QLORA_KERNELS_INT8_REPACK=0 starts with it off.
+_INT8_REPACK = [os.environ.get("QLORA_KERNELS_INT8_REPACK", "1") != "0"]
+
+
+def int8_repack(enabled: bool | None = None) -> bool:
+    """Whether ``linear_4bit(..., compute="int8")`` on one row of x may run on a repacked
+    copy of the weight (faster on AVX-512 VNNI CPUs, ~0.6x of the time of the bitsandbytes
+    layout's kernel at 4096x4096; the copy is the size of ``packed`` and lives as long as
+    the weight's QuantState). ``int8_repack(False)`` turns it off and frees the copies
+    made so far; the environment variable ``QLORA_KERNELS_INT8_REPACK=0`` starts with it
+    off. Returns the setting in force."""
+    if enabled is not None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+        _INT8_REPACK[0] = enabled
+        if not enabled:
+            for entry in list(_PLAIN.values()):
+                entry[3].pop("int8_one_row", None)
+    return _INT8_REPACK[0]
+
+
 def _int8_one_row(entry):
     """The repacked one-row int8 kernel of this weight (backends.cpu.int8_one_row), made on
     the first one-row int8 call and kept with the entry: it holds a second copy of the
     weight, which only inference at M=1 with compute="int8" asks for."""
+    if not _INT8_REPACK[0]:
+        return None
     extra = entry[3]
     if "int8_one_row" not in extra:
         from .backends import cpu
@@ -235,7 +260,8 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: 
     ``compute="int8"`` (opt-in, for inference) quantizes each block of ``x`` to int8 and
     uses the codebook as int8 (ONNX Runtime's MatMulNBits accuracy_level=4, llama.cpp's
     8-bit activations): ~2x faster for few rows on AVX-512 VNNI CPUs, with ~1% relative
-    error instead of fp32 rounding; its gradient is the fp32 one."""
+    error instead of fp32 rounding; its gradient is the fp32 one. For one row of x it
+    keeps a repacked copy of the weight (see ``int8_repack``)."""
     y = _linear_4bit_plain(x, packed, state, bias, compute)
     if y is not None:
         return y
