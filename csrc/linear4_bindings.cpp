@@ -21,7 +21,7 @@ namespace {
 std::string s(int64_t v) { return std::to_string(v); }
 
 bool linear4_q8_repacked_fits_ok(int64_t N, int64_t K, int64_t blocksize) {
-  return N >= 0 && K >= 0 && blocksize >= 2 && qk::linear4_q8_repacked_fits(N, K, blocksize);
+  return N >= 0 && K >= 0 && qk::linear4_q8_repacked_fits(N, K, blocksize);
 }
 
 int64_t mul_checked(int64_t a, int64_t b, const char* what) {

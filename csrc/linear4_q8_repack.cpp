@@ -1,6 +1,7 @@
 // The repacked weight layout of the one-row int8 kernel (linear4_q8.h): the byte
 // permutation, and the dispatch of the kernel that reads it. Portable.
 #include <cstring>
+#include <stdexcept>
 
 #include "dispatch.h"
 #include "linear4_common.h"
@@ -60,6 +61,7 @@ void linear4_q8_forward_repacked(const float* x, int64_t M, int64_t ldx, const u
   linear4_q8_forward_repacked_avx512vnni(x, M, ldx, repacked, w, bias, y, ldy, nthreads);
 #else
   (void)x, (void)M, (void)ldx, (void)repacked, (void)w, (void)bias, (void)y, (void)ldy, (void)nthreads;
+  throw std::logic_error("linear4_q8_forward_repacked: no repacked int8 kernel on this ISA");
 #endif
 }
 

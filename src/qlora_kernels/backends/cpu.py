@@ -101,18 +101,13 @@ if hasattr(_C, "linear4_forward"):
         _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), N, K, blocksize, repacked.data_ptr(), nbytes,
                              torch.get_num_threads())
         code = formats._int8_codebook_cpu(quant_type)
-        ptrs = (repacked.data_ptr(), nbytes, absmax.data_ptr(), absmax.numel(), code.data_ptr(), N, blocksize)
-        forward, fits = _C.linear4_q8_forward_repacked, _C.linear4_q8_repacked_fits
 
         def f(x, bias=None):
-            if not fits(N, K, blocksize):
+            if not _C.linear4_q8_repacked_fits(N, K, blocksize):
                 return None
-            y = torch.empty((*x.shape[:-1], N), dtype=torch.float32)
-            forward(x.data_ptr(), 1, K, K, *ptrs, 0 if bias is None else bias.data_ptr(), y.data_ptr(), N,
-                    torch.get_num_threads())
-            return y
+            # Same arguments as linear4_q8_forward, the repacked bytes in place of packed.
+            return _forward(_C.linear4_q8_forward_repacked, code, x, repacked, absmax, blocksize, N, bias)
 
-        f.keep = (repacked, absmax, code)  # the pointers above stay valid while f lives
         return f
 
     @register_kernel("linear_4bit_grad_input", "cpu")
