@@ -64,3 +64,57 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of a float tensor, so comparisons see -0.0 vs 0.0 and NaN payloads."""
     t = t.contiguous().reshape(-1)
     return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+# ---- bitsandbytes as the oracle: its own pure-torch path, never a guess from the CPU ----
+# bitsandbytes' native CPU dequantization has defects that depend on which of its kernels
+# this CPU runs (docs/formats.md, "bitsandbytes defects"). No test may decide from the
+# CPU's name which one applies: every comparison runs bitsandbytes' native path and its
+# pure-torch path on the same input, holds ours to the torch path, and requires each
+# disagreement between bitsandbytes' two paths to be one of the documented defects.
+
+def bnb_torch_dequant(bnb, qb: torch.Tensor, sb) -> torch.Tensor:
+    """bitsandbytes' own pure-torch 4-bit decode (its `default` backend kernel) of (qb, sb)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute, _get_4bit_code
+
+    absmax = sb.absmax
+    if sb.nested:
+        absmax = bnb.functional.dequantize_blockwise(sb.absmax, sb.state2) + sb.offset
+    with no_dynamo():
+        return _dequantize_4bit_compute(qb.reshape(-1), absmax, _get_4bit_code(sb.quant_type, qb.device), sb.blocksize,
+                                        sb.shape, sb.dtype)
+
+
+def bnb_native_defect(native: torch.Tensor, ref: torch.Tensor, blocksize: int) -> str | None:
+    """Which documented bitsandbytes defect explains where its native decode `native`
+    differs from its torch decode `ref` of the same bytes (None: bit-identical). Fails on
+    any difference that no documented defect explains."""
+    if native.shape != ref.shape or native.dtype != ref.dtype:
+        raise AssertionError(f"bitsandbytes' native decode has {native.shape}/{native.dtype}, "
+                             f"its torch path {ref.shape}/{ref.dtype}")
+    differ = bits(native) != bits(ref)
+    if not bool(differ.any()):
+        return None
+    a, b = native.reshape(-1)[differ], ref.reshape(-1)[differ]
+    if bool(((a == 0) & (b == 0)).all()):
+        # the AVX2 kernel writes FP4 code 8 as -0.0 where its torch path writes +0.0
+        return "signed-zero"
+    # the AVX-512 kernel indexes absmax per row: only rows that are not a whole number
+    # of blocks can pick a wrong scale
+    assert native.dim() >= 1 and native.shape[-1] % blocksize != 0, (
+        f"bitsandbytes' native and torch decodes differ in {int(differ.sum())} values on a shape "
+        f"{tuple(native.shape)} whose rows are whole blocks of {blocksize}: not a documented defect")
+    return "row-absmax"
+
+
+def assert_equals_bnb_dequant(bnb, ours: torch.Tensor, qb: torch.Tensor, sb, where: str = "") -> str | None:
+    """`ours` equals bitsandbytes' decode of (qb, sb) bit for bit: its native output where
+    that agrees with its own torch path, the torch path where the native one has a
+    documented defect. Returns the defect met (None when bitsandbytes' paths agree)."""
+    with no_dynamo():
+        native = bnb.functional.dequantize_4bit(qb, sb)
+    ref = bnb_torch_dequant(bnb, qb, sb)
+    defect = bnb_native_defect(native, ref, sb.blocksize)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype, where
+    assert torch.equal(bits(ours), bits(ref)), f"{where}: differs from bitsandbytes' torch path"
+    return defect

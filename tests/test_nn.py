@@ -5,6 +5,8 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels import nn as qnn
 
+from .conftest import assert_equals_bnb_dequant
+
 
 def test_linear4bit_from_linear_matches_functional(path):
     lin = torch.nn.Linear(70, 33)
@@ -30,7 +32,7 @@ def test_state_dict_uses_bitsandbytes_keys_and_round_trips(bnb):
     # bitsandbytes reads the same keys
     st = bnb.functional.QuantState.from_dict({k[7:]: v for k, v in sd.items() if k.startswith("weight.")},
                                              device=torch.device("cpu"))
-    assert torch.equal(bnb.functional.dequantize_4bit(sd["weight"], st), m.dequantize())
+    assert_equals_bnb_dequant(bnb, m.dequantize(), sd["weight"], st)
 
 
 def test_load_rejects_a_state_for_another_shape():
