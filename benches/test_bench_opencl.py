@@ -39,7 +39,7 @@ def _direct_cpp(x, packed, state, N):
     code = formats.codebook(state.quant_type)
     y = torch.empty(M, N)
     return lambda: _C.linear4_forward(x.data_ptr(), M, K, K, packed.data_ptr(), packed.numel(), state.absmax.data_ptr(),
-                                      state.absmax.numel(), code.data_ptr(), N, state.blocksize, 0, y.data_ptr(), N,
+                                      state.absmax.numel(), code.data_ptr(), N, state.blocksize, 0, 0, y.data_ptr(), N,
                                       torch.get_num_threads())
 
 

@@ -82,19 +82,31 @@ void dequantize_4bit(uintptr_t packed, int64_t packed_numel, uintptr_t absmax, i
                             blocksize, ptr<void>(out), ot, nthreads < 1 ? 1 : nthreads);
 }
 
-void quantize_8bit(uintptr_t x, int64_t n, int64_t blocksize, uintptr_t code, uintptr_t out,
+// The 8-bit map comes from the caller's state (state2.code of a double-quantized state):
+// it must have its 256 entries, or the decode reads past it.
+void check_8bit(int64_t n, int64_t blocksize, int64_t code_numel, int64_t absmax_numel) {
+  QK_REQUIRE(blocksize >= 1, "blocksize must be positive, got " + std::to_string(blocksize));
+  QK_REQUIRE(n >= 0, "n must be >= 0");
+  QK_REQUIRE(code_numel == 256, "code has " + std::to_string(code_numel) + " entries; the 8-bit map needs 256");
+  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize,
+             "absmax has " + std::to_string(absmax_numel) + " entries, but " + std::to_string(n) +
+                 " values with blocksize " + std::to_string(blocksize) + " need " +
+                 std::to_string((n + blocksize - 1) / blocksize));
+}
+
+void quantize_8bit(uintptr_t x, int64_t n, int64_t blocksize, uintptr_t code, int64_t code_numel, uintptr_t out,
                    uintptr_t absmax, int64_t absmax_numel) {
-  QK_REQUIRE(blocksize >= 1, "blocksize must be positive");
-  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize, "absmax size does not match n and blocksize");
-  if (n <= 0) return;
+  check_8bit(n, blocksize, code_numel, absmax_numel);
+  if (n == 0) return;
+  QK_REQUIRE(x && code && out && absmax, "null data pointer");
   qk::quantize8_blockwise(ptr<const float>(x), n, blocksize, ptr<const float>(code), ptr<uint8_t>(out), ptr<float>(absmax));
 }
 
-void dequantize_8bit(uintptr_t q, uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t n,
+void dequantize_8bit(uintptr_t q, uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t code_numel, int64_t n,
                      int64_t blocksize, uintptr_t out) {
-  QK_REQUIRE(blocksize >= 1, "blocksize must be positive");
-  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize, "absmax size does not match n and blocksize");
-  if (n <= 0) return;
+  check_8bit(n, blocksize, code_numel, absmax_numel);
+  if (n == 0) return;
+  QK_REQUIRE(q && absmax && code && out, "null data pointer");
   qk::dequantize8_blockwise(ptr<const uint8_t>(q), ptr<const float>(absmax), ptr<const float>(code), n, blocksize, ptr<float>(out));
 }
 
@@ -117,8 +129,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("dequantize_4bit", &dequantize_4bit, nogil,
         "Blockwise 4-bit dequantization: out[i] = code[nibble(i)] * absmax[i / blocksize], "
         "computed in fp32 and rounded to the output dtype (0=f32, 1=bf16, 2=f16).");
-  m.def("quantize_8bit", &quantize_8bit, nogil, "8-bit blockwise quantization with a sorted 256-entry map (fp32 in).");
-  m.def("dequantize_8bit", &dequantize_8bit, nogil, "8-bit blockwise dequantization to fp32.");
+  m.def("quantize_8bit", &quantize_8bit, nogil, py::arg("x_ptr"), py::arg("n"), py::arg("blocksize"),
+        py::arg("code_ptr"), py::arg("code_numel"), py::arg("out_ptr"), py::arg("absmax_ptr"), py::arg("absmax_numel"),
+        "8-bit blockwise quantization with a sorted 256-entry map (fp32 in).");
+  m.def("dequantize_8bit", &dequantize_8bit, nogil, py::arg("q_ptr"), py::arg("absmax_ptr"), py::arg("absmax_numel"),
+        py::arg("code_ptr"), py::arg("code_numel"), py::arg("n"), py::arg("blocksize"), py::arg("out_ptr"),
+        "8-bit blockwise dequantization to fp32 (code: the 256-entry map).");
   register_linear4(m);
   register_adamw(m);
   m.def("compiled_isas", &qk::compiled_isas, "ISA paths compiled into this build.");

@@ -63,19 +63,40 @@ Isa detect_best() {
   return best;
 }
 
-Isa initial() {
-  const char* env = std::getenv("QLORA_KERNELS_ISA");
-  if (env && *env) {
-    const Isa isa = parse(env);
-    if (!compiled(isa) || !cpu_has(isa))
-      throw std::invalid_argument(std::string("QLORA_KERNELS_ISA=") + env + " is not available on this CPU/build");
-    return isa;
-  }
-  return detect_best();
+std::string runnable_list() {
+  std::string out;
+  for (Isa isa : kAll)
+    if (compiled(isa) && cpu_has(isa)) out += std::string(out.empty() ? "" : ", ") + isa_name(isa);
+  return out;
 }
 
+// QLORA_KERNELS_ISA selects the path and caps the paths this process may use, as
+// ATEN_CPU_CAPABILITY does for torch: with it set to scalar the extension behaves as on a
+// CPU without AVX2, which is how CI covers that class of CPU on any machine. An unknown or
+// unrunnable value is an error naming the variable, never a silent fallback.
+Isa env_cap() {
+  static const Isa cap = [] {
+    const char* env = std::getenv("QLORA_KERNELS_ISA");
+    if (!env || !*env) return detect_best();
+    Isa isa = Isa::Scalar;
+    bool known = false;
+    for (Isa i : kAll)
+      if (std::string(env) == isa_name(i)) isa = i, known = true;
+    if (!known)
+      throw std::invalid_argument(std::string("QLORA_KERNELS_ISA: unknown ISA path '") + env +
+                                  "'; valid values on this CPU: " + runnable_list());
+    if (!compiled(isa) || !cpu_has(isa))
+      throw std::invalid_argument(std::string("QLORA_KERNELS_ISA=") + env +
+                                  " is not available on this CPU/build; valid values on this CPU: " + runnable_list());
+    return isa;
+  }();
+  return cap;
+}
+
+bool allowed(Isa isa) { return compiled(isa) && cpu_has(isa) && static_cast<int>(isa) <= static_cast<int>(env_cap()); }
+
 std::atomic<int>& current() {
-  static std::atomic<int> isa{static_cast<int>(initial())};
+  static std::atomic<int> isa{static_cast<int>(env_cap())};
   return isa;
 }
 
@@ -100,7 +121,7 @@ std::vector<std::string> compiled_isas() {
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
   for (Isa isa : kAll)
-    if (compiled(isa) && cpu_has(isa)) out.emplace_back(isa_name(isa));
+    if (allowed(isa)) out.emplace_back(isa_name(isa));
   return out;
 }
 
@@ -112,6 +133,9 @@ void set_isa(const std::string& name) {
   const Isa isa = parse(name);
   if (!compiled(isa)) throw std::invalid_argument("ISA path '" + name + "' was not compiled into this build");
   if (!cpu_has(isa)) throw std::invalid_argument("this CPU cannot run the '" + name + "' path");
+  if (!allowed(isa))
+    throw std::invalid_argument("QLORA_KERNELS_ISA=" + std::string(isa_name(env_cap())) + " caps this process at the '" +
+                                isa_name(env_cap()) + "' path; '" + name + "' is above it");
   current().store(static_cast<int>(isa));
 }
 

@@ -1,6 +1,7 @@
 // Run-time choice of the ISA path. Detection uses cpuid (via the compiler builtins);
-// QLORA_KERNELS_ISA=scalar|avx2|avx512 forces a path at import, set_isa() at run time, so the
-// test suite reaches every path the machine can execute.
+// QLORA_KERNELS_ISA=scalar|avx2|avx512 selects a path at import and caps the paths the
+// process may use (supported_isas() and set_isa() stay below it); set_isa() switches at run
+// time, so the test suite reaches every path the machine can execute.
 #pragma once
 #include <string>
 #include <vector>
@@ -15,7 +16,7 @@ enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 const char* isa_name(Isa isa);
 std::vector<std::string> compiled_isas();
-std::vector<std::string> supported_isas();  // compiled and runnable on this CPU
+std::vector<std::string> supported_isas();  // compiled, runnable on this CPU, not above QLORA_KERNELS_ISA
 std::string best_isa();
 Isa current_isa();
 void set_isa(const std::string& name);  // throws std::invalid_argument

@@ -82,23 +82,29 @@ void check_output(const Extent& out, const char* name, std::initializer_list<std
     QK_REQUIRE(!overlap(out, in.first), std::string(name) + " must not overlap " + in.second);
 }
 
-// x [M, K] (row stride ldx), bias [N] or 0, y [M, N] (row stride ldy) of a forward call.
-void check_forward_io(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t bias, uintptr_t y, int64_t N,
-                      int64_t ldy, const CheckedWeight& cw) {
+Extent bias_extent(uintptr_t bias, int64_t bias_numel, int64_t N) {
+  if (!bias) return {};
+  QK_REQUIRE(bias_numel == N, "bias has " + s(bias_numel) + " entries, but the layer has N=" + s(N) + " outputs");
+  return matrix_extent(bias, 1, N, N, "bias");
+}
+
+// x [M, K] (row stride ldx), bias [N] (bias_numel entries) or 0, y [M, N] (row stride ldy) of a forward call.
+void check_forward_io(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t bias, int64_t bias_numel, uintptr_t y,
+                      int64_t N, int64_t ldy, const CheckedWeight& cw) {
   QK_REQUIRE(M >= 0, "M must be >= 0, got " + s(M));
   QK_REQUIRE(ldx >= K && ldx >= 1, "ldx (row stride of x) must be >= K=" + s(K) + ", got " + s(ldx));
   QK_REQUIRE(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
   const Extent ex = matrix_extent(x, M, K, ldx, "x");
   const Extent ey = matrix_extent(y, M, N, ldy, "y");
-  const Extent eb = bias ? matrix_extent(bias, 1, N, N, "bias") : Extent{};
+  const Extent eb = bias_extent(bias, bias_numel, N);
   check_output(ey, "y", {{ex, "x"}, {eb, "bias"}, {cw.packed, "packed"}, {cw.absmax, "absmax"}, {cw.code, "code"}});
 }
 
 void linear4_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, int64_t packed_numel,
                      uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t N, int64_t blocksize,
-                     uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+                     uintptr_t bias, int64_t bias_numel, uintptr_t y, int64_t ldy, int nthreads) {
   const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code, N, K, blocksize);
-  check_forward_io(x, M, K, ldx, bias, y, N, ldy, cw);
+  check_forward_io(x, M, K, ldx, bias, bias_numel, y, N, ldy, cw);
   if (M == 0 || N == 0) return;
   qk::linear4_kernels().forward(reinterpret_cast<const float*>(x), M, ldx, cw.w,
                                 bias ? reinterpret_cast<const float*>(bias) : nullptr, reinterpret_cast<float*>(y),
@@ -123,9 +129,9 @@ void linear4_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, ui
 // The int8-compute forward (linear4_q8.h): the same checks; code8 is 16 int8 entries.
 void linear4_q8_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, int64_t packed_numel,
                         uintptr_t absmax, int64_t absmax_numel, uintptr_t code8, int64_t N, int64_t blocksize,
-                        uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+                        uintptr_t bias, int64_t bias_numel, uintptr_t y, int64_t ldy, int nthreads) {
   const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code8, N, K, blocksize, 4);
-  check_forward_io(x, M, K, ldx, bias, y, N, ldy, cw);
+  check_forward_io(x, M, K, ldx, bias, bias_numel, y, N, ldy, cw);
   if (M == 0 || N == 0) return;
   const qk::Weight4Q8 w{cw.w.packed, cw.w.absmax, reinterpret_cast<const int8_t*>(code8), N, K, blocksize};
   qk::linear4_q8_forward(reinterpret_cast<const float*>(x), M, ldx, w,
@@ -164,7 +170,7 @@ void linear4_q8_repack(uintptr_t packed, int64_t packed_numel, int64_t N, int64_
 // linear4_q8_forward, with the repacked bytes in place of packed.
 void linear4_q8_forward_repacked(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t repacked,
                                  int64_t repacked_numel, uintptr_t absmax, int64_t absmax_numel, uintptr_t code8,
-                                 int64_t N, int64_t blocksize, uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+                                 int64_t N, int64_t blocksize, uintptr_t bias, int64_t bias_numel, uintptr_t y, int64_t ldy, int nthreads) {
   QK_REQUIRE(linear4_q8_repacked_fits_ok(N, K, blocksize), "no repacked int8 kernel for N=" + s(N) + ", K=" + s(K) +
                                                                ", blocksize=" + s(blocksize) + " on this CPU");
   const int64_t need = linear4_q8_repacked_bytes(N, K, blocksize);
@@ -173,7 +179,7 @@ void linear4_q8_forward_repacked(uintptr_t x, int64_t M, int64_t K, int64_t ldx,
   // check_weight sizes packed as N*K / 2 bytes; the repacked extent replaces it.
   CheckedWeight cw = check_weight(repacked, N * K / 2, absmax, absmax_numel, code8, N, K, blocksize, 4);
   if (N * K > 0) cw.packed = {repacked, repacked + static_cast<uintptr_t>(repacked_numel)};
-  check_forward_io(x, M, K, ldx, bias, y, N, ldy, cw);
+  check_forward_io(x, M, K, ldx, bias, bias_numel, y, N, ldy, cw);
   if (M == 0 || N == 0) return;
   const qk::Weight4Q8 w{nullptr, cw.w.absmax, reinterpret_cast<const int8_t*>(code8), N, K, blocksize};
   qk::linear4_q8_forward_repacked(reinterpret_cast<const float*>(x), M, ldx, reinterpret_cast<const uint8_t*>(repacked),
@@ -194,7 +200,7 @@ qk::DenseWeight check_dense(uintptr_t w, int64_t N, int64_t K, int64_t ldw, Exte
 }
 
 void dense_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, int64_t N, int64_t ldw,
-                   uintptr_t bias, uintptr_t y, int64_t ldy, int nthreads) {
+                   uintptr_t bias, int64_t bias_numel, uintptr_t y, int64_t ldy, int nthreads) {
   QK_REQUIRE(M >= 0, "M must be >= 0, got " + s(M));
   Extent ew;
   const qk::DenseWeight dw = check_dense(w, N, K, ldw, ew);
@@ -202,7 +208,7 @@ void dense_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t w, 
   QK_REQUIRE(ldy >= N && ldy >= 1, "ldy (row stride of y) must be >= N=" + s(N) + ", got " + s(ldy));
   const Extent ex = matrix_extent(x, M, K, ldx, "x");
   const Extent ey = matrix_extent(y, M, N, ldy, "y");
-  const Extent eb = bias ? matrix_extent(bias, 1, N, N, "bias") : Extent{};
+  const Extent eb = bias_extent(bias, bias_numel, N);
   check_output(ey, "y", {{ex, "x"}, {eb, "bias"}, {ew, "W"}});
   if (M == 0 || N == 0) return;
   qk::dense_kernels().forward(reinterpret_cast<const float*>(x), M, ldx, dw,
@@ -238,7 +244,7 @@ void register_linear4(py::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("linear4_forward", &linear4_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"), py::arg("ldx"),
         py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("absmax_ptr"), py::arg("absmax_numel"),
-        py::arg("code_ptr"), py::arg("N"), py::arg("blocksize"), py::arg("bias_ptr"), py::arg("y_ptr"),
+        py::arg("code_ptr"), py::arg("N"), py::arg("blocksize"), py::arg("bias_ptr"), py::arg("bias_numel"), py::arg("y_ptr"),
         py::arg("ldy"), py::arg("nthreads"),
         "Fused 4-bit linear: y[M, N] = x[M, K] @ Wd.T (+ bias[N] unless bias_ptr is 0), fp32, where "
         "Wd[n, k] = code[nibble(n*K + k)] * absmax[(n*K + k) // blocksize] (even flat index in the high "
@@ -255,7 +261,7 @@ void register_linear4(py::module_& m) {
   m.def("linear4_q8_forward", &linear4_q8_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"),
         py::arg("ldx"), py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("absmax_ptr"),
         py::arg("absmax_numel"), py::arg("code8_ptr"), py::arg("N"), py::arg("blocksize"), py::arg("bias_ptr"),
-        py::arg("y_ptr"), py::arg("ldy"), py::arg("nthreads"),
+        py::arg("bias_numel"), py::arg("y_ptr"), py::arg("ldy"), py::arg("nthreads"),
         "int8-compute 4-bit linear (opt-in, inference): as linear4_forward, but x is quantized to int8 per "
         "group of blocksize elements of each row and the codebook is the int8 table code8 (16 entries, "
         "rint(code * 127)); integer dot products per segment, scaled by absmax * sx in fp32 (csrc/linear4_q8.h).");
@@ -273,11 +279,11 @@ void register_linear4(py::module_& m) {
   m.def("linear4_q8_forward_repacked", &linear4_q8_forward_repacked, nogil, py::arg("x_ptr"), py::arg("M"),
         py::arg("K"), py::arg("ldx"), py::arg("repacked_ptr"), py::arg("repacked_numel"), py::arg("absmax_ptr"),
         py::arg("absmax_numel"), py::arg("code8_ptr"), py::arg("N"), py::arg("blocksize"), py::arg("bias_ptr"),
-        py::arg("y_ptr"), py::arg("ldy"), py::arg("nthreads"),
+        py::arg("bias_numel"), py::arg("y_ptr"), py::arg("ldy"), py::arg("nthreads"),
         "linear4_q8_forward on the repacked weight (linear4_q8_repack): the same definition; every row of x "
         "streams the whole weight, so it is meant for M = 1.");
   m.def("dense_forward", &dense_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"), py::arg("ldx"),
-        py::arg("w_ptr"), py::arg("N"), py::arg("ldw"), py::arg("bias_ptr"), py::arg("y_ptr"), py::arg("ldy"),
+        py::arg("w_ptr"), py::arg("N"), py::arg("ldw"), py::arg("bias_ptr"), py::arg("bias_numel"), py::arg("y_ptr"), py::arg("ldy"),
         py::arg("nthreads"),
         "Dense fp32 linear: y[M, N] = x[M, K] @ W[N, K].T (+ bias[N] unless bias_ptr is 0), row strides "
         "ldx >= K, ldw >= K, ldy >= N (elements); fp32 accumulation. y must not overlap any input.");

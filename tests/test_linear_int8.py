@@ -53,17 +53,48 @@ SHAPES = [  # (M, N, K, blocksize)
 ]
 
 
-@pytest.mark.parametrize("isa", native_paths())
-@pytest.mark.parametrize("M,N,K,blocksize", SHAPES)
+def int8_cases():
+    """(variant, isa, M, N, K, blocksize) for every int8 kernel variant this CPU runs on each
+    shape, the variant read from the plan the extension reports for the forced ISA (never
+    from the CPU's name): 'avx512-vnni', 'avx2', 'scalar', and 'avx512-vnni-repacked' (the
+    one-row kernel on the repacked weight) where the CPU has it. A shape that a SIMD kernel
+    hands to another one appears once, under the kernel that runs it."""
+    cases = {}
+    for isa in native_paths():
+        with on_path("cpu", isa):
+            for M, N, K, bs in SHAPES:
+                cases.setdefault((_C.linear4_q8_plan(N, K, bs), M, N, K, bs), isa)
+                if _C.linear4_q8_repacked_fits(N, K, bs):
+                    cases.setdefault(("avx512-vnni-repacked", M, N, K, bs), isa)
+    return [pytest.param(v, isa, M, N, K, bs, id=f"{v}-{M}x{N}x{K}-bs{bs}")
+            for (v, M, N, K, bs), isa in sorted(cases.items())]
+
+
+@pytest.mark.parametrize("variant,isa,M,N,K,blocksize", int8_cases())
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_int8_matches_its_definition(isa, M, N, K, blocksize, quant_type):
+def test_int8_matches_its_definition(variant, isa, M, N, K, blocksize, quant_type):
     x, packed, state = make(M, N, K, blocksize, quant_type)
     bias = torch.randn(N)
     ref = reference.linear_4bit_int8(x, packed, state.absmax, blocksize, quant_type, N, bias)
     with on_path("cpu", isa):
-        y = qk.linear_4bit(x, packed, state, bias, compute="int8")
+        if variant.endswith("-repacked"):
+            y = run_repacked(x, packed, state, bias)
+        else:
+            assert _C.linear4_q8_plan(N, K, blocksize) == variant
+            y = qk.linear_4bit(x, packed, state, bias, compute="int8")
     assert y.shape == (M, N) and y.dtype == torch.float32
-    assert_int8_close(y - bias, ref - bias, magnitude(x, packed, state), K, f"{isa} {M}x{N}x{K} bs{blocksize}")
+    assert_int8_close(y - bias, ref - bias, magnitude(x, packed, state), K, f"{variant} {M}x{N}x{K} bs{blocksize}")
+
+
+def test_int8_variants_cover_every_kernel_the_cpu_runs():
+    """Each int8 kernel that the extension reaches on some forced ISA has test cases."""
+    variants = {p.values[0] for p in int8_cases()}
+    assert "scalar" in variants
+    for isa in native_paths():
+        with on_path("cpu", isa):
+            assert _C.linear4_q8_plan(4096, 4096, 64) in variants
+            if _C.linear4_q8_repacked_fits(4096, 4096, 64):
+                assert "avx512-vnni-repacked" in variants
 
 
 def test_int8_reaches_each_kernel_where_the_cpu_has_it():
@@ -231,7 +262,8 @@ def run_repacked(x, packed, state, bias=None):
     code8 = formats.int8_codebook(state.quant_type)
     _C.linear4_q8_forward_repacked(x.data_ptr(), x.shape[0], K, K, rep.data_ptr(), nbytes, state.absmax.data_ptr(),
                                    state.absmax.numel(), code8.data_ptr(), N, bs,
-                                   0 if bias is None else bias.data_ptr(), y.data_ptr(), N, 2)
+                                   0 if bias is None else bias.data_ptr(), 0 if bias is None else bias.numel(),
+                                   y.data_ptr(), N, 2)
     return y
 
 
@@ -290,11 +322,12 @@ def test_repacked_bad_input():
         x, y, code8 = torch.randn(1, 256), torch.empty(1, 4), formats.int8_codebook("nf4")
         with pytest.raises(ValueError, match="repacked has"):
             _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel() + 64,
-                                           state.absmax.data_ptr(), state.absmax.numel(), code8.data_ptr(), 4, 64, 0,
+                                           state.absmax.data_ptr(), state.absmax.numel(), code8.data_ptr(), 4, 64, 0, 0,
                                            y.data_ptr(), 4, 1)
         with pytest.raises(ValueError, match="absmax has"):
             _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel(),
-                                           state.absmax.data_ptr(), 3, code8.data_ptr(), 4, 64, 0, y.data_ptr(), 4, 1)
+                                           state.absmax.data_ptr(), 3, code8.data_ptr(), 4, 64, 0, 0, y.data_ptr(), 4,
+                                           1)
 
 
 def test_int8_repack_switch_frees_and_remakes_the_copy():

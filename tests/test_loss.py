@@ -41,14 +41,14 @@ def test_dense_native_strided_and_checked():
     x = torch.randn(9, 40)[:, :33]  # row stride 40
     W = torch.randn(70, 48)[:, :33]
     y = torch.empty(9, 70)
-    _C.dense_forward(x.data_ptr(), 9, 33, 40, W.data_ptr(), 70, 48, 0, y.data_ptr(), 70, 2)
+    _C.dense_forward(x.data_ptr(), 9, 33, 40, W.data_ptr(), 70, 48, 0, 0, y.data_ptr(), 70, 2)
     assert torch.allclose(y, x @ W.t(), atol=1e-4)
     with pytest.raises(ValueError, match="ldw"):
-        _C.dense_forward(x.data_ptr(), 9, 33, 40, W.data_ptr(), 70, 20, 0, y.data_ptr(), 70, 2)
+        _C.dense_forward(x.data_ptr(), 9, 33, 40, W.data_ptr(), 70, 20, 0, 0, y.data_ptr(), 70, 2)
     with pytest.raises(ValueError, match="ldy"):
-        _C.dense_forward(x.data_ptr(), 9, 33, 40, W.data_ptr(), 70, 48, 0, y.data_ptr(), 10, 2)
+        _C.dense_forward(x.data_ptr(), 9, 33, 40, W.data_ptr(), 70, 48, 0, 0, y.data_ptr(), 10, 2)
     with pytest.raises(ValueError, match="y must not overlap x"):
-        _C.dense_forward(x.data_ptr(), 9, 33, 40, W.data_ptr(), 70, 48, 0, x.data_ptr(), 70, 2)
+        _C.dense_forward(x.data_ptr(), 9, 33, 40, W.data_ptr(), 70, 48, 0, 0, x.data_ptr(), 70, 2)
     with pytest.raises(ValueError, match="null"):
         _C.dense_backward_input(0, 9, 70, 70, W.data_ptr(), 33, 48, y.data_ptr(), 33, 2)
 

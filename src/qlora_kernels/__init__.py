@@ -7,6 +7,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import _env
+
+_env.check_at_import()  # an unknown QLORA_KERNELS_* value fails here, naming the variable
+
 from . import _ops, _ops_linear, _ops_loss  # noqa: F401  (register torch.ops.qlora_kernels.*)
 from .backends import available_backends, get_backend, set_backend, unavailable_reason, use_backend
 from . import nn  # noqa: F401  (qlora_kernels.nn)

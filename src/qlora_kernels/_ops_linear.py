@@ -9,10 +9,9 @@ from typing import Optional
 
 import torch
 
-from . import formats
+from . import _checks
 from .backends import run
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _no_autocast(fn):
@@ -29,30 +28,6 @@ def _no_autocast(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-def check_weight(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
-                 out_features: int, in_features: int) -> None:
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
-    if absmax.dtype != torch.float32:
-        raise TypeError(f"state.absmax must be float32 here, got {absmax.dtype}")
-    for name, t in (("x", x), ("packed", packed), ("state.absmax", absmax)):
-        if t.device.type not in ("cpu", "meta"):
-            raise ValueError(f"{name} must be on the CPU, got device {t.device}")
-    if blocksize not in formats.BLOCKSIZES:
-        raise ValueError(f"state.blocksize must be one of {formats.BLOCKSIZES}, got {blocksize!r}")
-    if quant_type not in formats.QUANT_TYPES:
-        raise ValueError(f"state.quant_type must be one of {formats.QUANT_TYPES}, got {quant_type!r}")
-    n = out_features * in_features
-    if packed.numel() != formats.packed_numel(n):
-        raise ValueError(f"packed has {packed.numel()} bytes but a [{out_features}, {in_features}] weight needs "
-                         f"{formats.packed_numel(n)}: the state does not belong to this weight")
-    if absmax.numel() != formats.num_blocks(n, blocksize):
-        raise ValueError(f"state.absmax has {absmax.numel()} entries but a [{out_features}, {in_features}] weight "
-                         f"with blocksize {blocksize} needs {formats.num_blocks(n, blocksize)}")
 
 
 def _shaped(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -74,7 +49,7 @@ def linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
 
 
 def _linear_run(kernel: str, x, packed, absmax, blocksize, quant_type, out_features, bias) -> torch.Tensor:
-    check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
+    _checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = run(kernel, x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
@@ -115,7 +90,7 @@ def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
 
 @linear_4bit.register_fake
 def _linear_fake(x, packed, absmax, blocksize, quant_type, out_features, bias):
-    check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
+    _checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -128,7 +103,7 @@ def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch
                            quant_type: str, in_features: int) -> torch.Tensor:
     """dx = dy @ dequantize(W), W [dy.shape[-1], in_features]: the input gradient of
     linear_4bit (the frozen 4-bit weight itself gets none)."""
-    check_weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features)
+    _checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
     dy2 = dy.reshape(-1, dy.shape[-1]).float().contiguous()
     dx = run("linear_4bit_grad_input", dy2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
              in_features)
@@ -137,7 +112,7 @@ def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch
 
 @linear_4bit_grad_input.register_fake
 def _(dy, packed, absmax, blocksize, quant_type, in_features):
-    check_weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features)
+    _checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
     return dy.new_empty((*dy.shape[:-1], in_features))
 
 
@@ -168,30 +143,6 @@ linear_4bit_int8.register_autograd(_linear_backward, setup_context=_linear_setup
 
 
 # ------------------------------------------------------------------- LoRA ops ----
-
-def check_lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, out_features: int,
-               bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> None:
-    K = x.shape[-1]
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.device.type not in ("cpu", "meta"):
-            raise ValueError(f"{name} must be on the CPU, got device {t.device}")
-    r = lora_A.shape[0]
-    if r < 1:
-        raise ValueError("lora_A has rank 0: a LoRA adapter needs r >= 1")
-    if lora_A.shape[1] != K:
-        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}; x has {K} features, so it must be [r, {K}]")
-    if tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; it must be [{out_features}, {r}] "
-                         f"(out_features, rank of lora_A)")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
-    if noise is not None and noise.shape != x.shape:
-        raise ValueError(f"dropout noise has shape {tuple(noise.shape)}, x has {tuple(x.shape)}")
-
 
 def lora_forward_tail(x2: torch.Tensor, y: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                       noise2: Optional[torch.Tensor]) -> torch.Tensor:
@@ -224,8 +175,8 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
                      bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u): y = linear_4bit(x) + scaling * (u @ B.T), u = (x * noise) @ A.T; ``noise`` is
     the already-scaled dropout mask (None: no dropout). u is kept for the backward."""
-    check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
-    check_lora(x, lora_A, lora_B, out_features, bias, noise)
+    _checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    _checks.lora(x, lora_A, lora_B, out_features, bias, noise)
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     b = None if bias is None else bias.float().contiguous()
@@ -236,8 +187,8 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
 
 @lora_linear_4bit.register_fake
 def _(x, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias, noise):
-    check_weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1])
-    check_lora(x, lora_A, lora_B, out_features, bias, noise)
+    _checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    _checks.lora(x, lora_A, lora_B, out_features, bias, noise)
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
 
@@ -276,11 +227,8 @@ lora_linear_4bit.register_autograd(_lora4_backward, setup_context=_lora4_setup)
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u) for a dense base: y = x @ weight.T (+ bias) + scaling * (u @ B.T)."""
-    if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
-        raise TypeError(f"x and weight must be float32, bfloat16 or float16, got {x.dtype} and {weight.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}; x has {x.shape[-1]} features")
-    check_lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
+    _checks.dense(x, weight)
+    _checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     y = x2 @ weight.float().t()
@@ -292,7 +240,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
 
 @lora_linear.register_fake
 def _(x, weight, lora_A, lora_B, scaling, bias, noise):
-    check_lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
+    _checks.dense(x, weight)
+    _checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
 

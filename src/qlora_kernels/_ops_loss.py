@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from ._ops_linear import _FLOATS, _no_autocast
+from . import _checks
+from ._ops_linear import _no_autocast
 from .backends import run
 
 # Logit rows per chunk. Each chunk re-packs the whole weight for the GEMMs, which pays
@@ -31,28 +32,6 @@ def chunk_rows(vocab: int) -> int:
     return max(128, min(4096, _CHUNK_BYTES // (4 * max(vocab, 1))))
 
 
-def check_loss_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor) -> None:
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if weight.dtype not in _FLOATS:
-        raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [vocab, hidden], got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has shape {tuple(x.shape)}; weight is {tuple(weight.shape)}, so x's last dimension "
-                         f"must be {weight.shape[1]}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be an int64 (or int32) tensor of class indices, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(x.shape[:-1])} (x without its "
-                         f"last dimension)")
-    for name, t in (("x", x), ("weight", weight), ("labels", labels), ("bias", bias)):
-        if t is not None and t.device.type not in ("cpu", "meta"):
-            raise ValueError(f"{name} must be on the CPU, got device {t.device}")
-
-
 @torch.library.custom_op("qlora_kernels::linear_cross_entropy", mutates_args=())
 @_no_autocast
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
@@ -61,7 +40,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """(loss, dx, dweight, dbias): loss = sum over rows whose label != ignore_index of
     cross_entropy(x @ weight.T + bias, label), fp32, and its gradients with respect to x,
     weight and bias (computed only when asked for; an empty tensor otherwise)."""
-    check_loss_args(x, weight, bias, labels)
+    _checks.loss(x, weight, bias, labels)
     V, K = weight.shape
     x2 = x.reshape(-1, K).float().contiguous()
     lab = labels.reshape(-1).long()
@@ -106,7 +85,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
 @linear_cross_entropy.register_fake
 def _(x, weight, bias, labels, ignore_index, grad_x, grad_weight, grad_bias):
-    check_loss_args(x, weight, bias, labels)
+    _checks.loss(x, weight, bias, labels)
     f32 = torch.float32
     return (x.new_empty((), dtype=f32), x.new_empty(x.shape if grad_x else (0,), dtype=f32),
             x.new_empty(weight.shape if grad_weight else (0,), dtype=weight.dtype),

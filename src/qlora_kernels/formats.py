@@ -128,6 +128,27 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_DTYPES_BY_NAME = {_dtype_name(d): d for d in INPUT_DTYPES}
+
+
+def _dtype_from_name(name: Any, key: str) -> torch.dtype:
+    if name not in _DTYPES_BY_NAME:
+        raise ValueError(f"quant_state: {key} must be one of {sorted(_DTYPES_BY_NAME)}, got {name!r}")
+    return _DTYPES_BY_NAME[name]
+
+
+def _int_item(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"quant_state: {key} must be an integer, got {value!r}")
+    try:
+        out = int(value)
+    except ValueError:
+        raise ValueError(f"quant_state: {key} must be an integer, got {value!r}") from None
+    if float(value) != out:
+        raise ValueError(f"quant_state: {key} must be an integer, got {value!r}")
+    return out
+
+
 def _pack_dict(d: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
 
@@ -202,9 +223,12 @@ class QuantState:
         return tensors
 
     @classmethod
-    def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> "QuantState":
+    def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu",
+                  validate: bool = True) -> "QuantState":
         """Inverse of ``as_dict``; accepts packed or unpacked dicts, with or without a
-        module prefix on the keys (``"...weight.absmax"``)."""
+        module prefix on the keys (``"...weight.absmax"``). The state is validated
+        (``validate()``) unless the caller checks it against its layer first and validates
+        after, to name the offending checkpoint key (the transformers loader does)."""
         qs_dict = dict(qs_dict)
         packed_keys = [k for k, v in qs_dict.items() if "quant_state" in k and isinstance(v, torch.Tensor)]
         if "quant_type" not in qs_dict and len(packed_keys) != 1:
@@ -226,26 +250,98 @@ class QuantState:
                 raise ValueError(f"quant_state: missing key {k!r}")
         if qs_dict["quant_type"] not in QUANT_TYPES:
             raise ValueError(f"quant_state: quant_type must be one of {QUANT_TYPES}, got {qs_dict['quant_type']!r}")
+        def load(k: str) -> torch.Tensor:
+            t = qs_dict[k]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"quant_state: {k} must be a tensor, got {type(t).__name__}")
+            if t.device.type == "meta" and torch.device(device).type != "meta":
+                raise ValueError(f"quant_state: {k} is a meta tensor (it has no data to load onto {device})")
+            return t.to(device)
+
         state2 = offset = None
-        if "nested_absmax" in qs_dict:
-            offset = torch.tensor(float(qs_dict["nested_offset"]), device=device)
+        nested_keys = {"nested_absmax", "nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset"}
+        if nested_keys & set(qs_dict):
+            missing = sorted(nested_keys - set(qs_dict))
+            if missing:
+                raise ValueError(f"quant_state: a double-quantized state needs {missing} too")
+            try:
+                offset = torch.tensor(float(qs_dict["nested_offset"]), device=device)
+            except (TypeError, ValueError):
+                raise ValueError(f"quant_state: nested_offset must be a number, got {qs_dict['nested_offset']!r}") from None
             state2 = cls(
-                absmax=qs_dict["nested_absmax"].to(device),
-                blocksize=int(qs_dict["nested_blocksize"]),
-                code=qs_dict["nested_quant_map"].to(device),
-                dtype=getattr(torch, qs_dict["nested_dtype"]),
+                absmax=load("nested_absmax"),
+                blocksize=_int_item(qs_dict["nested_blocksize"], "nested_blocksize"),
+                code=load("nested_quant_map"),
+                dtype=_dtype_from_name(qs_dict["nested_dtype"], "nested_dtype"),
             )
         shape = qs_dict["shape"]
-        return cls(
-            absmax=qs_dict["absmax"].to(device),
-            shape=torch.Size(shape) if shape is not None else None,
-            code=qs_dict["quant_map"].to(device),
-            blocksize=int(qs_dict["blocksize"]),
+        if shape is None or isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+            raise ValueError(f"quant_state: shape must be a list of sizes, got {shape!r}")
+        state = cls(
+            absmax=load("absmax"),
+            shape=torch.Size([_int_item(v, "shape") for v in shape]),
+            code=load("quant_map"),
+            blocksize=_int_item(qs_dict["blocksize"], "blocksize"),
             quant_type=qs_dict["quant_type"],
-            dtype=getattr(torch, qs_dict["dtype"]),
+            dtype=_dtype_from_name(qs_dict["dtype"], "dtype"),
             offset=offset,
             state2=state2,
         )
+        if validate:
+            try:
+                state.validate()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"quant_state: {e}") from None
+        return state
+
+    def validate(self) -> None:
+        """Checks the whole state before anything reads it: a state decoded from outside
+        (a checkpoint, ``from_dict``, attributes set by hand) must never lead a kernel past
+        a buffer. Sizes follow from ``shape`` and the blocksizes; the nested (double
+        quantization) map must have its 256 entries. The codebook's values are checked
+        where it is used (``functional``). Messages name the attribute (``state.X``) and,
+        where it differs, the serialized key."""
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"state.quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"state.blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+        if self.shape is None:
+            raise ValueError("state.shape is missing")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.shape):
+            raise ValueError(f"state.shape must hold non-negative ints, got {tuple(self.shape)}")
+        if self.dtype is not None and self.dtype not in INPUT_DTYPES:
+            raise ValueError(f"state.dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        if not isinstance(self.code, torch.Tensor) or self.code.numel() != 16 or not self.code.is_floating_point():
+            raise ValueError(f"state.code (quant_map) is not the {self.quant_type} codebook: it needs 16 float entries")
+        if not isinstance(self.absmax, torch.Tensor):
+            raise TypeError(f"state.absmax must be a tensor, got {type(self.absmax).__name__}")
+        if not self.nested and self.absmax.dtype != torch.float32:
+            raise TypeError(f"state.absmax must be float32, got {self.absmax.dtype}")
+        if self.nested and self.absmax.dtype != torch.uint8:
+            raise TypeError(f"state.absmax must hold uint8 codes for a double-quantized state, got {self.absmax.dtype}")
+        blocks = num_blocks(self.numel, self.blocksize)
+        if self.absmax.numel() != blocks:
+            raise ValueError(f"state.absmax has {self.absmax.numel()} entries but shape {tuple(self.shape)} with "
+                             f"blocksize {self.blocksize} needs {blocks}")
+        if not self.nested:
+            return
+        s2 = self.state2
+        # an empty weight's offset is the mean of no values (NaN, as bitsandbytes has it)
+        if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1 or (
+                blocks and not torch.compiler.is_compiling() and not bool(torch.isfinite(self.offset.float()).all())):
+            raise ValueError(f"state.offset (nested_offset) must be one finite number, got {self.offset!r}")
+        if not isinstance(s2, QuantState):
+            raise TypeError(f"state.state2 must be a QuantState, got {type(s2).__name__}")
+        if isinstance(s2.blocksize, bool) or not isinstance(s2.blocksize, int) or s2.blocksize < 1:
+            raise ValueError(f"state.state2.blocksize (nested_blocksize) must be a positive int, got {s2.blocksize!r}")
+        if not isinstance(s2.code, torch.Tensor) or s2.code.numel() != 256 or s2.code.dtype != torch.float32:
+            got = f"{s2.code.numel()} {s2.code.dtype}" if isinstance(s2.code, torch.Tensor) else type(s2.code).__name__
+            raise ValueError(f"state.state2.code (nested_quant_map) must be the 256-entry float32 8-bit map, got {got}")
+        if not isinstance(s2.absmax, torch.Tensor) or s2.absmax.dtype != torch.float32:
+            raise TypeError("state.state2.absmax (nested_absmax) must be a float32 tensor")
+        if s2.absmax.numel() != num_blocks(blocks, s2.blocksize):
+            raise ValueError(f"state.state2.absmax (nested_absmax) has {s2.absmax.numel()} entries but {blocks} codes "
+                             f"with blocksize {s2.blocksize} need {num_blocks(blocks, s2.blocksize)}")
 
     def to(self, device) -> "QuantState":
         self.absmax = self.absmax.to(device)

@@ -2,12 +2,11 @@
 argument), then call the torch.library ops, which run on the selected backend."""
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
 
-from . import _ops, _ops_linear, formats
+from . import _checks, _env, _ops, _ops_linear, formats
 from . import backends as _backends
 from .formats import QuantState
 
@@ -26,16 +25,17 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = for
         raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
-    _ops.check_quantize_4bit(W, blocksize, quant_type)
+    _checks.quantize_4bit(W, blocksize, quant_type)
     packed, absmax = torch.ops.qlora_kernels.quantize_4bit(W.detach(), blocksize, quant_type)
     code = formats.codebook(quant_type)
     state = QuantState(absmax=absmax, shape=W.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=W.dtype)
     if double_quant:
         state.offset = absmax.mean()
+        dmap = formats.dynamic_map().to(absmax.device)  # meta in, meta out
         qabsmax, absmax2 = torch.ops.qlora_kernels.quantize_blockwise_8bit(
-            absmax - state.offset, formats.dynamic_map(), formats.NESTED_BLOCKSIZE)
+            absmax - state.offset, dmap, formats.NESTED_BLOCKSIZE)
         state.absmax = qabsmax
-        state.state2 = QuantState(absmax=absmax2, code=formats.dynamic_map(), blocksize=formats.NESTED_BLOCKSIZE,
+        state.state2 = QuantState(absmax=absmax2, code=dmap.clone(), blocksize=formats.NESTED_BLOCKSIZE,
                                   dtype=torch.float32)
     return packed, state
 
@@ -50,14 +50,7 @@ def _check_state(state: QuantState) -> None:
             f"state must be a qlora_kernels.QuantState, got {type(state).__name__}"
             " (convert a bitsandbytes state with QuantState.from_dict(bnb_state.as_dict()))"
         )
-    if state.quant_type not in formats.QUANT_TYPES:
-        raise ValueError(f"state.quant_type must be one of {formats.QUANT_TYPES}, got {state.quant_type!r}")
-    if state.blocksize not in formats.BLOCKSIZES:
-        raise ValueError(f"state.blocksize must be one of {formats.BLOCKSIZES}, got {state.blocksize!r}")
-    if state.shape is None:
-        raise ValueError("state.shape is missing")
-    if state.code is None or state.code.numel() != 16:
-        raise ValueError(f"state.code is not the {state.quant_type} codebook")
+    state.validate()
     # A value check is data-dependent, so torch.compile graphs skip it (eager calls check).
     # It is remembered per (code tensor, its version): a layer's state is checked once,
     # not on every forward (the check cost ~10% of an M=1 4096x4096 call).
@@ -69,13 +62,6 @@ def _check_state(state: QuantState) -> None:
                 raise ValueError(f"state.code is not the {state.quant_type} codebook")
             key = id(state)
             _CODE_CHECKED[key] = (weakref.ref(state, lambda _, key=key: _CODE_CHECKED.pop(key, None)), seen)
-    if state.nested:
-        if state.offset is None:
-            raise ValueError("state.offset is missing for a double-quantized state")
-        if state.absmax.dtype != torch.uint8:
-            raise TypeError(f"state.absmax must hold uint8 codes for a double-quantized state, got {state.absmax.dtype}")
-    elif state.absmax.dtype != torch.float32:
-        raise TypeError(f"state.absmax must be float32, got {state.absmax.dtype}")
 
 
 def absmax_fp32(state: QuantState) -> torch.Tensor:
@@ -191,7 +177,7 @@ def _remember_plain(packed: torch.Tensor, state: QuantState, args: tuple) -> Non
 
 # Whether one-row compute="int8" calls may keep a repacked copy of their weight (see
 # int8_repack); QLORA_KERNELS_INT8_REPACK=0 starts with it off.
-_INT8_REPACK = [os.environ.get("QLORA_KERNELS_INT8_REPACK", "1") != "0"]
+_INT8_REPACK = [_env.switch(_env.INT8_REPACK, True)]
 
 
 def int8_repack(enabled: bool | None = None) -> bool:
@@ -290,12 +276,6 @@ def _dropout_noise(x: torch.Tensor, dropout_p: float, training: bool) -> torch.T
     return torch.empty_like(x).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
 
 
-def _check_scaling(scaling) -> float:
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
-    return float(scaling)
-
-
 def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, lora_A: torch.Tensor,
                      lora_B: torch.Tensor, scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
                      training: bool = False) -> torch.Tensor:
@@ -304,7 +284,7 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, l
     _check_x(x)
     args = _weight_args(packed, state, x.shape[-1])
     noise = _dropout_noise(x, dropout_p, training)
-    return torch.ops.qlora_kernels.lora_linear_4bit(x, *args, lora_A, lora_B, _check_scaling(scaling), bias, noise)[0]
+    return torch.ops.qlora_kernels.lora_linear_4bit(x, *args, lora_A, lora_B, _checks.scaling(scaling), bias, noise)[0]
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -314,7 +294,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     noise = _dropout_noise(x, dropout_p, training)
-    return torch.ops.qlora_kernels.lora_linear(x, weight, lora_A, lora_B, _check_scaling(scaling), bias, noise)[0]
+    return torch.ops.qlora_kernels.lora_linear(x, weight, lora_A, lora_B, _checks.scaling(scaling), bias, noise)[0]
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -112,13 +112,18 @@ class Linear4bit(nn.Module):
         qs = {k[len(wkey) + 1:]: state_dict[k] for k in list(state_dict) if k.startswith(wkey + ".")}
         if qs:
             try:
-                state = QuantState.from_dict(qs)
+                state = QuantState.from_dict(qs, validate=False)
             except ValueError as e:
                 error_msgs.append(f"{wkey}: {e}")
                 return
-            if tuple(state.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"{wkey}: quantization state is for shape {tuple(state.shape)}, "
+            if tuple(state.shape or ()) != (self.out_features, self.in_features):
+                error_msgs.append(f"{wkey}: quantization state is for shape {tuple(state.shape or ())}, "
                                   f"this layer is [{self.out_features}, {self.in_features}]")
+                return
+            try:
+                state.validate()
+            except (ValueError, TypeError) as e:
+                error_msgs.append(f"{wkey}: {e}")
                 return
             packed = state_dict.get(wkey)
             if packed is None or packed.numel() * packed.element_size() != formats.packed_numel(state.numel):

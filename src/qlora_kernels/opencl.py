@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import formats
+from . import _env, formats
 
 INSTALL_HINT = (
     "no OpenCL platform with a device was found. Install an OpenCL driver: on Debian/Ubuntu "
@@ -37,9 +37,9 @@ INSTALL_HINT = (
     "`clinfo -l` lists what the ICD loader finds"
 )
 ENV_DEVICE = "QLORA_KERNELS_OPENCL_DEVICE"
-ENV_STYLE = "QLORA_KERNELS_OPENCL_STYLE"
-ENV_CACHE_MB = "QLORA_KERNELS_OPENCL_CACHE_MB"
-STYLES = ("ndrange", "fpga")
+ENV_STYLE = _env.OPENCL_STYLE
+ENV_CACHE_MB = _env.OPENCL_CACHE_MB
+STYLES = _env.OPENCL_STYLES
 KERNEL_DIR = Path(__file__).resolve().with_name("kernels")
 FAMILIES = ("quant4", "linear4", "linear4_task", "lora", "adamw")
 VENDORS = {None: [], "xilinx": ["-DQK_XILINX"], "intel": ["-DQK_INTEL"]}
@@ -105,7 +105,7 @@ def build_options(vendor: Optional[str] = None) -> list[str]:
 # ---------------------------------------------------------------------- style ----
 
 def _style_from_env() -> str:
-    s = os.environ.get(ENV_STYLE, "ndrange").strip().lower()
+    s = _env.opencl_style()
     if s not in STYLES:
         raise ValueError(f"{ENV_STYLE} must be one of {STYLES}, got {s!r}")
     return s
@@ -177,8 +177,13 @@ def _select(spec: Optional[str]):
 
 
 def _host_bytes(t: torch.Tensor):
-    """A uint8 numpy view of a contiguous CPU tensor of any dtype (no copy)."""
-    return t.detach().reshape(-1).view(torch.uint8).numpy()
+    """A uint8 numpy view of a contiguous CPU tensor of any dtype (no copy). torch calls a
+    tensor contiguous whatever the strides of its size-1 dims (an expanded one-element
+    gradient has stride 0), and a byte view needs stride 1: such a tensor is copied."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:
+        flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
+    return flat.view(torch.uint8).numpy()
 
 
 class Runtime:
@@ -196,7 +201,7 @@ class Runtime:
         self._resident: OrderedDict = OrderedDict()
         self._resident_bytes = 0
         default_mb = max(256, self.device.global_mem_size // 4 // 2**20)
-        self.cache_limit = int(os.environ.get(ENV_CACHE_MB, default_mb)) * 2**20
+        self.cache_limit = int(os.environ.get(ENV_CACHE_MB) or default_mb) * 2**20
         self.counters = {"builds": 0, "weight_uploads": 0, "weight_hits": 0, "launches": 0}
         self.last: Optional[_Op] = None
 

@@ -53,14 +53,16 @@ def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
 def quantize_blockwise_8bit(A, code, blocksize):
     out = torch.empty(A.shape, dtype=torch.uint8)
     absmax = torch.empty((formats.num_blocks(A.numel(), blocksize),), dtype=torch.float32)
-    _C.quantize_8bit(A.data_ptr(), A.numel(), blocksize, code.data_ptr(), out.data_ptr(), absmax.data_ptr(), absmax.numel())
+    _C.quantize_8bit(A.data_ptr(), A.numel(), blocksize, code.data_ptr(), code.numel(), out.data_ptr(), absmax.data_ptr(),
+                     absmax.numel())
     return out, absmax
 
 
 @register_kernel("dequantize_blockwise_8bit", "cpu")
 def dequantize_blockwise_8bit(q, absmax, code, blocksize):
     out = torch.empty(q.shape, dtype=torch.float32)
-    _C.dequantize_8bit(q.data_ptr(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), q.numel(), blocksize, out.data_ptr())
+    _C.dequantize_8bit(q.data_ptr(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), code.numel(), q.numel(), blocksize,
+                       out.data_ptr())
     return out
 
 
@@ -74,7 +76,8 @@ if hasattr(_C, "linear4_forward"):
         y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
         entry(x.data_ptr(), y.numel() // out_features if out_features else math.prod(x.shape[:-1]), K, K,
               packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), out_features,
-              blocksize, bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features,
+              blocksize, bias.data_ptr() if bias is not None else 0, bias.numel() if bias is not None else 0,
+              y.data_ptr(), out_features,
               torch.get_num_threads())
         return y
 
@@ -115,7 +118,9 @@ if hasattr(_C, "linear4_forward"):
         M, N = dy2.shape
         dx = torch.empty((M, in_features), dtype=torch.float32)
         code = _tables(quant_type)[0]
-        _C.linear4_backward_input(dy2.data_ptr(), M, N, dy2.stride(0) if M else N, packed.data_ptr(),
+        # dy2 is contiguous (the op makes it so), and its row stride is then N; a one-row
+        # tensor may carry any stride (an expanded gradient has 0), which .contiguous() keeps.
+        _C.linear4_backward_input(dy2.data_ptr(), M, N, max(N, 1), packed.data_ptr(),
                                   packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), in_features,
                                   blocksize, dx.data_ptr(), in_features, torch.get_num_threads())
         return dx
@@ -130,7 +135,8 @@ if hasattr(_C, "dense_forward"):
         N = weight.shape[0]
         y = torch.empty((M, N), dtype=torch.float32)
         _C.dense_forward(x2.data_ptr(), M, K, max(K, 1), weight.data_ptr(), N, max(K, 1),
-                         bias.data_ptr() if bias is not None else 0, y.data_ptr(), max(N, 1), torch.get_num_threads())
+                         bias.data_ptr() if bias is not None else 0, bias.numel() if bias is not None else 0,
+                         y.data_ptr(), max(N, 1), torch.get_num_threads())
         return y
 
     @register_kernel("linear_dense_grad_input", "cpu")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import _env
 from . import FinetuneError
 
 # Options that decide the numbers a run produces: --resume refuses to change them (a
@@ -78,7 +79,7 @@ def _reexec_with_passive_openmp() -> None:
     other jobs running). libgomp reads the policy only when it loads, and it loaded with
     torch when the command started, hence the exec (same pid, ~2 s). An explicit
     OMP_WAIT_POLICY (or QLORA_KERNELS_NO_REEXEC=1) is respected; library use is untouched."""
-    if os.environ.get("OMP_WAIT_POLICY") or os.environ.get("QLORA_KERNELS_NO_REEXEC"):
+    if os.environ.get("OMP_WAIT_POLICY") or _env.switch(_env.NO_REEXEC, False):
         return
     if os.path.basename(sys.argv[0]) != "qlora-kernels":
         return
@@ -262,10 +263,12 @@ def _run(args, session, t_start) -> int:
         saved_state = checkpoint.read_state(ckpt)
         cfg = _config(args, saved_state["config"])
         records, data_name, dups = data.load_records(cfg["data"])
+        train_recs, eval_recs = data.split(records, cfg["eval_size"], data_name)
     else:
         saved_state = None
         cfg = _config(args, None)
         records, data_name, dups = data.load_records(cfg["data"])  # bad data fails before the slow load
+        train_recs, eval_recs = data.split(records, cfg["eval_size"], data_name)
         if cfg["model"] is not None:
             M.check_model_dir(cfg["model"])
         session.check_batch(cfg["batch_size"])
@@ -287,7 +290,6 @@ def _run(args, session, t_start) -> int:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
 
-    train_recs, eval_recs = data.split(records, cfg["eval_size"])
     t_load = time.perf_counter()  # includes SmolLM2's one-time GGUF conversion
     model_dir = M.default_model_dir() if cfg["model"] is None else M.check_model_dir(cfg["model"])
     base, tok = M.load(model_dir)

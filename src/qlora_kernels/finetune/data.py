@@ -135,12 +135,13 @@ def load_records(data: Optional[str]) -> tuple[list[Record], str, int]:
     return unique, DEFAULT_DATA if data is None else os.fspath(data), len(records) - len(unique)
 
 
-def split(records: list, eval_size: Optional[int]) -> tuple[list, list]:
+def split(records: list, eval_size: Optional[int], data_name: str = "the data") -> tuple[list, list]:
     """(train, held-out): a permutation with a fixed seed; by default 5% held out (1 to 64)."""
     n = len(records)
     k = eval_size if eval_size is not None else min(64, max(1, round(0.05 * n)))
     if n < 2 or k < 1 or k >= n:
-        raise FinetuneError(f"the data has {n} unique example(s): need at least 2, and fewer held out ({k}) than that")
+        raise FinetuneError(f"{data_name} has {n} unique example(s): need at least 2, and fewer held out ({k}) "
+                            f"than that")
     order = list(range(n))
     random.Random(SPLIT_SEED).shuffle(order)
     return [records[i] for i in order[k:]], [records[i] for i in order[:k]]

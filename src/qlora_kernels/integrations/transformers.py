@@ -173,7 +173,7 @@ def restore_state(weight_key: str, tensors: dict[str, torch.Tensor], shape: tupl
     qs_key = weight_key + packed_keys[0][6:]
     stats = {k[7:]: v for k, v in tensors.items() if k.startswith("weight.")}
     try:
-        state = QuantState.from_dict(stats)
+        state = QuantState.from_dict(stats, validate=False)  # validated below, naming the key
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise _err(qs_key, f"unreadable quantization state ({e})") from None
     if state.quant_type != packed_keys[0].rsplit("__", 1)[1]:
@@ -206,6 +206,10 @@ def restore_state(weight_key: str, tensors: dict[str, torch.Tensor], shape: tupl
             raise _err(weight_key + ".nested_absmax", "holds NaN or Inf")
     elif not torch.isfinite(state.absmax).all():
         raise _err(weight_key + ".absmax", "holds NaN or Inf")
+    try:
+        state.validate()  # whatever the checks above do not name
+    except (ValueError, TypeError) as e:
+        raise _err(qs_key, str(e)) from None
     if packed.device.type != "meta":
         packed = packed.contiguous()
         packed = (packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)).reshape(-1, 1)

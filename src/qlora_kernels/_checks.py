@@ -1,0 +1,206 @@
+"""The argument checks of every op, written once. Each op's real and fake implementations
+call the same check before anything else, so a bad argument fails the same way in eager
+mode, under torch.compile and on every backend, and no native kernel ever sees a size it
+was not told about (the C++ bindings check the sizes again: QK_REQUIRE).
+
+Every tensor argument is checked for type, dtype, device, size and (where a kernel takes
+a raw pointer) layout. All tensors of one call must share one device: a meta tensor among
+CPU ones would send the call to the fake implementation, which returns uninitialized CPU
+memory. Messages name the argument and are built only when a check fails."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from . import formats
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_DEVICES = ("cpu", "meta")
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def tensor(name: str, t, dtypes: Sequence[torch.dtype] | None = None, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {_dtype_names(dtypes)}, got {t.dtype}")
+    if t.device.type not in _DEVICES:
+        raise ValueError(f"{name} must be on the CPU, got device {t.device}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def same_device(**named: Optional[torch.Tensor]) -> None:
+    """All given tensors (None skipped) on the device of the first one."""
+    first = None
+    for name, t in named.items():
+        if t is None:
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1]}: every tensor argument of "
+                             f"one call must be on the same device")
+
+
+def blocksize(value, name: str = "blocksize") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value not in formats.BLOCKSIZES:
+        raise ValueError(f"{name} must be one of {formats.BLOCKSIZES}, got {value!r}")
+
+
+def quant_type(value, name: str = "quant_type") -> None:
+    if value not in formats.QUANT_TYPES:
+        raise ValueError(f"{name} must be one of {formats.QUANT_TYPES}, got {value!r}")
+
+
+def bias(b: Optional[torch.Tensor], out_features: int) -> None:
+    if b is None:
+        return
+    tensor("bias", b, FLOATS)
+    if tuple(b.shape) != (out_features,):
+        raise ValueError(f"bias has shape {tuple(b.shape)}, expected ({out_features},)")
+
+
+def scaling(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"scaling must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"scaling must be finite, got {value}")
+    return float(value)
+
+
+def numel(shape: Sequence[int], name: str = "state.shape") -> int:
+    n = 1
+    for s in shape:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"{name} must hold non-negative ints, got {tuple(shape)}")
+        n *= s
+    return n
+
+
+def weight_bytes(packed: torch.Tensor, absmax: torch.Tensor, n: int, block: int, what: str, whose: str) -> None:
+    """packed and absmax hold exactly what n 4-bit values in blocks of `block` need."""
+    if packed.numel() != formats.packed_numel(n):
+        raise ValueError(f"packed has {packed.numel()} bytes but {what} needs {formats.packed_numel(n)}: {whose}")
+    if absmax.numel() != formats.num_blocks(n, block):
+        raise ValueError(f"state.absmax has {absmax.numel()} entries but {what} with blocksize {block} needs "
+                         f"{formats.num_blocks(n, block)}")
+
+
+# ------------------------------------------------------------------ quantization ----
+
+def quantize_4bit(A: torch.Tensor, block: int, qtype: str) -> None:
+    tensor("W", A, formats.INPUT_DTYPES)
+    blocksize(block)
+    quant_type(qtype)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, block: int, qtype: str, shape: Sequence[int],
+                    dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> None:
+    tensor("packed", packed, (torch.uint8,))
+    tensor("state.absmax", absmax, (torch.float32,))
+    if out is not None:
+        tensor("out", out)
+    same_device(packed=packed, **{"state.absmax": absmax}, out=out)
+    blocksize(block, "state.blocksize")
+    quant_type(qtype, "state.quant_type")
+    if dtype not in formats.INPUT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    n = numel([int(s) for s in shape])
+    weight_bytes(packed, absmax, n, block, f"state.shape {tuple(shape)}",
+                 "the packed tensor does not belong to this state")
+
+
+def blockwise_8bit(A: torch.Tensor, code: torch.Tensor, block: int, a_name: str = "A",
+                   a_dtype: torch.dtype = torch.float32) -> None:
+    tensor(a_name, A, (a_dtype,))
+    tensor("code", code, (torch.float32,))
+    same_device(**{a_name: A}, code=code)
+    if code.numel() != 256:
+        raise ValueError(f"code must be the 256-entry 8-bit map, got {code.numel()} entries")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"blocksize must be a positive int, got {block!r}")
+
+
+def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int) -> None:
+    blockwise_8bit(q, code, block, "state.absmax (8-bit codes)", torch.uint8)
+    tensor("state.state2.absmax", absmax, (torch.float32,))
+    same_device(q=q, **{"state.state2.absmax": absmax})
+    if absmax.numel() != formats.num_blocks(q.numel(), block):
+        raise ValueError(f"state.state2.absmax has {absmax.numel()} entries; {q.numel()} codes with blocksize "
+                         f"{block} need {formats.num_blocks(q.numel(), block)}")
+
+
+# ------------------------------------------------------------------------ linear ----
+
+def weight(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block: int, qtype: str, out_features: int,
+           in_features: int, b: Optional[torch.Tensor] = None, x_name: str = "x") -> None:
+    tensor(x_name, x, FLOATS)
+    tensor("packed", packed, (torch.uint8,))
+    tensor("state.absmax", absmax, (torch.float32,))
+    bias(b, out_features)
+    same_device(**{x_name: x}, packed=packed, **{"state.absmax": absmax}, bias=b)
+    if x.dim() < 1:
+        raise ValueError(f"{x_name} must have at least one dimension (features last)")
+    blocksize(block, "state.blocksize")
+    quant_type(qtype, "state.quant_type")
+    if out_features < 0 or in_features < 0:
+        raise ValueError(f"the weight's shape must be non-negative, got [{out_features}, {in_features}]")
+    weight_bytes(packed, absmax, out_features * in_features, block, f"a [{out_features}, {in_features}] weight",
+                 "the state does not belong to this weight")
+
+
+def lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, out_features: int,
+         b: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> None:
+    K = x.shape[-1]
+    tensor("lora_A", lora_A, FLOATS, dim=2)
+    tensor("lora_B", lora_B, FLOATS, dim=2)
+    if noise is not None:
+        tensor("dropout noise", noise, FLOATS)
+    bias(b, out_features)
+    same_device(x=x, lora_A=lora_A, lora_B=lora_B, bias=b, noise=noise)
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError("lora_A has rank 0: a LoRA adapter needs r >= 1")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}; x has {K} features, so it must be [r, {K}]")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; it must be [{out_features}, {r}] "
+                         f"(out_features, rank of lora_A)")
+    if noise is not None and noise.shape != x.shape:
+        raise ValueError(f"dropout noise has shape {tuple(noise.shape)}, x has {tuple(x.shape)}")
+
+
+def dense(x: torch.Tensor, w: torch.Tensor) -> None:
+    tensor("x", x, FLOATS)
+    tensor("weight", w, FLOATS, dim=2)
+    same_device(x=x, weight=w)
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"weight has shape {tuple(w.shape)}; x has shape {tuple(x.shape)}, so x's last dimension "
+                         f"must be {w.shape[1]}")
+
+
+# -------------------------------------------------------------------------- loss ----
+
+def loss(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], labels: torch.Tensor) -> None:
+    dense(x, w)
+    tensor("labels", labels)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 (or int32) tensor of class indices, got {labels.dtype}")
+    bias(b, w.shape[0])
+    same_device(x=x, weight=w, bias=b, labels=labels)
+    if w.shape[0] < 1:
+        raise ValueError(f"weight has shape {tuple(w.shape)}: the vocabulary (its first dimension) must be >= 1")
+    if w.shape[1] < 1:
+        raise ValueError(f"weight has shape {tuple(w.shape)}: the hidden size (its second dimension) must be >= 1")
+    if tuple(labels.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(x.shape[:-1])} (x without its "
+                         f"last dimension)")
