@@ -44,6 +44,10 @@ class BuildExt(build_ext):
 
 
 openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+# QLORA_KERNELS_SANITIZE=address,undefined builds the sanitizer lane's extension
+# (scripts/sanitize.sh): every report aborts, so a test that triggers one fails.
+SANITIZE = os.environ.get("QLORA_KERNELS_SANITIZE", "")
+san_flags = [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"] if SANITIZE else []
 ext = Pybind11Extension(
     "qlora_kernels._C",
     sources,
@@ -51,8 +55,8 @@ ext = Pybind11Extension(
     define_macros=[("QK_X86", "1")] if IS_X86 else [],
     # -ffp-contract=off: a fused multiply-add would change rounding against the
     # reference; no -ffast-math: the kernels rely on IEEE subnormals and NaN compares.
-    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"] + openmp,
-    extra_link_args=openmp,
+    extra_compile_args=["-O1" if SANITIZE else "-O3", "-ffp-contract=off", "-fno-math-errno"] + openmp + san_flags,
+    extra_link_args=openmp + san_flags,
 )
 
 # qlora_kernels._hls: the HLS kernels (hls/*.cpp) C-simulated under plain g++, with the
@@ -70,7 +74,9 @@ hls_ext = Pybind11Extension(
     hls_sources,
     include_dirs=["hls"],
     cxx_std=17,
-    extra_compile_args=["-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-unused-label"],
+    extra_compile_args=["-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-unused-label"]
+    + san_flags,
+    extra_link_args=san_flags,
 )
 
 setup(ext_modules=[ext, hls_ext], cmdclass={"build_ext": BuildExt})
