@@ -21,6 +21,7 @@ namespace py = pybind11;
 // Each op family binds itself (one file per op); they are listed here.
 void register_linear4(py::module_& m);
 void register_adamw(py::module_& m);
+void register_peak(py::module_& m);
 
 namespace {
 
@@ -137,6 +138,7 @@ PYBIND11_MODULE(_C, m) {
         "8-bit blockwise dequantization to fp32 (code: the 256-entry map).");
   register_linear4(m);
   register_adamw(m);
+  register_peak(m);
   m.def("compiled_isas", &qk::compiled_isas, "ISA paths compiled into this build.");
   m.def("supported_isas", &qk::supported_isas, "ISA paths this CPU can run.");
   m.def("best_isa", &qk::best_isa, "The path cpuid selects.");

@@ -31,6 +31,10 @@ def _info(args) -> int:
         d = opencl.device_info()
         print(f"OpenCL device: {d['selector']} {d['platform']} / {d['device']} ({d['opencl_c_version']}), "
               f"kernel style {d['style']} ({opencl.ENV_DEVICE}, {opencl.ENV_STYLE} override)")
+    if args.peak:
+        from qlora_kernels import peak
+
+        print(peak.measure(args.threads or None).table())
     return 0
 
 
@@ -85,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     # environment says the same, so the value is accepted and not used.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="version, CPU paths, backends, threads").set_defaults(func=_info)
+    i = sub.add_parser("info", help="version, CPU paths, backends, threads")
+    i.add_argument("--peak", action="store_true", help="also measure this machine's fp32 FMA peak per CPU path and "
+                   "its L2/L3/DRAM read bandwidth (a few seconds)")
+    i.add_argument("--threads", type=int, default=0, help="threads for --peak (default: torch's)")
+    i.set_defaults(func=_info)
     b = sub.add_parser("bench", help="benchmark the kernels against the installed peers")
     b.add_argument("--quick", action="store_true", help="smaller shapes, fewer rounds (about a minute)")
     b.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (default: torch's)")
