@@ -26,3 +26,25 @@ def run_case(benchmark, case, rounds: int = 7, iterations: int = 1):
 @pytest.fixture
 def bench_case(benchmark):
     return lambda case, rounds=7, iterations=1: run_case(benchmark, case, rounds, iterations)
+
+
+def run_group(benchmark, cases, rounds: int = 7, calls: int = 1):
+    """One group, ours and its peers timed in interleaved rounds (bench.interleave): the
+    rows (median and spread per case, per-round ratios, fraction of the machine's limit)
+    go to extra_info["interleaved"]; pytest-benchmark's own statistics are of our kernel
+    alone, timed after the rounds."""
+    from qlora_kernels import bench, peak
+
+    times = bench.interleave(cases, rounds, calls)
+    rows = bench.group_rows(cases, times, peak.measure())
+    ours = next(c for c in cases if c.ours)
+    benchmark.group = ours.group
+    benchmark.name = ours.name
+    benchmark.extra_info.update(ours=True, work=ours.work, unit=ours.unit, machine=bench.machine_summary(),
+                                interleaved=rows, rounds=rounds, calls=calls, peak=peak.measure().table())
+    benchmark.pedantic(ours.fn, rounds=3, warmup_rounds=0, iterations=calls)
+
+
+@pytest.fixture
+def bench_group(benchmark):
+    return lambda cases, rounds=7, calls=1: run_group(benchmark, cases, rounds, calls)

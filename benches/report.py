@@ -11,6 +11,11 @@ import sys
 
 
 def table(data: dict) -> str:
+    interleaved = [r for b in data["benchmarks"] for r in b["extra_info"].get("interleaved", [])]
+    if interleaved:
+        from qlora_kernels.bench import format_table
+
+        return format_table(interleaved)
     groups: dict[str, list[dict]] = {}
     for b in data["benchmarks"]:
         groups.setdefault(b["group"], []).append(b)
@@ -28,22 +33,53 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+SECTION_MARKS = {"avx2": "<!-- section avx2 -->", "avx512": "<!-- section avx512 -->"}
+END_MARK = "<!-- end section -->"
+
+
+def replace_section(cls: str, section_file: str, doc: str) -> None:
+    """Puts section_file's text between docs/benchmarks.md's markers for this machine class
+    (one section per class: AVX2-only, AVX-512), leaving the other class's section alone."""
+    with open(section_file) as f:
+        body = f.read().rstrip() + "\n"
+    with open(doc) as f:
+        text = f.read()
+    start = SECTION_MARKS[cls]
+    a = text.index(start) + len(start)
+    b = text.index(END_MARK, a)
+    with open(doc + ".tmp", "w") as f:
+        f.write(text[:a] + "\n" + body + text[b:])
+    import os
+
+    os.replace(doc + ".tmp", doc)
+
+
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--replace-section":
+        replace_section(*sys.argv[2:])
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("json_file")
     ap.add_argument("--title", default="Results")
     ap.add_argument("--command", default="")
+    ap.add_argument("--level", type=int, default=2, help="markdown heading level of the title")
     a = ap.parse_args()
     with open(a.json_file) as f:
         data = json.load(f)
     m = data.get("machine_info", {})
     ei = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
-    print(f"## {a.title}\n")
+    print(f"{'#' * a.level} {a.title}\n")
     print(f"- machine: {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
           f"{m.get('cpu', {}).get('count', '?')} logical CPUs; {ei.get('machine', '')}")
     print(f"- date: {data.get('datetime', '?')}")
     if a.command:
         print(f"- command: `{a.command}`")
+    if ei.get("peak"):
+        print("- this machine's limits (`qlora-kernels info --peak`):\n\n```\n" + ei["peak"] + "\n```")
+    if ei.get("interleaved"):
+        print(f"- every group timed in {ei.get('rounds')} interleaved rounds (each round: every case once, "
+              f"{ei.get('calls')} calls or more back to back; order rotating); 'ours / it' is our time over the "
+              "peer's, round by round: median [min-max], < 1 means ours is faster")
     print()
     print(table(data))
     print()

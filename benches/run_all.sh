@@ -1,48 +1,48 @@
 #!/usr/bin/env bash
-# Runs every benchmark suite (2 threads) and rewrites docs/benchmarks.md from the results.
+# Runs every benchmark suite (2 threads) and rewrites this machine class's section of
+# docs/benchmarks.md (AVX2-only or AVX-512, from the CPU path cpuid selects); the other
+# class's section is kept as it is, since no machine has both.
 # Usage: bash benches/run_all.sh [python]   (default: .venv/bin/python if present)
+#        SUITES="linear train" bash benches/run_all.sh    (a subset; the others' tables are dropped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 mkdir -p bench-results
-out=docs/benchmarks.md
+cls=$("$PY" -c "import qlora_kernels._C as c; print('avx512' if c.best_isa() == 'avx512' else 'avx2')")
+section=$(mktemp)
 {
-  echo "# Benchmarks"
+  if [ "$cls" = avx512 ]; then echo "## AVX-512 machine"; else echo "## AVX2-only machine"; fi
   echo
-  echo "Every table: our kernel and its peers on the same inputs in the same process, 2 threads,"
-  echo "medians (pytest-benchmark). \"our speedup vs it\" = peer median / our best median, so > 1"
-  echo "means we are faster. The machines are shared and noisy: read ratios, not absolute times."
+  echo "- this machine's limits, measured (\`qlora-kernels info --peak\`, 2 threads):"
   echo
-} > "$out.tmp"
+  echo '```'
+  "$PY" -c "from qlora_kernels import peak; print(peak.measure(2).table())"
+  echo '```'
+  echo
+} > "$section"
 for suite in ${SUITES:-quant linear train opencl optim onnx}; do
   f="benches/test_bench_${suite}.py"
   [ -f "$f" ] || continue
-  cmd="$PY -m pytest $f --benchmark-json=bench-results/${suite}.json -q -p no:cacheprovider"
+  cmd="$PY -m pytest $f --benchmark-json=bench-results/${suite}-${cls}.json -q -p no:cacheprovider"
   echo "== $cmd"
   $cmd
-done
-for suite in quant linear train opencl optim onnx; do
-  [ -f "bench-results/${suite}.json" ] || continue
-  "$PY" benches/report.py "bench-results/${suite}.json" --title "$suite" \
-    --command "$PY -m pytest benches/test_bench_${suite}.py --benchmark-json=bench-results/${suite}.json" >> "$out.tmp"
+  "$PY" benches/report.py "bench-results/${suite}-${cls}.json" --title "$suite ($cls)" --level 3 \
+    --command "$cmd" >> "$section"
 done
 # Peak memory is a per-process high-water mark: its own script, one process per row.
 if [ "${MEMORY:-1}" = 1 ]; then
   {
     echo
-    echo "## peak memory of a training step"
+    echo "### peak memory of a training step ($cls)"
     echo
-    echo "- machine: as above; each configuration in its own process, peak RSS after 2 AdamW steps,"
+    echo "- each configuration in its own process, peak RSS after 2 AdamW steps,"
     echo "  random Phi-3 (hidden 1024, intermediate 2816, 4 layers, vocab 32064), LoRA r=16 on every"
     echo "  projection, batch 2 x 256. The fp32 model is built first in every process (the same for"
     echo "  all rows). ours = NF4 + the fused head + loss; ours-unfused = NF4 + transformers' loss."
     echo "- command: \`$PY benches/train_memory.py --model phi3 --steps 2\`"
     echo
     "$PY" benches/train_memory.py --model phi3 --steps 2
-  } >> "$out.tmp"
+  } >> "$section"
 fi
-# The per-rank memory table of the distributed engines (benches/dist_memory.py spawns
-# 7 training processes; rerun it by hand and paste its output into that file).
-{ echo; cat docs/benchmarks_dist_memory.md; } >> "$out.tmp"
-mv "$out.tmp" "$out"
-echo "wrote $out"
+"$PY" benches/report.py --replace-section "$cls" "$section" docs/benchmarks.md
+echo "rewrote the $cls section of docs/benchmarks.md"

@@ -1,14 +1,15 @@
 """One training step (AdamW, LoRA r=16 on every projection, batch 2 x 256) on a random
 Phi-3-architecture model and on SmolLM2-135M-Instruct, beside PEFT + bitsandbytes; our
 DoRA step beside our LoRA step; the fused output head + loss alone beside transformers'
-way. Peak memory per configuration: benches/train_memory.py."""
+way. Each group timed in interleaved rounds (bench.interleave). Peak memory per
+configuration: benches/train_memory.py."""
 import pytest
 
-from qlora_kernels import bench_train
+from qlora_kernels import bench, bench_train
 
-CASES = bench_train.loss_cases() + bench_train.train_cases("phi3") + bench_train.train_cases("smollm2")
+GROUPS = bench.groups_of(bench_train.loss_cases() + bench_train.train_cases("phi3") + bench_train.train_cases("smollm2"))
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{c.group}-{c.name}" for c in CASES])
-def test_train_step(bench_case, i):
-    bench_case(CASES[i], rounds=5)
+@pytest.mark.parametrize("i", range(len(GROUPS)), ids=[g[0].group for g in GROUPS])
+def test_train_step(bench_group, i):
+    bench_group(GROUPS[i], rounds=5)

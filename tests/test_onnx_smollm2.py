@@ -59,7 +59,10 @@ def _check(fmt, res, ref, got):
         assert err["max_rel"] <= REL_TOL, err
 
 
-@pytest.mark.parametrize("fmt", ["bnb4", "nbits", "fp32"])
+# fp32 (dense) export is held to torch on the tiny Llama and Phi-3 models of
+# test_onnx_export.py; on SmolLM2 each export is ~100 s of torch.export tracing on a 2-core
+# AVX2 machine, so the real model covers the two 4-bit formats.
+@pytest.mark.parametrize("fmt", ["bnb4", "nbits"])
 def test_logits_with_and_without_lora(exports, model, prompt, fmt):
     res, sess, base_sess = exports(fmt)
     assert res.layers == 30 * 7 and res.adapters == 30 * 7 and res.dense == 1  # lm_head (tied) stays dense

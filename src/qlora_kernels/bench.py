@@ -63,19 +63,69 @@ def quant_cases(rows: int = 4096, cols: int = 4096, quant_type: str = "nf4", blo
     return cases
 
 
-def time_call(fn: Callable[[], object], min_rounds: int = 5, min_seconds: float = 0.5) -> list[float]:
-    """Wall times of repeated calls after one warm-up; at least ``min_rounds`` calls and
-    ``min_seconds`` in total."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_rounds or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
-            break
+def interleave(cases: list[Case], rounds: int = 7, calls: int = 1) -> dict[str, list[float]]:
+    """Per-call seconds of every case of one group, timed in interleaved rounds: each round
+    times every case once (``calls`` back-to-back calls), the order rotating from round to
+    round (A B C, B C A, C A B, ...). A shared machine's drift then lands on all cases of a
+    round alike, and the per-round ratios (``group_rows``) cancel it; a sequential run of
+    one case after another drifted by up to 40% between rows."""
+    for c in cases:  # warm-up: first-call allocations, thread pools, lazily built sessions
+        c.fn()
+    times: dict[str, list[float]] = {c.name: [] for c in cases}
+    n = len(cases)
+    for r in range(rounds):
+        for c in cases[r % n:] + cases[:r % n]:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                c.fn()
+            times[c.name].append((time.perf_counter() - t0) / calls)
     return times
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    v = sorted(values)
+    return statistics.median(v), v[0], v[-1]
+
+
+def group_rows(cases: list[Case], times: dict[str, list[float]], peak=None) -> list[dict]:
+    """One row per case: median time with its spread (min, max over the rounds), throughput,
+    the fraction of this machine's limit (``peak.Peak``: a GEMM's GFLOP/s over the FMA peak
+    of the CPU path, a streaming kernel's bytes/s over the bandwidth of the level its bytes
+    live in), and for each peer the ratio our time / its time taken round by round (median
+    and spread; < 1: we are faster)."""
+    ours = next((c for c in cases if c.ours), None)
+    rows = []
+    for c in cases:
+        med, lo, hi = _spread(times[c.name])
+        row = {"group": c.group, "name": c.name, "ours": c.ours, "median_s": med, "min_s": lo, "max_s": hi,
+               "unit": c.unit, "rounds": len(times[c.name])}
+        row["throughput"] = (c.work / med / (1e9 if c.unit.startswith("G") else 1.0)) if c.work else None
+        if peak is not None:
+            row.update(_fraction(c, med, peak))
+        if ours is not None and not c.ours:
+            per_round = [a / b for a, b in zip(times[ours.name], times[c.name])]
+            row["ratio"], row["ratio_min"], row["ratio_max"] = _spread(per_round)
+        rows.append(row)
+    return rows
+
+
+def _fraction(c: Case, seconds: float, peak) -> dict:
+    """The fraction of the machine's limit this case reached: bytes streamed per call over
+    the bandwidth of the level they live in (cases that say how many bytes they stream),
+    else flops over the FMA peak of the CPU path in use (ours) or of the widest path (a
+    peer's library picks its own)."""
+    nbytes = c.extra.get("stream_bytes")
+    if nbytes:
+        level = peak.level_of(nbytes)
+        return {"fraction": nbytes / seconds * 1e-9 / peak.bandwidth_gbs[level], "limit": f"{level} bandwidth"}
+    if c.unit == "GFLOP/s" and c.work:
+        from . import _C
+
+        isa = _C.get_isa() if c.ours else max(peak.fma_gflops, key=peak.fma_gflops.get)
+        p = peak.fma_gflops.get(isa)
+        if p:
+            return {"fraction": c.work / seconds * 1e-9 / p, "limit": f"{isa} FMA peak"}
+    return {}
 
 
 def machine_summary() -> str:
@@ -93,22 +143,6 @@ def machine_summary() -> str:
     return (f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
             f"CPU path {_C.get_isa()} (supported: {', '.join(_C.supported_isas())}); "
             f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
-
-
-def ratio_rows(results: dict[tuple[str, str], float], ours_flags: dict[tuple[str, str], bool]) -> list[dict]:
-    """For each group: each entry's median, and ours-vs-peer speedups (peer time / our time)."""
-    rows = []
-    groups = sorted({g for g, _ in results})
-    for g in groups:
-        entries = {name: t for (gg, name), t in results.items() if gg == g}
-        ours = {n: t for n, t in entries.items() if ours_flags[(g, n)]}
-        best_ours = min(ours.values()) if ours else None
-        for name, t in entries.items():
-            rows.append({
-                "group": g, "name": name, "median_s": t,
-                "speedup_vs_this": (t / best_ours) if (best_ours and not ours_flags[(g, name)]) else None,
-            })
-    return rows
 
 
 def all_cases(quick: bool = False) -> list[Case]:
@@ -134,29 +168,40 @@ def all_cases(quick: bool = False) -> list[Case]:
     return cases
 
 
-def run(quick: bool = False, progress: bool = True) -> list[dict]:
-    cases = all_cases(quick)
-    results, flags, work, units = {}, {}, {}, {}
-    it = cases
+def groups_of(cases: list[Case]) -> list[list[Case]]:
+    """Cases grouped (in first-seen order) by the inputs they share."""
+    out: dict[str, list[Case]] = {}
+    for c in cases:
+        out.setdefault(c.group, []).append(c)
+    return list(out.values())
+
+
+def calls_per_round(group: list[Case]) -> int:
+    """~0.1 ms calls run 20 times back to back per round, so that every implementation is
+    timed warm (single calls timed ORT's thread pool waking up, not its kernel)."""
+    return 20 if group[0].group.startswith("linear M=1 ") else 1
+
+
+def run(quick: bool = False, progress: bool = True, with_peak: bool = True) -> list[dict]:
+    """Every group of ``all_cases`` in interleaved rounds; rows as ``group_rows`` gives them."""
+    peak = None
+    if with_peak:
+        from . import peak as _peak
+
+        peak = _peak.measure(seconds=0.05 if quick else 0.1)
+    groups = groups_of(all_cases(quick))
+    it = groups
     if progress:
         try:
             from tqdm import tqdm
 
-            it = tqdm(cases, desc="bench", unit="case")
+            it = tqdm(groups, desc="bench", unit="group")
         except ImportError:
             pass
-    for c in it:
-        ts = time_call(c.fn, min_rounds=3 if quick else 5, min_seconds=0.2 if quick else 1.0)
-        results[(c.group, c.name)] = statistics.median(ts)
-        flags[(c.group, c.name)] = c.ours
-        work[(c.group, c.name)] = c.work
-        units[(c.group, c.name)] = c.unit
-    rows = ratio_rows(results, flags)
-    for r in rows:
-        key = (r["group"], r["name"])
-        w, unit = work[key], units[key]
-        r["unit"] = unit
-        r["throughput"] = (w / r["median_s"] / (1e9 if unit.startswith("G") else 1.0)) if w else None
+    rows = []
+    for g in it:
+        times = interleave(g, rounds=3 if quick else 7, calls=calls_per_round(g))
+        rows += group_rows(g, times, peak)
     return rows
 
 
@@ -167,9 +212,9 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    peers = [r for r in rows if r["speedup_vs_this"]]
+    peers = [r for r in rows if r.get("ratio")]
     labels = [f"{r['group']}\nvs {r['name']}" for r in peers]
-    vals = [r["speedup_vs_this"] for r in peers]
+    vals = [1.0 / r["ratio"] for r in peers]
     fig, ax = plt.subplots(figsize=(10, 0.38 * len(peers) + 1.5))
     ax.barh(range(len(vals)), vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
     ax.axvline(1.0, color="black", linewidth=0.8)
@@ -184,9 +229,15 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| group | implementation | median ms | throughput | our speedup vs it |", "|---|---|---:|---:|---:|"]
+    """Markdown: per case the median time [min-max over the interleaved rounds], throughput,
+    fraction of the machine's limit, and our time / its time per round (median [min-max];
+    < 1: ours is faster)."""
+    lines = ["| group | implementation | median ms [min-max] | throughput | of machine limit | ours / it, per round |",
+             "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        sp = f"{r['speedup_vs_this']:.2f}x" if r["speedup_vs_this"] else ""
+        t = f"{r['median_s'] * 1e3:.2f} [{r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f}]"
         tp = f"{r['throughput']:.2f} {r.get('unit', '')}" if r.get("throughput") else ""
-        lines.append(f"| {r['group']} | {r['name']} | {r['median_s'] * 1e3:.2f} | {tp} | {sp} |")
+        frac = f"{100 * r['fraction']:.0f}% {r['limit']}" if r.get("fraction") else ""
+        ratio = f"{r['ratio']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]" if r.get("ratio") else ""
+        lines.append(f"| {r['group']} | {r['name']} | {t} | {tp} | {frac} | {ratio} |")
     return "\n".join(lines)

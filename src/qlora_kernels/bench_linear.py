@@ -15,6 +15,19 @@ from .bench import Case
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 PHI3_SHAPES = {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 16384), "down": (8192, 3072)}
+# SmolLM2-135M (hidden 576, 9 heads / 3 KV heads of 64, intermediate 1536): the small
+# models people fine-tune on CPUs; (in, out) as above.
+SMOLLM2_SHAPES = {"q/o": (576, 576), "k/v": (576, 192), "gate/up": (576, 1536), "down": (1536, 576)}
+
+
+def _stream_bytes(cases: list[Case], M: int, K: int, N: int) -> list[Case]:
+    """At M=1 a linear layer streams its weight once a call: the bytes each implementation
+    reads (4-bit codes plus one scale per 64 weights for the 4-bit kinds, 4 bytes a weight
+    for dense fp32), so rows report the fraction of the bandwidth of the level they live in."""
+    if M == 1:
+        for c in cases:
+            c.extra["stream_bytes"] = 4 * N * K if "dense" in c.name else N * K // 2 + 4 * (N * K // 64)
+    return cases
 
 
 @contextlib.contextmanager
@@ -84,7 +97,7 @@ def linear_cases(M: int, K: int, N: int, label: str = "", peers: bool = True) ->
     cases = [Case(g, "qlora-kernels linear_4bit", lambda: functional.linear_4bit(x, packed, state), True,
                   flops, "GFLOP/s")]
     if not peers:
-        return cases
+        return _stream_bytes(cases, M, K, N)
     cases.append(Case(g, "torch dense fp32 x @ W.T", lambda: x @ W.t(), False, flops, "GFLOP/s"))
     cases += _torch_int4_cases(g, W, x, flops)
     cases += _ort_cases(g, W, x, flops, (("nbits", 0, "ONNX Runtime MatMulNBits (int4 sym, acc 0)"),
@@ -98,7 +111,7 @@ def linear_cases(M: int, K: int, N: int, label: str = "", peers: bool = True) ->
                           flops, "GFLOP/s"))
     except ImportError as e:
         logging.getLogger(__name__).warning("bitsandbytes peer unavailable: %s", e)
-    return cases
+    return _stream_bytes(cases, M, K, N)
 
 
 def linear_int8_cases(M: int, K: int, N: int, label: str = "") -> list[Case]:
@@ -110,8 +123,9 @@ def linear_int8_cases(M: int, K: int, N: int, label: str = "") -> list[Case]:
     cases = [Case(g, "qlora-kernels linear_4bit compute=int8", lambda: functional.linear_4bit(x, packed, state,
                                                                                               compute="int8"),
                   True, flops, "GFLOP/s")]
-    return (cases + _torch_int4_cases(g, W, x, flops)
-            + _ort_cases(g, W, x, flops, (("nbits", 4, "ONNX Runtime MatMulNBits (int4 sym, acc 4)"),)))
+    cases += _torch_int4_cases(g, W, x, flops)
+    cases += _ort_cases(g, W, x, flops, (("nbits", 4, "ONNX Runtime MatMulNBits (int4 sym, acc 4)"),))
+    return _stream_bytes(cases, M, K, N)
 
 
 def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, alpha: int = 32) -> list[Case]:
