@@ -1,7 +1,8 @@
 // AVX2+FMA path of the fused 4-bit linear layer: the 6x16 micro-kernel of ukernel_avx2.h
-// under the shared loop nest of linear4_gemm.h, and the dword-order GEMV paths of
-// linear4_gemv.h for few rows.
-#include "linear4_gemv.h"
+// under the shared loop nest of linear4_gemm.h, and for few rows the byte-shuffle GEMV of
+// linear4_gemv_shuf.h (blocks of whole 64-element chunks) or the dword-order GEMV of
+// linear4_gemv.h (other blocksizes, and the input gradient).
+#include "linear4_gemv_shuf.h"
 #include "ukernel_avx2.h"
 
 namespace qk {
@@ -22,7 +23,10 @@ bool use_gemv(int64_t M, const Weight4& w, bool backward) {
 void linear4_forward_avx2(const float* x, int64_t M, int64_t ldx, const Weight4& w, const float* bias, float* y,
                           int64_t ldy, int nthreads) {
   if (M == 0 || w.N == 0) return;
-  if (use_gemv(M, w, false)) return gemv_forward<Y8, 4>(x, M, ldx, w, bias, y, ldy, nthreads);
+  if (use_gemv(M, w, false)) {
+    if (shuf_fits(w)) return shuf_forward<4>(x, M, ldx, w, bias, y, ldy, nthreads);
+    return gemv_forward<Y8, 4>(x, M, ldx, w, bias, y, ldy, nthreads);
+  }
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float* tmp) {
     pack_forward_panel<Kernel6x16::NR>(w, j0, nc, p0, kc, bp, tmp);
   };
@@ -40,7 +44,8 @@ void linear4_backward_input_avx2(const float* dy, int64_t M, int64_t lddy, const
 }
 
 const char* linear4_plan_avx2(int64_t M, const Weight4& w, bool backward) {
-  return use_gemv(M, w, backward) ? "gemv" : "gemm";
+  if (!use_gemv(M, w, backward)) return "gemm";
+  return !backward && shuf_fits(w) ? "gemv-shuf" : "gemv";
 }
 
 }  // namespace qk

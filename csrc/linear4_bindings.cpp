@@ -295,7 +295,8 @@ void register_linear4(py::module_& m) {
   m.def("linear4_plan", &linear4_plan, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"),
         py::arg("backward") = false,
         "The code path the current ISA takes for these sizes: 'scalar', 'gemv' (streaming, few rows), "
-        "'gemv-256' (AVX-512 build, rows of 64*odd elements) or 'gemm' (decoded panels + micro-kernel).");
+        "'gemv-shuf' (AVX2 forward, byte-shuffle decoding, blocks of whole 64-element chunks), 'gemv-256' "
+        "(AVX-512 build, rows of 64*odd elements) or 'gemm' (decoded panels + micro-kernel).");
   m.def("linear4_peak_scratch_bytes", &qk::linear4_peak_scratch_bytes,
         "Largest scratch (bytes, summed over threads) any single linear4 call held at once since the last "
         "reset; it is sized by the cache blocking (and M*K for the few-row forward), never by N*K.");

@@ -192,27 +192,38 @@ void gemv_rows(int mb, const P& p, const float* xp, const Weight4& w, const Bloc
     gemv_row<P, MB, false>(p, xp, w, bi, n, out);
 }
 
-// y = x Wd^T (+ bias) for few rows of x; threads split the output columns.
-template <class P, int MBMAX>
-void gemv_forward(const float* x, int64_t M, int64_t ldx, const Weight4& w, const float* bias, float* y,
-                  int64_t ldy, int nthreads) {
+// y = x Wd^T (+ bias) for few rows of x; threads split the output columns. x is put in the
+// decoder's order once (permute), then rows(mb, xp, n, out) gives output column n for a
+// group of mb <= MBMAX rows.
+template <int MBMAX, class Permute, class Rows>
+void gemv_forward_with(const float* x, int64_t M, int64_t ldx, const Weight4& w, const float* bias, float* y,
+                       int64_t ldy, int nthreads, Permute permute, Rows rows) {
   static_assert(MBMAX >= 1 && MBMAX <= 8, "row groups of 1..8");
   const int64_t N = w.N, K = w.K;
   ScratchMeter meter;
   ScratchBuf xp(meter, M * K);
-  permute_x<P>(x, M, ldx, K, xp.data());
-  const P p(w);
-  const BlockIndex bi(w.blocksize);
+  permute(x, M, ldx, K, xp.data());
   const float* xpd = xp.data();
 #pragma omp parallel for num_threads(threads_for(ceil_div(N, 16), nthreads)) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t m0 = 0; m0 < M; m0 += MBMAX) {
       const int mb = static_cast<int>(imin(MBMAX, M - m0));
       float out[MBMAX];
-      gemv_rows<P, MBMAX>(mb, p, xpd + m0 * K, w, bi, n, out);
+      rows(mb, xpd + m0 * K, n, out);
       for (int m = 0; m < mb; ++m) y[(m0 + m) * ldy + n] = bias ? out[m] + bias[n] : out[m];
     }
   }
+}
+
+template <class P, int MBMAX>
+void gemv_forward(const float* x, int64_t M, int64_t ldx, const Weight4& w, const float* bias, float* y,
+                  int64_t ldy, int nthreads) {
+  const P p(w);
+  const BlockIndex bi(w.blocksize);
+  gemv_forward_with<MBMAX>(x, M, ldx, w, bias, y, ldy, nthreads, permute_x<P>,
+                           [&](int mb, const float* xp, int64_t n, float* out) {
+                             gemv_rows<P, MBMAX>(mb, p, xp, w, bi, n, out);
+                           });
 }
 
 constexpr int64_t kRowsAhead = 16;  // software prefetch distance of the transposed GEMV

@@ -82,3 +82,29 @@ def test_realistic_layer_on_each_cpu_path(isa):
             dy = torch.randn(m, 1024)
             dx = torch.ops.qlora_kernels.linear_4bit_grad_input(dy, packed, state.absmax, 64, "nf4", 1024)
             assert_within(dx, dy @ Wd, dot_bound(dy, Wd.t()), f"{isa} grad M={m}")
+
+
+SHUF_SHAPES = [  # (M, K, N, blocksize): the AVX2 byte-shuffle GEMV (blocks of whole 64-element chunks)
+    (1, 64, 1, 64), (1, 128, 7, 64), (3, 192, 33, 64), (8, 256, 9, 128), (2, 1024, 5, 256), (1, 4096, 3, 4096),
+    (5, 640, 17, 64), (4, 512, 64, 512),
+]
+
+
+@pytest.mark.parametrize("M,K,N,blocksize", SHUF_SHAPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_byte_shuffle_gemv_matches_reference(M, K, N, blocksize, quant_type):
+    """The AVX2 forward for few rows decodes with byte shuffles (csrc/linear4_gemv_shuf.h):
+    every lookup order and block scale, against the reference within the fp32 bound; the
+    plan names it, and other paths still take it where the AVX2 path is forced."""
+    from qlora_kernels import _C
+
+    packed, state, Wd = make_weight(N, K, quant_type, blocksize, seed=M + K + N)
+    x = torch.randn(M, K)
+    bias = torch.randn(N)
+    for isa in native_paths():
+        with on_path("cpu", isa):
+            y = qk.linear_4bit(x, packed, state, bias)
+            if isa == "avx2":
+                assert _C.linear4_plan(M, N, K, blocksize) == "gemv-shuf"
+        ref = x @ Wd.t() + bias
+        assert_within(y, ref, dot_bound(x, Wd) + 2 * EPS32 * ((x @ Wd.t()).abs() + bias.abs()).double(), isa)
