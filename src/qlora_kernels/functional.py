@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from . import _checks, _env, _ops, _ops_linear, formats
+from . import _checks, _env, _ops_linear, formats
 from . import backends as _backends
 from .formats import QuantState
 
