@@ -11,11 +11,10 @@ lengths and LoRA shapes. Each example must end one of two ways:
 never a crash and never garbage. The example budget is FUZZ_EXAMPLES (CI: the default
 below; the long run: scripts/sanitize.sh with FUZZ_EXAMPLES raised). The backends run
 here are reference and cpu (every ISA path), and opencl and hls with a fifth of the
-budget. The examples that found bugs are kept as @example rows (and in
-test_reliability.py)."""
+budget. The examples that found bugs are kept as explicit examples (``fuzz(examples=...)``,
+run first) and in test_reliability.py."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -24,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import qlora_kernels as qk
-from qlora_kernels import _C, formats
+from qlora_kernels import formats
 
 from .conftest import native_paths, on_path
 from .test_linear import EPS32
@@ -138,7 +137,7 @@ def tensors(draw, shape, dtype=None, layout=True, scale=1.0):
 
 
 @st.composite
-def weights(draw, max_side=130):
+def weights(draw):
     """A (packed, state) pair, possibly tampered with, and the weight's shape."""
     N = draw(st.sampled_from([1, 2, 7, 33, 64]))
     K = draw(st.sampled_from([1, 7, 64, 65, 128, 130]))

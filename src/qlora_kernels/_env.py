@@ -47,8 +47,12 @@ def switch(name: str, default: bool) -> bool:
     return default if raw is None or raw == "" else raw == "1"
 
 
+def _style_name(raw: str) -> str:
+    return raw.strip().lower()
+
+
 def opencl_style() -> str:
-    return (os.environ.get(OPENCL_STYLE) or "ndrange").strip().lower()
+    return _style_name(os.environ.get(OPENCL_STYLE) or "ndrange")
 
 
 def check() -> None:
@@ -67,7 +71,7 @@ def check() -> None:
             raise EnvironmentValueError(str(e)) from None
     _choice(INT8_REPACK, _SWITCHES)
     _choice(NO_REEXEC, _SWITCHES)
-    _choice(OPENCL_STYLE, OPENCL_STYLES, lambda s: s.strip().lower())
+    _choice(OPENCL_STYLE, OPENCL_STYLES, _style_name)
     _count(OPENCL_CACHE_MB)
 
 

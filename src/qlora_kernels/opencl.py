@@ -105,10 +105,7 @@ def build_options(vendor: Optional[str] = None) -> list[str]:
 # ---------------------------------------------------------------------- style ----
 
 def _style_from_env() -> str:
-    s = _env.opencl_style()
-    if s not in STYLES:
-        raise ValueError(f"{ENV_STYLE} must be one of {STYLES}, got {s!r}")
-    return s
+    return _env.opencl_style()  # validated when the package was imported (_env.check)
 
 
 _style = [_style_from_env()]

@@ -12,7 +12,6 @@ from .._errors import nonfinite_error
 from .._ops import dtype_code
 from . import register_kernel
 
-_C.get_isa()  # surfaces a bad QLORA_KERNELS_ISA at import, not at the first call
 
 
 @functools.cache
