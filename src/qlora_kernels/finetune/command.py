@@ -243,7 +243,7 @@ def run(args) -> int:
     t_start = time.perf_counter()
     from .distributed import setup
 
-    session = setup(args.distributed, args.resume)
+    session = setup(args.distributed)
     try:
         return _run(args, session, t_start)
     finally:
@@ -261,6 +261,7 @@ def _run(args, session, t_start) -> int:
     if args.resume:
         ckpt = _prepare_output(out, True)
         saved_state = checkpoint.read_state(ckpt)
+        checkpoint.check_engine(ckpt, saved_state, session)
         cfg = _config(args, saved_state["config"])
         records, data_name, dups = data.load_records(cfg["data"])
         train_recs, eval_recs = data.split(records, cfg["eval_size"], data_name)
@@ -336,14 +337,16 @@ def _run(args, session, t_start) -> int:
 
     show = eval_ex[:cfg["samples"]]
     if saved_state is not None:
-        checkpoint.restore(ckpt, pm, opt, sched)
+        checkpoint.restore(ckpt, pm, opt, sched, session)
         state = saved_state
+        state["engine"] = checkpoint.engine_of(session)
         state["config"] = cfg
         state.setdefault("resumed_from", []).append(state["step"])
         print(f"resuming at step {state['step']}/{cfg['steps']} from {ckpt}")
         print(f"held-out loss before: {state['eval_before']['loss']:.4f} (from the checkpoint)")
     else:
-        state = {"format": 1, "step": 0, "losses": [], "tokens_trained": 0, "train_seconds": 0.0, "config": cfg}
+        state = {"format": 1, "step": 0, "losses": [], "tokens_trained": 0, "train_seconds": 0.0, "config": cfg,
+                 "engine": checkpoint.engine_of(session)}
         state["eval_before"] = T.heldout_loss(pm, eval_ex, cfg["batch_size"], pad)
         print(f"held-out loss before: {state['eval_before']['loss']:.4f} "
               f"({state['eval_before']['tokens']} reply tokens)")

@@ -34,6 +34,12 @@ class Session:
     def zero(self) -> bool:
         return self.mode.startswith("zero")
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the engine shards the adapter or its optimizer state across ranks (then
+        every rank writes its part of a checkpoint, in the engine's own format)."""
+        return self.mode in ("fsdp2", "zero2", "zero3")
+
     def barrier(self) -> None:
         if self.on:
             torch.distributed.barrier()
@@ -44,6 +50,15 @@ class Session:
         t = torch.tensor([x], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return float(t)
+
+    def agree(self, signum: int) -> int:
+        """The signal any rank received (0: none), on every rank: ranks stop together and
+        write the checkpoint together (its collectives need all of them)."""
+        if not self.on:
+            return signum
+        t = torch.tensor([signum], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t)
 
     def broadcast(self, obj):
         """Rank 0's value of obj on every rank (e.g. the time-stamped output folder)."""
@@ -121,7 +136,7 @@ class Session:
             self.engine.step()
 
 
-def setup(mode: Optional[str], resume: bool) -> Session:
+def setup(mode: Optional[str]) -> Session:
     """Joins the launcher's process group for ``mode`` (default: ddp when launched with more
     than one process); bad combinations fail before the model loads."""
     from ..integrations import distributed as qd
@@ -138,8 +153,6 @@ def setup(mode: Optional[str], resume: bool) -> Session:
     if not qd.launched():
         raise FinetuneError(f"--distributed {mode}: start the command with torchrun --nproc_per_node N (or the "
                             "deepspeed launcher); WORLD_SIZE is not > 1 here")
-    if resume and mode != "ddp":
-        raise FinetuneError(f"--resume: checkpoints are written under ddp only, not under --distributed {mode}")
     try:
         rank, world = qd.init_process_group(deepspeed=mode.startswith("zero"))
     except (ValueError, RuntimeError, ImportError) as e:

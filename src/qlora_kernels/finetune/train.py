@@ -157,14 +157,14 @@ def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg
     every ``save_every`` steps, at the end, and when SIGINT/SIGTERM arrives (then raises
     Interrupted). Returns the state. Under ``session`` (finetune/distributed.py) ``model`` is
     the wrapped module, ``save_model`` the PEFT model; each rank trains on its slice of
-    every global micro-batch and only rank 0 of a ddp run writes checkpoints."""
+    every global micro-batch, a signal to any rank stops every rank after the same step,
+    and the ranks write each checkpoint together (checkpoint.save)."""
     from tqdm.auto import tqdm
 
     from .distributed import Session
 
     session = session or Session("none")
     save_model = save_model if save_model is not None else model
-    writes = not session.on or (session.mode == "ddp" and session.main)
 
     steps, B, accum, seed = cfg["steps"], cfg["batch_size"], cfg["grad_accum"], cfg["seed"]
     order = Order(len(train_examples), seed)
@@ -177,7 +177,7 @@ def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg
 
     def save():
         state["peak_rss_kb"] = max(state.get("peak_rss_kb", 0), _peak_rss_kb())
-        return checkpoint.save(out, save_model, opt, sched, state) if writes else out / checkpoint.NAME
+        return checkpoint.save(out, save_model, opt, sched, state, session if session.on else None)
 
     with _StopFlag(bar.write) as stop:
         while state["step"] < steps:
@@ -210,9 +210,10 @@ def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg
             bar.update(1)
             if delay:
                 time.sleep(delay)
-            if stop.signum is not None:
+            signum = session.agree(stop.signum or 0)
+            if signum:
                 bar.close()
-                raise Interrupted(stop.signum, state["step"], save())
+                raise Interrupted(signum, state["step"], save())
             if state["step"] % save_every == 0 or state["step"] == steps:
                 save()
     bar.close()
