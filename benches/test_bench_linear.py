@@ -5,7 +5,7 @@ taken round by round and each row's fraction of this machine's measured limits."
 import pytest
 
 from qlora_kernels import bench
-from qlora_kernels import bench_linear as bl
+from qlora_kernels.bench import linear as bl
 
 GROUPS = [bl.linear_cases(1, 4096, 4096), bl.linear_cases(512, 4096, 4096), bl.linear_int8_cases(1, 4096, 4096),
           bl.linear_int8_cases(512, 4096, 4096)]

@@ -13,7 +13,7 @@ import qlora_kernels as qk
 from qlora_kernels import functional
 from qlora_kernels import opencl as ocl
 from qlora_kernels.bench import Case
-from qlora_kernels.bench_linear import linear_inputs
+from qlora_kernels.bench.linear import linear_inputs
 
 assert qk.unavailable_reason("opencl") is None, f"the opencl backend must run here: {qk.unavailable_reason('opencl')}"
 POCL_THREADS = os.environ.get("POCL_MAX_PTHREAD_COUNT", str(os.cpu_count()))

@@ -5,7 +5,8 @@ way. Each group timed in interleaved rounds (bench.interleave). Peak memory per
 configuration: benches/train_memory.py."""
 import pytest
 
-from qlora_kernels import bench, bench_train
+from qlora_kernels import bench
+from qlora_kernels.bench import train as bench_train
 
 GROUPS = bench.groups_of(bench_train.loss_cases() + bench_train.train_cases("phi3") + bench_train.train_cases("smollm2"))
 

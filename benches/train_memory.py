@@ -13,7 +13,7 @@ import sys
 CHILD = """
 import json, resource, sys, torch
 torch.set_num_threads(2)
-from qlora_kernels import bench_train
+from qlora_kernels.bench import train as bench_train
 which, kind, dora, steps = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
 base, arch = bench_train.random_phi3() if which == "phi3" else bench_train.smollm2()
 pm = bench_train.build(kind, base, arch, use_dora=dora)

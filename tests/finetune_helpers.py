@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-# Children run the command as `python -m qlora_kernels.cli` (no re-exec); passive OpenMP
+# Children run the command as `python -m qlora_kernels.cli`; passive OpenMP
 # waiting keeps them from spinning against each other on a shared 2-core machine.
-CHILD_ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", QLORA_KERNELS_NO_REEXEC="1", PYTHONUNBUFFERED="1")
+CHILD_ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
 
 
 def build_tiny_model(folder: Path) -> Path:
@@ -21,7 +21,7 @@ def build_tiny_model(folder: Path) -> Path:
     # state can give any token a clear lead, and the loss could barely move from ln(vocab).
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from qlora_kernels.models import smollm2_hf_dir
+    from qlora_kernels.bench.models import smollm2_hf_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

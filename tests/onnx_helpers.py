@@ -12,7 +12,7 @@ REL_TOL = 1e-4
 
 
 def with_lora(model, targets, dora: bool = False, r: int = 4, seed: int = 0):
-    from qlora_kernels.bench_onnx import random_lora
+    from qlora_kernels.bench.onnx import random_lora
 
     return random_lora(model, targets, r=r, dora=dora, std=0.05, seed=seed)
 

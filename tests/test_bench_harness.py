@@ -34,7 +34,7 @@ def test_fractions_of_the_machine_limits():
     p = peak.Peak(threads=2, fma_gflops={"scalar": 10.0, "avx2": 100.0}, bandwidth_gbs={"L3": 50.0, "DRAM": 10.0},
                   buffer_bytes={"L3": 1, "DRAM": 1}, caches={"L3": 32 << 20})
     gemm = bench.Case("g", "peer", lambda: None, False, 50e9, "GFLOP/s")
-    assert bench._fraction(gemm, 1.0, p) == {"fraction": 0.5, "limit": "avx2 FMA peak"}
+    assert bench.harness.limit_fraction(gemm, 1.0, p) == {"fraction": 0.5, "limit": "avx2 FMA peak"}
     gemv = bench.Case("g", "peer", lambda: None, False, 1e9, "GFLOP/s", {"stream_bytes": 5 << 20})
-    f = bench._fraction(gemv, 1e-3, p)
+    f = bench.harness.limit_fraction(gemv, 1e-3, p)
     assert f["limit"] == "L3 bandwidth" and f["fraction"] == pytest.approx((5 << 20) / 1e-3 * 1e-9 / 50.0)

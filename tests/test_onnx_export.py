@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from qlora_kernels import nn as qnn
+import qlora_kernels as qk
 from qlora_kernels.integrations.onnx import ExportError, export, swap_adapters, verify
 
 from .hf_models import TARGETS, tiny_model
@@ -19,7 +19,7 @@ SHAPES = [(2, 8), (1, 1), (3, 13)]  # traced at (2, 8): the others prove the dim
 
 
 def _model(arch, adapters=None):
-    m = qnn.quantize_model(tiny_model(arch))
+    m = qk.quantize_model(tiny_model(arch))
     if adapters == "lora":
         return with_lora(m, TARGETS[arch][:2])
     if adapters == "dora":
@@ -159,7 +159,7 @@ def test_unknown_layer_is_named(tmp_path):
 def test_unknown_peft_layer_is_named(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(qnn.quantize_model(tiny_model("llama")), LoraConfig(r=2, target_modules=["embed_tokens"]))
+    model = get_peft_model(qk.quantize_model(tiny_model("llama")), LoraConfig(r=2, target_modules=["embed_tokens"]))
     with pytest.raises(ExportError, match=r"embed_tokens .*PEFT adapter layer"):
         export(model, tmp_path / "e.onnx", log=None)
     assert os.listdir(tmp_path) == []

@@ -10,7 +10,7 @@ import torch
 
 import qlora_kernels as qk
 from qlora_kernels.integrations.peft import QKLoraLinear
-from qlora_kernels.peers import bnb_quantize_model
+from qlora_kernels.bench.peers import bnb_quantize_model
 
 from .hf_models import TARGETS, batch, tiny_model
 

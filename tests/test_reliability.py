@@ -160,7 +160,6 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("var,value,valid", [
     ("QLORA_KERNELS_ISA", "scaler", "scalar"),
     ("QLORA_KERNELS_INT8_REPACK", "yes", "0, 1"),
-    ("QLORA_KERNELS_NO_REEXEC", "true", "0, 1"),
     ("QLORA_KERNELS_OPENCL_STYLE", "pipelined", "ndrange, fpga"),
     ("QLORA_KERNELS_OPENCL_CACHE_MB", "-5", "whole number"),
 ])

@@ -13,7 +13,6 @@ ISA = "QLORA_KERNELS_ISA"
 INT8_REPACK = "QLORA_KERNELS_INT8_REPACK"
 OPENCL_STYLE = "QLORA_KERNELS_OPENCL_STYLE"
 OPENCL_CACHE_MB = "QLORA_KERNELS_OPENCL_CACHE_MB"
-NO_REEXEC = "QLORA_KERNELS_NO_REEXEC"
 
 OPENCL_STYLES = ("ndrange", "fpga")
 _SWITCHES = ("0", "1")
@@ -70,7 +69,6 @@ def check() -> None:
         except ValueError as e:
             raise EnvironmentValueError(str(e)) from None
     _choice(INT8_REPACK, _SWITCHES)
-    _choice(NO_REEXEC, _SWITCHES)
     _choice(OPENCL_STYLE, OPENCL_STYLES, _style_name)
     _count(OPENCL_CACHE_MB)
 

@@ -14,7 +14,7 @@ from .backends import run
 
 
 
-def _no_autocast(fn):
+def no_autocast(fn):
     """The ops define fp32 arithmetic; under torch.autocast (the HF Trainer and TRL turn
     on bf16 autocast on CPUs that have it) the torch calls inside them must not be
     downcast behind our back."""
@@ -41,7 +41,7 @@ def _shaped(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
 
 # ---------------------------------------------------------------- linear_4bit ----
 
-@_no_autocast
+@no_autocast
 def linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                      out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y = x @ dequantize(W).T (+ bias), W [out_features, x.shape[-1]], fp32 arithmetic."""
@@ -59,7 +59,7 @@ def _linear_run(kernel: str, x, packed, absmax, blocksize, quant_type, out_featu
 linear_4bit = torch.library.custom_op("qlora_kernels::linear_4bit", mutates_args=())(linear_4bit_impl)
 
 
-@_no_autocast
+@no_autocast
 def linear_4bit_int8_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                           quant_type: str, out_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """linear_4bit in int8 arithmetic (opt-in; csrc/linear4_q8.h has the definition): x
@@ -98,7 +98,7 @@ linear_4bit_int8.register_fake(_linear_fake)
 
 
 @torch.library.custom_op("qlora_kernels::linear_4bit_grad_input", mutates_args=())
-@_no_autocast
+@no_autocast
 def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                            quant_type: str, in_features: int) -> torch.Tensor:
     """dx = dy @ dequantize(W), W [dy.shape[-1], in_features]: the input gradient of
@@ -126,7 +126,7 @@ def _sum_leading(dy: torch.Tensor) -> torch.Tensor:
     return dy.reshape(-1, dy.shape[-1]).float().sum(0)
 
 
-@_no_autocast
+@no_autocast
 def _linear_backward(ctx, dy):
     packed, absmax = ctx.saved_tensors
     blocksize, quant_type, in_features, x_dtype, has_bias = ctx.meta
@@ -169,7 +169,7 @@ def lora_backward(dy2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, lora_A: 
 
 
 @torch.library.custom_op("qlora_kernels::lora_linear_4bit", mutates_args=())
-@_no_autocast
+@no_autocast
 def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                      out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                      bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +199,7 @@ def _lora4_setup(ctx, inputs, output):
     ctx.meta = (blocksize, quant_type, scaling, bias is not None)
 
 
-@_no_autocast
+@no_autocast
 def _lora4_backward(ctx, dy, _du_unused):
     x, packed, absmax, lora_A, lora_B, noise, u = ctx.saved_tensors
     blocksize, quant_type, scaling, has_bias = ctx.meta
@@ -223,7 +223,7 @@ lora_linear_4bit.register_autograd(_lora4_backward, setup_context=_lora4_setup)
 
 
 @torch.library.custom_op("qlora_kernels::lora_linear", mutates_args=())
-@_no_autocast
+@no_autocast
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u) for a dense base: y = x @ weight.T (+ bias) + scaling * (u @ B.T)."""
@@ -252,7 +252,7 @@ def _lora_dense_setup(ctx, inputs, output):
     ctx.meta = (scaling, bias is not None)
 
 
-@_no_autocast
+@no_autocast
 def _lora_dense_backward(ctx, dy, _du_unused):
     x, weight, lora_A, lora_B, noise, u = ctx.saved_tensors
     scaling, has_bias = ctx.meta

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from . import _checks
-from ._ops_linear import _no_autocast
+from ._ops_linear import no_autocast
 from .backends import run
 
 # Logit rows per chunk. Each chunk re-packs the whole weight for the GEMMs, which pays
@@ -33,7 +33,7 @@ def chunk_rows(vocab: int) -> int:
 
 
 @torch.library.custom_op("qlora_kernels::linear_cross_entropy", mutates_args=())
-@_no_autocast
+@no_autocast
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                          ignore_index: int, grad_x: bool, grad_weight: bool,
                          grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

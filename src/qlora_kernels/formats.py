@@ -28,6 +28,9 @@ import torch
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BLOCKSIZE = 64
+# bitsandbytes' absmax clamp when quantizing: an all-zero block encodes as the code of 0.0
+# (its scale 1/absmax stays finite). Every backend's quantizer uses this one value.
+ABSMAX_FLOOR = 1e-38
 NESTED_BLOCKSIZE = 256
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

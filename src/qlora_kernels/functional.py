@@ -7,6 +7,7 @@ import weakref
 import torch
 
 from . import _checks, _env, _ops_linear, formats
+from . import _ops, _ops_loss  # noqa: F401  (declare the rest of torch.ops.qlora_kernels.*)
 from . import backends as _backends
 from .formats import QuantState
 

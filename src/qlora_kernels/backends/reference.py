@@ -9,7 +9,7 @@ from .. import formats
 from .._errors import nonfinite_error
 from . import register_kernel
 
-_FLOOR = 1e-38  # bitsandbytes' absmax clamp: all-zero blocks encode as the code of 0.0
+_FLOOR = formats.ABSMAX_FLOOR
 
 
 def _nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:

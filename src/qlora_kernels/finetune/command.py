@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-from .. import _env
 from . import FinetuneError
 
 # Options that decide the numbers a run produces: --resume refuses to change them (a
@@ -72,27 +71,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return f
 
 
-def _reexec_with_passive_openmp() -> None:
-    """Re-executes the console command once with OMP_WAIT_POLICY=PASSIVE. OpenMP threads
-    spin between parallel regions by default; on a shared 2-core machine the spinning steals
-    the cores from the work (a SmolLM2 training step measured 15-30 s instead of 3-5 s with
-    other jobs running). libgomp reads the policy only when it loads, and it loaded with
-    torch when the command started, hence the exec (same pid, ~2 s). An explicit
-    OMP_WAIT_POLICY (or QLORA_KERNELS_NO_REEXEC=1) is respected; library use is untouched."""
-    if os.environ.get("OMP_WAIT_POLICY") or _env.switch(_env.NO_REEXEC, False):
-        return
-    if os.path.basename(sys.argv[0]) != "qlora-kernels":
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    os.execve(sys.executable, [sys.executable, "-m", "qlora_kernels.cli", *sys.argv[1:]], env)
+def _passive_openmp() -> None:
+    """OpenMP threads spin between parallel regions by default; on a shared 2-core machine
+    the spinning steals the cores from the work (a SmolLM2 training step measured 15-30 s
+    instead of 3-5 s with other jobs running). libgomp reads OMP_WAIT_POLICY once, when it
+    loads with torch; the command reaches here before torch is imported (the package
+    imports lazily), so setting the variable is enough. An explicit OMP_WAIT_POLICY is
+    respected; a process that imported torch before calling the command is left as it is."""
+    if "torch" not in sys.modules and not os.environ.get("OMP_WAIT_POLICY"):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def main(args) -> int:
+    _passive_openmp()  # first: everything below may load torch
     from .train import Interrupted
 
-    _reexec_with_passive_openmp()
     try:
         return run(args)
     except FinetuneError as e:

@@ -66,7 +66,7 @@ def load(model_dir: Path):
     return model, tok
 
 
-def _output_name(model: nn.Module) -> Optional[str]:
+def output_name(model: nn.Module) -> Optional[str]:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
 
@@ -74,7 +74,7 @@ def _output_name(model: nn.Module) -> Optional[str]:
 def find_targets(model: nn.Module) -> list:
     """Adapter targets: the Llama projection names when present, else the distinct names of
     every linear layer except the output head (PEFT matches them as name suffixes)."""
-    head = _output_name(model)
+    head = output_name(model)
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n != head}
     if set(LLAMA_TARGETS) <= names:
@@ -94,7 +94,7 @@ def prepare(model: nn.Module, method: str, rank: int, alpha: float, dropout: flo
     from ..integrations.hf_loss import fuse_loss
 
     if method in ("qlora", "dora"):
-        head = _output_name(model)
+        head = output_name(model)
         qk.quantize_model(model, quant_type="nf4", skip=(head,) if head else ())
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                      use_dora=(method == "dora"), bias="none", task_type="CAUSAL_LM")

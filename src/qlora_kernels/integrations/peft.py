@@ -247,7 +247,7 @@ def install_if_available() -> bool:
         return False
 
 
-def _as_our_base(base: nn.Module) -> Optional[nn.Module]:
+def as_our_base(base: nn.Module) -> Optional[nn.Module]:
     """Our Linear4bit holding a bitsandbytes Linear4bit's very bytes and state, the dense
     nn.Linear as it is, or None for anything else."""
     try:
@@ -284,7 +284,7 @@ def patch_peft_model(peft_model: nn.Module) -> nn.Module:
     targets = []
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and not isinstance(module, QKLoraLinear):
-            base = _as_our_base(module.get_base_layer())
+            base = as_our_base(module.get_base_layer())
             if base is not None and (isinstance(module, PeftLinear) or type(module).__name__ == "Linear4bit"):
                 targets.append((name, module, base))
     for name, module, base in targets:

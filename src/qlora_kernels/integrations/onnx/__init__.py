@@ -8,8 +8,20 @@ The graph follows Hugging Face Optimum's decoder convention without a KV cache: 
 output ``logits`` [batch_size, sequence_length, vocab]."""
 from __future__ import annotations
 
-from .adapters import swap_adapters
+import importlib
+
 from .errors import ExportError
-from .exporter import ExportResult, export
+
+# Loaded on first use (PEP 562): the command's parser imports this package without torch.
+_API = {"ExportResult": "exporter", "export": "exporter", "swap_adapters": "adapters"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ExportError", "ExportResult", "export", "swap_adapters"]

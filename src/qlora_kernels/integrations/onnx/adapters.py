@@ -23,9 +23,9 @@ def swap_adapters(src, dst, tensors: Mapping[str, torch.Tensor], overwrite: bool
     import onnx
     from onnx import numpy_helper
 
-    from .exporter import _check_path
+    from .exporter import check_path
 
-    dst = _check_path(dst, overwrite)
+    dst = check_path(dst, overwrite)
     proto = onnx.load(str(src))
     by_name = {}
     for init in proto.graph.initializer:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .layers import FORMATS
+from .errors import FORMATS
 
 BASES = ("nf4", "fp4", "dense")
 
@@ -61,9 +61,9 @@ def run(args) -> int:
     from ...finetune import FinetuneError
     from ...finetune.model import check_model_dir, default_model_dir, load
     from .errors import ExportError
-    from .exporter import _check_path, export
+    from .exporter import check_path, export
 
-    _check_path(args.onnx, args.overwrite)  # before the slow load
+    check_path(args.onnx, args.overwrite)  # before the slow load
     adapter = _check_adapter(args.adapter) if args.adapter else None
     try:
         model_dir = check_model_dir(args.model) if args.model else default_model_dir()
@@ -74,9 +74,9 @@ def run(args) -> int:
     if base != "dense":
         import qlora_kernels as qk
 
-        from ...finetune.model import _output_name
+        from ...finetune.model import output_name
 
-        head = _output_name(model)
+        head = output_name(model)
         qk.quantize_model(model, quant_type=base, skip=(head,) if head else ())
     if adapter is not None:
         from peft import PeftModel

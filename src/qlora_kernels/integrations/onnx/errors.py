@@ -1,2 +1,6 @@
+# How 4-bit layers are written: MatMulBnb4 with our bytes, re-quantized MatMulNBits, or fp32.
+FORMATS = ("bnb4", "nbits", "fp32")
+
+
 class ExportError(Exception):
     """The model or the arguments cannot be exported; the message names the module or argument."""

@@ -45,7 +45,7 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def _check_path(path, overwrite: bool) -> Path:
+def check_path(path, overwrite: bool) -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ExportError(f"path must be a file path, got {path!r}")
     p = Path(path)
@@ -175,7 +175,7 @@ def export(model: torch.nn.Module, path, example_inputs=None, weight_format: str
         opset = DEFAULT_OPSET
     if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= 23:
         raise ExportError(f"opset must be an int from 18 to 23 (the dynamo exporter's range), got {opset!r}")
-    target = _check_path(path, overwrite)
+    target = check_path(path, overwrite)
     ids, mask = _example(model, example_inputs)
 
     was_training = model.training

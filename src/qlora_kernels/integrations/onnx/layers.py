@@ -12,9 +12,7 @@ from torch import nn
 from ... import functional
 from ...nn import Linear4bit, LoraLinear
 from . import contrib
-from .errors import ExportError
-
-FORMATS = ("bnb4", "nbits", "fp32")
+from .errors import FORMATS, ExportError  # noqa: F401  (FORMATS: the exporter reads layers.FORMATS)
 
 
 @dataclass
@@ -196,10 +194,10 @@ def export_lora(module: nn.Module, path: str, base: nn.Module, fmt: str, merge: 
 
 
 def _as_known_base(base: nn.Module) -> nn.Module | None:
-    from ..peft import _as_our_base
+    from ..peft import as_our_base
 
     try:
-        return _as_our_base(base)
+        return as_our_base(base)
     except ImportError:
         return base if (type(base) is nn.Linear or isinstance(base, Linear4bit)) else None
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import Case
-from .finetune.model import LLAMA_TARGETS as LLAMA  # every Llama projection
+from .harness import Case
+from ..finetune.model import LLAMA_TARGETS as LLAMA  # every Llama projection
 
 
 def random_lora(model, targets, r: int = 16, dora: bool = False, std: float = 0.01, seed: int = 0):
@@ -21,7 +21,7 @@ def random_lora(model, targets, r: int = 16, dora: bool = False, std: float = 0.
     a zero branch would be neither measured nor tested. Returns the PEFT model in eval mode."""
     from peft import LoraConfig, get_peft_model
 
-    from .integrations.peft import install
+    from ..integrations.peft import install
 
     install()
     pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), use_dora=dora))
@@ -35,14 +35,14 @@ def random_lora(model, targets, r: int = 16, dora: bool = False, std: float = 0.
 
 def smollm2_lora(r: int = 16):
     """SmolLM2 quantized to NF4 with our layers, with LoRA adapters on every projection."""
-    from . import quantize_model
+    from .. import quantize_model
     from .models import load_smollm2
 
     return random_lora(quantize_model(load_smollm2(), skip=("lm_head",)), LLAMA, r)
 
 
 def onnx_cases(formats=("bnb4", "nbits"), prompt: int = 128, workdir: str | None = None) -> list[Case]:
-    from .integrations.onnx import contrib, export, verify
+    from ..integrations.onnx import contrib, export, verify
 
     model = smollm2_lora()
     d = Path(workdir or tempfile.mkdtemp(prefix="qk-bench-onnx-"))

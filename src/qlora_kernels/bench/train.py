@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .bench import Case
+from .harness import Case
 from .peers import bnb_quantize_model
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -41,7 +41,7 @@ def build(kind: str, base, arch: str, use_dora: bool = False):
     bitsandbytes NF4) or 'dense' (PEFT on the fp32 base)."""
     from peft import LoraConfig, get_peft_model
 
-    from . import quantize_model
+    from .. import quantize_model
 
     model = copy.deepcopy(base)
     if kind in ("ours", "ours-unfused"):
@@ -104,8 +104,8 @@ def loss_cases() -> list[Case]:
     F.cross_entropy on fp32 logits); and the dense head GEMM beside torch's."""
     import torch.nn.functional as F
 
-    from .backends import run
-    from .functional import linear_cross_entropy
+    from ..backends import run
+    from ..functional import linear_cross_entropy
 
     cases = []
     for name, K, V in (("phi3", 1024, 32064), ("smollm2", 576, 49152)):

@@ -9,8 +9,8 @@ import logging
 
 import torch
 
-from . import functional
-from .bench import Case
+from .. import functional
+from .harness import Case
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -42,7 +42,7 @@ def threads(n: int):
 
 def _ort_session(W: torch.Tensor, kind: str, M: int, accuracy_level: int = 0):
     """A one-MatMul ONNX model (X[M, K] @ W.T), weight-quantized by ORT's own quantizer."""
-    from .integrations.onnx import contrib
+    from ..integrations.onnx import contrib
 
     return contrib.session(contrib.ort_quantized_model(W, kind, accuracy_level))
 
@@ -131,7 +131,7 @@ def linear_int8_cases(M: int, K: int, N: int, label: str = "") -> list[Case]:
 def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, alpha: int = 32) -> list[Case]:
     """One QLoRA layer, forward + backward (input and adapter gradients), beside PEFT's LoRA
     layer on a bitsandbytes Linear4bit and on a dense nn.Linear."""
-    from . import nn as qnn
+    from .. import nn as qnn
 
     torch.manual_seed(0)
     dense = torch.nn.Linear(K, N, bias=False)

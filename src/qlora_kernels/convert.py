@@ -1,0 +1,38 @@
+"""Whole-model conversion: every ``nn.Linear`` of a model to a 4-bit :class:`~qlora_kernels.nn.Linear4bit`.
+Kept apart from nn.py because it also wires the integrations (PEFT's dispatcher, the fused
+loss), which themselves build on nn.py."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+from . import formats
+from .nn import Linear4bit
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip)
+
+
+def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
+                   double_quant: bool = False, skip: Iterable[str] = ("lm_head",), fuse_loss: bool = False) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` (except names in ``skip``) by a
+    :class:`Linear4bit`, in place; returns the model. ``fuse_loss``: on a transformers
+    causal LM, also compute the training loss with the fused output head + cross-entropy
+    (integrations.hf_loss.fuse_loss: no [tokens, vocab] logits, and ``logits=None`` in the
+    output of training-mode forwards that are given labels)."""
+    from .integrations.peft_hook import install_peft_dispatch
+
+    install_peft_dispatch()
+    skip = tuple(skip)
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
+    for name, lin in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Linear4bit.from_linear(lin, quant_type, blocksize, double_quant))
+    if fuse_loss:
+        from .integrations.hf_loss import fuse_loss as _fuse
+
+        _fuse(model)
+    return model
