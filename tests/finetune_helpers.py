@@ -21,7 +21,7 @@ def build_tiny_model(folder: Path) -> Path:
     # state can give any token a clear lead, and the loss could barely move from ln(vocab).
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from qlora_kernels.bench.models import smollm2_hf_dir
+    from qlora_kernels.finetune.smollm2 import smollm2_hf_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

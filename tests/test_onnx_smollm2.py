@@ -8,7 +8,7 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels.bench.onnx import LLAMA
 from qlora_kernels.integrations.onnx import contrib, export, swap_adapters, verify
-from qlora_kernels.bench.models import load_smollm2
+from qlora_kernels.finetune.smollm2 import load_smollm2
 
 from .onnx_helpers import REL_TOL, with_lora
 
@@ -26,7 +26,7 @@ def model():
 def prompt():
     from transformers import AutoTokenizer
 
-    from qlora_kernels.bench.models import smollm2_hf_dir
+    from qlora_kernels.finetune.smollm2 import smollm2_hf_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
     return tok(["The capital of France is", "def fibonacci(n):"], return_tensors="pt", padding=True)

@@ -5,7 +5,7 @@ can state ratios measured side by side in one process (harness.py times them).
     harness   Case, interleaved timing, per-round ratios, fractions of the machine's peak
     quant     quantize/dequantize cases          linear   fused linear, int8, LoRA layer
     train     training steps (PEFT, bitsandbytes) onnx     ONNX Runtime decoding
-    peers     peers' model conversions           models   the SmolLM2 test/bench model
+    peers     peers' model conversions (the SmolLM2 model: finetune.smollm2)
 """
 from __future__ import annotations
 

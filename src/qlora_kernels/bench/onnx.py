@@ -36,7 +36,7 @@ def random_lora(model, targets, r: int = 16, dora: bool = False, std: float = 0.
 def smollm2_lora(r: int = 16):
     """SmolLM2 quantized to NF4 with our layers, with LoRA adapters on every projection."""
     from .. import quantize_model
-    from .models import load_smollm2
+    from ..finetune.smollm2 import load_smollm2
 
     return random_lora(quantize_model(load_smollm2(), skip=("lm_head",)), LLAMA, r)
 

@@ -30,7 +30,7 @@ def random_phi3():
 
 
 def smollm2():
-    from .models import load_smollm2
+    from ..finetune.smollm2 import load_smollm2
 
     return load_smollm2(), "llama"
 
