@@ -81,7 +81,7 @@ def lora_group(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, alpha: i
         layer(x).backward(dy)
 
     base = layer.base_layer
-    packed, absmax = base.weight, base._absmax()
+    packed, absmax = base.weight, base.prepared().absmax
 
     def device_step():
         xd = x.detach()

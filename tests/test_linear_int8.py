@@ -280,12 +280,13 @@ def test_repacked_kernel_matches_its_definition(N, K, blocksize, quant_type):
     ref = reference.linear_4bit_int8(x, packed, state.absmax, blocksize, quant_type, N, bias)
     y = run_repacked(x, packed, state, bias)
     assert_int8_close(y - bias, ref - bias, magnitude(x, packed, state), K, f"repacked {N}x{K} bs{blocksize}")
-    # The fast path of linear_4bit runs it for one row, and gives the same bits.
+    # A prepared weight's direct path runs it for one row, and gives the same bits.
+    w = qk.functional.prepare_4bit(packed, state)
     with torch.no_grad():
-        for _ in range(2):  # the first call validates and remembers the weight
-            y1 = qk.linear_4bit(x[:1], packed, state, compute="int8")
+        for _ in range(2):  # the first call makes the repacked copy
+            y1 = qk.linear_4bit(x[:1], w, compute="int8")
     assert torch.equal(y1, run_repacked(x[:1], packed, state))
-    assert qk.functional._PLAIN[id(state)][3]["int8_one_row"] is not None
+    assert w.has_int8_copy()
 
 
 def test_repacked_zero_and_nonfinite_rows_and_forced_isas():
@@ -293,7 +294,8 @@ def test_repacked_zero_and_nonfinite_rows_and_forced_isas():
     x[0] = 0.0
     x[1, 1500] = float("nan")
     x[2, 3] = float("-inf")
-    ys = [qk.linear_4bit(x[m:m + 1], packed, state, compute="int8") for m in range(4) for _ in range(2)][1::2]
+    w = qk.functional.prepare_4bit(packed, state)
+    ys = [qk.linear_4bit(x[m:m + 1], w, compute="int8") for m in range(4) for _ in range(2)][1::2]
     assert torch.equal(ys[0], torch.zeros(1, 40))
     assert ys[1].isnan().all() and ys[2].isnan().all()
     ref = reference.linear_4bit_int8(x[3:], packed, state.absmax, 64, "nf4", 40, None)
@@ -301,7 +303,7 @@ def test_repacked_zero_and_nonfinite_rows_and_forced_isas():
     # Forcing another ISA after the repacked kernel was made: the call takes that ISA's path.
     for isa in native_paths():
         with on_path("cpu", isa):
-            y = qk.linear_4bit(x[3:], packed, state, compute="int8")
+            y = qk.linear_4bit(x[3:], w, compute="int8")
         assert_int8_close(y, ref, magnitude(x[3:], packed, state), 2048, isa)
 
 
@@ -335,19 +337,22 @@ def test_int8_repack_switch_frees_and_remakes_the_copy():
 
     x, packed, state = make(1, 12, 1024, 64)
     general = reference.linear_4bit_int8(x, packed, state.absmax, 64, "nf4", 12, None)
+    w = functional.prepare_4bit(packed, state)
     try:
         assert functional.int8_repack() is True
-        qk.linear_4bit(x, packed, state, compute="int8")
-        assert (functional._PLAIN[id(state)][3].get("int8_one_row") is not None) == vnni_cpu()
+        qk.linear_4bit(x, w, compute="int8")
+        assert w.has_int8_copy() == vnni_cpu()
         assert functional.int8_repack(False) is False
-        assert "int8_one_row" not in functional._PLAIN[id(state)][3]  # freed
-        y = qk.linear_4bit(x, packed, state, compute="int8")  # the general kernel: the op's bits
-        assert "int8_one_row" not in functional._PLAIN[id(state)][3]
+        y = qk.linear_4bit(x, w, compute="int8")  # the general kernel: the op's bits
+        assert not w.has_int8_copy()  # freed at the weight's next call
         assert torch.equal(y, torch.ops.qlora_kernels.linear_4bit_int8(x, packed, state.absmax, 64, "nf4", 12, None))
         assert_int8_close(y, general, magnitude(x, packed, state), 1024, "repack off")
         functional.int8_repack(True)
-        qk.linear_4bit(x, packed, state, compute="int8")
-        assert (functional._PLAIN[id(state)][3].get("int8_one_row") is not None) == vnni_cpu()
+        qk.linear_4bit(x, w, compute="int8")
+        assert w.has_int8_copy() == vnni_cpu()
+        # Without a prepared weight there is nothing to keep a copy in: the general kernel.
+        y = qk.linear_4bit(x, packed, state, compute="int8")
+        assert torch.equal(y, torch.ops.qlora_kernels.linear_4bit_int8(x, packed, state.absmax, 64, "nf4", 12, None))
         with pytest.raises(TypeError, match="enabled must be a bool"):
             functional.int8_repack(1)
     finally:

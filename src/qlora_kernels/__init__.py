@@ -36,10 +36,11 @@ _API = {
     "lora_linear": "functional",
     "lora_linear_4bit": "functional",
     "quantize_4bit": "functional",
+    "prepare_4bit": "prepared",
     "patch_peft_model": "integrations.peft",
 }
 _SUBMODULES = ("backends", "bench", "cli", "convert", "finetune", "formats", "fpga", "functional", "integrations",
-               "nn", "opencl", "optim", "peak")
+               "nn", "opencl", "optim", "peak", "prepared")
 
 
 def __getattr__(name: str):

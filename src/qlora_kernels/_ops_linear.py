@@ -22,7 +22,7 @@ def no_autocast(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if not torch.is_autocast_enabled("cpu"):  # entering the context costs ~10 us a call
+        if not torch.is_autocast_enabled("cpu"):  # the context is entered only when needed
             return fn(*args, **kwargs)
         with torch.autocast("cpu", enabled=False):
             return fn(*args, **kwargs)
@@ -75,7 +75,7 @@ linear_4bit_int8 = torch.library.custom_op("qlora_kernels::linear_4bit_int8", mu
 def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether an op may run its implementation directly instead of through the
     dispatcher: eager, plain CPU tensors, no autograd needed, no torch function or
-    dispatch mode active. The dispatcher and custom-op wrappers cost ~20 us a call, 10% of
+    dispatch mode active. The dispatcher and custom-op wrappers are a sizeable part of
     an M=1 4096x4096 linear_4bit; everything they would add (autograd, fake tensors,
     tracing, modes) is excluded by these conditions."""
     grad = torch.is_grad_enabled()

@@ -22,9 +22,8 @@ from ._ops_linear import no_autocast
 from .backends import run
 
 # Logit rows per chunk. Each chunk re-packs the whole weight for the GEMMs, which pays
-# off from a few hundred rows: 512 x 1024 -> 32064, fwd+bwd, 2 threads: 356 ms at 32 rows
-# per chunk, 267 at 65, 223 at 130, 204 at 261, 201 at 523 (unfused torch: 391 ms). So
-# ~32 MiB of logits per chunk, but never fewer than 128 rows.
+# off from a few hundred rows (the sweep is in docs/design.md, "The fused output head +
+# loss"). So ~32 MiB of logits per chunk, but never fewer than 128 rows.
 _CHUNK_BYTES = 32 << 20
 
 

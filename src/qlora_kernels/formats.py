@@ -52,7 +52,9 @@ _FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
 
 
 @functools.cache
-def _codebook_cpu(quant_type: str) -> torch.Tensor:
+def codebook_cpu(quant_type: str) -> torch.Tensor:
+    """The 16 fp32 code values, one shared CPU tensor per type (read it, never write it;
+    ``codebook`` gives a copy)."""
     # device="cpu" explicitly: a first call under `with torch.device("meta")` (as
     # from_pretrained runs) must not cache meta tensors for the rest of the process.
     if quant_type == "nf4":
@@ -65,24 +67,25 @@ def _codebook_cpu(quant_type: str) -> torch.Tensor:
 
 def codebook(quant_type: str) -> torch.Tensor:
     """The 16 fp32 code values, indexed by nibble. A fresh copy each call."""
-    return _codebook_cpu(quant_type).clone()
+    return codebook_cpu(quant_type).clone()
 
 
 @functools.cache
-def _int8_codebook_cpu(quant_type: str) -> torch.Tensor:
-    return torch.round(_codebook_cpu(quant_type) * 127).to(torch.int8)
+def int8_codebook_cpu(quant_type: str) -> torch.Tensor:
+    """``int8_codebook`` as one shared CPU tensor per type (read it, never write it)."""
+    return torch.round(codebook_cpu(quant_type) * 127).to(torch.int8)
 
 
 def int8_codebook(quant_type: str) -> torch.Tensor:
     """The codebook of the int8-compute linear (``linear_4bit(..., compute="int8")``):
     ``rint(code * 127)`` as int8, indexed by nibble (both codebooks span [-1, 1]). A
     fresh copy each call."""
-    return _int8_codebook_cpu(quant_type).clone()
+    return int8_codebook_cpu(quant_type).clone()
 
 
 @functools.cache
 def _quant_tables_cpu(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    code = _codebook_cpu(quant_type)
+    code = codebook_cpu(quant_type)
     # Stable sort: FP4 has +0 (nibble 0) and -0 (nibble 8); the stable order puts nibble
     # 0 first, which is the choice bitsandbytes' argsort makes (tested against it).
     order = torch.argsort(code, stable=True)

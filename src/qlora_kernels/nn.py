@@ -10,6 +10,7 @@ from torch import nn
 
 from . import formats, functional
 from .formats import QuantState
+from .prepared import Prepared4bit
 
 
 class Linear4bit(nn.Module):
@@ -32,7 +33,7 @@ class Linear4bit(nn.Module):
         packed, state = functional.quantize_4bit(init, quant_type, blocksize, double_quant)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state
-        self._absmax_cache: Optional[torch.Tensor] = None
+        self._prepared: Optional[Prepared4bit] = None
         if bias:
             bound = 1 / math.sqrt(in_features)
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype or torch.float32).uniform_(-bound, bound))
@@ -54,7 +55,7 @@ class Linear4bit(nn.Module):
         packed, state = functional.quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.quant_state = state
-        self._absmax_cache = None
+        self._prepared = None
         self.bias = linear.bias
         return self
 
@@ -66,24 +67,21 @@ class Linear4bit(nn.Module):
     def blocksize(self) -> int:
         return self.quant_state.blocksize
 
-    def _absmax(self) -> torch.Tensor:
-        # Double-quantized absmax is decoded once and kept: it is 1/64 of the bytes of
-        # the weight in fp32 and every forward and backward needs it.
-        if self._absmax_cache is None:
-            self._absmax_cache = functional.absmax_fp32(self.quant_state)
-        return self._absmax_cache
+    def prepared(self) -> Prepared4bit:
+        """The layer's weight, checked, with the values every call needs (fp32 absmax,
+        kernels, int8 repack, DoRA row norms) made once. Prepared again when ``weight`` or
+        ``quant_state`` is replaced or edited in place (prepared.Prepared4bit.current)."""
+        p = getattr(self, "_prepared", None)
+        if p is None or not p.current(self.weight, self.quant_state):
+            p = self._prepared = Prepared4bit(self.weight, self.quant_state)
+        return p
 
-    def _plain_state(self) -> QuantState:
-        # Kept between calls: the functional fast path remembers a validated weight per
-        # state object, so a fresh state per forward would be validated every time.
-        s, a = self.quant_state, self._absmax()
-        key = (s, a, s.code, s.shape, s.blocksize, s.quant_type, s.dtype)
-        cached = getattr(self, "_plain_cache", None)
-        if cached is None or len(cached[0]) != len(key) or any(u is not v for u, v in zip(cached[0], key)):
-            cached = (key, QuantState(absmax=a, shape=s.shape, code=s.code, blocksize=s.blocksize,
-                                      quant_type=s.quant_type, dtype=s.dtype))
-            self._plain_cache = cached
-        return cached[1]
+    def __getstate__(self):
+        # The prepared weight is derived (and holds kernel functions, which do not pickle):
+        # copies and pickles prepare their own.
+        state = self.__dict__.copy()
+        state["_prepared"] = None
+        return state
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return functional.dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
@@ -93,7 +91,10 @@ class Linear4bit(nn.Module):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = self.bias
-        y = functional.linear_4bit(x, self.weight, self._plain_state(), bias, compute=getattr(self, "compute", "fp32"))
+        p = self.__dict__.get("_prepared")
+        if p is None or not p.made_from(self.weight, self.quant_state):
+            p = self.prepared()  # linear_4bit itself prepares again after an in-place edit
+        y = functional.linear_4bit(x, p, None, bias, compute=getattr(self, "compute", "fp32"))
         return y.to(in_dtype)
 
     def extra_repr(self) -> str:
@@ -132,7 +133,6 @@ class Linear4bit(nn.Module):
             for k in qs:
                 state_dict.pop(wkey + "." + k)
             self.quant_state = state
-            self._absmax_cache = None
             if packed.dtype != torch.uint8:
                 packed = packed.contiguous().view(torch.uint8)
             state_dict[wkey] = packed.reshape(-1, 1)
@@ -166,7 +166,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if isinstance(base, Linear4bit):
-            return functional.lora_linear_4bit(x, base.weight, base._plain_state(), self.lora_A, self.lora_B,
+            return functional.lora_linear_4bit(x, base.prepared(), None, self.lora_A, self.lora_B,
                                                self.scaling, base.bias, self.lora_dropout, self.training)
         return functional.lora_linear(x, base.weight, self.lora_A, self.lora_B, self.scaling, base.bias,
                                       self.lora_dropout, self.training)

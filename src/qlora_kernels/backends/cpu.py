@@ -86,9 +86,10 @@ if hasattr(_C, "linear4_forward"):
 
     @register_kernel("linear_4bit_int8", "cpu")
     def linear_4bit_int8(x, packed, absmax, blocksize, quant_type, out_features, bias):
-        return _forward(_C.linear4_q8_forward, formats._int8_codebook_cpu(quant_type), x, packed, absmax, blocksize,
+        return _forward(_C.linear4_q8_forward, formats.int8_codebook_cpu(quant_type), x, packed, absmax, blocksize,
                         out_features, bias)
 
+    @register_kernel("linear_4bit_int8_one_row", "cpu")
     def int8_one_row(packed, absmax, blocksize, quant_type, out_features, in_features):
         """The one-row int8 forward on a repacked copy of this weight (csrc/linear4_q8.h):
         a callable ``f(x, bias=None) -> y`` for one row of contiguous fp32 ``x`` (and a
@@ -102,7 +103,7 @@ if hasattr(_C, "linear4_forward"):
         repacked = torch.empty(nbytes, dtype=torch.uint8)
         _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), N, K, blocksize, repacked.data_ptr(), nbytes,
                              torch.get_num_threads())
-        code = formats._int8_codebook_cpu(quant_type)
+        code = formats.int8_codebook_cpu(quant_type)
 
         def f(x, bias=None):
             if not _C.linear4_q8_repacked_fits(N, K, blocksize):

@@ -162,6 +162,12 @@ def linear_4bit_int8(x2, packed, absmax, blocksize, quant_type, out_features, bi
     return y + bias if bias is not None else y
 
 
+@register_kernel("linear_4bit_int8_one_row", "reference")
+def linear_4bit_int8_one_row(packed, absmax, blocksize, quant_type, out_features, in_features):
+    """No repacked layout here: a prepared weight's one-row int8 calls run linear_4bit_int8."""
+    return None
+
+
 @register_kernel("linear_4bit_grad_input", "reference")
 def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
     return dy2 @ _dense_weight(packed, absmax, blocksize, quant_type, dy2.shape[1], in_features)

@@ -94,8 +94,8 @@ def linear_inputs(M: int, K: int, N: int):
 def linear_cases(M: int, K: int, N: int, label: str = "", peers: bool = True) -> list[Case]:
     W, x, packed, state, flops = linear_inputs(M, K, N)
     g = f"linear M={M} {K}->{N}{(' ' + label) if label else ''}"
-    cases = [Case(g, "qlora-kernels linear_4bit", lambda: functional.linear_4bit(x, packed, state), True,
-                  flops, "GFLOP/s")]
+    w = functional.prepare_4bit(packed, state)  # as a layer holds it (the peers' weights are prepacked too)
+    cases = [Case(g, "qlora-kernels linear_4bit", lambda: functional.linear_4bit(x, w), True, flops, "GFLOP/s")]
     if not peers:
         return _stream_bytes(cases, M, K, N)
     cases.append(Case(g, "torch dense fp32 x @ W.T", lambda: x @ W.t(), False, flops, "GFLOP/s"))
@@ -120,8 +120,8 @@ def linear_int8_cases(M: int, K: int, N: int, label: str = "") -> list[Case]:
     of its own, so that the exact fp32 path's ratios stay against every peer."""
     W, x, packed, state, flops = linear_inputs(M, K, N)
     g = f"linear M={M} {K}->{N}{(' ' + label) if label else ''} int8 compute"
-    cases = [Case(g, "qlora-kernels linear_4bit compute=int8", lambda: functional.linear_4bit(x, packed, state,
-                                                                                              compute="int8"),
+    w = functional.prepare_4bit(packed, state)
+    cases = [Case(g, "qlora-kernels linear_4bit compute=int8", lambda: functional.linear_4bit(x, w, compute="int8"),
                   True, flops, "GFLOP/s")]
     cases += _torch_int4_cases(g, W, x, flops)
     cases += _ort_cases(g, W, x, flops, (("nbits", 4, "ONNX Runtime MatMulNBits (int4 sym, acc 4)"),))
@@ -179,11 +179,12 @@ def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, al
 
 def thread_scaling_cases(M: int, K: int = 4096, N: int = 4096) -> list[Case]:
     _, x, packed, state, flops = linear_inputs(M, K, N)
+    w = functional.prepare_4bit(packed, state)
     g = f"thread scaling linear_4bit M={M} {K}->{N}"
     out = []
     for t in (1, 2):
         def f(t=t):
             with threads(t):
-                functional.linear_4bit(x, packed, state)
+                functional.linear_4bit(x, w)
         out.append(Case(g, f"qlora-kernels {t} thread{'s' if t > 1 else ''}", f, t == 2, flops, "GFLOP/s"))
     return out

@@ -112,10 +112,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     from ..nn import Linear4bit
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total, seen = 0, set()
-    for m in model.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if id(p) not in seen:  # tied embeddings are one tensor
-                seen.add(id(p))
-                total += p.numel() * 2 if isinstance(m, Linear4bit) and name == "weight" else p.numel()
+    total = 0
+    for name, p in model.named_parameters():  # each tensor once: tied embeddings are one
+        owner, _, leaf = name.rpartition(".")
+        packed = leaf == "weight" and isinstance(model.get_submodule(owner), Linear4bit)
+        total += p.numel() * (2 if packed else 1)
     return trainable, total

@@ -19,20 +19,19 @@ _CHUNK_ELEMENTS = 1 << 20  # 4 MB of fp32 per decoded chunk
 
 
 def base_row_sq_norms(base: torch.nn.Module) -> torch.Tensor:
-    """Σ_k W[n,k]² in fp64 for a Linear4bit (cached on the module, keyed by the packed
-    weight's identity and version) or a dense nn.Linear."""
+    """Σ_k W[n,k]² in fp64 for a Linear4bit (kept with the layer's prepared weight, so it
+    goes when the weight changes) or a dense nn.Linear."""
     if not isinstance(base, Linear4bit):
         return base.weight.detach().double().pow(2).sum(1)
-    key = (base.weight.data_ptr(), base.weight._version, id(base.quant_state))
-    cached = getattr(base, "_qk_row_sq_norms", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    prep = base.prepared()
+    if "row_sq_norms" in prep.derived:
+        return prep.derived["row_sq_norms"]
     N, K = base.out_features, base.in_features
     bs = base.blocksize
     # A chunk must start on a block boundary and on a whole byte.
     step = math.lcm(bs, 2) // math.gcd(math.lcm(bs, 2), K)
     rows = max(step, (_CHUNK_ELEMENTS // max(K, 1)) // step * step)
-    absmax = base._absmax()
+    absmax = prep.absmax
     out = torch.empty(N, dtype=torch.float64)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
@@ -41,7 +40,7 @@ def base_row_sq_norms(base: torch.nn.Module) -> torch.Tensor:
         ab = absmax[e0 // bs:-(-e1 // bs)]
         chunk = torch.ops.qlora_kernels.dequantize_4bit(packed, ab, bs, base.quant_type, [r1 - r0, K], torch.float32)
         out[r0:r1] = chunk.double().pow(2).sum(1)
-    base._qk_row_sq_norms = (key, out)
+    prep.derived["row_sq_norms"] = out
     return out
 
 
@@ -51,7 +50,7 @@ def weight_norm(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tenso
     A = lora_A.detach().float()
     B = lora_B.detach().double()
     if isinstance(base, Linear4bit):
-        WAt = functional.linear_4bit(A, base.weight, base._plain_state()).t().double()  # [N, r]
+        WAt = functional.linear_4bit(A, base.prepared()).t().double()  # [N, r]
     else:
         WAt = (A @ base.weight.detach().float().t()).t().double()
     G = A.double() @ A.double().t()

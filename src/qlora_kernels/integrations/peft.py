@@ -41,7 +41,7 @@ def _dropout_p(module: nn.Module) -> float:
 def _fused_lora(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                 bias: Optional[torch.Tensor], p: float, training: bool) -> torch.Tensor:
     if isinstance(base, Linear4bit):
-        return functional.lora_linear_4bit(x, base.weight, base._plain_state(), A, B, scaling, bias, p, training)
+        return functional.lora_linear_4bit(x, base.prepared(), None, A, B, scaling, bias, p, training)
     return functional.lora_linear(x, base.weight, A, B, scaling, bias, p, training)
 
 
@@ -96,7 +96,7 @@ class DoraVariant(LoraVariant):
         if xd is x:
             plain = result - base.bias if base.bias is not None else result
         elif isinstance(base, Linear4bit):
-            plain = functional.linear_4bit(xd, base.weight, base._plain_state())
+            plain = functional.linear_4bit(xd, base.prepared())
         else:
             plain = F.linear(xd, base.weight)
         return result + ms * z - plain
@@ -137,7 +137,7 @@ class QKLoraLinear(nn.Module, LoraLayer):
             s = base.quant_state
             packed, state = functional.quantize_4bit(w.float(), s.quant_type, s.blocksize, s.nested)
             base.weight = nn.Parameter(packed, requires_grad=False)
-            base.quant_state, base._absmax_cache = state, None
+            base.quant_state = state
         else:
             base.weight.data = w.to(base.weight.dtype)
 
@@ -266,7 +266,7 @@ def as_our_base(base: nn.Module) -> Optional[nn.Module]:
         ours.compute_dtype = None
         ours.weight = nn.Parameter(w.data.view(torch.uint8).reshape(-1, 1), requires_grad=False)
         ours.quant_state = QuantState.from_dict(w.quant_state.as_dict(packed=True))
-        ours._absmax_cache = None
+        ours._prepared = None
         ours.bias = base.bias
         return ours
     if type(base) is nn.Linear or isinstance(base, Linear4bit):

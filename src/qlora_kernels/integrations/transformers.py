@@ -139,7 +139,7 @@ class HfLinear4bit(Linear4bit):
         self.compute_dtype = config.compute_dtype
         self.weight = nn.Parameter(torch.empty(formats.packed_numel(in_f * out_f), 1, dtype=torch.uint8, device="meta")
                                    if pre_quantized else linear.weight.detach().to("meta"), requires_grad=False)
-        self.quant_state, self._absmax_cache = None, None
+        self.quant_state, self._prepared = None, None
         self.bias = linear.bias
         self.source_cls = type(linear)
         return self
@@ -237,7 +237,7 @@ class _QuantizeOnLoad(_Op):
                 raise _err(key, f"checkpoint weight is {list(value.shape)}, the layer is "
                            f"[{module.out_features}, {module.in_features}]")
             packed, state = functional.quantize_4bit(value, cfg.quant_type, cfg.blocksize, cfg.double_quant)
-            module.quant_state, module._absmax_cache = state, None
+            module.quant_state = state
             module._is_hf_initialized = True
             out[key] = nn.Parameter(packed, requires_grad=False)
         return out
@@ -265,7 +265,7 @@ class _Deserialize(_Op):
                        f"(weight.absmax, weight.quant_map, weight.{_PACKED_STATE}nf4|fp4); list it in skip_modules "
                        "to load it in full precision")
         packed, state = restore_state(full_layer_name, tensors, (module.out_features, module.in_features))
-        module.quant_state, module._absmax_cache = state, None
+        module.quant_state = state
         module._is_hf_initialized = True
         return {"weight": nn.Parameter(packed, requires_grad=False)}
 

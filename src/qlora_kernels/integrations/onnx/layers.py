@@ -137,7 +137,7 @@ def export_base(base: nn.Module, fmt: str, report: SwapReport) -> nn.Module:
     if isinstance(base, Linear4bit):
         report.layers += 1
         if fmt == "bnb4":
-            return Bnb4Base(base.weight.detach(), base._absmax().detach(), base.blocksize, base.quant_type,
+            return Bnb4Base(base.weight.detach(), base.prepared().absmax.detach(), base.blocksize, base.quant_type,
                             base.in_features, base.out_features, base.bias)
         return _encode(base.dequantize(), base.bias, fmt, base, report)
     report.dense += 1

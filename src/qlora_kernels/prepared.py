@@ -1,0 +1,240 @@
+"""A prepared 4-bit weight: what every call on one weight would otherwise derive again
+(the arguments checked, the codebook compared with the format's, the fp32 absmax with
+double quantization decoded, the cpu kernels looked up, the one-row int8 repack, DoRA's
+row norms), made once and held by the owner of the weight: ``Linear4bit``, or the caller
+of ``prepare_4bit`` (torchao's prepacked weights and ONNX Runtime's prepacking work the
+same way). There is no global cache.
+
+A prepared weight keeps references to the tensors it was made from, with their version
+counters and data pointers. ``current()`` says whether they are still the same objects
+with the same contents as far as torch can tell: a new tensor (even at a freed one's
+address) is another object, an in-place edit bumps the version counter, and a swapped
+storage (``param.data = ...``, as ZeRO-3 does around a forward) moves the data pointer.
+Its owner prepares again when it is not current."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import _env, formats
+from . import backends as _backends
+from .formats import QuantState
+
+# Bytes kept in another dtype (bitsandbytes' quant_storage) are read as uint8.
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+
+# Whether one-row compute="int8" calls may keep a repacked copy of their weight (see
+# int8_repack); QLORA_KERNELS_INT8_REPACK=0 starts with it off. The generation counts
+# changes, so a prepared weight drops a copy made under an earlier setting.
+_INT8_REPACK = {"on": _env.switch(_env.INT8_REPACK, True), "generation": 0}
+
+
+def int8_repack(enabled: bool | None = None) -> bool:
+    """Whether ``linear_4bit(..., compute="int8")`` on one row of x may run on a repacked
+    copy of a prepared weight (faster on AVX-512 VNNI CPUs, ~0.6x of the time of the
+    bitsandbytes layout's kernel at 4096x4096; the copy is the size of ``packed`` and lives
+    with the prepared weight). ``int8_repack(False)`` turns it off; each weight's copy is
+    dropped at its next call. ``QLORA_KERNELS_INT8_REPACK=0`` starts with it off. Returns
+    the setting in force."""
+    if enabled is not None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
+        if enabled != _INT8_REPACK["on"]:
+            _INT8_REPACK.update(on=enabled, generation=_INT8_REPACK["generation"] + 1)
+    return _INT8_REPACK["on"]
+
+
+def check_state(state: QuantState) -> None:
+    """A whole state, its codebook values included. The value check is data-dependent:
+    it runs on eager calls with real tensors, and is skipped while tracing (torch.compile,
+    fake tensors and other dispatch modes, a meta state), where the shapes are checked."""
+    if not isinstance(state, QuantState):
+        raise TypeError(
+            f"state must be a qlora_kernels.QuantState, got {type(state).__name__}"
+            " (convert a bitsandbytes state with QuantState.from_dict(bnb_state.as_dict()))"
+        )
+    state.validate()
+    code = state.code
+    if (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and type(code) is torch.Tensor and code.device.type != "meta"):
+        if not torch.equal(state.code.float().cpu(), formats.codebook_cpu(state.quant_type)):
+            raise ValueError(f"state.code is not the {state.quant_type} codebook")
+
+
+def decode_absmax(state: QuantState) -> torch.Tensor:
+    """The per-block fp32 absmax of a checked state; decodes double quantization the way
+    bitsandbytes does (8-bit decode, then ``+ offset`` in fp32)."""
+    if not state.nested:
+        return state.absmax
+    s2 = state.state2
+    absmax = torch.ops.qlora_kernels.dequantize_blockwise_8bit(state.absmax, s2.absmax, s2.code, s2.blocksize)
+    return absmax + state.offset.float()
+
+
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dtype == torch.uint8:
+        return packed
+    if packed.dtype in _STORAGE_DTYPES and packed.is_contiguous():
+        return packed.view(torch.uint8)
+    raise TypeError(f"packed must hold uint8 bytes, got {packed.dtype}")
+
+
+def _sources(packed: torch.Tensor, state: QuantState) -> tuple:
+    s2 = state.state2
+    return (packed, state.absmax, state.code, state.offset, s2, None if s2 is None else s2.absmax,
+            None if s2 is None else s2.code)
+
+
+def _marks(sources: tuple, state: QuantState) -> tuple:
+    """What changes when a source tensor is edited or re-pointed (version counters and data
+    pointers; a meta tensor's is 0), and the state's plain fields. Runs on every call of
+    a prepared weight, so it stays a flat tuple of cheap reads."""
+    out = [state.blocksize, state.quant_type, None if state.shape is None else tuple(state.shape), state.dtype]
+    for t in sources:
+        if t is not None and not isinstance(t, QuantState):
+            out.append(t._version)
+            out.append(t.data_ptr())
+    return tuple(out)
+
+
+class Prepared4bit:
+    """A checked 4-bit linear weight ``[out_features, in_features]`` and what is derived
+    from it. Made by ``prepare_4bit``; pass it as ``packed`` (with ``state=None``) to
+    ``linear_4bit`` and ``lora_linear_4bit``."""
+
+    __slots__ = ("state", "packed", "absmax", "blocksize", "quant_type", "out_features", "in_features", "derived",
+                 "_sources", "_marks", "_kernels", "_int8")
+
+    def __init__(self, packed: torch.Tensor, state: QuantState):
+        check_state(state)
+        if len(state.shape) != 2:
+            raise ValueError(f"state.shape must be [out_features, in_features] for a linear layer, got "
+                             f"{tuple(state.shape)}")
+        self.state = state
+        self.packed = packed_bytes(packed)
+        self.absmax = decode_absmax(state)
+        self.blocksize, self.quant_type = state.blocksize, state.quant_type
+        self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
+        self._sources = _sources(packed, state)
+        self._marks = _marks(self._sources, state)
+        # Values derived from this weight by other modules (DoRA's base row norms), named;
+        # they go with the prepared weight when it is replaced.
+        self.derived: dict = {}
+        self._kernels: Optional[dict] = None
+        self._int8 = None
+
+    def made_from(self, packed: torch.Tensor, state: QuantState) -> bool:
+        """Whether ``packed`` and ``state`` are the very objects this was prepared from
+        (their contents are ``current``'s to judge)."""
+        return packed is self._sources[0] and state is self.state
+
+    def current(self, packed: Optional[torch.Tensor] = None, state: Optional[QuantState] = None) -> bool:
+        """Whether this was prepared from ``packed`` and ``state`` (default: its own sources)
+        and none of their tensors changed since."""
+        src = self._sources
+        if packed is not None and (packed is not src[0] or state is not self.state):
+            return False
+        if torch.compiler.is_compiling():
+            # Version counters and data pointers are not traceable; a compiled graph guards
+            # on its inputs itself.
+            return True
+        state = self.state
+        s2 = state.state2
+        if (state.absmax is not src[1] or state.code is not src[2] or state.offset is not src[3]
+                or s2 is not src[4] or (s2 is not None and (s2.absmax is not src[5] or s2.code is not src[6]))):
+            return False
+        return _marks(src, state) == self._marks
+
+    def refreshed(self) -> "Prepared4bit":
+        """Itself, prepared again from its sources first if they changed (what was derived
+        from the old contents goes with them)."""
+        if not self.current():
+            self.__init__(self._sources[0], self.state)
+        return self
+
+    def args(self) -> tuple:
+        """The weight arguments of the linear ops: packed, absmax, blocksize, quant_type, out_features."""
+        return self.packed, self.absmax, self.blocksize, self.quant_type, self.out_features
+
+    # -- the direct path: eager fp32 inference on the cpu backend ------------------------------
+    def kernels(self) -> dict:
+        """compute -> the cpu backend's kernel, or {} when the cpu kernels do not take this
+        weight as it is (double quantization decoded here is fine; strided bytes, another
+        device or a tensor subclass are not: those go through the op)."""
+        if self._kernels is None:
+            self._kernels = {}
+            plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.is_contiguous()
+                        for t in (self.packed, self.absmax))  # not meta, not a tensor subclass
+            if plain:
+                for compute, op in (("fp32", "linear_4bit"), ("int8", "linear_4bit_int8")):
+                    backend, fn = _backends.kernel_for(op, "cpu")
+                    if backend == "cpu":
+                        self._kernels[compute] = fn
+        return self._kernels
+
+    def int8_one_row(self) -> Optional[Callable]:
+        """The repacked one-row int8 kernel of this weight (backends.cpu), made on the first
+        one-row int8 call: it holds a second copy of the weight, which only inference at
+        M=1 with compute="int8" asks for."""
+        if not _INT8_REPACK["on"]:
+            self._int8 = None
+            return None
+        gen = _INT8_REPACK["generation"]
+        if self._int8 is None or self._int8[0] != gen:
+            make = _backends.kernel_for("linear_4bit_int8_one_row", "cpu")[1]
+            self._int8 = (gen, make(self.packed, self.absmax, self.blocksize, self.quant_type, self.out_features,
+                                    self.in_features))
+        return self._int8[1]
+
+    def has_int8_copy(self) -> bool:
+        return self._int8 is not None and self._int8[1] is not None
+
+    def forward_direct(self, x: torch.Tensor, bias: Optional[torch.Tensor], compute: str) -> Optional[torch.Tensor]:
+        """``linear_4bit`` straight into the cpu kernel, or None when this call does not
+        qualify (another backend, autograd, a mode, torch.compile, other dtypes or layouts):
+        the dispatcher's and custom op's wrappers are a sizeable part of a one-row call
+        (docs/design.md, "Prepared weights") and add nothing these conditions leave."""
+        if torch.compiler.is_compiling():  # first: the checks below do not trace
+            return None
+        grad = torch.is_grad_enabled()
+        if (type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu
+                or (grad and x.requires_grad) or _backends.get_backend() != "cpu"
+                or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0):
+            return None
+        if not self.current():
+            return None  # the caller's general path prepares again
+        k = self.in_features
+        kernels = self.kernels()
+        if x.dim() < 1 or x.shape[-1] != k or not x.is_contiguous() or compute not in kernels:
+            return None
+        if bias is not None and (type(bias) is not torch.Tensor or bias.dtype is not torch.float32 or not bias.is_cpu
+                                 or bias.shape != (self.out_features,) or not bias.is_contiguous()
+                                 or (grad and bias.requires_grad)):
+            return None
+        if compute == "int8" and x.numel() == k:  # one row: the repacked kernel, where there is one
+            one_row = self.int8_one_row()
+            y = None if one_row is None else one_row(x, bias)
+            if y is not None:
+                return y
+        return kernels[compute](x, *self.args(), bias)
+
+
+def prepare_4bit(packed: torch.Tensor, state: QuantState) -> Prepared4bit:
+    """Check a 4-bit linear weight once and keep what its calls need (see Prepared4bit).
+    ``linear_4bit(x, prepare_4bit(packed, state))`` then skips the per-call checks; the
+    result is the same as ``linear_4bit(x, packed, state)``."""
+    return Prepared4bit(packed, state)
+
+
+def resolve(packed, state) -> Prepared4bit:
+    """The prepared weight of a call given either ``(Prepared4bit, None)`` or
+    ``(packed, state)`` (prepared for this call only)."""
+    if isinstance(packed, Prepared4bit):
+        if state is not None:
+            raise TypeError("state must be None when packed is a prepared weight (prepare_4bit holds the state)")
+        return packed.refreshed()
+    return Prepared4bit(packed, state)
+
