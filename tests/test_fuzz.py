@@ -232,16 +232,17 @@ def _weight(N, K, double_quant=False):
 @fuzz(examples=[
     # a 3-entry bias on 64 outputs was read past its end
     dict(w=_weight(64, 128), lead=[3], dtype=torch.float32, bias_len=3, layout="contiguous", compute="fp32",
-         grad=False),
+         grad=False, prepared=False),
     # one output, one row: the stride-0 gradient was refused
     dict(w=_weight(1, 64), lead=[1], dtype=torch.float32, bias_len=None, layout="contiguous", compute="fp32",
-         grad=True)],
+         grad=True, prepared=False)],
       w=weights(), lead=st.lists(st.sampled_from([0, 1, 2, 5]), min_size=1, max_size=2), dtype=FLOATS,
        bias_len=st.sampled_from([None, "N", 0, 1, 3]), layout=LAYOUTS, compute=st.sampled_from(["fp32", "int8"]),
-       grad=st.booleans())
-def test_linear_4bit_fuzz(w, lead, dtype, bias_len, layout, compute, grad, where):
+       grad=st.booleans(), prepared=st.booleans())
+def test_linear_4bit_fuzz(w, lead, dtype, bias_len, layout, compute, grad, prepared, where):
     """linear_4bit (fp32 and int8 compute) over weights, x layouts, bias lengths, with and
-    without autograd."""
+    without autograd, on (packed, state) and on a prepared weight (prepare_4bit, which
+    then meets the tampered states)."""
     packed, state, (N, K) = w
     g = torch.Generator().manual_seed(N * 1000 + K + len(lead))
     x = laid_out(torch.randn(*lead, K, generator=g).to(dtype), layout)
@@ -249,7 +250,10 @@ def test_linear_4bit_fuzz(w, lead, dtype, bias_len, layout, compute, grad, where
 
     def call():
         xx = x.detach().clone().requires_grad_(grad) if x.numel() else x
-        y = qk.linear_4bit(xx, packed, state, b, compute=compute)
+        if prepared:
+            y = qk.linear_4bit(xx, qk.prepare_4bit(packed, state), None, b, compute=compute)
+        else:
+            y = qk.linear_4bit(xx, packed, state, b, compute=compute)
         if grad and xx.requires_grad:
             y.float().sum().backward()
             return y.detach(), xx.grad
