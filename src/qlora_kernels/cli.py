@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--threads", type=int, default=0, help="threads for --peak (default: torch's)")
     i.set_defaults(func=_info)
     b = sub.add_parser("bench", help="benchmark the kernels against the installed peers")
-    b.add_argument("--quick", action="store_true", help="smaller shapes, fewer rounds (about a minute)")
+    b.add_argument("--quick", action="store_true", help="2048-wide shapes, fewer rounds, no training step (seconds; see README)")
     b.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (default: torch's)")
     b.add_argument("--output", help="folder for bench.md and bench.png (default: bench-report)")
     b.set_defaults(func=_bench)
