@@ -71,9 +71,10 @@ class Linear4bit(nn.Module):
         """The layer's weight, checked, with the values every call needs (fp32 absmax,
         kernels, int8 repack, DoRA row norms) made once. Prepared again when ``weight`` or
         ``quant_state`` is replaced or edited in place (prepared.Prepared4bit.current)."""
-        p = getattr(self, "_prepared", None)
-        if p is None or not p.current(self.weight, self.quant_state):
-            p = self._prepared = Prepared4bit(self.weight, self.quant_state)
+        p = self.__dict__.get("_prepared")
+        if p is not None and p.made_from(self.weight, self.quant_state):
+            return p.refreshed()  # the same objects, perhaps edited in place
+        p = self._prepared = Prepared4bit(self.weight, self.quant_state)
         return p
 
     def __getstate__(self):

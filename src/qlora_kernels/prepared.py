@@ -106,20 +106,22 @@ class Prepared4bit:
     ``linear_4bit`` and ``lora_linear_4bit``."""
 
     __slots__ = ("state", "packed", "absmax", "blocksize", "quant_type", "out_features", "in_features", "derived",
-                 "_sources", "_marks", "_kernels", "_int8")
+                 "_sources", "_marks", "_pmarks", "_kernels", "_int8")
 
-    def __init__(self, packed: torch.Tensor, state: QuantState):
-        check_state(state)
-        if len(state.shape) != 2:
-            raise ValueError(f"state.shape must be [out_features, in_features] for a linear layer, got "
-                             f"{tuple(state.shape)}")
+    def __init__(self, packed: torch.Tensor, state: QuantState, _absmax: Optional[torch.Tensor] = None):
+        if _absmax is None:  # else: refreshed() after a change of the bytes alone, the state checked before
+            check_state(state)
+            if len(state.shape) != 2:
+                raise ValueError(f"state.shape must be [out_features, in_features] for a linear layer, got "
+                                 f"{tuple(state.shape)}")
         self.state = state
         self.packed = packed_bytes(packed)
-        self.absmax = decode_absmax(state)
+        self.absmax = decode_absmax(state) if _absmax is None else _absmax
         self.blocksize, self.quant_type = state.blocksize, state.quant_type
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
         self._sources = _sources(packed, state)
-        self._marks = _marks(self._sources, state)
+        self._marks = _marks(self._sources[1:], state)
+        self._pmarks = (packed._version, packed.data_ptr())
         # Values derived from this weight by other modules (DoRA's base row norms), named;
         # they go with the prepared weight when it is replaced.
         self.derived: dict = {}
@@ -141,18 +143,25 @@ class Prepared4bit:
             # Version counters and data pointers are not traceable; a compiled graph guards
             # on its inputs itself.
             return True
-        state = self.state
+        p = src[0]
+        return (p._version, p.data_ptr()) == self._pmarks and self._state_unchanged()
+
+    def _state_unchanged(self) -> bool:
+        src, state = self._sources, self.state
         s2 = state.state2
         if (state.absmax is not src[1] or state.code is not src[2] or state.offset is not src[3]
                 or s2 is not src[4] or (s2 is not None and (s2.absmax is not src[5] or s2.code is not src[6]))):
             return False
-        return _marks(src, state) == self._marks
+        return _marks(src[1:], state) == self._marks
 
     def refreshed(self) -> "Prepared4bit":
         """Itself, prepared again from its sources first if they changed (what was derived
-        from the old contents goes with them)."""
+        from the old contents goes with them). When only the packed bytes changed, the
+        decoded absmax is kept: a backend that keeps device copies of it (OpenCL) then
+        uploads the bytes alone."""
         if not self.current():
-            self.__init__(self._sources[0], self.state)
+            keep = self.absmax if self._state_unchanged() else None
+            self.__init__(self._sources[0], self.state, keep)
         return self
 
     def args(self) -> tuple:
