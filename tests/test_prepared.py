@@ -5,7 +5,6 @@ derived before, on the functional API and on the module."""
 from __future__ import annotations
 
 import ast
-import gc
 from pathlib import Path
 
 import pytest
@@ -58,8 +57,9 @@ def test_a_new_weight_at_a_freed_address_is_not_answered_from_the_old_one(backen
             layer = Linear4bit(128, 16, bias=False)
             layer.weight, layer.quant_state = torch.nn.Parameter(packed, requires_grad=False), state
             _close(layer(x), want)
-            del packed, state, w, layer, W
-            gc.collect()
+            del packed, state, w, layer, W  # freed at once (reference counting)
+            if reused >= 3:
+                break
     assert reused > 0, "the allocator never reused an address: the test did not test"
 
 
