@@ -82,7 +82,7 @@ def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+        if type(t) is not torch.Tensor or not t.is_cpu or (grad and t.requires_grad):
             return False
     return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._len_torch_dispatch_stack() > 0)

@@ -17,9 +17,13 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _env, formats
+from . import _env, _ops_linear, formats
 from . import backends as _backends
 from .formats import QuantState
+
+# Tensors whose storage we may read directly (a subclass such as a FakeTensor or DTensor has
+# no data pointer to speak of: its version counter alone marks a change).
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 # Bytes kept in another dtype (bitsandbytes' quant_storage) are read as uint8.
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
@@ -96,8 +100,12 @@ def _marks(sources: tuple, state: QuantState) -> tuple:
     for t in sources:
         if t is not None and not isinstance(t, QuantState):
             out.append(t._version)
-            out.append(t.data_ptr())
+            out.append(_ptr(t))
     return tuple(out)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr() if type(t) in _PLAIN_TYPES else 0
 
 
 class Prepared4bit:
@@ -121,7 +129,7 @@ class Prepared4bit:
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
         self._sources = _sources(packed, state)
         self._marks = _marks(self._sources[1:], state)
-        self._pmarks = (packed._version, packed.data_ptr())
+        self._pmarks = (packed._version, _ptr(packed))
         # Values derived from this weight by other modules (DoRA's base row norms), named;
         # they go with the prepared weight when it is replaced.
         self.derived: dict = {}
@@ -144,7 +152,7 @@ class Prepared4bit:
             # on its inputs itself.
             return True
         p = src[0]
-        return (p._version, p.data_ptr()) == self._pmarks and self._state_unchanged()
+        return (p._version, _ptr(p)) == self._pmarks and self._state_unchanged()
 
     def _state_unchanged(self) -> bool:
         src, state = self._sources, self.state
@@ -175,7 +183,7 @@ class Prepared4bit:
         device or a tensor subclass are not: those go through the op)."""
         if self._kernels is None:
             self._kernels = {}
-            plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.is_contiguous()
+            plain = all(type(t) in _PLAIN_TYPES and t.is_cpu and t.is_contiguous()
                         for t in (self.packed, self.absmax))  # not meta, not a tensor subclass
             if plain:
                 for compute, op in (("fp32", "linear_4bit"), ("int8", "linear_4bit_int8")):
@@ -206,12 +214,8 @@ class Prepared4bit:
         qualify (another backend, autograd, a mode, torch.compile, other dtypes or layouts):
         the dispatcher's and custom op's wrappers are a sizeable part of a one-row call
         (docs/design.md, "Prepared weights") and add nothing these conditions leave."""
-        if torch.compiler.is_compiling():  # first: the checks below do not trace
-            return None
-        grad = torch.is_grad_enabled()
-        if (type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu
-                or (grad and x.requires_grad) or _backends.get_backend() != "cpu"
-                or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0):
+        if (not _ops_linear.plain_call_ok(x, bias) or x.dtype is not torch.float32
+                or _backends.get_backend() != "cpu"):
             return None
         if not self.current():
             return None  # the caller's general path prepares again
@@ -219,9 +223,8 @@ class Prepared4bit:
         kernels = self.kernels()
         if x.dim() < 1 or x.shape[-1] != k or not x.is_contiguous() or compute not in kernels:
             return None
-        if bias is not None and (type(bias) is not torch.Tensor or bias.dtype is not torch.float32 or not bias.is_cpu
-                                 or bias.shape != (self.out_features,) or not bias.is_contiguous()
-                                 or (grad and bias.requires_grad)):
+        if bias is not None and (bias.dtype is not torch.float32 or bias.shape != (self.out_features,)
+                                 or not bias.is_contiguous()):
             return None
         if compute == "int8" and x.numel() == k:  # one row: the repacked kernel, where there is one
             one_row = self.int8_one_row()

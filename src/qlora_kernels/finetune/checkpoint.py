@@ -84,11 +84,12 @@ def save(out: Path, model, optimizer, scheduler, state: dict, session=None) -> P
     write their shards (sharded_checkpoint) into the same scratch folder first."""
     final = out / NAME
     sharded = session is not None and session.sharded
-    if session is not None and not session.main and not sharded:
+    writer = session is None or session.main  # of the files that are not shards
+    if not (writer or sharded):
         return final
     # Ranks agree on the scratch folder's name by the step (a pid differs between ranks).
     tmp = out / (f"{_TMP_PREFIX}step{state['step']}" if sharded else f"{_TMP_PREFIX}{os.getpid()}")
-    if session is None or session.main:
+    if writer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -104,13 +105,13 @@ def save(out: Path, model, optimizer, scheduler, state: dict, session=None) -> P
     else:
         model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if session is None or session.main:
+    if writer:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         atomic_json(tmp / "state.json", state)
     if sharded:
         session.barrier()  # every rank's shards are on disk before the swap
-    if session is None or session.main:
+    if writer:
         _swap_in(tmp, final, out / _PREV)
     if sharded:
         session.barrier()
