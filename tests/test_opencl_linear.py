@@ -2,7 +2,7 @@
 the reference with the tolerances of the CPU tests: the CPU suites' own test functions
 run here with `path` selecting opencl + a style (test_linear's forward test restated with
 the rounding of the bias add in its bound), then every kernel path, the OpenCL LoRA
-kernels (device-side adapter, FPGA-style fused forward) against _ops_linear's torch
+kernels (device-side adapter, FPGA-style fused forward) against ops/linear.py's torch
 definitions, and the DoRA norm."""
 import math
 
@@ -11,7 +11,7 @@ import torch
 
 import qlora_kernels as qk
 from qlora_kernels import opencl as ocl
-from qlora_kernels._ops_linear import lora_backward, lora_forward_tail
+from qlora_kernels.ops.linear import lora_backward, lora_forward_tail
 
 from . import test_linear, test_lora
 from .test_linear import EPS32, assert_within, dot_bound, make_weight

@@ -40,7 +40,7 @@ _API = {
     "patch_peft_model": "integrations.peft",
 }
 _SUBMODULES = ("backends", "bench", "cli", "convert", "finetune", "formats", "fpga", "functional", "integrations",
-               "nn", "opencl", "optim", "peak", "prepared")
+               "nn", "opencl", "ops", "optim", "peak", "prepared")
 
 
 def __getattr__(name: str):

@@ -33,6 +33,12 @@ DEFAULT_BLOCKSIZE = 64
 ABSMAX_FLOOR = 1e-38
 NESTED_BLOCKSIZE = 256
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The activation dtype as the native kernels take it (csrc/convert.h, kernels/common.cl).
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPE_CODES[dtype]
 
 # QLoRA (Dettmers et al. 2023, appendix E): quantiles of N(0, 1) normalised to [-1, 1],
 # with an exact zero. These are bitsandbytes' values, as Python floats rounded to fp32.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _ops_linear, formats
-from . import _ops, _ops_loss  # noqa: F401  (declare the rest of torch.ops.qlora_kernels.*)
+from . import formats, ops  # importing ops declares every torch.ops.qlora_kernels.*
+from .ops import checks
 from .formats import QuantState
 from .prepared import Prepared4bit, check_state, decode_absmax, int8_repack, packed_bytes, prepare_4bit, resolve
 
@@ -27,7 +27,7 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = for
         raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
-    _checks.quantize_4bit(W, blocksize, quant_type)
+    checks.quantize_4bit(W, blocksize, quant_type)
     packed, absmax = torch.ops.qlora_kernels.quantize_4bit(W.detach(), blocksize, quant_type)
     code = formats.codebook(quant_type)
     state = QuantState(absmax=absmax, shape=W.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=W.dtype)
@@ -83,8 +83,8 @@ def _check_x(x) -> None:
         raise ValueError(f"x must be on the CPU for the cpu/reference backends, got device {x.device}")
 
 
-_COMPUTE = {"fp32": ("linear_4bit", _ops_linear.linear_4bit_impl),
-            "int8": ("linear_4bit_int8", _ops_linear.linear_4bit_int8_impl)}
+_COMPUTE = {"fp32": ("linear_4bit", ops.linear.linear_4bit_impl),
+            "int8": ("linear_4bit_int8", ops.linear.linear_4bit_int8_impl)}
 
 
 def check_compute(compute: str) -> str:
@@ -126,7 +126,7 @@ def linear_4bit(x: torch.Tensor, packed, state: QuantState | None = None, bias: 
     if y is not None:
         return y
     args = w.args()
-    if _ops_linear.plain_call_ok(x, bias, args[0], args[1]):  # inference: skip the dispatcher
+    if ops.linear.plain_call_ok(x, bias, args[0], args[1]):  # inference: skip the dispatcher
         return impl(x, *args, bias)
     return getattr(torch.ops.qlora_kernels, op)(x, *args, bias)
 
@@ -150,7 +150,7 @@ def lora_linear_4bit(x: torch.Tensor, packed, state: QuantState | None, lora_A: 
     _check_x(x)
     args = _weight(x, packed, state).args()
     noise = _dropout_noise(x, dropout_p, training)
-    return torch.ops.qlora_kernels.lora_linear_4bit(x, *args, lora_A, lora_B, _checks.scaling(scaling), bias, noise)[0]
+    return torch.ops.qlora_kernels.lora_linear_4bit(x, *args, lora_A, lora_B, checks.scaling(scaling), bias, noise)[0]
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -160,7 +160,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     noise = _dropout_noise(x, dropout_p, training)
-    return torch.ops.qlora_kernels.lora_linear(x, weight, lora_A, lora_B, _checks.scaling(scaling), bias, noise)[0]
+    return torch.ops.qlora_kernels.lora_linear(x, weight, lora_A, lora_B, checks.scaling(scaling), bias, noise)[0]
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -169,7 +169,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """``F.cross_entropy(F.linear(x, weight, bias).float(), labels, ignore_index=ignore_index,
     reduction=reduction)`` without materializing the [rows, vocab] logits: the output head
     and the loss fused, chunk by chunk, with the gradients computed in the forward pass
-    (see _ops_loss). ``x`` is [..., hidden], ``labels`` has x's shape without its last
+    (see ops/loss.py). ``x`` is [..., hidden], ``labels`` has x's shape without its last
     dimension. ``num_items_in_batch`` divides the summed loss instead of the number of
     labelled rows (transformers' convention for gradient accumulation)."""
     _check_x(x)

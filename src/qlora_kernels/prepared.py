@@ -17,7 +17,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _env, _ops_linear, formats
+from . import _env, formats
+from .ops import linear as ops_linear
 from . import backends as _backends
 from .formats import QuantState
 
@@ -214,7 +215,7 @@ class Prepared4bit:
         qualify (another backend, autograd, a mode, torch.compile, other dtypes or layouts):
         the dispatcher's and custom op's wrappers are a sizeable part of a one-row call
         (docs/design.md, "Prepared weights") and add nothing these conditions leave."""
-        if (not _ops_linear.plain_call_ok(x, bias) or x.dtype is not torch.float32
+        if (not ops_linear.plain_call_ok(x, bias) or x.dtype is not torch.float32
                 or _backends.get_backend() != "cpu"):
             return None
         if not self.current():

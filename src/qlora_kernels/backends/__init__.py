@@ -1,4 +1,4 @@
-"""Backend registry. An op is declared once (``qlora_kernels._ops``); each backend module
+"""Backend registry. An op is declared once (``qlora_kernels.ops``); each backend module
 registers its kernels here with ``register_kernel(op, backend)``. The selected backend
 runs an op when it has a kernel for it; otherwise the ``reference`` kernel runs (a
 backend that is still growing stays usable, and the fallback is visible through

@@ -9,7 +9,7 @@ import torch
 
 from .. import _C, formats
 from .._errors import nonfinite_error
-from .._ops import dtype_code
+from ..formats import dtype_code
 from . import register_kernel
 
 

@@ -17,7 +17,7 @@ import torch
 from .. import formats
 from .. import opencl as ocl
 from .._errors import nonfinite_error
-from .._ops import dtype_code
+from ..formats import dtype_code
 from . import register_kernel
 
 _RT = ocl.runtime()  # no platform/device: raises here, and the registry reports why

@@ -32,7 +32,7 @@
 #endif
 #define QK_UNROLL _Pragma("unroll")
 
-/* Element dtypes, as qlora_kernels._ops.dtype_code numbers them. */
+/* Element dtypes, as qlora_kernels.formats.dtype_code numbers them. */
 #define QK_F32 0
 #define QK_BF16 1
 #define QK_F16 2

@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from . import _checks
-from .backends import run
+from . import checks
+from ..backends import run
 
 
 
@@ -49,7 +49,7 @@ def linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
 
 
 def _linear_run(kernel: str, x, packed, absmax, blocksize, quant_type, out_features, bias) -> torch.Tensor:
-    _checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = run(kernel, x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
@@ -90,7 +90,7 @@ def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
 
 @linear_4bit.register_fake
 def _linear_fake(x, packed, absmax, blocksize, quant_type, out_features, bias):
-    _checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -103,7 +103,7 @@ def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch
                            quant_type: str, in_features: int) -> torch.Tensor:
     """dx = dy @ dequantize(W), W [dy.shape[-1], in_features]: the input gradient of
     linear_4bit (the frozen 4-bit weight itself gets none)."""
-    _checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
+    checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
     dy2 = dy.reshape(-1, dy.shape[-1]).float().contiguous()
     dx = run("linear_4bit_grad_input", dy2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
              in_features)
@@ -112,7 +112,7 @@ def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch
 
 @linear_4bit_grad_input.register_fake
 def _(dy, packed, absmax, blocksize, quant_type, in_features):
-    _checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
+    checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
     return dy.new_empty((*dy.shape[:-1], in_features))
 
 
@@ -175,8 +175,8 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
                      bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u): y = linear_4bit(x) + scaling * (u @ B.T), u = (x * noise) @ A.T; ``noise`` is
     the already-scaled dropout mask (None: no dropout). u is kept for the backward."""
-    _checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
-    _checks.lora(x, lora_A, lora_B, out_features, bias, noise)
+    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    checks.lora(x, lora_A, lora_B, out_features, bias, noise)
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     b = None if bias is None else bias.float().contiguous()
@@ -187,8 +187,8 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
 
 @lora_linear_4bit.register_fake
 def _(x, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias, noise):
-    _checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
-    _checks.lora(x, lora_A, lora_B, out_features, bias, noise)
+    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    checks.lora(x, lora_A, lora_B, out_features, bias, noise)
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
 
@@ -227,8 +227,8 @@ lora_linear_4bit.register_autograd(_lora4_backward, setup_context=_lora4_setup)
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u) for a dense base: y = x @ weight.T (+ bias) + scaling * (u @ B.T)."""
-    _checks.dense(x, weight)
-    _checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
+    checks.dense(x, weight)
+    checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     y = x2 @ weight.float().t()
@@ -240,8 +240,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
 
 @lora_linear.register_fake
 def _(x, weight, lora_A, lora_B, scaling, bias, noise):
-    _checks.dense(x, weight)
-    _checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
+    checks.dense(x, weight)
+    checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
 

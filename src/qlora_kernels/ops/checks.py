@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import formats
+from .. import formats
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _DEVICES = ("cpu", "meta")

@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from . import _checks
-from ._ops_linear import no_autocast
-from .backends import run
+from . import checks
+from ..backends import run
+from .linear import no_autocast
 
 # Logit rows per chunk. Each chunk re-packs the whole weight for the GEMMs, which pays
 # off from a few hundred rows (the sweep is in docs/design.md, "The fused output head +
@@ -39,7 +39,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """(loss, dx, dweight, dbias): loss = sum over rows whose label != ignore_index of
     cross_entropy(x @ weight.T + bias, label), fp32, and its gradients with respect to x,
     weight and bias (computed only when asked for; an empty tensor otherwise)."""
-    _checks.loss(x, weight, bias, labels)
+    checks.loss(x, weight, bias, labels)
     V, K = weight.shape
     x2 = x.reshape(-1, K).float().contiguous()
     lab = labels.reshape(-1).long()
@@ -84,7 +84,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
 @linear_cross_entropy.register_fake
 def _(x, weight, bias, labels, ignore_index, grad_x, grad_weight, grad_bias):
-    _checks.loss(x, weight, bias, labels)
+    checks.loss(x, weight, bias, labels)
     f32 = torch.float32
     return (x.new_empty((), dtype=f32), x.new_empty(x.shape if grad_x else (0,), dtype=f32),
             x.new_empty(weight.shape if grad_weight else (0,), dtype=weight.dtype),

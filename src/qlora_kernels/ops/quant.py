@@ -1,31 +1,25 @@
-"""Each op declared once: a torch.library schema, its fake (meta) implementation and its
-argument checks. The real implementation forwards to the selected backend's kernel."""
+"""The quantization ops, each declared once: a torch.library schema, its fake (meta)
+implementation and its argument checks. The real implementation forwards to the selected backend's kernel."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 
-from . import _checks, formats
-from .backends import run
-
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def dtype_code(dtype: torch.dtype) -> int:
-    return _DTYPE_CODES[dtype]
-
+from .. import formats
+from ..backends import run
+from . import checks
 
 @torch.library.custom_op("qlora_kernels::quantize_4bit", mutates_args=())
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantization: (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks])."""
-    _checks.quantize_4bit(A, blocksize, quant_type)
+    checks.quantize_4bit(A, blocksize, quant_type)
     return run("quantize_4bit", A.contiguous(), blocksize, quant_type)
 
 
 @quantize_4bit.register_fake
 def _(A, blocksize, quant_type):
-    _checks.quantize_4bit(A, blocksize, quant_type)
+    checks.quantize_4bit(A, blocksize, quant_type)
     n = A.numel()
     return (A.new_empty((formats.packed_numel(n), 1), dtype=torch.uint8),
             A.new_empty((formats.num_blocks(n, blocksize),), dtype=torch.float32))
@@ -35,14 +29,14 @@ def _(A, blocksize, quant_type):
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                     shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """Decode to ``shape`` in ``dtype``: code[nibble] * absmax in fp32, then rounded."""
-    _checks.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
+    checks.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
     return run("dequantize_4bit", packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
                [int(s) for s in shape], dtype)
 
 
 @dequantize_4bit.register_fake
 def _(packed, absmax, blocksize, quant_type, shape, dtype):
-    _checks.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
+    checks.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
@@ -50,7 +44,7 @@ def _(packed, absmax, blocksize, quant_type, shape, dtype):
 def dequantize_4bit_out(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                         out: torch.Tensor) -> None:
     """``dequantize_4bit`` into a caller-owned contiguous ``out`` (its shape and dtype)."""
-    _checks.dequantize_4bit(packed, absmax, blocksize, quant_type, out.shape, out.dtype, out)
+    checks.dequantize_4bit(packed, absmax, blocksize, quant_type, out.shape, out.dtype, out)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     run("dequantize_4bit_out", packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out)
@@ -58,29 +52,29 @@ def dequantize_4bit_out(packed: torch.Tensor, absmax: torch.Tensor, blocksize: i
 
 @dequantize_4bit_out.register_fake
 def _(packed, absmax, blocksize, quant_type, out):
-    _checks.dequantize_4bit(packed, absmax, blocksize, quant_type, out.shape, out.dtype, out)
+    checks.dequantize_4bit(packed, absmax, blocksize, quant_type, out.shape, out.dtype, out)
 
 
 @torch.library.custom_op("qlora_kernels::quantize_blockwise_8bit", mutates_args=())
 def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization with a sorted map (double quantization of absmax)."""
-    _checks.blockwise_8bit(A, code, blocksize)
+    checks.blockwise_8bit(A, code, blocksize)
     return run("quantize_blockwise_8bit", A.contiguous(), code.contiguous(), blocksize)
 
 
 @quantize_blockwise_8bit.register_fake
 def _(A, code, blocksize):
-    _checks.blockwise_8bit(A, code, blocksize)
+    checks.blockwise_8bit(A, code, blocksize)
     return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((formats.num_blocks(A.numel(), blocksize),))
 
 
 @torch.library.custom_op("qlora_kernels::dequantize_blockwise_8bit", mutates_args=())
 def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
-    _checks.dequantize_blockwise_8bit(q, absmax, code, blocksize)
+    checks.dequantize_blockwise_8bit(q, absmax, code, blocksize)
     return run("dequantize_blockwise_8bit", q.contiguous(), absmax.contiguous(), code.contiguous(), blocksize)
 
 
 @dequantize_blockwise_8bit.register_fake
 def _(q, absmax, code, blocksize):
-    _checks.dequantize_blockwise_8bit(q, absmax, code, blocksize)
+    checks.dequantize_blockwise_8bit(q, absmax, code, blocksize)
     return q.new_empty(q.shape, dtype=torch.float32)

@@ -1,0 +1,9 @@
+"""Every ``torch.ops.qlora_kernels.*`` op, declared once: schema, fake implementation,
+argument checks (``checks``, the one copy) and autograd. Importing this package declares
+them all; the kernels behind them come from the selected backend (``..backends``).
+
+    quant.py   quantize/dequantize 4-bit, blockwise 8-bit (absmax double quantization)
+    linear.py  linear_4bit (+ int8 arithmetic), its input gradient, the LoRA ops
+    loss.py    linear_cross_entropy (fused output head + loss)
+"""
+from . import linear, loss, quant  # noqa: F401  (declaring is the import's purpose)
