@@ -2,8 +2,8 @@
 the reference with the tolerances of the CPU tests: the CPU suites' own test functions
 run here with `path` selecting opencl + a style (test_linear's forward test restated with
 the rounding of the bias add in its bound), then every kernel path, the OpenCL LoRA
-kernels (device-side adapter, FPGA-style fused forward) against ops/linear.py's torch
-definitions, and the DoRA norm."""
+kernels (device-side adapter, FPGA-style fused forward) against the reference
+backend's torch definitions, and the DoRA norm."""
 import math
 
 import pytest
@@ -11,7 +11,7 @@ import torch
 
 import qlora_kernels as qk
 from qlora_kernels import opencl as ocl
-from qlora_kernels.ops.linear import lora_backward, lora_forward_tail
+from qlora_kernels.backends.reference import lora_backward, lora_forward_tail
 
 from . import test_linear, test_lora
 from .test_linear import EPS32, assert_within, dot_bound, make_weight
@@ -140,3 +140,34 @@ def test_dora_weight_norm_from_the_4bit_weight(N, K, r):
     # each entry carries r + 2 roundings, the sum of K squares K more
     mag = torch.linalg.norm(Wd.double().abs() + 2.0 * B.double().abs() @ A.double().abs(), dim=1)
     assert_within(got, want, mag * (K + r + 4) * EPS32, "DoRA norm")
+
+
+def test_adapter_layers_run_the_opencl_kernels(path, monkeypatch):
+    """With the backend selected, a LoRA layer's forward and backward and a DoRA layer's
+    weight norm run the OpenCL adapter kernels, not the reference fallbacks."""
+    from qlora_kernels import backends
+
+    calls = []
+    for op in ("lora_linear_4bit", "lora_backward", "lora_forward_tail", "dora_weight_norm", "linear_4bit_grad_input"):
+        backend, kernel = backends.kernel_for(op)
+        assert backend == "opencl", op
+
+        def spy(*args, _op=op, _kernel=kernel):
+            calls.append(_op)
+            return _kernel(*args)
+
+        monkeypatch.setitem(backends._KERNELS[op], "opencl", spy)
+    torch.manual_seed(0)
+    layer = qk.nn.LoraLinear(qk.nn.Linear4bit(70, 33), r=4, lora_alpha=8)
+    torch.nn.init.normal_(layer.lora_B, std=0.05)
+    x = torch.randn(5, 70, requires_grad=True)
+    layer(x).sum().backward()
+    assert calls == ["lora_linear_4bit", "lora_backward", "linear_4bit_grad_input"]
+    dense = qk.nn.LoraLinear(torch.nn.Linear(70, 33), r=4, lora_alpha=8)
+    dense(x).sum().backward()
+    assert calls[3:] == ["lora_forward_tail", "lora_backward"]
+    from qlora_kernels import dora
+
+    base = qk.nn.Linear4bit(70, 33)
+    norm = dora.weight_norm(base, torch.randn(4, 70), torch.randn(33, 4), 2.0)
+    assert calls[5:] == ["dora_weight_norm"] and norm.shape == (33,)

@@ -111,7 +111,7 @@ def test_replaced_state_storage_and_int8_copy_are_noticed():
 
 
 def test_dora_row_norms_follow_the_weight():
-    from qlora_kernels.integrations.dora import base_row_sq_norms
+    from qlora_kernels.dora import base_row_sq_norms
 
     layer = Linear4bit.from_linear(torch.nn.Linear(64, 4, bias=False))
     first = base_row_sq_norms(layer)

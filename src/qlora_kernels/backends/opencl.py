@@ -11,6 +11,8 @@ its decoder runs here.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -221,10 +223,8 @@ def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_featur
 
 
 # ----------------------------------------------------------------------- LoRA ----
-# The op layer (_ops_linear) runs the adapter's small products in torch and dispatches
-# only linear_4bit / linear_4bit_grad_input to a backend.  These functions take the same
-# arguments as _ops_linear.lora_forward_tail / lora_backward (and the fused forward) and
-# run the adapter on the device; they are what a backend-dispatched LoRA op would call.
+# The adapter kernels of the op layer (backends/reference.py defines them): the adapter's
+# products run on the device, and the fused forward keeps y there between base and adapter.
 _MB, _RB = 4, 8  # QK_MB, QK_RB of kernels/lora.cl
 
 
@@ -255,6 +255,7 @@ def _adapter_forward(op, d_x, d_y, M, K, N, lora_A, lora_B, scaling, noise2):
     return d_u
 
 
+@register_kernel("lora_linear_4bit", "opencl")
 def lora_linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
                      noise2):
     """(y, u) of the adapted layer, every product on the device, y never leaving it
@@ -277,6 +278,7 @@ def lora_linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, lo
     return y, u
 
 
+@register_kernel("lora_forward_tail", "opencl")
 def lora_forward_tail(x2, y, lora_A, lora_B, scaling, noise2):
     """Adds scaling * ((x2 * noise2) @ A.T) @ B.T to y in place; returns u."""
     M, K = x2.shape
@@ -292,8 +294,9 @@ def lora_forward_tail(x2, y, lora_A, lora_B, scaling, noise2):
     return u
 
 
+@register_kernel("lora_backward", "opencl")
 def lora_backward(dy2, x2, u, lora_A, lora_B, scaling, noise2, need_x):
-    """(dA, dB, dx_lora or None), as _ops_linear.lora_backward."""
+    """(dA, dB, dx_lora or None), as the reference kernel."""
     M, N = dy2.shape
     K, R = x2.shape[1], lora_A.shape[0]
     dA, dB = torch.zeros(R, K), torch.zeros(N, R)
@@ -317,9 +320,12 @@ def lora_backward(dy2, x2, u, lora_A, lora_B, scaling, noise2, need_x):
     return dA, dB, dx
 
 
-def dora_weight_norm(packed, absmax, blocksize, quant_type, out_features, in_features, lora_A, lora_B, scaling):
+@register_kernel("dora_weight_norm", "opencl")
+def dora_weight_norm(packed, absmax, blocksize, quant_type, out_features, in_features, lora_A, lora_B, scaling,
+                     base_sq=None):
     """||W + scaling * B @ A|| over each output row (PEFT's DoRA weight norm), fp32 [N],
-    computed from the packed weight (resident on the device) without decoding it whole."""
+    computed from the packed weight (resident on the device) without decoding it whole;
+    ``base_sq`` is not needed here (the kernel sums W + sBA row by row)."""
     N, K, R = out_features, in_features, lora_A.shape[0]
     if N == 0 or K == 0:
         return torch.zeros(N)
@@ -337,17 +343,25 @@ def dora_weight_norm(packed, absmax, blocksize, quant_type, out_features, in_fea
 
 # ---------------------------------------------------------------------- adamw ----
 
+def _adamw_coefficients(step: float, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float) -> list[float]:
+    """The fp32 coefficients of one tensor's step, in the order kernels/adamw.cl reads them
+    (csrc/adamw_bindings.cpp computes the same in double, each rounded once to fp32)."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return [1 - lr * weight_decay, float(weight_decay != 0), 1 - beta1, beta2, 1 - beta2,
+            math.sqrt(bias_correction2), eps, -(lr / bias_correction1)]
+
+
 @register_kernel("adamw_step", "opencl")
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize):
-    from ..optim.reference import coefficients
-
     sizes = [p.numel() for p in params]
     total = sum(sizes)
     if total == 0:
         return
     _check_int(elements=total)
     offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0)
-    coeffs = torch.tensor([c for s in steps for c in coefficients(s, lr, beta1, beta2, eps, weight_decay)],
+    coeffs = torch.tensor([c for s in steps for c in _adamw_coefficients(s, lr, beta1, beta2, eps, weight_decay)],
                           dtype=torch.float32)
     flat = {role: torch.cat([t.reshape(-1) for t in ts])
             for role, ts in (("p", params), ("g", grads), ("m", exp_avgs), ("v", exp_avg_sqs))}

@@ -3,11 +3,14 @@ other backend and the definition of the arithmetic (order of operations included
 makes packed bytes bit-exact with bitsandbytes."""
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
 from .. import formats
 from .._errors import nonfinite_error
-from . import register_kernel
+from . import register_kernel, run
 
 _FLOOR = formats.ABSMAX_FLOOR
 
@@ -181,3 +184,86 @@ def linear_dense(x2, weight, bias):
 @register_kernel("linear_dense_grad_input", "reference")
 def linear_dense_grad_input(dy2, weight):
     return dy2 @ weight
+
+
+# ------------------------------------------------------------------- adapters ----
+# The adapter kernels below are the definitions and also the generic fallbacks of every
+# backend that has none of its own: a composite one (lora_linear_4bit) runs its parts with
+# ``run``, so they go to the selected backend's own kernels (the cpu backend's 4-bit GEMM
+# with the rank-r products in torch/MKL; an opencl device keeps y on the device instead).
+
+@register_kernel("lora_forward_tail", "reference")
+def lora_forward_tail(x2: torch.Tensor, y: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                      noise2: Optional[torch.Tensor]) -> torch.Tensor:
+    """Adds scaling * (dropout(x) @ A.T) @ B.T to y in place; returns u = dropout(x) @ A.T."""
+    xd = x2 if noise2 is None else x2 * noise2
+    u = xd @ lora_A.float().t()
+    y.addmm_(u, lora_B.float().t(), alpha=scaling)
+    return u
+
+
+@register_kernel("lora_linear_4bit", "reference")
+def lora_linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias, noise2):
+    """(y, u): the 4-bit base, then the adapter added to y in place."""
+    y = run("linear_4bit", x2, packed, absmax, blocksize, quant_type, out_features, bias)
+    return y, run("lora_forward_tail", x2, y, lora_A, lora_B, scaling, noise2)
+
+
+@register_kernel("lora_backward", "reference")
+def lora_backward(dy2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  scaling: float, noise2: Optional[torch.Tensor], need_x: bool):
+    """Gradients of the LoRA branch: dA, dB and the branch's share of dx (None unless need_x)."""
+    du = (dy2 @ lora_B.float()).mul_(scaling)        # [M, r]
+    dB = (dy2.t() @ u).mul_(scaling)                 # [N, r]
+    xd = x2 if noise2 is None else x2 * noise2
+    dA = du.t() @ xd                                 # [r, K]
+    dx_lora = None
+    if need_x:
+        dx_lora = du @ lora_A.float()
+        if noise2 is not None:
+            dx_lora.mul_(noise2)
+    return dA, dB, dx_lora
+
+
+@register_kernel("dora_weight_norm", "reference")
+def dora_weight_norm(packed, absmax, blocksize, quant_type, out_features, in_features, lora_A, lora_B, scaling,
+                     base_sq: Optional[torch.Tensor]):
+    """||W_n + s (BA)_n|| per output row, fp32 [N], from the expansion
+    ||W_n||² + 2s Σ_j B[n,j] (W Aᵀ)[n,j] + s² B_n (A Aᵀ) B_nᵀ in fp64: W Aᵀ is one 4-bit GEMM
+    with the r rows of A as its input (the selected backend's), ``base_sq`` the fp64 row
+    norms² of W the caller keeps for a frozen base (None: decoded here)."""
+    A = lora_A.float()
+    if base_sq is None:
+        W = _dense_weight(packed, absmax, blocksize, quant_type, out_features, in_features)
+        base_sq = W.double().pow(2).sum(1)
+    WAt = run("linear_4bit", A, packed, absmax, blocksize, quant_type, out_features, None)  # [r, N]
+    return dora_norm_from_parts(base_sq, WAt, A, lora_B, scaling)
+
+
+def dora_norm_from_parts(base_sq: torch.Tensor, WAt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                         scaling: float) -> torch.Tensor:
+    """The expansion above from its parts (W Aᵀ given as [r, N]), in fp64; fp32 [N]."""
+    B = B.double()
+    G = A.double() @ A.double().t()
+    sq = base_sq + 2 * scaling * (B * WAt.t().double()).sum(1) + scaling**2 * ((B @ G) * B).sum(1)
+    return sq.clamp_min(0).sqrt().float()
+
+
+# ---------------------------------------------------------------------- adamw ----
+
+@register_kernel("adamw_step", "reference")
+@torch.no_grad()
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay, maximize):
+    """torch.optim.AdamW's single-tensor update, written out in the same order of
+    operations: the oracle every native AdamW path is tested against."""
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        p.addcdiv_(m, denom, value=-(lr / bias_correction1))

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import functional
 from ..nn import Linear4bit
-from . import dora
+from .. import dora
 
 try:
     from peft.tuners.lora import LoraConfig, LoraLayer
@@ -47,7 +47,7 @@ def _fused_lora(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
 
 class DoraVariant(LoraVariant):
     """DoRA on our layers: the magnitude lives in PEFT's DoraLinearLayer (same parameter,
-    same saved key ``lora_magnitude_vector``); the norm comes from qlora_kernels.integrations.dora
+    same saved key ``lora_magnitude_vector``); the norm comes from qlora_kernels.dora
     and the LoRA product from the fused op."""
 
     @staticmethod

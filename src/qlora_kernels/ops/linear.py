@@ -144,29 +144,8 @@ linear_4bit_int8.register_autograd(_linear_backward, setup_context=_linear_setup
 
 # ------------------------------------------------------------------- LoRA ops ----
 
-def lora_forward_tail(x2: torch.Tensor, y: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                      noise2: Optional[torch.Tensor]) -> torch.Tensor:
-    """Adds scaling * (dropout(x) @ A.T) @ B.T to y in place; returns u = dropout(x) @ A.T."""
-    xd = x2 if noise2 is None else x2 * noise2
-    u = xd @ lora_A.float().t()
-    y.addmm_(u, lora_B.float().t(), alpha=scaling)
-    return u
-
-
-def lora_backward(dy2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                  scaling: float, noise2: Optional[torch.Tensor], need_x: bool):
-    """Gradients of the LoRA branch: dA, dB and the branch's share of dx (None unless need_x)."""
-    du = (dy2 @ lora_B.float()).mul_(scaling)        # [M, r]
-    dB = (dy2.t() @ u).mul_(scaling)                 # [N, r]
-    xd = x2 if noise2 is None else x2 * noise2
-    dA = du.t() @ xd                                 # [r, K]
-    dx_lora = None
-    if need_x:
-        dx_lora = du @ lora_A.float()
-        if noise2 is not None:
-            dx_lora.mul_(noise2)
-    return dA, dB, dx_lora
-
+# The adapter's kernels (lora_linear_4bit, lora_forward_tail, lora_backward) come from the
+# backend like every other kernel; backends/reference.py defines them.
 
 @torch.library.custom_op("qlora_kernels::lora_linear_4bit", mutates_args=())
 @no_autocast
@@ -180,8 +159,8 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     b = None if bias is None else bias.float().contiguous()
-    y = run("linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
-    u = lora_forward_tail(x2, y, lora_A, lora_B, scaling, n2)
+    y, u = run("lora_linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features,
+               lora_A, lora_B, scaling, b, n2)
     return _shaped(y, x.dtype, (*x.shape[:-1], out_features)), u
 
 
@@ -208,7 +187,7 @@ def _lora4_backward(ctx, dy, _du_unused):
     x2 = x.reshape(-1, K).float()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     need_x = ctx.needs_input_grad[0]
-    dA, dB, dx_lora = lora_backward(dy2, x2, u, lora_A, lora_B, scaling, n2, need_x)
+    dA, dB, dx_lora = run("lora_backward", dy2, x2, u, lora_A, lora_B, scaling, n2, need_x)
     dx = None
     if need_x:
         # the op, not the kernel: under torch.compile this backward is traced with fake tensors
@@ -234,7 +213,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     y = x2 @ weight.float().t()
     if bias is not None:
         y += bias.float()
-    u = lora_forward_tail(x2, y, lora_A, lora_B, scaling, n2)
+    u = run("lora_forward_tail", x2, y, lora_A, lora_B, scaling, n2)
     return _shaped(y, x.dtype, (*x.shape[:-1], weight.shape[0])), u
 
 
@@ -260,7 +239,7 @@ def _lora_dense_backward(ctx, dy, _du_unused):
     x2 = x.reshape(-1, x.shape[-1]).float()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     need_x = ctx.needs_input_grad[0]
-    dA, dB, dx_lora = lora_backward(dy2, x2, u, lora_A, lora_B, scaling, n2, need_x)
+    dA, dB, dx_lora = run("lora_backward", dy2, x2, u, lora_A, lora_B, scaling, n2, need_x)
     dx = dW = None
     if need_x:
         dx = torch.addmm(dx_lora, dy2, weight.float()).to(x.dtype).reshape(x.shape)

@@ -10,7 +10,6 @@ import math
 import torch
 
 from .. import backends
-from . import reference as _reference  # noqa: F401  (registers the reference kernel)
 
 # Keys torch.optim.AdamW keeps in each param group; filled in so that a state_dict saved
 # here loads into torch's optimizer without touching its defaults.

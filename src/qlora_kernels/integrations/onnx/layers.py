@@ -166,7 +166,7 @@ def _adapters(module: nn.Module, path: str) -> tuple[list, bool]:
 
 
 def _dora_factor(module: nn.Module, base: nn.Module, adapter) -> torch.Tensor:
-    from ..dora import weight_norm
+    from ...dora import weight_norm
 
     a, A, B, s = adapter
     norm = weight_norm(base, A, B, s)

@@ -12,8 +12,9 @@ import math
 
 import torch
 
-from .. import functional
-from ..nn import Linear4bit
+from . import backends
+from .backends import reference
+from .nn import Linear4bit
 
 _CHUNK_ELEMENTS = 1 << 20  # 4 MB of fp32 per decoded chunk
 
@@ -46,13 +47,13 @@ def base_row_sq_norms(base: torch.nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_norm(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Row norms of W + scaling · B·A (fp32, detached)."""
+    """Row norms of W + scaling · B·A (fp32, detached): for a 4-bit base, the selected
+    backend's ``dora_weight_norm`` kernel (backends/reference.py defines it)."""
     A = lora_A.detach().float()
-    B = lora_B.detach().double()
     if isinstance(base, Linear4bit):
-        WAt = functional.linear_4bit(A, base.prepared()).t().double()  # [N, r]
-    else:
-        WAt = (A @ base.weight.detach().float().t()).t().double()
-    G = A.double() @ A.double().t()
-    sq = base_row_sq_norms(base) + 2 * scaling * (B * WAt).sum(1) + scaling**2 * ((B @ G) * B).sum(1)
-    return sq.clamp_min(0).sqrt().float()
+        prep = base.prepared()
+        return backends.run("dora_weight_norm", prep.packed, prep.absmax, prep.blocksize, prep.quant_type,
+                            prep.out_features, prep.in_features, A, lora_B.detach().float(), float(scaling),
+                            base_row_sq_norms(base))
+    WAt = A @ base.weight.detach().float().t()  # [r, N]
+    return reference.dora_norm_from_parts(base_row_sq_norms(base), WAt, A, lora_B.detach(), scaling)
