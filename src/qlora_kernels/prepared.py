@@ -115,7 +115,7 @@ class Prepared4bit:
     ``linear_4bit`` and ``lora_linear_4bit``."""
 
     __slots__ = ("state", "packed", "absmax", "blocksize", "quant_type", "out_features", "in_features", "derived",
-                 "_sources", "_marks", "_pmarks", "_kernels", "_int8")
+                 "_sources", "_marks", "_pmarks", "_kernels", "_int8", "_one_call")
 
     def __init__(self, packed: torch.Tensor, state: QuantState, _absmax: Optional[torch.Tensor] = None):
         if _absmax is None:  # else: refreshed() after a change of the bytes alone, the state checked before
@@ -136,6 +136,7 @@ class Prepared4bit:
         self.derived: dict = {}
         self._kernels: Optional[dict] = None
         self._int8 = None
+        self._one_call = False  # made by resolve() for a single call: it keeps no copies
 
     def made_from(self, packed: torch.Tensor, state: QuantState) -> bool:
         """Whether ``packed`` and ``state`` are the very objects this was prepared from
@@ -197,7 +198,7 @@ class Prepared4bit:
         """The repacked one-row int8 kernel of this weight (backends.cpu), made on the first
         one-row int8 call: it holds a second copy of the weight, which only inference at
         M=1 with compute="int8" asks for."""
-        if not _INT8_REPACK["on"]:
+        if not _INT8_REPACK["on"] or self._one_call:  # a one-call weight would repack per call
             self._int8 = None
             return None
         gen = _INT8_REPACK["generation"]
@@ -249,5 +250,7 @@ def resolve(packed, state) -> Prepared4bit:
         if state is not None:
             raise TypeError("state must be None when packed is a prepared weight (prepare_4bit holds the state)")
         return packed.refreshed()
-    return Prepared4bit(packed, state)
+    w = Prepared4bit(packed, state)
+    w._one_call = True
+    return w
 
