@@ -7,7 +7,7 @@ import platform
 import sys
 
 from pybind11.setup_helpers import Pybind11Extension
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -79,4 +79,12 @@ hls_ext = Pybind11Extension(
     extra_link_args=san_flags,
 )
 
-setup(ext_modules=[ext, hls_ext], cmdclass={"build_ext": BuildExt})
+# kernels/*.cl (one top-level folder, as in the repository's layout) ships inside the
+# package as the data-only package qlora_kernels.kernels, where qlora_kernels.opencl reads it.
+setup(
+    packages=find_packages("src") + ["qlora_kernels.kernels"],
+    package_dir={"": "src", "qlora_kernels.kernels": "kernels"},
+    package_data={"qlora_kernels.kernels": ["*.cl"]},
+    ext_modules=[ext, hls_ext],
+    cmdclass={"build_ext": BuildExt},
+)

@@ -18,6 +18,7 @@ QLORA_KERNELS_SANITIZE=address,undefined "$PY" setup.py -q build_ext --build-lib
   >"$OUT.build.log" 2>&1 || { cat "$OUT.build.log"; exit 1; }
 rm -rf "$OUT/pkg" && mkdir -p "$OUT/pkg"
 cp -r src/qlora_kernels "$OUT/pkg/"
+cp -r kernels "$OUT/pkg/qlora_kernels/kernels"  # as the build ships them (setup.py)
 find "$OUT/pkg" -name '*.so' -delete
 cp "$OUT"/lib/qlora_kernels/*.so "$OUT/pkg/qlora_kernels/"
 

@@ -40,7 +40,17 @@ ENV_DEVICE = "QLORA_KERNELS_OPENCL_DEVICE"
 ENV_STYLE = _env.OPENCL_STYLE
 ENV_CACHE_MB = _env.OPENCL_CACHE_MB
 STYLES = _env.OPENCL_STYLES
-KERNEL_DIR = Path(__file__).resolve().with_name("kernels")
+
+
+def _kernel_dir() -> Path:
+    """The OpenCL sources: the repository's top-level kernels/ folder, which the build ships
+    as qlora_kernels/kernels (setup.py maps it); a source checkout reads the folder itself."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "kernels"
+    return shipped if shipped.is_dir() else package.parents[1] / "kernels"
+
+
+KERNEL_DIR = _kernel_dir()
 FAMILIES = ("quant4", "linear4", "linear4_task", "lora", "adamw")
 VENDORS = {None: [], "xilinx": ["-DQK_XILINX"], "intel": ["-DQK_INTEL"]}
 # Strict IEEE division; no -cl-mad-enable / -cl-fast-relaxed-math / -cl-denorms-are-zero:
