@@ -22,7 +22,9 @@ LR, WD = 1e-2, 1e-2
 
 
 def build_model(hidden: int, layers: int):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     import qlora_kernels as qk

@@ -100,14 +100,15 @@ def _initial_adapters() -> dict:
 def _check_saved_adapter(path: Path, adapters: dict) -> None:
     """The adapter saved from rank 0 loads into PEFT on a fresh quantized base and holds the
     trained weights exactly."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from qlora_kernels.integrations.peft import from_pretrained
 
     import qlora_kernels as qk
     from tests.hf_models import tiny_config
 
     base = qk.quantize_model(AutoModelForCausalLM.from_config(tiny_config("phi3"), dtype=torch.float32))
-    loaded = PeftModel.from_pretrained(base, str(path))
+    loaded = from_pretrained(base, str(path))
     lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     assert sorted(lora) == sorted(adapters)
     for n, p in lora.items():

@@ -15,7 +15,9 @@ from .hf_models import TARGETS, batch, tiny_model
 
 
 def _peft(arch: str, fuse: bool, **lora):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model
 
     model = qk.quantize_model(tiny_model(arch), fuse_loss=fuse)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], lora_dropout=0.0, init_lora_weights=False,

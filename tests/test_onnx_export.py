@@ -162,7 +162,9 @@ def test_unknown_layer_is_named(tmp_path):
 
 
 def test_unknown_peft_layer_is_named(tmp_path):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model
 
     model = get_peft_model(qk.quantize_model(tiny_model("llama")), LoraConfig(r=2, target_modules=["embed_tokens"]))
     with pytest.raises(ExportError, match=r"embed_tokens .*PEFT adapter layer"):

@@ -111,7 +111,9 @@ def test_peft_model_trains_unchanged_on_opencl(use_dora):
     import copy
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model
 
     from .hf_models import TARGETS, batch, tiny_model
 

@@ -27,7 +27,9 @@ bnb_quantize = bnb_quantize_model  # the name the other PEFT tests import
 
 
 def pair(arch: str, use_dora: bool):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model  # PEFT's custom-module registration
 
     base = tiny_model(arch)
     cfg = dict(r=8, lora_alpha=16, target_modules=TARGETS[arch], lora_dropout=0.0, use_dora=use_dora,

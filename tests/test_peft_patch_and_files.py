@@ -7,13 +7,16 @@ import pytest
 import torch
 
 import qlora_kernels as qk
+from qlora_kernels.integrations import peft as qk_peft
 from qlora_kernels.integrations.peft import QKLoraLinear
 
 from .hf_models import TARGETS, batch, tiny_model
 from .test_peft_integration import bnb_quantize, close, pair
 
 def _peft(model, **kw):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model
 
     cfg = dict(r=8, lora_alpha=16, target_modules=TARGETS["llama"], init_lora_weights=False)
     cfg.update(kw)
@@ -67,7 +70,7 @@ def test_adapter_files_interchange_with_stock_peft(tmp_path, use_dora):
         warnings.simplefilter("ignore")
         on_bnb = PeftModel.from_pretrained(bnb_quantize(copy.deepcopy(base)), tmp_path / "ours")
         on_dense = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
-        on_ours = PeftModel.from_pretrained(qk.quantize_model(copy.deepcopy(base), double_quant=True), tmp_path / "ours")
+        on_ours = qk_peft.from_pretrained(qk.quantize_model(copy.deepcopy(base), double_quant=True), tmp_path / "ours")
     # Train mode (dropout is 0): in eval mode on AVX512-BF16 CPUs bitsandbytes repacks the
     # weight for a bf16 GEMV, which is not the fp32 computation being compared.
     for m in (on_bnb, on_dense, on_ours):
@@ -82,7 +85,7 @@ def test_adapter_files_interchange_with_stock_peft(tmp_path, use_dora):
     theirs.save_pretrained(tmp_path / "theirs")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mine = PeftModel.from_pretrained(qk.quantize_model(copy.deepcopy(base), double_quant=True), tmp_path / "theirs")
+        mine = qk_peft.from_pretrained(qk.quantize_model(copy.deepcopy(base), double_quant=True), tmp_path / "theirs")
     assert sum(isinstance(m, QKLoraLinear) for m in mine.modules()) == 14
     mine.train()
     close(mine(**b).logits, theirs(**b).logits, "stock adapter on ours")
@@ -135,8 +138,8 @@ def test_adapter_api_disable_switch_mixed_batch():
         base_only = ours(**b).logits.detach()
     plain = qk.quantize_model(tiny_model("llama"), double_quant=True)
     close(base_only, plain(**b).logits, "disable_adapter")
-    ours.add_adapter("second", LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS["llama"], lora_dropout=0.1,
-                                          use_rslora=True, init_lora_weights=False))
+    ours.add_adapter("second", qk_peft.register(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS["llama"],
+                                                           lora_dropout=0.1, use_rslora=True, init_lora_weights=False)))
     ours.set_adapter("second")
     ours.eval()
     second = ours(**b).logits.detach()
@@ -157,8 +160,6 @@ def test_lora_bias_runs_the_unfused_path():
 
 
 def test_bad_targets_and_adapter_files(tmp_path):
-    from peft import PeftModel
-
     with pytest.raises(ValueError, match="Target module SiLUActivation.*is not supported"):
         _peft(qk.quantize_model(tiny_model("llama")), target_modules=["act_fn"])
     ours, _ = pair("llama", False)
@@ -171,8 +172,29 @@ def test_bad_targets_and_adapter_files(tmp_path):
     cfg.intermediate_size = 192  # another base shape: gate/up/down differ
     other = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(RuntimeError, match=r"size mismatch for .*mlp\.gate_proj\.lora_B"):
-        PeftModel.from_pretrained(qk.quantize_model(other), tmp_path / "a")
+        qk_peft.from_pretrained(qk.quantize_model(other), tmp_path / "a")
     f = tmp_path / "a" / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(Exception, match="adapter_model.safetensors|header|deserializ|incomplete|Error"):
-        PeftModel.from_pretrained(qk.quantize_model(tiny_model("llama")), tmp_path / "a")
+        qk_peft.from_pretrained(qk.quantize_model(tiny_model("llama")), tmp_path / "a")
+
+
+def test_peft_is_registered_on_the_config_not_patched():
+    """PEFT reaches our fused layer through its custom-module registration on the config:
+    importing the integration, quantizing and building PEFT models change none of PEFT's
+    classes, and a config that was not registered gets PEFT's own dispatch (which does not
+    know our Linear4bit and says so)."""
+    import peft
+    from peft import LoraConfig
+    from peft.tuners.lora.model import LoraModel
+
+    before = {cls: dict(vars(cls)) for cls in (LoraModel, LoraConfig)}
+    model = qk.quantize_model(tiny_model("llama"))
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj"])
+    ours = qk_peft.get_peft_model(copy.deepcopy(model), LoraConfig(**cfg))
+    assert all(isinstance(m, QKLoraLinear) for n, m in ours.named_modules() if n.endswith("q_proj"))
+    assert {cls: dict(vars(cls)) for cls in before} == before
+    with pytest.raises(ValueError, match="Target module Linear4bit.*is not supported"):
+        peft.get_peft_model(model, LoraConfig(**cfg))
+    with pytest.raises(TypeError, match="config must be a peft.LoraConfig"):
+        qk_peft.register(dict(cfg))

@@ -233,7 +233,9 @@ def train(model, tmp_path, steps=6, lr=1e-2, checkpointing=False):
 
 @pytest.mark.parametrize("arch,checkpointing", [("llama", False), ("phi3", True)])
 def test_prepare_kbit_peft_lora_and_trainer(fp32, tmp_path, arch, checkpointing):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, prepare_model_for_kbit_training
+
+    from qlora_kernels.integrations.peft import get_peft_model
 
     from qlora_kernels.integrations.peft import QKLoraLinear
 

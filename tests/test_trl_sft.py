@@ -31,6 +31,8 @@ def char_tokenizer():
 def test_sft_trainer_steps_reduce_the_loss(tmp_path, fuse_loss):
     from datasets import Dataset
     from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import register
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(0)
@@ -42,7 +44,7 @@ def test_sft_trainer_steps_reduce_the_loss(tmp_path, fuse_loss):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=char_tokenizer(),
-                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+                             peft_config=register(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])))
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and losses[-1] < losses[0], losses

@@ -1,6 +1,6 @@
 """Whole-model conversion: every ``nn.Linear`` of a model to a 4-bit :class:`~qlora_kernels.nn.Linear4bit`.
-Kept apart from nn.py because it also wires the integrations (PEFT's dispatcher, the fused
-loss), which themselves build on nn.py."""
+Kept apart from nn.py because it can also fuse a transformers model's loss
+(integrations.hf_loss, which builds on nn.py); it changes nothing outside the model."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -22,9 +22,6 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = f
     causal LM, also compute the training loss with the fused output head + cross-entropy
     (integrations.hf_loss.fuse_loss: no [tokens, vocab] logits, and ``logits=None`` in the
     output of training-mode forwards that are given labels)."""
-    from .integrations.peft_hook import install_peft_dispatch
-
-    install_peft_dispatch()
     skip = tuple(skip)
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
     for name, lin in targets:

@@ -19,11 +19,10 @@ from ..finetune.model import LLAMA_TARGETS as LLAMA  # every Llama projection
 def random_lora(model, targets, r: int = 16, dora: bool = False, std: float = 0.01, seed: int = 0):
     """PEFT LoRA (or DoRA) on ``targets`` with B drawn at random: PEFT starts B at zero, and
     a zero branch would be neither measured nor tested. Returns the PEFT model in eval mode."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    from ..integrations.peft import install
+    from ..integrations.peft import get_peft_model
 
-    install()
     pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), use_dora=dora))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -39,9 +39,10 @@ def build(kind: str, base, arch: str, use_dora: bool = False):
     """A PEFT model of one kind: 'ours' (qlora-kernels NF4 with the fused output head +
     loss), 'ours-unfused' (the same with transformers' own loss), 'bnb' (PEFT +
     bitsandbytes NF4) or 'dense' (PEFT on the fp32 base)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from .. import quantize_model
+    from ..integrations.peft import get_peft_model
 
     model = copy.deepcopy(base)
     if kind in ("ours", "ours-unfused"):

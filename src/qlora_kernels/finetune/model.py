@@ -89,9 +89,10 @@ def prepare(model: nn.Module, method: str, rank: int, alpha: float, dropout: flo
     method trains through the fused output head + loss where the model allows it
     (integrations.hf_loss). The seed must be set before: LoRA's A matrices are drawn here."""
     import qlora_kernels as qk
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from ..integrations.hf_loss import fuse_loss
+    from ..integrations.peft import get_peft_model
 
     if method in ("qlora", "dora"):
         head = output_name(model)

@@ -5,10 +5,11 @@ Supported PEFT: 0.21 (tested with 0.21.2; its layer constructor takes the LoraCo
 variants resolve through ``resolve_lora_variant(config=...)``). Earlier releases pass the
 adapter options as keyword arguments and are not supported.
 
-get_peft_model() dispatches through ``LoraModel._create_new_module``; ``install()``
-(called by ``qlora_kernels.quantize_model`` and the transformers quantizer) puts a
-first-match dispatcher for our Linear4bit in front of PEFT's own, the same effect as
-``LoraConfig._register_custom_module`` without asking users to touch their config."""
+PEFT reaches our layers through its own custom-module registration: ``register(config)``
+(``LoraConfig._register_custom_module({Linear4bit: QKLoraLinear})``), which
+``get_peft_model`` and ``from_pretrained`` here do for you. Nothing is patched: a
+``LoraConfig`` that was not registered gets PEFT's own layers, and importing or quantizing
+changes nothing in PEFT."""
 from __future__ import annotations
 
 import warnings
@@ -214,37 +215,33 @@ class QKLoraLinear(nn.Module, LoraLayer):
         return "qlora_kernels." + super().__repr__()
 
 
-def _dispatch(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> Optional[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if isinstance(base, Linear4bit):
-        return QKLoraLinear(target, adapter_name, config=config, **kwargs)
-    return None
-
-
-def install() -> None:
-    """Make get_peft_model() wrap qlora_kernels' Linear4bit in QKLoraLinear (idempotent)."""
-    from peft.tuners.lora.model import LoraModel
-
-    original = LoraModel._create_new_module
-    if getattr(original, "_qlora_kernels", False):
-        return
-
-    def _create_new_module(lora_config, adapter_name, target, **kwargs):
-        new = _dispatch(target, adapter_name, lora_config, **kwargs)
-        return new if new is not None else original(lora_config, adapter_name, target, **kwargs)
-
-    _create_new_module._qlora_kernels = True
-    LoraModel._create_new_module = staticmethod(_create_new_module)
+def register(config: LoraConfig) -> LoraConfig:
+    """PEFT's own custom-module registration (``LoraConfig._register_custom_module``, PEFT's
+    first-match dispatcher): PEFT then wraps every qlora_kernels ``Linear4bit`` it targets
+    with this config in ``QKLoraLinear``, the fused LoRA/DoRA layer. Returns ``config``.
+    Nothing global changes: a config that was not registered gets PEFT's own layers."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a peft.LoraConfig, got {type(config).__name__}")
+    config._register_custom_module({Linear4bit: QKLoraLinear})
+    return config
 
 
-def install_if_available() -> bool:
-    try:
-        install()
-        return True
-    except ImportError:
-        return False
+def get_peft_model(model: nn.Module, config: LoraConfig, *args, **kwargs):
+    """``peft.get_peft_model`` with ``config`` registered first (see ``register``)."""
+    import peft
+
+    return peft.get_peft_model(model, register(config), *args, **kwargs)
+
+
+def from_pretrained(model: nn.Module, model_id, adapter_name: str = "default", **kwargs):
+    """``peft.PeftModel.from_pretrained`` for a LoRA adapter saved by PEFT (ours or stock),
+    with its config registered (see ``register``), so the adapter lands on our fused layers."""
+    from peft import PeftConfig, PeftModel
+
+    config = kwargs.pop("config", None) or PeftConfig.from_pretrained(str(model_id))
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"model_id: {model_id} holds a {type(config).__name__}, not a LoRA adapter")
+    return PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name, config=register(config), **kwargs)
 
 
 def as_our_base(base: nn.Module) -> Optional[nn.Module]:
@@ -280,7 +277,6 @@ def patch_peft_model(peft_model: nn.Module) -> nn.Module:
     copied or re-initialised), so training and saving go on as before; returns the model."""
     from peft.tuners.lora.layer import Linear as PeftLinear
 
-    install()
     targets = []
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and not isinstance(module, QKLoraLinear):

@@ -365,9 +365,6 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
         if empty:  # missing from the checkpoint: the layer would hold uninitialised bytes
             raise ValueError(f"no weight in the checkpoint for the 4-bit layers {[n + '.weight' for n in empty]}; "
                              "add them to skip_modules to keep them in full precision")
-        from .peft_hook import install_peft_dispatch
-
-        install_peft_dispatch()  # get_peft_model() then wraps Linear4bit in the fused LoRA layer
         if self.quantization_config.fuse_loss:
             from .hf_loss import fuse_loss
 

@@ -79,12 +79,9 @@ def run(args) -> int:
         head = output_name(model)
         qk.quantize_model(model, quant_type=base, skip=(head,) if head else ())
     if adapter is not None:
-        from peft import PeftModel
+        from ..peft import from_pretrained
 
-        from ..peft import install
-
-        install()
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = from_pretrained(model, str(adapter))
         model.eval()
     ids = tok("Hello! What can you do?", return_tensors="pt")["input_ids"]
     export(model, args.onnx, example_inputs=ids, weight_format=args.weight_format,
