@@ -26,7 +26,8 @@ AdamWRangeFn adamw_kernel() {
   switch (current_isa()) {
 #if defined(QK_X86)
     case Isa::Avx2: return adamw_range_avx2;
-    case Isa::Avx512: return adamw_range_avx512;
+    case Isa::Avx512:
+    case Isa::Avx512Vnni: return adamw_range_avx512;
 #endif
     default: return adamw_range_scalar;
   }

@@ -24,6 +24,12 @@ bool cpu_has(Isa isa) {
 #else
       return false;
 #endif
+    case Isa::Avx512Vnni:
+#if defined(QK_X86)
+      return cpu_has(Isa::Avx512) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+#else
+      return false;
+#endif
   }
   return false;
 }
@@ -42,18 +48,20 @@ const Kernels kTable[] = {
 #if defined(QK_X86)
     {quantize4_avx2, dequantize4_avx2},
     {quantize4_avx2, dequantize4_avx512},
+    {quantize4_avx2, dequantize4_avx512},
 #else
+    {quantize4_scalar, dequantize4_scalar},
     {quantize4_scalar, dequantize4_scalar},
     {quantize4_scalar, dequantize4_scalar},
 #endif
 };
 
-const Isa kAll[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512};
+const Isa kAll[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni};
 
 Isa parse(const std::string& name) {
   for (Isa isa : kAll)
     if (name == isa_name(isa)) return isa;
-  throw std::invalid_argument("unknown ISA path '" + name + "'; expected one of: scalar, avx2, avx512");
+  throw std::invalid_argument("unknown ISA path '" + name + "'; expected one of: scalar, avx2, avx512, avx512vnni");
 }
 
 Isa detect_best() {
@@ -107,6 +115,7 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Avx512Vnni: return "avx512vnni";
   }
   return "?";
 }

@@ -1,7 +1,8 @@
-// Run-time choice of the ISA path. Detection uses cpuid (via the compiler builtins);
-// QLORA_KERNELS_ISA=scalar|avx2|avx512 selects a path at import and caps the paths the
-// process may use (supported_isas() and set_isa() stay below it); set_isa() switches at run
-// time, so the test suite reaches every path the machine can execute.
+// Run-time choice of the ISA path: every CPU feature check of the extension is here.
+// Detection uses cpuid (via the compiler builtins); QLORA_KERNELS_ISA=scalar|avx2|avx512|
+// avx512vnni selects a path at import and caps the paths the process may use
+// (supported_isas() and set_isa() stay below it); set_isa() switches at run time, so the
+// test suite reaches every path the machine can execute.
 #pragma once
 #include <string>
 #include <vector>
@@ -11,8 +12,11 @@
 namespace qk {
 
 // Avx512 (F+BW+VL+DQ) has its own fused-linear kernels and fp32 dequantization; the
-// quantizer and the bf16/fp16 dequantization reuse the AVX2 kernels on it.
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+// quantizer and the bf16/fp16 dequantization reuse the AVX2 kernels on it. Avx512Vnni
+// (Avx512 + VNNI + VBMI) is Avx512 plus the int8-compute kernels that need those two: a
+// level of its own, as oneDNN's avx512_core_vnni, so that capping at avx512 reaches the
+// int8 fallbacks on a VNNI CPU and `info` names the path the int8 kernels take.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3 };
 
 const char* isa_name(Isa isa);
 std::vector<std::string> compiled_isas();
@@ -27,13 +31,17 @@ struct Kernels {
 };
 const Kernels& kernels();
 
+// Whether the current path includes a level (paths are ordered: each includes the ones below).
+inline bool isa_at_least(Isa isa) { return static_cast<int>(current_isa()) >= static_cast<int>(isa); }
+
 // The entry of a per-ISA table for the current path (builds without x86 pass the scalar
-// entry three times).
+// entry three times); Avx512Vnni takes the avx512 entry.
 template <class T>
 const T& for_current_isa(const T& scalar, const T& avx2, const T& avx512) {
   switch (current_isa()) {
     case Isa::Avx2: return avx2;
-    case Isa::Avx512: return avx512;
+    case Isa::Avx512:
+    case Isa::Avx512Vnni: return avx512;
     default: return scalar;
   }
 }

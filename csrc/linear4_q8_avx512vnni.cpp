@@ -322,11 +322,10 @@ void linear4_q8_forward_repacked_avx512vnni(const float* x, int64_t M, int64_t l
 }
 
 bool linear4_q8_avx512vnni_fits(const Weight4Q8& w) {
-  static const bool cpu = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
   const int64_t bs = w.blocksize;
   // Lanes of 8 elements never straddle a block or an x group; a chunk meets at most one
   // of either when blocks are >= a chunk (then K % 128 == 0 keeps both aligned).
-  return cpu && w.K % kChunk == 0 && (bs % kChunk == 0 || bs == 32 || bs == 64);
+  return w.K % kChunk == 0 && (bs % kChunk == 0 || bs == 32 || bs == 64);
 }
 
 void linear4_q8_forward_avx512vnni(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias,

@@ -47,7 +47,7 @@ bool linear4_q8_repacked_fits(int64_t N, int64_t K, int64_t blocksize) {
 #if defined(QK_X86)
   // The kernel quantizes x with the chunked VNNI kernel's prepare_row: that shape must fit too.
   const Weight4Q8 w{nullptr, nullptr, nullptr, N, K, blocksize};
-  return current_isa() == Isa::Avx512 && linear4_q8_repack_shape_ok(K, blocksize) && linear4_q8_avx512vnni_fits(w);
+  return current_isa() == Isa::Avx512Vnni && linear4_q8_repack_shape_ok(K, blocksize) && linear4_q8_avx512vnni_fits(w);
 #else
   (void)N, (void)K, (void)blocksize;
   return false;

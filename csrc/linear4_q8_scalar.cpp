@@ -42,7 +42,7 @@ enum class Q8Path { Scalar, Avx2, Avx512Vnni };
 
 Q8Path q8_path(const Weight4Q8& w) {
 #if defined(QK_X86)
-  if (current_isa() == Isa::Avx512 && linear4_q8_avx512vnni_fits(w)) return Q8Path::Avx512Vnni;
+  if (current_isa() == Isa::Avx512Vnni && linear4_q8_avx512vnni_fits(w)) return Q8Path::Avx512Vnni;
   if (current_isa() != Isa::Scalar && linear4_q8_avx2_fits(w)) return Q8Path::Avx2;
 #endif
   (void)w;

@@ -52,7 +52,7 @@ double fma_peak_gflops(const std::string& isa, int nthreads, double min_seconds)
   int64_t per_iter = qk::kPeakFlopsPerIterScalar;
 #if defined(QK_X86)
   if (isa == "avx2") chains = qk::fma_chains_avx2, per_iter = qk::kPeakFlopsPerIterAvx2;
-  if (isa == "avx512") chains = qk::fma_chains_avx512, per_iter = qk::kPeakFlopsPerIterAvx512;
+  if (isa == "avx512" || isa == "avx512vnni") chains = qk::fma_chains_avx512, per_iter = qk::kPeakFlopsPerIterAvx512;
 #endif
   py::gil_scoped_release nogil;
   int64_t iters = 1 << 16;

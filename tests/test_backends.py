@@ -53,6 +53,6 @@ def test_environment_variable_with_unknown_path_fails_clearly():
 
 
 def test_cpuid_picks_the_widest_supported_path():
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "avx512vnni"]
     supported = [i for i in order if i in _C.supported_isas()]
     assert _C.best_isa() == supported[-1]

@@ -6,7 +6,7 @@ import torch
 
 import qlora_kernels as qk
 
-from .conftest import native_paths, on_path
+from .conftest import kernel_paths, on_path
 
 ROWS, COLS = 2049, 4100  # 8.4 M elements (33.6 MB as fp32), rows not whole blocks
 
@@ -20,7 +20,7 @@ def weight():
     return packed, state, ref
 
 
-@pytest.mark.parametrize("isa", native_paths())
+@pytest.mark.parametrize("isa", kernel_paths())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_output_every_path(weight, isa, dtype):
     packed, state, ref = weight
@@ -28,7 +28,7 @@ def test_large_output_every_path(weight, isa, dtype):
         assert torch.equal(qk.dequantize_4bit(packed, state, dtype=dtype), ref[dtype])
 
 
-@pytest.mark.parametrize("isa", native_paths())
+@pytest.mark.parametrize("isa", kernel_paths())
 @pytest.mark.parametrize("offset", [1, 16])  # 4 bytes: unaligned; 64 bytes: aligned
 def test_large_output_into_offset_buffer(weight, isa, offset):
     packed, state, ref = weight

@@ -5,7 +5,7 @@ import torch
 
 import qlora_kernels as qk
 
-from .conftest import native_paths, on_path
+from .conftest import kernel_paths, native_paths, on_path
 
 EPS32 = 2.0**-24
 
@@ -72,7 +72,7 @@ def test_half_precision_activations(path, dtype):
     assert x.grad.dtype == dtype
 
 
-@pytest.mark.parametrize("isa", native_paths())
+@pytest.mark.parametrize("isa", kernel_paths())
 def test_realistic_layer_on_each_cpu_path(isa):
     packed, state, Wd = make_weight(1024, 1024)
     with on_path("cpu", isa):

@@ -99,8 +99,9 @@ def test_int8_variants_cover_every_kernel_the_cpu_runs():
 
 def test_int8_reaches_each_kernel_where_the_cpu_has_it():
     flags = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
-    vnni = "avx512_vnni" in flags and "avx512vbmi" in flags
-    expected = {"scalar": "scalar", "avx2": "avx2", "avx512": "avx512-vnni" if vnni else "avx2"}
+    vnni = "avx512_vnni" in flags and "avx512vbmi" in flags and "avx512f" in flags
+    assert ("avx512vnni" in native_paths()) == (vnni and "avx512" in native_paths())
+    expected = {"scalar": "scalar", "avx2": "avx2", "avx512": "avx2", "avx512vnni": "avx512-vnni"}
     for isa in native_paths():
         with on_path("cpu", isa):
             assert _C.linear4_q8_plan(4096, 4096, 64) == expected[isa], isa
@@ -235,7 +236,7 @@ def repacked_by_torch(packed, N, K, bs):
 
 def vnni_cpu() -> bool:
     flags = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
-    return "avx512_vnni" in flags and "avx512vbmi" in flags and "avx512" in native_paths()
+    return "avx512_vnni" in flags and "avx512vbmi" in flags and "avx512vnni" in native_paths()
 
 
 REPACK_SHAPES = [  # (N, K, blocksize): whole panels, a short last panel, one block a row, awkward N

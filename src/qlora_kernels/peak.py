@@ -76,7 +76,12 @@ def measure(threads: int | None = None, seconds: float = 0.1) -> Peak:
     from . import _C
 
     threads = threads or torch.get_num_threads()
-    fma = {isa: _C.fma_peak_gflops(isa, threads, seconds) for isa in _C.supported_isas()}
+    fma: dict[str, float] = {}
+    for isa in _C.supported_isas():
+        if isa == "avx512vnni" and "avx512" in fma:  # the same fp32 FMAs as avx512 (VNNI adds int8 ones)
+            fma[isa] = fma["avx512"]
+        else:
+            fma[isa] = _C.fma_peak_gflops(isa, threads, seconds)
     caches = cache_sizes()
     sizes = {}
     if "L2" in caches:
