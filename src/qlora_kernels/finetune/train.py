@@ -151,10 +151,10 @@ def _peak_rss_kb() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 
 
-def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg: dict, out, *,
-          save_every: int, progress: bool = True, session=None, save_model=None) -> dict:
-    """Runs steps state["step"] .. cfg["steps"], appending to state["losses"]; checkpoints
-    every ``save_every`` steps, at the end, and when SIGINT/SIGTERM arrives (then raises
+def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg, out, *, progress: bool = True,
+          session=None, save_model=None) -> dict:
+    """Runs steps state["step"] .. cfg.steps (cfg: a RunConfig), appending to state["losses"];
+    checkpoints every cfg.save_every steps, at the end, and when SIGINT/SIGTERM arrives (then raises
     Interrupted). Returns the state. Under ``session`` (finetune/distributed.py) ``model`` is
     the wrapped module, ``save_model`` the PEFT model; each rank trains on its slice of
     every global micro-batch, a signal to any rank stops every rank after the same step,
@@ -166,7 +166,7 @@ def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg
     session = session or Session("none")
     save_model = save_model if save_model is not None else model
 
-    steps, B, accum, seed = cfg["steps"], cfg["batch_size"], cfg["grad_accum"], cfg["seed"]
+    steps, B, accum, seed, save_every = cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.save_every
     order = Order(len(train_examples), seed)
     params = [p for p in model.parameters() if p.requires_grad]
     trim, delay = _keeps_logits(save_model), float(os.environ.get(STEP_DELAY_ENV) or 0)
