@@ -196,8 +196,8 @@ void rows_x_dot_any(int rows, const Weight4Q8& w, int64_t n, const XRows& xs, in
 // range of weight rows in blocks of kBlockN (~kBlockN * K / 2 bytes: L2-resident while
 // all groups of the tile pass over it) and runs each weight row against groups of
 // kGroupRows rows of x (their quantized rows, ~8 KiB each for K = 4096, stay in L1).
-// Measured at M=512, 4096x4096 (2 threads): 27.5 ms; groups of 8 rows took 42 ms, and
-// slicing K to keep 16-row groups in L1 took 118 ms (y updated column-wise per slice).
+// Groups of 4 rows beat groups of 8 and K slices that keep 16-row groups in L1 (the
+// sweep is in docs/design.md, "Numerics").
 constexpr int64_t kTileRows = 64, kGroupRows = 4, kBlockN = 256;
 
 void forward_many_rows(const float* x, int64_t M, int64_t ldx, const Weight4Q8& w, const float* bias, float* y,

@@ -112,7 +112,7 @@ def linear_4bit(x: torch.Tensor, packed, state: QuantState | None = None, bias: 
 
     ``compute="int8"`` (opt-in, for inference) quantizes each block of ``x`` to int8 and
     uses the codebook as int8 (ONNX Runtime's MatMulNBits accuracy_level=4, llama.cpp's
-    8-bit activations): ~2x faster for few rows on AVX-512 VNNI CPUs, with ~1% relative
+    8-bit activations): faster for few rows (docs/benchmarks.md), with ~1% relative
     error instead of fp32 rounding; its gradient is the fp32 one. For one row of x a
     prepared weight keeps a repacked copy of itself (see ``int8_repack``)."""
     if type(packed) is Prepared4bit and state is None:  # first: this is the path whose cost matters

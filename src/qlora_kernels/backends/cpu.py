@@ -1,5 +1,7 @@
-"""The cpu backend: the C++ extension (qlora_kernels._C), scalar and AVX2 paths chosen at
-run time. Threads follow torch.get_num_threads()."""
+"""The cpu backend: the C++ extension (qlora_kernels._C), its ISA path (scalar, avx2,
+avx512, avx512vnni) chosen at run time by csrc/dispatch. Threads follow
+torch.get_num_threads(). The LoRA/DoRA kernels are the reference backend's generic ones:
+this backend's 4-bit GEMM with the rank-r products in torch."""
 from __future__ import annotations
 
 import functools

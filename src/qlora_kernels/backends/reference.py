@@ -1,6 +1,7 @@
 """The reference backend: pure torch, no native code. It is the test oracle for every
 other backend and the definition of the arithmetic (order of operations included) that
-makes packed bytes bit-exact with bitsandbytes."""
+makes packed bytes bit-exact with bitsandbytes. Every kernel of every op is defined here;
+a backend without its own kernel for an op runs this one."""
 from __future__ import annotations
 
 import math

