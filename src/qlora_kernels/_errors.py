@@ -1,5 +1,7 @@
 """Error messages shared by every backend, so that each backend rejects the same input
-with the same words."""
+with the same words; and the commands' one-line error report."""
+import sys
+from typing import Callable
 
 
 def nonfinite_error(block: int, blocksize: int) -> ValueError:
@@ -8,3 +10,15 @@ def nonfinite_error(block: int, blocksize: int) -> ValueError:
         f"W contains NaN or Inf (first in block {block}, elements {start}..{start + blocksize - 1}); "
         "4-bit quantization needs finite weights: an infinite absmax would decode its whole block to NaN"
     )
+
+
+def one_line_errors(command: str, run: Callable, args, expected: tuple) -> int:
+    """``run(args)``, with an ``expected`` error (bad input the command explains) reported
+    as one line on stderr and exit status 2; ``--debug`` shows the traceback instead."""
+    try:
+        return run(args)
+    except expected as e:
+        if args.debug:
+            raise
+        print(f"qlora-kernels {command}: error: {e}", file=sys.stderr)
+        return 2

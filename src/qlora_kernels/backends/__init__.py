@@ -27,6 +27,20 @@ def register_kernel(op: str, backend: str) -> Callable[[Callable], Callable]:
     return deco
 
 
+def register_dequantize_from_out(backend: str, out_kernel: Callable) -> None:
+    """A backend's ``dequantize_4bit`` from its ``dequantize_4bit_out``: a fresh tensor of
+    the shape and dtype asked for, filled by the out kernel."""
+
+    def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
+        import torch
+
+        out = torch.empty(shape, dtype=dtype)
+        out_kernel(packed, absmax, blocksize, quant_type, out)
+        return out
+
+    register_kernel("dequantize_4bit", backend)(dequantize_4bit)
+
+
 def _load(name: str) -> bool:
     if name not in _LOADED:
         try:

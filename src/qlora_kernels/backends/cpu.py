@@ -12,7 +12,7 @@ import torch
 from .. import _C, formats
 from .._errors import nonfinite_error
 from ..formats import dtype_code
-from . import register_kernel
+from . import register_dequantize_from_out, register_kernel
 
 
 
@@ -43,11 +43,7 @@ def dequantize_4bit_out(packed, absmax, blocksize, quant_type, out):
                        out.numel(), blocksize, out.data_ptr(), dtype_code(out.dtype), torch.get_num_threads())
 
 
-@register_kernel("dequantize_4bit", "cpu")
-def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
-    out = torch.empty(shape, dtype=dtype)
-    dequantize_4bit_out(packed, absmax, blocksize, quant_type, out)
-    return out
+register_dequantize_from_out("cpu", dequantize_4bit_out)
 
 
 @register_kernel("quantize_blockwise_8bit", "cpu")

@@ -15,7 +15,7 @@ import functools
 import torch
 
 from .. import _hls, formats
-from . import register_kernel
+from . import register_dequantize_from_out, register_kernel
 
 
 @functools.cache
@@ -33,11 +33,7 @@ def dequantize_4bit_out(packed, absmax, blocksize, quant_type, out):
         out.copy_(target)  # the reference rounds the fp32 product to the dtype the same way
 
 
-@register_kernel("dequantize_4bit", "hls")
-def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
-    out = torch.empty(shape, dtype=dtype)
-    dequantize_4bit_out(packed, absmax, blocksize, quant_type, out)
-    return out
+register_dequantize_from_out("hls", dequantize_4bit_out)
 
 
 @register_kernel("linear_4bit", "hls")

@@ -20,7 +20,7 @@ from .. import formats
 from .. import opencl as ocl
 from .._errors import nonfinite_error
 from ..formats import dtype_code
-from . import register_kernel
+from . import register_dequantize_from_out, register_kernel
 
 _RT = ocl.runtime()  # no platform/device: raises here, and the registry reports why
 
@@ -107,11 +107,7 @@ def dequantize_4bit_out(packed, absmax, blocksize, quant_type, out):
         op.download("out", d_out, out)
 
 
-@register_kernel("dequantize_4bit", "opencl")
-def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
-    out = torch.empty(shape, dtype=dtype)
-    dequantize_4bit_out(packed, absmax, blocksize, quant_type, out)
-    return out
+register_dequantize_from_out("opencl", dequantize_4bit_out)
 
 
 @register_kernel("dequantize_blockwise_8bit", "opencl")

@@ -8,10 +8,10 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .._errors import one_line_errors
 from . import FinetuneError
 from .config import RunConfig
 
@@ -59,12 +59,7 @@ def main(args) -> int:
     from .train import Interrupted
 
     try:
-        return run(args)
-    except FinetuneError as e:
-        if args.debug:
-            raise
-        print(f"qlora-kernels finetune: error: {e}", file=sys.stderr)
-        return 2
+        return one_line_errors("finetune", run, args, (FinetuneError,))
     except Interrupted as e:
         print(f"qlora-kernels finetune: stopped by {e}: checkpoint in {e.path}; continue with: "
               f"qlora-kernels finetune --output {e.path.parent} --resume", file=sys.stderr)
@@ -162,35 +157,19 @@ def run(args) -> int:
         session.close()
 
 
-@dataclass
 class _Run:
-    """What the phases of one run hand each other."""
+    """What the phases of one run hand each other: the command's ``args``, the distributed
+    ``session`` and the start time, then as the phases set them: ``out``, ``cfg`` (the
+    RunConfig), ``ckpt`` and ``saved_state`` (a resumed run), the data (``records``,
+    ``data_name``, ``dups``, ``train_recs``, ``eval_recs``, ``train_ex``, ``eval_ex``),
+    the model (``model_dir``, ``tok``, ``had_template``, ``targets``, ``pm``,
+    ``train_model``, ``load_seconds``), the optimizer (``opt``, ``sched``, ``warmup``) and
+    the training ``state``."""
 
-    args: argparse.Namespace
-    session: Any
-    t_start: float
-    out: Path = None
-    cfg: RunConfig = None
-    ckpt: Optional[Path] = None
-    saved_state: Optional[dict] = None
-    records: list = None
-    data_name: str = ""
-    dups: int = 0
-    train_recs: list = None
-    eval_recs: list = None
-    model_dir: Path = None
-    tok: Any = None
-    had_template: bool = True
-    train_ex: list = None
-    eval_ex: list = None
-    warmup: int = 0
-    load_seconds: float = 0.0
-    targets: list = None
-    pm: Any = None
-    train_model: Any = None
-    opt: Any = None
-    sched: Any = None
-    state: dict = None
+    def __init__(self, args: argparse.Namespace, session: Any, t_start: float):
+        self.args, self.session, self.t_start = args, session, t_start
+        self.ckpt: Optional[Path] = None
+        self.saved_state: Optional[dict] = None
 
 
 def _run(args, session, t_start) -> int:

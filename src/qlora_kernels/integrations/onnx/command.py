@@ -4,7 +4,6 @@ Instruct, as ``qlora-kernels finetune`` uses), optionally with the adapter that
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from .errors import FORMATS
@@ -91,12 +90,7 @@ def run(args) -> int:
 
 
 def main(args) -> int:
+    from ..._errors import one_line_errors
     from .errors import ExportError
 
-    try:
-        return run(args)
-    except ExportError as e:
-        if args.debug:
-            raise
-        print(f"qlora-kernels export: error: {e}", file=sys.stderr)
-        return 2
+    return one_line_errors("export", run, args, (ExportError,))
