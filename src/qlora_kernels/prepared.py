@@ -93,16 +93,17 @@ def _sources(packed: torch.Tensor, state: QuantState) -> tuple:
             None if s2 is None else s2.code)
 
 
-def _marks(sources: tuple, state: QuantState) -> tuple:
+def _tensors(sources: tuple) -> tuple:
+    return tuple(t for t in sources if t is not None and not isinstance(t, QuantState))
+
+
+def _marks(tensors: tuple, state: QuantState) -> tuple:
     """What changes when a source tensor is edited or re-pointed (version counters and data
     pointers; a meta tensor's is 0), and the state's plain fields. Runs on every call of
     a prepared weight, so it stays a flat tuple of cheap reads."""
-    out = [state.blocksize, state.quant_type, None if state.shape is None else tuple(state.shape), state.dtype]
-    for t in sources:
-        if t is not None and not isinstance(t, QuantState):
-            out.append(t._version)
-            out.append(_ptr(t))
-    return tuple(out)
+    shape = None if state.shape is None else tuple(state.shape)
+    return (state.blocksize, state.quant_type, shape, state.dtype, *[t._version for t in tensors],
+            *[_ptr(t) for t in tensors])
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -115,7 +116,7 @@ class Prepared4bit:
     ``linear_4bit`` and ``lora_linear_4bit``."""
 
     __slots__ = ("state", "packed", "absmax", "blocksize", "quant_type", "out_features", "in_features", "derived",
-                 "_sources", "_marks", "_pmarks", "_kernels", "_int8", "_one_call")
+                 "_sources", "_tensors", "_marks", "_pmarks", "_kernels", "_int8", "_one_call")
 
     def __init__(self, packed: torch.Tensor, state: QuantState, _absmax: Optional[torch.Tensor] = None):
         if _absmax is None:  # else: refreshed() after a change of the bytes alone, the state checked before
@@ -129,7 +130,8 @@ class Prepared4bit:
         self.blocksize, self.quant_type = state.blocksize, state.quant_type
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
         self._sources = _sources(packed, state)
-        self._marks = _marks(self._sources[1:], state)
+        self._tensors = _tensors(self._sources[1:])
+        self._marks = _marks(self._tensors, state)
         self._pmarks = (packed._version, _ptr(packed))
         # Values derived from this weight by other modules (DoRA's base row norms), named;
         # they go with the prepared weight when it is replaced.
@@ -143,13 +145,15 @@ class Prepared4bit:
         (their contents are ``current``'s to judge)."""
         return packed is self._sources[0] and state is self.state
 
-    def current(self, packed: Optional[torch.Tensor] = None, state: Optional[QuantState] = None) -> bool:
+    def current(self, packed: Optional[torch.Tensor] = None, state: Optional[QuantState] = None,
+                eager: bool = False) -> bool:
         """Whether this was prepared from ``packed`` and ``state`` (default: its own sources)
-        and none of their tensors changed since."""
+        and none of their tensors changed since (``eager``: the caller knows it is not being
+        compiled)."""
         src = self._sources
         if packed is not None and (packed is not src[0] or state is not self.state):
             return False
-        if torch.compiler.is_compiling():
+        if not eager and torch.compiler.is_compiling():
             # Version counters and data pointers are not traceable; a compiled graph guards
             # on its inputs itself.
             return True
@@ -162,7 +166,7 @@ class Prepared4bit:
         if (state.absmax is not src[1] or state.code is not src[2] or state.offset is not src[3]
                 or s2 is not src[4] or (s2 is not None and (s2.absmax is not src[5] or s2.code is not src[6]))):
             return False
-        return _marks(src[1:], state) == self._marks
+        return _marks(self._tensors, state) == self._marks
 
     def refreshed(self) -> "Prepared4bit":
         """Itself, prepared again from its sources first if they changed (what was derived
@@ -219,7 +223,7 @@ class Prepared4bit:
         if (not ops_linear.plain_call_ok(x, bias) or x.dtype is not torch.float32
                 or _backends.get_backend() != "cpu"):
             return None
-        if not self.current():
+        if not self.current(eager=True):  # plain_call_ok: not compiling
             return None  # the caller's general path prepares again
         k = self.in_features
         kernels = self.kernels()
