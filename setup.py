@@ -83,6 +83,7 @@ hls_ext = Pybind11Extension(
 # package as the data-only package qlora_kernels.kernels, where qlora_kernels.opencl reads it.
 setup(
     packages=find_packages("src") + ["qlora_kernels.kernels"],
+    py_modules=["_qlora_kernels_bnb"],  # the bitsandbytes.backends entry point (pyproject.toml)
     package_dir={"": "src", "qlora_kernels.kernels": "kernels"},
     package_data={"qlora_kernels.kernels": ["*.cl"]},
     ext_modules=[ext, hls_ext],

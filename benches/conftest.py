@@ -1,8 +1,14 @@
 """Benchmarks run outside the default test run: ``python -m pytest benches``.
 Every group holds our kernel and its peers on the same inputs; benches/report.py turns
 a ``--benchmark-json`` file into docs/benchmarks.md with the ratios."""
+import os
+
 import pytest
 import torch
+
+# The peer "bitsandbytes" is stock bitsandbytes: our backend plugin stays out of this
+# process (test_bench_bnb.py measures the plugin against stock in two worker processes).
+os.environ["QLORA_KERNELS_BNB"] = "0"
 
 
 def pytest_configure(config):

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+
+# bitsandbytes is these tests' oracle for the formats: with our backend plugin loaded into
+# it, "bitsandbytes' bytes" would be ours. The plugin's own tests (test_bnb_plugin.py) run
+# it in subprocesses; in this process bitsandbytes keeps its own kernels.
+os.environ["QLORA_KERNELS_BNB"] = "0"
 
 import pytest
 import torch
@@ -56,6 +62,9 @@ def bnb():
     import bitsandbytes
     import bitsandbytes.functional  # noqa: F401
 
+    from qlora_kernels.integrations.bitsandbytes import status
+
+    assert not status()["active"], "bitsandbytes, the oracle, must run its own kernels here"
     return bitsandbytes
 
 

@@ -13,6 +13,7 @@ ISA = "QLORA_KERNELS_ISA"
 INT8_REPACK = "QLORA_KERNELS_INT8_REPACK"
 OPENCL_STYLE = "QLORA_KERNELS_OPENCL_STYLE"
 OPENCL_CACHE_MB = "QLORA_KERNELS_OPENCL_CACHE_MB"
+BNB = "QLORA_KERNELS_BNB"  # the bitsandbytes backend plugin (integrations/bitsandbytes.py)
 
 OPENCL_STYLES = ("ndrange", "fpga")
 _SWITCHES = ("0", "1")
@@ -69,6 +70,7 @@ def check() -> None:
         except ValueError as e:
             raise EnvironmentValueError(str(e)) from None
     _choice(INT8_REPACK, _SWITCHES)
+    _choice(BNB, _SWITCHES)
     _choice(OPENCL_STYLE, OPENCL_STYLES, _style_name)
     _count(OPENCL_CACHE_MB)
 

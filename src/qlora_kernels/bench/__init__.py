@@ -36,8 +36,24 @@ def all_cases(quick: bool = False) -> list[Case]:
     return cases
 
 
+def _stock_bitsandbytes() -> None:
+    import os
+    import sys
+
+    if "bitsandbytes" not in sys.modules:
+        os.environ["QLORA_KERNELS_BNB"] = "0"
+        return
+    from ..integrations.bitsandbytes import status
+
+    if status()["active"]:
+        raise RuntimeError("bench: bitsandbytes, a peer here, was imported with the qlora-kernels plugin active; "
+                           "run with QLORA_KERNELS_BNB=0")
+
+
 def run(quick: bool = False, progress: bool = True, with_peak: bool = True) -> list[dict]:
-    """Every group of ``all_cases`` in interleaved rounds; rows as ``group_rows`` gives them."""
+    """Every group of ``all_cases`` in interleaved rounds; rows as ``group_rows`` gives them.
+    The peer bitsandbytes runs stock: our backend plugin is kept out of it."""
+    _stock_bitsandbytes()
     peak = None
     if with_peak:
         from .. import peak as _peak
