@@ -217,8 +217,29 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kw,msg", [(dict(weight_format="int8"), "weight_format must be one of"),
                                     (dict(opset=7), "opset must be an int from 18"),
                                     (dict(example_inputs=torch.zeros(2, 3)), "integer tensor"),
-                                    (dict(example_inputs="hello"), "example_inputs must be")])
+                                    (dict(example_inputs="hello"), "example_inputs must be"),
+                                    (dict(example_inputs=(torch.ones(1, 4, dtype=torch.long),) * 3),
+                                     "a tuple .* of 3 items"),
+                                    (dict(example_inputs=(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 5))),
+                                     "attention_mask'\\] must be a tensor shaped like input_ids")])
 def test_bad_arguments(tmp_path, kw, msg):
     with pytest.raises(ExportError, match=msg):
         export(tiny_model("llama"), tmp_path / "m.onnx", log=None, **kw)
     assert os.listdir(tmp_path) == []
+
+
+def test_example_inputs_as_torch_onnx_export_takes_them():
+    """A tensor, a tuple (input_ids[, attention_mask]) as torch.onnx.export's args, a dict,
+    or a transformers BatchEncoding: the same example."""
+    from transformers import BatchEncoding
+
+    from qlora_kernels.integrations.onnx.exporter import _example
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.tensor([[0, 1, 1, 1]])
+    ones = torch.ones_like(ids)
+    for given, want_mask in [(ids, ones), ((ids,), ones), ([ids, mask], mask), ({"input_ids": ids}, ones),
+                             (BatchEncoding({"input_ids": ids, "attention_mask": mask}), mask)]:
+        got_ids, got_mask = _example(model, given)
+        assert torch.equal(got_ids, ids) and torch.equal(got_mask, want_mask), type(given)

@@ -6,6 +6,7 @@ import copy
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,11 +72,17 @@ def _example(model, example_inputs) -> tuple[torch.Tensor, torch.Tensor]:
         return ids, torch.ones_like(ids)
     if isinstance(example_inputs, torch.Tensor):
         ids, mask = example_inputs, None
-    elif isinstance(example_inputs, dict) and "input_ids" in example_inputs:
+    elif isinstance(example_inputs, (tuple, list)) and 1 <= len(example_inputs) <= 2:
+        # torch.onnx.export's positional args: (input_ids,) or (input_ids, attention_mask)
+        ids, mask = example_inputs[0], (example_inputs[1] if len(example_inputs) == 2 else None)
+    elif isinstance(example_inputs, Mapping) and "input_ids" in example_inputs:  # a dict or a BatchEncoding
         ids, mask = example_inputs["input_ids"], example_inputs.get("attention_mask")
     else:
-        raise ExportError("example_inputs must be an input_ids tensor or a dict with 'input_ids' "
-                          f"(and optionally 'attention_mask'), got {type(example_inputs).__name__}")
+        raise ExportError("example_inputs must be an input_ids tensor, a tuple (input_ids[, attention_mask]) as "
+                          "torch.onnx.export takes, or a dict with 'input_ids' (and optionally 'attention_mask'), "
+                          f"got {type(example_inputs).__name__}" + (f" of {len(example_inputs)} items"
+                                                                     if isinstance(example_inputs, (tuple, list))
+                                                                     else ""))
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         raise ExportError("example_inputs['input_ids'] must be an integer tensor [batch, sequence]")
     if ids.shape[0] < 1 or ids.shape[1] < 1:
