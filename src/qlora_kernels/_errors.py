@@ -4,9 +4,15 @@ import sys
 from typing import Callable
 
 
-def nonfinite_error(block: int, blocksize: int) -> ValueError:
+class NonFiniteError(ValueError):
+    """Quantization met NaN or Inf (a ValueError: bad input). Its own class so that a caller
+    with other semantics for it (the bitsandbytes plugin hands such weights to bitsandbytes)
+    needs no message matching."""
+
+
+def nonfinite_error(block: int, blocksize: int) -> NonFiniteError:
     start = block * blocksize
-    return ValueError(
+    return NonFiniteError(
         f"W contains NaN or Inf (first in block {block}, elements {start}..{start + blocksize - 1}); "
         "4-bit quantization needs finite weights: an infinite absmax would decode its whole block to NaN"
     )

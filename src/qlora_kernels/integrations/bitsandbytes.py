@@ -35,6 +35,10 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import formats
+from .._errors import NonFiniteError
+from ..ops.linear import linear_4bit_impl
+
 _log = logging.getLogger(__name__)
 _FALLBACKS: collections.Counter = collections.Counter()
 _CALLS: collections.Counter = collections.Counter()
@@ -116,14 +120,12 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
-    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if t.dtype not in formats.INPUT_DTYPES:
         raise _Fallback(f"{what} dtype {t.dtype}")
     return t.float().contiguous()
 
 
 def _check_4bit(blocksize: int, quant_type: str) -> None:
-    from .. import formats
-
     if quant_type not in formats.QUANT_TYPES:
         raise _Fallback(f"quant_type {quant_type!r}")
     if blocksize not in formats.BLOCKSIZES:
@@ -143,8 +145,6 @@ def _plain(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _quant_type_of(code: torch.Tensor) -> str:
     """bitsandbytes' gemv_4bit passes the codebook, not its name: ours only for our codebooks."""
-    from .. import formats
-
     for qt in formats.QUANT_TYPES:
         if code.numel() == 16 and torch.equal(code.float(), formats.codebook_cpu(qt)):
             return qt
@@ -188,16 +188,14 @@ _NESTED = _NestedAbsmax()
 def _quantize_4bit(A, blocksize, quant_type, quant_storage):
     _cpu(A)
     _check_4bit(blocksize, quant_type)
-    if A.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if A.dtype not in formats.INPUT_DTYPES:
         raise _Fallback(f"A dtype {A.dtype}")
     if quant_storage not in (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.int8):
         raise _Fallback(f"quant_storage {quant_storage}")
     try:
         packed, absmax = torch.ops.qlora_kernels.quantize_4bit(A, blocksize, quant_type)
-    except ValueError as e:  # NaN/Inf: bitsandbytes quantizes them its way, without raising
-        if "NaN or Inf" in str(e):
-            raise _Fallback("non-finite values") from None
-        raise
+    except NonFiniteError:  # NaN/Inf: bitsandbytes quantizes them its way, without raising
+        raise _Fallback("non-finite values") from None
     if quant_storage != torch.uint8:
         if packed.numel() % quant_storage.itemsize:
             raise _Fallback(f"{packed.numel()} bytes do not fill whole {quant_storage} elements")
@@ -209,18 +207,15 @@ def _dequantize_4bit_into(A, absmax, blocksize, quant_type, shape, out):
     _cpu(A, absmax, out)
     _check_4bit(blocksize, quant_type)
     packed = _bytes(A)
-    n = 1
-    for s in shape:
-        n *= int(s)
-    if packed.numel() < (n + 1) // 2 or absmax.numel() < -(-n // blocksize):
+    nbytes, blocks = formats.packed_numel(out.numel()), formats.num_blocks(out.numel(), blocksize)
+    if packed.numel() < nbytes or absmax.numel() < blocks:
         raise _Fallback("packed data or absmax too short for the shape")
-    packed = packed[:(n + 1) // 2]
-    torch.ops.qlora_kernels.dequantize_4bit_out(packed, _f32(absmax, "absmax")[:-(-n // blocksize)], blocksize,
+    torch.ops.qlora_kernels.dequantize_4bit_out(packed[:nbytes], _f32(absmax, "absmax")[:blocks], blocksize,
                                                 quant_type, out)
 
 
 def _dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if dtype not in formats.INPUT_DTYPES:
         raise _Fallback(f"dtype {dtype}")
     out = torch.empty(tuple(shape), dtype=dtype)
     _dequantize_4bit_into(A, absmax, blocksize, quant_type, shape, out)
@@ -240,13 +235,11 @@ def _linear(A, B, shapeB, absmax, blocksize, quant_type, bias):
     if len(shapeB) != 2 or A.shape[-1] != shapeB[1]:
         raise _Fallback("shapeB is not [N, K] for A")
     N, K = int(shapeB[0]), int(shapeB[1])
-    if A.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if A.dtype not in formats.INPUT_DTYPES:
         raise _Fallback(f"A dtype {A.dtype}")
     packed = _bytes(B)
-    if packed.numel() != (N * K + 1) // 2 or absmax.numel() != -(-(N * K) // blocksize):
+    if packed.numel() != formats.packed_numel(N * K) or absmax.numel() != formats.num_blocks(N * K, blocksize):
         raise _Fallback("packed weight or absmax of another size than shapeB")
-    from ..ops.linear import linear_4bit_impl
-
     b = None if bias is None else _f32(bias, "bias")
     x = A.reshape(-1, K)
     # The op's implementation, not the op: this runs inside bitsandbytes' op already, and a
@@ -280,7 +273,7 @@ def _gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
 
 def _quantize_blockwise(A, code, blocksize):
     _cpu(A, code)
-    if A.dtype not in (torch.float32, torch.bfloat16, torch.float16) or code.numel() != 256:
+    if A.dtype not in formats.INPUT_DTYPES or code.numel() != 256:
         raise _Fallback("A dtype or a code of another size than 256")
     if not bool(torch.isfinite(A).all()):
         raise _Fallback("non-finite values")
@@ -291,14 +284,14 @@ def _quantize_blockwise(A, code, blocksize):
 
 def _dequantize_blockwise_f32(A, absmax, code, blocksize):
     _cpu(A, absmax, code)
-    if A.dtype != torch.uint8 or code.numel() != 256 or absmax.numel() < -(-A.numel() // blocksize):
+    if A.dtype != torch.uint8 or code.numel() != 256 or absmax.numel() < formats.num_blocks(A.numel(), blocksize):
         raise _Fallback("A not uint8, a code of another size than 256 or a short absmax")
     return torch.ops.qlora_kernels.dequantize_blockwise_8bit(A.contiguous(), _f32(absmax, "absmax"),
                                                              _f32(code, "code"), blocksize)
 
 
 def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if dtype not in formats.INPUT_DTYPES:
         raise _Fallback(f"dtype {dtype}")
     return _dequantize_blockwise_f32(A, absmax, code, blocksize).to(dtype).reshape(A.shape)
 
@@ -367,7 +360,7 @@ def load() -> None:
         if not _env.switch(_env.BNB, True):
             _STATE["disabled"] = True
             return
-        with warnings_quiet():
+        with _overrides_quiet():
             _STATE["ops"] = _register()
         _STATE["loaded"] = True
     except Exception as e:  # noqa: BLE001 - bitsandbytes must import whatever happens here
@@ -377,7 +370,7 @@ def load() -> None:
 
 
 @contextlib.contextmanager
-def warnings_quiet():
+def _overrides_quiet():
     """Re-registering a CPU kernel makes torch warn that one is overridden: that is the point."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
