@@ -58,12 +58,6 @@ const Kernels kTable[] = {
 
 const Isa kAll[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni};
 
-Isa parse(const std::string& name) {
-  for (Isa isa : kAll)
-    if (name == isa_name(isa)) return isa;
-  throw std::invalid_argument("unknown ISA path '" + name + "'; expected one of: scalar, avx2, avx512, avx512vnni");
-}
-
 Isa detect_best() {
   Isa best = Isa::Scalar;
   for (Isa isa : kAll)
@@ -120,6 +114,12 @@ const char* isa_name(Isa isa) {
   return "?";
 }
 
+Isa parse_isa(const std::string& name) {
+  for (Isa isa : kAll)
+    if (name == isa_name(isa)) return isa;
+  throw std::invalid_argument("unknown ISA path '" + name + "'; expected one of: scalar, avx2, avx512, avx512vnni");
+}
+
 std::vector<std::string> compiled_isas() {
   std::vector<std::string> out;
   for (Isa isa : kAll)
@@ -139,7 +139,7 @@ std::string best_isa() { return isa_name(detect_best()); }
 Isa current_isa() { return static_cast<Isa>(current().load()); }
 
 void set_isa(const std::string& name) {
-  const Isa isa = parse(name);
+  const Isa isa = parse_isa(name);
   if (!compiled(isa)) throw std::invalid_argument("ISA path '" + name + "' was not compiled into this build");
   if (!cpu_has(isa)) throw std::invalid_argument("this CPU cannot run the '" + name + "' path");
   if (!allowed(isa))

@@ -19,6 +19,7 @@ namespace qk {
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3 };
 
 const char* isa_name(Isa isa);
+Isa parse_isa(const std::string& name);  // throws std::invalid_argument
 std::vector<std::string> compiled_isas();
 std::vector<std::string> supported_isas();  // compiled, runnable on this CPU, not above QLORA_KERNELS_ISA
 std::string best_isa();

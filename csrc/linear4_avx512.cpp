@@ -8,14 +8,14 @@
 namespace qk {
 namespace {
 
-// GEMV/GEMM crossovers as in linear4_avx2.cpp, measured the same way. The 512-bit panel
-// kernel is so fast that the backward GEMV only pays off for the tiniest batches.
-constexpr int64_t kGemvRowsForward = 6;
-constexpr int64_t kGemvRowsBackward = 3;
+// The GEMV/GEMM crossovers: tuning.h. Row groups of the 512-bit GEMV: at most this many
+// rows share one pass over the weight.
+constexpr int kGemvGroup = 6;
 
 // Z16 needs 128-element rows; rows of 64*odd elements still get the 256-bit GEMV.
 const char* gemv_kind(int64_t M, const Weight4& w, bool backward) {
-  if (M > (backward ? kGemvRowsBackward : kGemvRowsForward)) return nullptr;
+  const Tuning t = tuning(Isa::Avx512);
+  if (M > (backward ? t.gemv_rows_backward : t.gemv_rows_forward)) return nullptr;
   if (gemv_fits<Z16>(w)) return "gemv";
   if (gemv_fits<Y8>(w)) return "gemv-256";
   return nullptr;
@@ -27,13 +27,13 @@ void linear4_forward_avx512(const float* x, int64_t M, int64_t ldx, const Weight
                             int64_t ldy, int nthreads) {
   if (M == 0 || w.N == 0) return;
   if (const char* g = gemv_kind(M, w, false)) {
-    if (g[4] == '\0') return gemv_forward<Z16, kGemvRowsForward>(x, M, ldx, w, bias, y, ldy, nthreads);
+    if (g[4] == '\0') return gemv_forward<Z16, kGemvGroup>(x, M, ldx, w, bias, y, ldy, nthreads);
     return gemv_forward<Y8, 4>(x, M, ldx, w, bias, y, ldy, nthreads);
   }
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float* tmp) {
     pack_forward_panel<Kernel12x32::NR>(w, j0, nc, p0, kc, bp, tmp);
   };
-  gemm_driver<Kernel12x32>(M, w.N, w.K, x, ldx, y, ldy, bias, pack, nthreads);
+  gemm_driver<Kernel12x32>(M, w.N, w.K, x, ldx, y, ldy, bias, pack, blocking(tuning(Isa::Avx512)), nthreads);
 }
 
 void linear4_backward_input_avx512(const float* dy, int64_t M, int64_t lddy, const Weight4& w, float* dx,
@@ -46,7 +46,8 @@ void linear4_backward_input_avx512(const float* dy, int64_t M, int64_t lddy, con
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
     pack_backward_panel<Kernel12x32::NR>(w, j0, nc, p0, kc, bp);
   };
-  gemm_driver<Kernel12x32>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, nthreads);
+  gemm_driver<Kernel12x32>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, blocking(tuning(Isa::Avx512)),
+                           nthreads);
 }
 
 const char* linear4_plan_avx512(int64_t M, const Weight4& w, bool backward) {

@@ -13,6 +13,7 @@
 #include "require.h"
 #include "linear4.h"
 #include "linear4_q8.h"
+#include "tuning.h"
 
 namespace py = pybind11;
 
@@ -238,6 +239,33 @@ std::string linear4_plan(int64_t M, int64_t N, int64_t K, int64_t blocksize, boo
   return qk::linear4_kernels().plan(M, w, backward);
 }
 
+// Tunings cross the boundary as dicts keyed by field name, so a caller cannot mix up the
+// positions and an unknown key is an error naming it.
+const char* const kTuningFields[] = {"kc", "nc", "mc", "gemv_rows_forward", "gemv_rows_backward", "gemv_decode"};
+
+py::dict tuning_dict(const qk::Tuning& t) {
+  const int64_t v[] = {t.kc, t.nc, t.mc, t.gemv_rows_forward, t.gemv_rows_backward, t.gemv_decode};
+  py::dict d;
+  for (int f = 0; f < 6; ++f) d[kTuningFields[f]] = v[f];
+  return d;
+}
+
+void set_tuning(const std::string& isa, const py::dict& values) {
+  qk::Tuning t = qk::tuning(qk::parse_isa(isa));
+  int64_t* field[] = {&t.kc, &t.nc, &t.mc, &t.gemv_rows_forward, &t.gemv_rows_backward, &t.gemv_decode};
+  for (const auto& item : values) {
+    const std::string key = py::str(item.first);
+    int f = 0;
+    while (f < 6 && key != kTuningFields[f]) ++f;
+    QK_REQUIRE(f < 6, "tuning: unknown field '" + key +
+                          "'; fields: kc, nc, mc, gemv_rows_forward, gemv_rows_backward, gemv_decode");
+    QK_REQUIRE(py::isinstance<py::int_>(item.second) && !py::isinstance<py::bool_>(item.second),
+               "tuning: " + key + " must be an int");
+    *field[f] = item.second.cast<int64_t>();
+  }
+  qk::set_tuning(qk::parse_isa(isa), t);
+}
+
 }  // namespace
 
 void register_linear4(py::module_& m) {
@@ -297,6 +325,14 @@ void register_linear4(py::module_& m) {
         "The code path the current ISA takes for these sizes: 'scalar', 'gemv' (streaming, few rows), "
         "'gemv-shuf' (AVX2 forward, byte-shuffle decoding, blocks of whole 64-element chunks), 'gemv-256' "
         "(AVX-512 build, rows of 64*odd elements) or 'gemm' (decoded panels + micro-kernel).");
+  m.def("tuning", [](const std::string& isa) { return tuning_dict(qk::tuning(qk::parse_isa(isa))); }, py::arg("isa"),
+        "The tuning the ISA path's fp32 kernels use now (csrc/tuning.h): cache blocking kc/nc/mc, the row "
+        "counts up to which the streaming GEMV runs, and the AVX2 GEMV decoder (0 byte shuffle, 1 dword permute).");
+  m.def("default_tuning", [](const std::string& isa) { return tuning_dict(qk::default_tuning(qk::parse_isa(isa))); },
+        py::arg("isa"), "The built-in tuning of the ISA path (what an uncalibrated process uses).");
+  m.def("set_tuning", &set_tuning, py::arg("isa"), py::arg("values"),
+        "Sets some fields of the ISA path's tuning (a dict; the others keep their values). Every value only "
+        "re-blocks the same products or picks another kernel: results stay within the fp32 bound.");
   m.def("linear4_peak_scratch_bytes", &qk::linear4_peak_scratch_bytes,
         "Largest scratch (bytes, summed over threads) any single linear4 call held at once since the last "
         "reset; it is sized by the cache blocking (and M*K for the few-row forward), never by N*K.");

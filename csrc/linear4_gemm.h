@@ -14,6 +14,7 @@
 // at half speed even from L1/L2; one sequential stream runs it at full speed.
 #pragma once
 #include "linear4_simd.h"
+#include "tuning.h"
 
 namespace qk {
 namespace {
@@ -45,15 +46,16 @@ void pack_a(const float* a, int64_t lda, int64_t mc, int64_t kc, float* ap) {
   }
 }
 
-// UK: MR, NR (micro-tile), KC, NC, MC (cache blocking) and
+// UK: MR, NR (micro-tile) and
 //   run(mr, kc, ap, b, c, ldc, nr, bias, first): C tile (mr x nr) = [bias +] A B on the
 //   first KC block (first), C += A B after; ap is a packed A panel (ap[k*MR + r]).
 // pack(j0, nc, p0, kc, bp, tmp): fills the panel of output columns [j0, j0+nc) and
 //   reduction indices [p0, p0+kc), micro-panel q at bp + q * panel_stride(kc, NR);
 //   tmp holds round_up(kc, 16) floats.
+// bl: the cache blocking (tuning.h): kc and nc multiples of 64, mc rounded up to MR here.
 template <class UK, class Pack>
 void gemm_driver(int64_t M, int64_t NO, int64_t KR, const float* a, int64_t lda, float* c, int64_t ldc,
-                 const float* bias, const Pack& pack, int nthreads) {
+                 const float* bias, const Pack& pack, const Blocking& bl, int nthreads) {
   if (M == 0 || NO == 0) return;
   if (KR == 0) {
     for (int64_t m = 0; m < M; ++m)
@@ -64,15 +66,16 @@ void gemm_driver(int64_t M, int64_t NO, int64_t KR, const float* a, int64_t lda,
   // Threads and NC blocks split the output columns in units of 64 (a multiple of NR):
   // the panel decoders' fast paths need 64-aligned column offsets.
   constexpr int64_t kUnit = 64;
-  static_assert(kUnit % NR == 0 && UK::NC % kUnit == 0, "NR must divide 64, 64 must divide NC");
+  static_assert(kUnit % NR == 0, "NR must divide 64");
+  const int64_t KC = bl.kc, NC = round_up(bl.nc, kUnit), MC = round_up(bl.mc, MR);
   const int64_t units = ceil_div(NO, kUnit);
   const int T0 = nthreads < 1 ? 1 : nthreads;
   const int tn = static_cast<int>(imin(T0, units));
   const int tm = static_cast<int>(imax(1, imin(T0 / tn, ceil_div(M, MR))));
   const int T = tn * tm;
-  const int64_t kcmax = imin(UK::KC, KR);
-  const int64_t ncmax = imin(UK::NC, ceil_div(units, tn) * kUnit);
-  const int64_t mcmax = round_up(imin(UK::MC, M), MR);
+  const int64_t kcmax = imin(KC, KR);
+  const int64_t ncmax = imin(NC, ceil_div(units, tn) * kUnit);
+  const int64_t mcmax = round_up(imin(MC, M), MR);
   const int64_t bp_floats = ceil_div(ncmax, NR) * panel_stride(kcmax, NR);
   const int64_t per_thread = bp_floats + round_up(kcmax, 16) + round_up(mcmax * kcmax + 16, 16);
   ScratchMeter meter;
@@ -87,13 +90,13 @@ void gemm_driver(int64_t M, int64_t NO, int64_t KR, const float* a, int64_t lda,
     float* bp = buf.data() + t * per_thread;
     float* tmp = bp + bp_floats;
     float* ap = tmp + round_up(kcmax, 16);
-    for (int64_t jc = n0; jc < n1; jc += UK::NC) {
-      const int64_t nc = imin(UK::NC, n1 - jc);
-      for (int64_t pc = 0; pc < KR; pc += UK::KC) {
-        const int64_t kc = imin(UK::KC, KR - pc);
+    for (int64_t jc = n0; jc < n1; jc += NC) {
+      const int64_t nc = imin(NC, n1 - jc);
+      for (int64_t pc = 0; pc < KR; pc += KC) {
+        const int64_t kc = imin(KC, KR - pc);
         pack(jc, nc, pc, kc, bp, tmp);
-        for (int64_t ic = m0; ic < m1; ic += UK::MC) {
-          const int64_t mc = imin(UK::MC, m1 - ic);
+        for (int64_t ic = m0; ic < m1; ic += MC) {
+          const int64_t mc = imin(MC, m1 - ic);
           pack_a<MR>(a + ic * lda + pc, lda, mc, kc, ap);
           for (int64_t jr = 0; jr < nc; jr += NR) {
             const int nr = static_cast<int>(imin(NR, nc - jr));

@@ -11,12 +11,8 @@ namespace {
 // The "#pragma GCC unroll" on every loop over the accumulator arrays is load-bearing:
 // see linear4_gemv.h (with -fopenmp GCC kept them on the stack otherwise).
 struct Kernel6x16 {
+  // Cache blocking: tuning.h (run-time, calibrated per machine).
   static constexpr int MR = 6, NR = 16;
-  // One 16 KiB KC x NR micro-panel of B stays in L1 across the MC/MR micro-kernel calls
-  // that reuse it; the MC x KC block of packed A (120 KiB) stays in L2; the KC x NC
-  // panel (512 KiB) is read from L2/L3 once per MC block. Larger NC means fewer
-  // re-packs of A (once per NC columns); the measured optimum is flat from 256 to 2048.
-  static constexpr int64_t KC = 256, NC = 512, MC = 120;
 
   template <int R>
   static void kern(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int nr, const float* bias,

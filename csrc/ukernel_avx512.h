@@ -9,10 +9,8 @@ namespace qk {
 namespace {
 
 struct Kernel12x32 {
+  // Cache blocking: tuning.h (run-time, calibrated per machine).
   static constexpr int MR = 12, NR = 32;
-  // As for AVX2 (linear4_avx2.cpp): a 32 KiB micro-panel of B in L1, 120 KiB of packed
-  // A in L2, the 1 MiB KC x NC panel in L2/L3.
-  static constexpr int64_t KC = 256, NC = 1024, MC = 120;
 
   template <int R>
   static void kern(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int nr, const float* bias,

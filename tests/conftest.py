@@ -10,6 +10,9 @@ import os
 # it, "bitsandbytes' bytes" would be ours. The plugin's own tests (test_bnb_plugin.py) run
 # it in subprocesses; in this process bitsandbytes keeps its own kernels.
 os.environ["QLORA_KERNELS_BNB"] = "0"
+# The suite runs the built-in tuning of the CPU kernels, the same on every machine, so that a
+# failure reproduces elsewhere; test_tuning.py runs every tuning value and the calibration.
+os.environ["QLORA_KERNELS_TUNE"] = "0"
 
 import pytest
 import torch

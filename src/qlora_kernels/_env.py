@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 ISA = "QLORA_KERNELS_ISA"
 INT8_REPACK = "QLORA_KERNELS_INT8_REPACK"
 OPENCL_STYLE = "QLORA_KERNELS_OPENCL_STYLE"
 OPENCL_CACHE_MB = "QLORA_KERNELS_OPENCL_CACHE_MB"
 BNB = "QLORA_KERNELS_BNB"  # the bitsandbytes backend plugin (integrations/bitsandbytes.py)
+TUNE = "QLORA_KERNELS_TUNE"  # per-machine calibration of the CPU kernels (tuning.py)
+CACHE = "QLORA_KERNELS_CACHE"  # the cache folder (tuning, converted models)
 
 OPENCL_STYLES = ("ndrange", "fpga")
 _SWITCHES = ("0", "1")
@@ -47,6 +50,14 @@ def switch(name: str, default: bool) -> bool:
     return default if raw is None or raw == "" else raw == "1"
 
 
+def cache_dir() -> Path:
+    """Where the package keeps what it may recompute: ``$QLORA_KERNELS_CACHE``, else
+    ``$XDG_CACHE_HOME/qlora-kernels``, else ``~/.cache/qlora-kernels``."""
+    root = os.environ.get(CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qlora-kernels")
+    return Path(root)
+
+
 def _style_name(raw: str) -> str:
     return raw.strip().lower()
 
@@ -71,6 +82,7 @@ def check() -> None:
             raise EnvironmentValueError(str(e)) from None
     _choice(INT8_REPACK, _SWITCHES)
     _choice(BNB, _SWITCHES)
+    _choice(TUNE, _SWITCHES)
     _choice(OPENCL_STYLE, OPENCL_STYLES, _style_name)
     _count(OPENCL_CACHE_MB)
 

@@ -18,6 +18,9 @@ def _info(args) -> int:
     print(f"CPU path selected: {_C.get_isa()} (cpuid best: {_C.best_isa()}; QLORA_KERNELS_ISA overrides)")
     print(f"int8-compute kernel (compute=\"int8\", K a multiple of 128): {_C.linear4_q8_plan(4096, 4096, 64)}")
     print(f"OpenMP: {'yes' if _C.openmp() else 'no'}")
+    from qlora_kernels import tuning
+
+    print(f"tuning: {tuning.status().line()} (QLORA_KERNELS_TUNE=0: built-in; QLORA_KERNELS_CACHE: folder)")
     print(f"backends available: {', '.join(qk.available_backends())} (selected: {qk.get_backend()})")
     for name in ("reference", "cpu"):
         reason = qk.unavailable_reason(name)

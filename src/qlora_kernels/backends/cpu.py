@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .. import _C, formats
+from .. import _C, formats, tuning
 from .._errors import nonfinite_error
 from ..formats import dtype_code
 from . import register_dequantize_from_out, register_kernel
@@ -69,6 +69,8 @@ if hasattr(_C, "linear4_forward"):
     def _forward(entry, code, x, packed, absmax, blocksize, out_features, bias):
         """x: contiguous fp32, any leading dims (the op passes it 2-D; functional's
         inference fast path passes the caller's tensor as it is)."""
+        if not tuning.ready:
+            tuning.ensure()
         K = x.shape[-1]
         y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
         entry(x.data_ptr(), y.numel() // out_features if out_features else math.prod(x.shape[:-1]), K, K,
@@ -113,6 +115,8 @@ if hasattr(_C, "linear4_forward"):
 
     @register_kernel("linear_4bit_grad_input", "cpu")
     def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
+        if not tuning.ready:
+            tuning.ensure()
         M, N = dy2.shape
         dx = torch.empty((M, in_features), dtype=torch.float32)
         code = _tables(quant_type)[0]
@@ -129,6 +133,8 @@ if hasattr(_C, "dense_forward"):
 
     @register_kernel("linear_dense", "cpu")
     def linear_dense(x2, weight, bias):
+        if not tuning.ready:
+            tuning.ensure()
         M, K = x2.shape
         N = weight.shape[0]
         y = torch.empty((M, N), dtype=torch.float32)
@@ -139,6 +145,8 @@ if hasattr(_C, "dense_forward"):
 
     @register_kernel("linear_dense_grad_input", "cpu")
     def linear_dense_grad_input(dy2, weight):
+        if not tuning.ready:
+            tuning.ensure()
         M, N = dy2.shape
         K = weight.shape[1]
         dx = torch.empty((M, K), dtype=torch.float32)

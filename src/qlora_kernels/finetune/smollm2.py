@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from .. import _env
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QLORA_KERNELS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qlora-kernels")
-    return Path(root)
+    return _env.cache_dir()
 
 
 def smollm2_gguf_dir() -> Path:
