@@ -59,6 +59,9 @@ void pack_dense_backward(const DenseWeight& w, int64_t k0, int64_t nc, int64_t p
   }
 }
 
+// Copying a panel of W costs about this many rows of micro-kernel work on it.
+constexpr int64_t kDensePackRows = 4;
+
 // The two entry points of an ISA path, for its micro-kernel UK (ukernel_*.h), with the
 // cache blocking tuned for the fused 4-bit linear of that path (tuning.h): the loop nest
 // is the same, only the panel fill is cheaper.
@@ -68,7 +71,7 @@ void dense_forward_with(const float* x, int64_t M, int64_t ldx, const DenseWeigh
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
     pack_dense_forward<UK::NR>(w, j0, nc, p0, kc, bp);
   };
-  gemm_driver<UK>(M, w.N, w.K, x, ldx, y, ldy, bias, pack, bl, nthreads);
+  gemm_driver<UK>(M, w.N, w.K, x, ldx, y, ldy, bias, pack, bl, UK::NR, kDensePackRows, nthreads);
 }
 
 template <class UK>
@@ -77,7 +80,7 @@ void dense_backward_input_with(const float* dy, int64_t M, int64_t lddy, const D
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
     pack_dense_backward<UK::NR>(w, j0, nc, p0, kc, bp);
   };
-  gemm_driver<UK>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, bl, nthreads);
+  gemm_driver<UK>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, bl, UK::NR, kDensePackRows, nthreads);
 }
 
 }  // namespace

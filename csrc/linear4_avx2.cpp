@@ -16,6 +16,10 @@ bool use_gemv(int64_t M, const Weight4& w, bool backward, const Tuning& t) {
 
 bool use_shuf(const Weight4& w, const Tuning& t) { return t.gemv_decode == 0 && shuf_fits(w); }
 
+// Decoding a KC x NC panel of the 4-bit weight costs about as much as this many rows of
+// micro-kernel work on it (the thread-grid choice of linear4_gemm.h weighs it).
+constexpr int64_t kPackRows = 24;
+
 }  // namespace
 
 void linear4_forward_avx2(const float* x, int64_t M, int64_t ldx, const Weight4& w, const float* bias, float* y,
@@ -29,7 +33,7 @@ void linear4_forward_avx2(const float* x, int64_t M, int64_t ldx, const Weight4&
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float* tmp) {
     pack_forward_panel<Kernel6x16::NR>(w, j0, nc, p0, kc, bp, tmp);
   };
-  gemm_driver<Kernel6x16>(M, w.N, w.K, x, ldx, y, ldy, bias, pack, blocking(t), nthreads);
+  gemm_driver<Kernel6x16>(M, w.N, w.K, x, ldx, y, ldy, bias, pack, blocking(t), Kernel6x16::NR, kPackRows, nthreads);
 }
 
 void linear4_backward_input_avx2(const float* dy, int64_t M, int64_t lddy, const Weight4& w, float* dx,
@@ -40,7 +44,8 @@ void linear4_backward_input_avx2(const float* dy, int64_t M, int64_t lddy, const
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
     pack_backward_panel<Kernel6x16::NR>(w, j0, nc, p0, kc, bp);
   };
-  gemm_driver<Kernel6x16>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, blocking(t), nthreads);
+  gemm_driver<Kernel6x16>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, blocking(t), 64, kPackRows,
+                           nthreads);
 }
 
 const char* linear4_plan_avx2(int64_t M, const Weight4& w, bool backward) {

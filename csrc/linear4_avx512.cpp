@@ -21,6 +21,10 @@ const char* gemv_kind(int64_t M, const Weight4& w, bool backward) {
   return nullptr;
 }
 
+// Decoding a KC x NC panel of the 4-bit weight costs about as much as this many rows of
+// micro-kernel work on it (the thread-grid choice of linear4_gemm.h weighs it).
+constexpr int64_t kPackRows = 24;
+
 }  // namespace
 
 void linear4_forward_avx512(const float* x, int64_t M, int64_t ldx, const Weight4& w, const float* bias, float* y,
@@ -33,7 +37,7 @@ void linear4_forward_avx512(const float* x, int64_t M, int64_t ldx, const Weight
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float* tmp) {
     pack_forward_panel<Kernel12x32::NR>(w, j0, nc, p0, kc, bp, tmp);
   };
-  gemm_driver<Kernel12x32>(M, w.N, w.K, x, ldx, y, ldy, bias, pack, blocking(tuning(Isa::Avx512)), nthreads);
+  gemm_driver<Kernel12x32>(M, w.N, w.K, x, ldx, y, ldy, bias, pack, blocking(tuning(Isa::Avx512)), Kernel12x32::NR, kPackRows, nthreads);
 }
 
 void linear4_backward_input_avx512(const float* dy, int64_t M, int64_t lddy, const Weight4& w, float* dx,
@@ -46,7 +50,7 @@ void linear4_backward_input_avx512(const float* dy, int64_t M, int64_t lddy, con
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
     pack_backward_panel<Kernel12x32::NR>(w, j0, nc, p0, kc, bp);
   };
-  gemm_driver<Kernel12x32>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, blocking(tuning(Isa::Avx512)),
+  gemm_driver<Kernel12x32>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, blocking(tuning(Isa::Avx512)), 64, kPackRows,
                            nthreads);
 }
 

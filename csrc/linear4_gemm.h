@@ -53,9 +53,17 @@ void pack_a(const float* a, int64_t lda, int64_t mc, int64_t kc, float* ap) {
 //   reduction indices [p0, p0+kc), micro-panel q at bp + q * panel_stride(kc, NR);
 //   tmp holds round_up(kc, 16) floats.
 // bl: the cache blocking (tuning.h): kc and nc multiples of 64, mc rounded up to MR here.
+// unit: the column granularity of the thread and NC splits (a multiple of NR): 64 where
+//   the panel decoder's fast path needs 64-aligned column offsets (the 4-bit backward),
+//   NR otherwise: 576 columns in units of 64 split 320/256 over two threads, in units of
+//   16 evenly.
+// pack_rows: what filling one panel costs, in rows of micro-kernel work on it; weighs
+//   splitting the columns (each thread fills its own panels but copies all of A) against
+//   splitting the rows (each thread copies its rows of A but fills every panel).
 template <class UK, class Pack>
 void gemm_driver(int64_t M, int64_t NO, int64_t KR, const float* a, int64_t lda, float* c, int64_t ldc,
-                 const float* bias, const Pack& pack, const Blocking& bl, int nthreads) {
+                 const float* bias, const Pack& pack, const Blocking& bl, int64_t unit, int64_t pack_rows,
+                 int nthreads) {
   if (M == 0 || NO == 0) return;
   if (KR == 0) {
     for (int64_t m = 0; m < M; ++m)
@@ -63,18 +71,31 @@ void gemm_driver(int64_t M, int64_t NO, int64_t KR, const float* a, int64_t lda,
     return;
   }
   constexpr int MR = UK::MR, NR = UK::NR;
-  // Threads and NC blocks split the output columns in units of 64 (a multiple of NR):
-  // the panel decoders' fast paths need 64-aligned column offsets.
-  constexpr int64_t kUnit = 64;
-  static_assert(kUnit % NR == 0, "NR must divide 64");
-  const int64_t KC = bl.kc, NC = round_up(bl.nc, kUnit), MC = round_up(bl.mc, MR);
-  const int64_t units = ceil_div(NO, kUnit);
+  if (unit < NR || unit % NR != 0) unit = 64;
+  // Equal reduction blocks, multiples of 64 and at most kc: K=576 as 256+256+64 ran the last
+  // block's micro-kernel calls (C loaded and stored for 64 k) at a fraction of the rate.
+  const int64_t nkb = ceil_div(KR, bl.kc);
+  const int64_t KC = imin(bl.kc, round_up(ceil_div(KR, nkb), 64));
+  const int64_t NC = round_up(bl.nc, unit), MC = round_up(bl.mc, MR);
+  const int64_t units = ceil_div(NO, unit);
+  const int64_t mu = ceil_div(M, MR);
   const int T0 = nthreads < 1 ? 1 : nthreads;
-  const int tn = static_cast<int>(imin(T0, units));
-  const int tm = static_cast<int>(imax(1, imin(T0 / tn, ceil_div(M, MR))));
+  // Every thread copies the rows of A it computes into panels: about this many columns of
+  // micro-kernel work per row.
+  constexpr int64_t kPackACols = 16;
+  // The thread grid tn x tm with the least work on its busiest thread (ties: more column
+  // groups, the old choice, which packs each panel once).
+  int tn = 1, tm = 1;
+  int64_t best = -1;
+  for (int n = static_cast<int>(imin(T0, units)); n >= 1; --n) {
+    const int m = static_cast<int>(imax(1, imin(T0 / n, mu)));
+    const int64_t cols = ceil_div(units, n) * unit, rows = ceil_div(mu, m) * MR;
+    const int64_t cost = cols * (rows + pack_rows) + rows * kPackACols;
+    if (best < 0 || cost < best) best = cost, tn = n, tm = m;
+  }
   const int T = tn * tm;
   const int64_t kcmax = imin(KC, KR);
-  const int64_t ncmax = imin(NC, ceil_div(units, tn) * kUnit);
+  const int64_t ncmax = imin(NC, ceil_div(units, tn) * unit);
   const int64_t mcmax = round_up(imin(MC, M), MR);
   const int64_t bp_floats = ceil_div(ncmax, NR) * panel_stride(kcmax, NR);
   const int64_t per_thread = bp_floats + round_up(kcmax, 16) + round_up(mcmax * kcmax + 16, 16);
@@ -84,8 +105,7 @@ void gemm_driver(int64_t M, int64_t NO, int64_t KR, const float* a, int64_t lda,
   {
     const int t = thread_id();
     const int ti = t % tn, tj = t / tn;
-    const int64_t n0 = imin(NO, units * ti / tn * kUnit), n1 = imin(NO, units * (ti + 1) / tn * kUnit);
-    const int64_t mu = ceil_div(M, MR);
+    const int64_t n0 = imin(NO, units * ti / tn * unit), n1 = imin(NO, units * (ti + 1) / tn * unit);
     const int64_t m0 = imin(M, mu * tj / tm * MR), m1 = imin(M, mu * (tj + 1) / tm * MR);
     float* bp = buf.data() + t * per_thread;
     float* tmp = bp + bp_floats;
