@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the main job and the tests need, on a fresh Debian machine:
 #   * PoCL, the CPU implementation of OpenCL (Debian: pocl-opencl-icd), for the opencl backend;
+#   * Verilator and Yosys (Debian) for the RTL tests (hls/rtl: simulation and synthesis);
 #   * a virtual environment in .venv with the CPU build of PyTorch;
 #   * this package (pip compiles the C++ extension) with the extras the tests use.
 # Idempotent: a second run only rebuilds the package.
@@ -9,13 +10,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! dpkg -s pocl-opencl-icd ocl-icd-libopencl1 >/dev/null 2>&1; then
+APT_PACKAGES=(pocl-opencl-icd ocl-icd-libopencl1 clinfo verilator yosys)
+if ! dpkg -s "${APT_PACKAGES[@]}" >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
-    echo "setup: installing PoCL (pocl-opencl-icd) with apt-get"
+    echo "setup: installing ${APT_PACKAGES[*]} with apt-get"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pocl-opencl-icd ocl-icd-libopencl1 clinfo >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PACKAGES[@]}" >/dev/null
   else
-    echo "setup: warning: not root, cannot apt-get install pocl-opencl-icd (the opencl tests need it)" >&2
+    echo "setup: warning: not root, cannot apt-get install ${APT_PACKAGES[*]} (the opencl and RTL tests need them)" >&2
   fi
 fi
 

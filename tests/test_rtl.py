@@ -1,0 +1,128 @@
+"""The RTL decode datapath (hls/rtl/), simulated cycle by cycle with Verilator against the
+reference backend, and synthesized for UltraScale+ with Yosys. Needs verilator and yosys
+(scripts/setup.sh installs both); a missing tool fails, never skips."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels import formats
+from qlora_kernels.backends import run
+from qlora_kernels.fpga import kernels as fpga_kernels
+from qlora_kernels.fpga import rtl
+from qlora_kernels.fpga.params import DESIGN
+
+# This checkout's RTL and header: the package may be installed elsewhere (a wheel in a venv).
+HLS = Path(__file__).resolve().parents[1] / "hls"
+RTL = HLS / "rtl"
+LANES = DESIGN.decode_lanes
+LATENCY = 9  # codebook lookup + qk_fmul's eight stages (hls/rtl/qk_decode_unit.v)
+
+
+@pytest.fixture(scope="module")
+def decode_exe(tmp_path_factory):
+    return rtl.build_decode(tmp_path_factory.mktemp("verilator"), d=RTL)
+
+
+def test_rtl_parameters_are_generated_from_the_hls_header():
+    header = (HLS / "qk_hls_params.h").read_text()
+    assert (RTL / "qk_params.vh").read_text() == rtl.params_vh(header), \
+        "hls/rtl/qk_params.vh is stale: regenerate it with qlora_kernels.fpga.rtl.params_vh()"
+    changed = header.replace("#define QK_DECODE_LANES 16", "#define QK_DECODE_LANES 32")
+    assert "`define QK_DECODE_LANES 32" in rtl.params_vh(changed)
+    top = (RTL / "qk_decode_top.v").read_text()
+    assert "`include \"qk_params.vh\"" in top and "parameter LANES = `QK_DECODE_LANES" in top
+
+
+def _golden(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, n: int) -> np.ndarray:
+    with qk.use_backend("reference"):
+        out = run("dequantize_4bit", packed, absmax, blocksize, quant_type, [n], torch.float32)
+    return out.numpy()
+
+
+def _case(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, n: int) -> rtl.DecodeCase:
+    """The feeder's view: the code bytes padded to whole beats (the padding decodes to
+    values the host drops), one absmax per block."""
+    beats = -(-n // LANES)
+    codes = np.zeros(beats * LANES // 2, dtype=np.uint8)
+    codes[:packed.numel()] = packed.numpy().reshape(-1)
+    return rtl.DecodeCase(formats.codebook(quant_type).numpy(), codes, absmax.numpy().astype(np.float32),
+                          blocksize // LANES)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("quant_type", formats.QUANT_TYPES)
+def test_decode_is_bit_exact_with_the_reference(decode_exe, quant_type):
+    g = torch.Generator().manual_seed(1)
+    cases, golden = [], []
+    for blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        n = 3 * blocksize - 7  # not a multiple of the beat nor of the block
+        packed = torch.randint(0, 256, (formats.packed_numel(n),), dtype=torch.uint8, generator=g)
+        nb = formats.num_blocks(n, blocksize)
+        absmax = torch.rand(nb, generator=g) * 4
+        absmax[0] = 0.0  # a zero block: signed zeros (negative codes give -0.0)
+        if nb > 2:
+            absmax[2] = 1e-39  # subnormal absmax: subnormal products, rounded
+        cases.append(_case(packed, absmax, blocksize, quant_type, n))
+        golden.append(_golden(packed, absmax, blocksize, quant_type, n))
+    for c, want, out in zip(cases, golden, rtl.run_decode(decode_exe, cases, LANES)):
+        got = out.values[:len(want)]
+        assert np.array_equal(_bits(got), _bits(want)), f"blocksize {c.beats_per_block * LANES}"
+
+
+def test_every_codebook_entry_and_tie_is_rounded_as_the_cpu_does(decode_exe):
+    """Every nibble against absmax values that make ties (odd significands times a power
+    of two past the precision), subnormal, overflowing and special products; golden: the
+    CPU's own fp32 multiply (numpy), operand order code * absmax as the reference."""
+    rng = np.random.default_rng(2)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1.17549435e-38, 3.4028235e38,
+                         -3.4028235e38, 1.0, -1.0, 1.5, 0.75, 2.0**-126 * 1.5, 2.0**127], dtype=np.float32)
+    nan_payload = np.array([0x7FA00001, 0xFF800123], dtype=np.uint32).view(np.float32)  # signalling NaNs
+    codebooks = [specials,
+                 np.concatenate([nan_payload, specials[:14]]),
+                 (1 + rng.integers(1, 2**23, 16) * 2.0**-23).astype(np.float32),  # odd significands
+                 rng.standard_normal(16).astype(np.float32) * np.float32(2.0**-120),
+                 formats.codebook("nf4").numpy(), formats.codebook("fp4").numpy()]
+    for cb in codebooks:
+        beats = 256
+        codes = rng.integers(0, 256, beats * LANES // 2, dtype=np.uint8)
+        codes[:8] = np.arange(0, 256, 0x11, dtype=np.uint8)[:8]  # every nibble early
+        pieces = [specials, (1 + rng.integers(1, 2**23, 64) * 2.0**-23) * 2.0**-140,  # subnormal ties
+                  rng.standard_normal(64) * 2.0**rng.integers(-150, 128, 64), rng.random(beats) * 4]
+        absmax = np.concatenate(pieces).astype(np.float32)[:beats]
+        case = rtl.DecodeCase(cb, codes, absmax, 1)
+        (out,) = rtl.run_decode(decode_exe, [case], LANES)
+        nib = np.stack([codes >> 4, codes & 15], axis=1).reshape(-1)
+        with np.errstate(all="ignore"):
+            want = cb[nib] * np.repeat(absmax, LANES)
+        assert np.array_equal(_bits(out.values), _bits(want)), \
+            np.nonzero(_bits(out.values) != _bits(want))[0][:5]
+
+
+def test_one_beat_per_cycle_and_the_latency_the_model_assumes(decode_exe):
+    """II = QK_II (one beat of QK_DECODE_LANES values per cycle, with a new block's absmax
+    taken without a bubble) and a fill latency below the fp32 operator depth the model
+    budgets (kernels.GEMV_DEPTH)."""
+    g = torch.Generator().manual_seed(3)
+    for blocksize, beats in ((32, 1), (32, 500), (64, 333), (4096, 1024)):
+        n = beats * LANES
+        packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=g)
+        absmax = torch.rand(formats.num_blocks(n, blocksize), generator=g)
+        (out,) = rtl.run_decode(decode_exe, [_case(packed, absmax, blocksize, "nf4", n)], LANES)
+        assert out.latency == LATENCY
+        assert out.cycles == beats * DESIGN.ii + LATENCY, (blocksize, beats, out.cycles)
+    assert LATENCY < fpga_kernels.GEMV_DEPTH
+
+
+def test_yosys_maps_a_decode_lane_onto_ultrascale_plus_primitives():
+    cells = rtl.synth_cells("qk_decode_unit", {"LANES": 1}, d=RTL)
+    # the 24x24 significand product on DSP48E2 slices, logic in LUTs, pipeline in flip-flops
+    assert cells.get("DSP48E2", 0) >= 2, cells
+    assert any(k.startswith("LUT") for k in cells) and any(k.startswith("FD") for k in cells), cells
