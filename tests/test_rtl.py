@@ -28,6 +28,51 @@ def decode_exe(tmp_path_factory):
     return rtl.build_decode(tmp_path_factory.mktemp("verilator"), d=RTL)
 
 
+@pytest.fixture(scope="module")
+def fp_exe(tmp_path_factory):
+    return rtl.build_fp(tmp_path_factory.mktemp("verilator-fp"), d=RTL)
+
+
+def _operands(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs that meet every path of an fp32 adder and multiplier: specials, subnormals,
+    exact cancellations, near-cancellations (same exponent, a few ulps apart), ties of the
+    alignment (exponents 24-26 apart), carries into the next exponent, overflow."""
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1.17549435e-38, -1.17549421e-38,
+                         3.4028235e38, -3.4028235e38, 1.0, -1.0, 2.0**-126 * 1.5], dtype=np.float32)
+    snan = np.array([0x7FA00001, 0xFF800123], dtype=np.uint32).view(np.float32)
+    sp = np.concatenate([specials, snan])
+    a_sp, b_sp = np.meshgrid(sp, sp)
+    bits = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    rand = bits.view(np.float32)
+    sub = (rng.integers(1, 2**23, n).astype(np.uint32) | (rng.integers(0, 2, n).astype(np.uint32) << 31)).view(
+        np.float32)
+    near = rand * np.float32(-1)
+    near_ulps = (rand.view(np.uint32) + rng.integers(-3, 4, n).astype(np.uint32)).view(np.float32)
+    m = (1 + rng.integers(0, 2**23, n) * 2.0**-23)
+    e = rng.integers(-40, 40, n)
+    x = (m * 2.0**e).astype(np.float32)
+    y = (rng.choice([1, -1], n) * (1 + rng.integers(0, 8, n) * 2.0**-23) * 2.0**(e - rng.integers(22, 27, n))).astype(
+        np.float32)
+    big = (rng.random(n) * 2 + 1).astype(np.float32) * np.float32(2.0**127)
+    a = np.concatenate([a_sp.ravel(), rand, sub, rand, rand, x, big, sub])
+    b = np.concatenate([b_sp.ravel(), rand[::-1], sub[::-1], near, near_ulps * -1, y, big, rand])
+    return a, b
+
+
+def test_fp_adder_and_multiplier_are_bit_exact_with_the_cpu(fp_exe):
+    """qk_fadd and qk_fmul against numpy's float32 add and multiply (the CPU's SSE/AVX
+    instructions, round to nearest even, no flush to zero), every pair bit for bit."""
+    with np.errstate(all="ignore"):  # the operands include NaNs and overflows on purpose
+        a, b = _operands(np.random.default_rng(4), 4000)
+    s, p = rtl.run_fp(fp_exe, a, b)
+    with np.errstate(all="ignore"):
+        ws, wp = a + b, a * b
+    for name, got, want in (("add", s, ws), ("mul", p, wp)):
+        bad = np.nonzero(_bits(got) != _bits(want))[0]
+        assert bad.size == 0, [(name, hex(a.view(np.uint32)[i]), hex(b.view(np.uint32)[i]),
+                                hex(_bits(got)[i]), hex(_bits(want)[i])) for i in bad[:4]]
+
+
 def test_rtl_parameters_are_generated_from_the_hls_header():
     header = (HLS / "qk_hls_params.h").read_text()
     assert (RTL / "qk_params.vh").read_text() == rtl.params_vh(header), \

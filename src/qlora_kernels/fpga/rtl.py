@@ -34,25 +34,42 @@ def params_vh(header_text: str | None = None) -> str:
 
 def sources(d: Path | None = None) -> list[Path]:
     d = rtl_dir() if d is None else Path(d)
-    return [d / "qk_fmul.v", d / "qk_scale_seq.v", d / "qk_decode_unit.v", d / "qk_decode_top.v"]
+    return [d / "qk_fmul.v", d / "qk_fadd.v", d / "qk_scale_seq.v", d / "qk_decode_unit.v", d / "qk_decode_top.v"]
+
+
+def _verilate(top: str, harness: str, extra: list[Path], out_dir: Path, d: Path, args: list[str]) -> Path:
+    verilator = shutil.which("verilator")
+    if verilator is None:
+        raise RuntimeError("verilator is not installed (scripts/setup.sh installs it: apt-get install verilator)")
+    out_dir = Path(out_dir)
+    cmd = [verilator, "--cc", "--exe", "--build", "-O3", "-Wno-fatal", "--top-module", top, f"-I{d}",
+           "--Mdir", str(out_dir), "-o", harness, "-j", str(max(1, min(2, os.cpu_count() or 1))), *args]
+    cmd += [str(p) for p in sources(d) + extra] + [str(d / "tb" / f"{harness}.cpp")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out_dir / harness
 
 
 def build_decode(out_dir: Path, lanes: int | None = None, d: Path | None = None) -> Path:
     """Verilates qk_decode_top (the RTL in ``d``, default rtl_dir()) with its C++ harness;
     returns the executable. ``lanes`` overrides QK_DECODE_LANES (a multiple of 8)."""
     d = rtl_dir() if d is None else Path(d)
-    verilator = shutil.which("verilator")
-    if verilator is None:
-        raise RuntimeError("verilator is not installed (scripts/setup.sh installs it: apt-get install verilator)")
-    out_dir = Path(out_dir)
-    cmd = [verilator, "--cc", "--exe", "--build", "-O3", "-Wno-fatal",
-           "--top-module", "qk_decode_top", f"-I{d}", "--Mdir", str(out_dir), "-o", "tb_decode",
-           "-j", str(max(1, min(2, os.cpu_count() or 1)))]
-    if lanes is not None:
-        cmd.append(f"-GLANES={lanes}")
-    cmd += [str(p) for p in sources(d)] + [str(d / "tb" / "tb_decode.cpp")]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return out_dir / "tb_decode"
+    return _verilate("qk_decode_top", "tb_decode", [], out_dir, d, [] if lanes is None else [f"-GLANES={lanes}"])
+
+
+def build_fp(out_dir: Path, d: Path | None = None) -> Path:
+    """Verilates qk_fadd and qk_fmul side by side (tb/qk_fp_tb_top.v) with their harness."""
+    d = rtl_dir() if d is None else Path(d)
+    return _verilate("qk_fp_tb_top", "tb_fp", [d / "tb" / "qk_fp_tb_top.v"], out_dir, d, [])
+
+
+def run_fp(exe: Path, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a + b, a * b) elementwise in the RTL operators, as float32 arrays."""
+    a32 = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    b32 = np.ascontiguousarray(b, np.float32).view(np.uint32)
+    text = f"{len(a32):x} " + " ".join(f"{x:x} {y:x}" for x, y in zip(a32, b32))
+    out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True).stdout.split()
+    words = np.array([int(w, 16) for w in out], dtype=np.uint32).reshape(-1, 2)
+    return words[:, 0].view(np.float32), words[:, 1].view(np.float32)
 
 
 @dataclass
