@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 mkdir -p bench-results
-cls=$("$PY" -c "import qlora_kernels._C as c; print('avx512' if c.best_isa() == 'avx512' else 'avx2')")
+cls=$("$PY" -c "import qlora_kernels._C as c; print('avx512' if c.best_isa().startswith('avx512') else 'avx2')")
 section=$(mktemp)
 {
   if [ "$cls" = avx512 ]; then echo "## AVX-512 machine"; else echo "## AVX2-only machine"; fi
