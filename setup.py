@@ -90,7 +90,8 @@ setup(
     packages=find_packages("src") + ["qlora_kernels.kernels"],
     py_modules=["_qlora_kernels_bnb"],  # the bitsandbytes.backends entry point (pyproject.toml)
     package_dir={"": "src", "qlora_kernels.kernels": "kernels"},
-    package_data={"qlora_kernels.kernels": ["*.cl"]},
+    # fpga: what scripts/rtl_synth.py measured from hls/rtl, read by the FPGA model (fpga/measured.py)
+    package_data={"qlora_kernels.kernels": ["*.cl"], "qlora_kernels.fpga": ["rtl_measured.json"]},
     ext_modules=[ext, hls_ext],
     cmdclass={"build_ext": BuildExt},
 )

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Synthesis and place-and-route of the RTL decode datapath with open tools; writes
-hls/rtl/synth_results.json (the numbers docs/fpga.md quotes, with the tool versions).
+src/qlora_kernels/fpga/rtl_measured.json (the numbers docs/fpga.md quotes and
+the model uses with --operators rtl, with the tool versions).
 
   * Yosys `synth_xilinx -family xcup` (UltraScale+): cells of the fp32 adder and multiplier,
     per decode lane (qk_decode_unit with LANES=1) and per decode unit (LANES =
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from qlora_kernels.fpga import rtl  # noqa: E402
 from qlora_kernels.fpga.params import DESIGN  # noqa: E402
 
-OUT = rtl.rtl_dir() / "synth_results.json"
+OUT = ROOT / "src" / "qlora_kernels" / "fpga" / "rtl_measured.json"  # package data: fpga-estimate reads it
 
 
 def _version(cmd: list[str]) -> str:

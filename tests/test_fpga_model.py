@@ -145,3 +145,66 @@ def test_cli_prints_the_estimate(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["decode"]["fraction_of_roofline"] >= 0.8 and data["design"]["QK_LANES"] == 128
     assert cli.main(["fpga-estimate", "--board", "nope"]) == 2
+
+
+# ---- measured numbers (src/qlora_kernels/fpga/rtl_measured.json, scripts/rtl_synth.py) ----
+
+def test_rtl_operator_costs_are_the_measured_cells():
+    from qlora_kernels.fpga import measured
+
+    data = measured.load()
+    assert data["tools"]["yosys"].startswith("Yosys") and data["xcup"]["fp32 adder"]["top"] == "qk_fadd"
+    costs = rs.op_costs(BOARDS["u280"], "rtl")
+    for op, unit in (("fadd", "fp32 adder"), ("fmul", "fp32 multiplier")):
+        cells = data["xcup"][unit]["cells"]
+        r, src = costs[op]
+        assert r.dsp == cells.get("DSP48E2", 0) and r.ff == sum(v for k, v in cells.items() if k.startswith("FD"))
+        assert r.lut >= sum(v for k, v in cells.items() if k.startswith("LUT"))
+        assert src.startswith("measured: Yosys") and "hls/rtl/qk_" in src
+    assert all(src.startswith("assumed") for _, src in rs.op_costs(BOARDS["u280"], "vitis").values())
+
+
+def test_a_measured_number_moves_the_estimate(monkeypatch):
+    """The model reads the measured JSON: more LUTs per measured adder, more LUTs per GEMV
+    compute unit (by the CU's adder count), and the estimate's resource use follows."""
+    import copy
+
+    from qlora_kernels.fpga import measured
+
+    u280 = BOARDS["u280"]
+    base = fpga.estimate("u280", "phi-3-mini", operators="rtl")
+    base_cu = rs.gemv_cu(fpga.DESIGN, u280, "rtl")
+    data = copy.deepcopy(measured.load())
+    data["xcup"]["fp32 adder"]["cells"]["LUT6"] += 1000
+    monkeypatch.setattr(measured, "load", lambda: data)
+    fadds, _ = rs.gemv_ops(fpga.DESIGN)
+    assert rs.gemv_cu(fpga.DESIGN, u280, "rtl").lut - base_cu.lut == 1000 * fadds
+    moved = fpga.estimate("u280", "phi-3-mini", operators="rtl")
+    # 84 more kLUT per CU: fewer CUs fit, and decode slows
+    assert moved.decode["compute_units"] < base.decode["compute_units"]
+    assert moved.decode["tokens_per_s"] < base.decode["tokens_per_s"]
+
+
+def test_provenance_says_measured_or_assumed_per_number():
+    rtl = fpga.estimate("u280", "phi-3-mini", operators="rtl")
+    vitis = fpga.estimate("u280", "phi-3-mini")
+    assert any(p.startswith("fadd:") and "measured: Yosys" in p for p in rtl.provenance)
+    assert any(p.startswith("fmul:") and "assumed" in p for p in vitis.provenance)
+    assert any("ECP5" in p and "not an UltraScale+ figure" in p for p in rtl.provenance)
+    text = str(rtl)
+    assert "Provenance (measured or assumed)" in text and "measured: Yosys" in text
+    assert rtl.as_dict()["provenance"] == rtl.provenance
+    with pytest.raises(ValueError, match="UltraScale\\+ only"):
+        fpga.estimate("v80", "phi-3-mini", operators="rtl")
+    with pytest.raises(ValueError, match="operators must be one of"):
+        fpga.estimate("u280", "phi-3-mini", operators="exact")
+
+
+def test_exact_operators_cost_the_u280_its_compute_units():
+    """With the measured exact operators the GEMV compute units are LUT-bound on the U280:
+    fewer fit, and decode falls well short of the roofline (docs/fpga.md states by how much)."""
+    rtl = fpga.estimate("u280", "phi-3-mini", operators="rtl").decode
+    vitis = fpga.estimate("u280", "phi-3-mini").decode
+    assert rtl["compute_units"] < vitis["compute_units"]
+    assert rtl["tokens_per_s"] < vitis["tokens_per_s"]
+    assert rtl["resources"]["most_used"] == "lut"

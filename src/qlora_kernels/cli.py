@@ -77,7 +77,8 @@ def _fpga_estimate(args) -> int:
 
     opts = {"blocksize": args.blocksize, "double_quant": args.double_quant, "lm_head": args.lm_head,
             "context": args.context, "efficiency": args.efficiency, "clock_mhz": args.clock_mhz,
-            "lora_rank": args.lora_rank, "train_seq": args.seq, "train_batch": args.batch}
+            "lora_rank": args.lora_rank, "train_seq": args.seq, "train_batch": args.batch,
+            "operators": args.operators}
     try:
         est = fpga.estimate(board=args.board, model=args.model, **opts)
     except ValueError as e:
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     fe.add_argument("--efficiency", type=float, default=None, help="memory derating (default: the board's)")
     fe.add_argument("--clock-mhz", type=float, default=None, help="kernel clock (default: the board's)")
     fe.add_argument("--lora-rank", type=int, default=16)
+    fe.add_argument("--operators", choices=("vitis", "rtl"), default="vitis",
+                    help="fp32 operator costs: typical Vitis csynth figures (assumed), or the exact RTL operators "
+                         "of hls/rtl as synthesized by Yosys for UltraScale+ (measured)")
     fe.add_argument("--seq", type=int, default=512, help="training sequence length")
     fe.add_argument("--batch", type=int, default=1, help="training batch size")
     fe.set_defaults(func=_fpga_estimate)

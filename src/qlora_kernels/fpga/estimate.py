@@ -31,6 +31,7 @@ class Options:
     train_batch: int = 1
     train_seq: int = 512
     util_cap: float = 0.85         # fraction of the post-shell fabric a build may use (routability)
+    operators: str = "vitis"       # fp32 operator costs: "vitis" (assumed csynth figures) or "rtl" (measured, hls/rtl)
 
 
 def weight_bytes_per_token(model: ModelConfig, blocksize: int = 64, double_quant: bool = False,
@@ -76,6 +77,7 @@ class Estimate:
     decode: dict[str, Any]
     training: dict[str, Any]
     assumptions: list[str] = field(default_factory=list)
+    provenance: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"board": {"key": self.board.key, "name": self.board.name, "device": self.board.device,
@@ -83,7 +85,7 @@ class Estimate:
                 "model": {"name": self.model.name, "params": self.model.total_params,
                           "linear_params": self.model.linear_params},
                 "options": self.options.__dict__, "design": self.design.as_params(), "decode": self.decode,
-                "training": self.training, "assumptions": self.assumptions}
+                "training": self.training, "assumptions": self.assumptions, "provenance": self.provenance}
 
     def __str__(self) -> str:
         from .report import format_text
@@ -132,7 +134,7 @@ def gemv_cu_candidates(board: Board, o: Options, d: Design) -> list[int]:
     else:
         lo = max(1, int(board.peak_gbps * _eff(board, o) // port))
         cands = sorted({c for c in range(lo, board.max_ports + 1) if c % 4 == 0} | {lo, board.max_ports})
-    per_cu = rs.gemv_cu(d, board)
+    per_cu = rs.gemv_cu(d, board, o.operators)
     return [c for c in cands if _fits(per_cu * c, board, o.util_cap)] or [min(cands)]
 
 
@@ -193,7 +195,7 @@ def training_estimate(board: Board, model: ModelConfig, o: Options, d: Design) -
     port = d.word_bytes * f / 1e9
     M, r, S = o.train_batch * o.train_seq, o.lora_rank, o.train_seq
     spw = d.scales_per_beat(o.blocksize)
-    pair, lora = rs.gemm_cu(d, board) + rs.gemm_t_cu(d, board), rs.lora_cus(d, board)
+    pair, lora = rs.gemm_cu(d, board, o.operators) + rs.gemm_t_cu(d, board, o.operators), rs.lora_cus(d, board, o.operators)
     best = None
     for lp in (1, 2, 3, 4):
         g = 0
@@ -259,7 +261,7 @@ def estimate(board: str | Board = "u280", model: Any = "phi-3-mini", *, design: 
               "fraction_of_roofline": dec0["tokens_per_s"] / roof, "bytes_per_token": wb,
               "kv_bytes_per_token_at_context": o.context * m.kv_bytes_per_position(o.kv_bytes),
               "tokens_per_s_at_context": decc["tokens_per_s"], "context": o.context,
-              "resources": _resource_report(rs.gemv_cu(design, b) * cus, b, f"{cus} x qk_gemv_4bit")}
+              "resources": _resource_report(rs.gemv_cu(design, b, o.operators) * cus, b, f"{cus} x qk_gemv_4bit")}
     decode["bound"] = ("resources" if not decode["resources"]["fits"] else
                        "memory" if dec0["bound"] == "memory" else "compute")
     decode["roofline"] = roofline(b, design, cus * design.lanes, wb["total"] / m.total_params, _eff(b, o), _clock(b, o))
@@ -269,7 +271,31 @@ def estimate(board: str | Board = "u280", model: Any = "phi-3-mini", *, design: 
         per_mac = (0.5 + 4.0 / o.blocksize) / design.gemm_tm + 8.0 / max(1, m.hidden)
         training["roofline"] = roofline(b, design, 2 * training["gemm_pairs"] * design.lanes, per_mac, _eff(b, o),
                                         _clock(b, o))
-    return Estimate(b, m, o, design, decode, training, assumptions(b, o, design, cus))
+    return Estimate(b, m, o, design, decode, training, assumptions(b, o, design, cus), provenance(b, o))
+
+
+def provenance(b: Board, o: Options) -> list[str]:
+    """Where each number the resource and clock figures rest on comes from: measured (which
+    tool, which source) or assumed."""
+    out = []
+    for op, (r, src) in rs.op_costs(b, o.operators).items():
+        out.append(f"{op}: {r.lut:,.0f} LUT, {r.ff:,.0f} FF, {r.dsp:g} DSP per instance ({src})")
+    clock = (f"kernel clock {(o.clock_mhz or b.kernel_clock_mhz):g} MHz: "
+             + ("set by the caller" if o.clock_mhz else "assumed (the board's default kernel clock)"))
+    try:
+        from .measured import load
+
+        ecp5 = load().get("ecp5", {})
+        fmax = ", ".join(f"{k} {max(v['fmax_mhz'].values())} MHz" for k, v in ecp5.items())
+        if fmax:
+            clock += f"; measured only on a Lattice ECP5 with nextpnr ({fmax}), not an UltraScale+ figure"
+    except (OSError, ValueError, KeyError):
+        pass
+    out.append(clock)
+    out.append("per-CU ports, control, buffers and tables: assumed (typical Vitis figures, resources.py)")
+    out.append("cycle counts: the HLS loop structure (kernels.py), assumed II=1; the RTL decode unit's II=1 and "
+               "latency are measured by Verilator (tests/test_rtl.py)")
+    return out
 
 
 def assumptions(b: Board, o: Options, d: Design, cus: int) -> list[str]:
@@ -300,7 +326,9 @@ def assumptions(b: Board, o: Options, d: Design, cus: int) -> list[str]:
         f"training: batch {o.train_batch} x {o.train_seq} tokens, LoRA r={o.lora_rank} on qkv/o/gate_up/down, "
         "forward and input-gradient engines are separate CUs (one idles while the other runs), bf16 lm_head and "
         "attention matmuls assumed at the GEMM engines' rate (no such HLS engine here), no gradient checkpointing",
-        f"resources: operator costs per family ({b.family}) are typical csynth figures, not synthesis of this "
-        f"code; {b.shell_fraction:.0%} of the fabric assumed taken by the platform shell",
+        (f"resources: operator costs per family ({b.family}) are typical csynth figures, not synthesis of this "
+         f"code" if o.operators == "vitis" else "resources: fp32 operators as the exact RTL operators of hls/rtl "
+         "synthesized by Yosys (subnormals and round to nearest even, as the reference computes)")
+        + f"; {b.shell_fraction:.0%} of the fabric assumed taken by the platform shell",
     ] + ([f"board figures not verified against the data sheet here: {', '.join(b.unverified)}"] if b.unverified
          else [])

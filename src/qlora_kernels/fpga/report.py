@@ -74,6 +74,9 @@ def format_text(est) -> str:
     L.append("")
     L.append("Assumptions")
     L += [f"  - {a}" for a in est.assumptions]
+    if est.provenance:
+        L.append("Provenance (measured or assumed)")
+        L += [f"  - {x}" for x in est.provenance]
     w = warnings(est)
     if w:
         L.append("Warnings")

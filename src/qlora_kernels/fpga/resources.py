@@ -70,9 +70,29 @@ def lutram(bits: int) -> Resources:
     return Resources(lut=math.ceil(bits / LUTRAM_BITS_PER_LUT))
 
 
-def _ops(board: Board, fadd: int, fmul: int) -> Resources:
-    c = OP_COSTS[board.family]
-    return c["fadd"] * fadd + c["fmul"] * fmul
+OPERATORS = ("vitis", "rtl")
+
+
+def op_costs(board: Board, operators: str = "vitis") -> dict[str, tuple[Resources, str]]:
+    """Per fp32 operator: its resources and where the figure comes from. "vitis": the
+    typical csynth figures above (assumed); "rtl": the exact operators of hls/rtl as Yosys
+    mapped them for UltraScale+ (measured; measured.py)."""
+    if operators == "vitis":
+        return {k: (v, f"assumed: typical Vitis HLS csynth figure for {board.family}")
+                for k, v in OP_COSTS[board.family].items()}
+    if operators == "rtl":
+        if board.family != "ultrascale+":
+            raise ValueError(f"operators='rtl': measured operator costs exist for UltraScale+ only (Yosys "
+                             f"synth_xilinx -family xcup), not for {board.family}")
+        from .measured import op_costs as measured
+
+        return {k: (Resources(**r), src) for k, (r, src) in measured().items()}
+    raise ValueError(f"operators must be one of {', '.join(OPERATORS)}, got {operators!r}")
+
+
+def _ops(board: Board, fadd: int, fmul: int, operators: str = "vitis") -> Resources:
+    c = op_costs(board, operators)
+    return c["fadd"][0] * fadd + c["fmul"][0] * fmul
 
 
 def gemv_ops(d: Design) -> tuple[int, int]:
@@ -82,9 +102,9 @@ def gemv_ops(d: Design) -> tuple[int, int]:
     return tree + 3 + 1 + d.build_adds, 7 + d.build_muls
 
 
-def gemv_cu(d: Design, board: Board) -> Resources:
+def gemv_cu(d: Design, board: Board, operators: str = "vitis") -> Resources:
     fadd, fmul = gemv_ops(d)
-    r = _ops(board, fadd, fmul)
+    r = _ops(board, fadd, fmul, operators)
     r += Resources(bram=d.byte_lanes * bram_blocks(2 * d.pair_entries, 32, board))  # pair tables, two banks
     r += lutram(d.lanes * d.codes * 32)                                             # nibble products
     r += Resources(ff=2 * d.lanes * 32)                                             # x of two tiles, registers
@@ -95,35 +115,35 @@ def gemv_cu(d: Design, board: Board) -> Resources:
     return r + WIDE_PORT * 3 + CONTROL  # weights, scales, and one port shared by x/codebook/y
 
 
-def gemm_cu(d: Design, board: Board) -> Resources:
+def gemm_cu(d: Design, board: Board, operators: str = "vitis") -> Resources:
     """qk_gemm_4bit: 128 multipliers, 4 trees of 32, scale datapath, accumulator."""
     fadd = d.scale_slots * (d.group_min - 1) + 3 + 1
-    r = _ops(board, fadd, d.lanes + 7)
+    r = _ops(board, fadd, d.lanes + 7, operators)
     r += large_memory(d.gemm_max_rows, 32, board) * d.gemm_tm                        # accumulators [TM][rows]
     r += lutram(d.lanes * d.gemm_tm * 32)                                            # x tile [TM][128]
     r += Resources(lut=16 * d.lanes, ff=32 * d.lanes)                                # codebook ROM per lane, codes
     return r + WIDE_PORT * 4 + CONTROL
 
 
-def gemm_t_cu(d: Design, board: Board) -> Resources:
+def gemm_t_cu(d: Design, board: Board, operators: str = "vitis") -> Resources:
     """qk_gemm_4bit_t: 4 scale multipliers, 128 multiply-accumulate lanes."""
-    r = _ops(board, d.lanes, d.lanes + d.scale_slots)
+    r = _ops(board, d.lanes, d.lanes + d.scale_slots, operators)
     r += large_memory(d.gemm_max_rows, 32, board) * d.gemm_tm                        # dy tile [TM][rows]
     r += lutram(d.lanes * d.gemm_tm * 32)                                            # accumulators [TM][128]
     r += Resources(lut=16 * d.lanes, ff=32 * d.lanes)
     return r + WIDE_PORT * 4 + CONTROL
 
 
-def lora_cus(d: Design, board: Board) -> Resources:
+def lora_cus(d: Design, board: Board, operators: str = "vitis") -> Resources:
     """One qk_lora_down and one qk_lora_up: 64-lane dot products with 64-input trees."""
-    down = _ops(board, d.lora_lanes, d.lora_lanes) + lutram(d.lora_lanes * d.lora_tm * 32)
+    down = _ops(board, d.lora_lanes, d.lora_lanes, operators) + lutram(d.lora_lanes * d.lora_tm * 32)
     down += Resources(bram=bram_blocks(d.lora_tm * d.lora_max_r, 32, board))
-    up = _ops(board, d.lora_lanes + 1, d.lora_max_r + 1) + lutram(d.lora_max_r * d.lora_tm * 32)
+    up = _ops(board, d.lora_lanes + 1, d.lora_max_r + 1, operators) + lutram(d.lora_max_r * d.lora_tm * 32)
     return down + up + WIDE_PORT * 7 + CONTROL * 2
 
 
-def decode_cu(d: Design, board: Board) -> Resources:
-    return _ops(board, 0, d.decode_lanes) + Resources(lut=16 * d.decode_lanes) + WIDE_PORT * 3 + CONTROL
+def decode_cu(d: Design, board: Board, operators: str = "vitis") -> Resources:
+    return _ops(board, 0, d.decode_lanes, operators) + Resources(lut=16 * d.decode_lanes) + WIDE_PORT * 3 + CONTROL
 
 
 def utilization(used: Resources, board: Board) -> dict[str, dict[str, float]]:
