@@ -15,6 +15,10 @@ are the same from run to run. A candidate replaces the built-in default only whe
 median time beats the default's by more than ``MARGIN``, so a noisy machine keeps the
 defaults rather than a lucky draw.
 
+The tuning is settled once per process, for the path in use at the first fused call (the
+cpu backend checks one flag per call); a path selected later with ``_C.set_isa`` runs its
+built-in values unless ``ensure()`` is called again after the switch.
+
 ``QLORA_KERNELS_TUNE=0`` skips calibration and the cache (built-in defaults);
 ``QLORA_KERNELS_CACHE`` moves the cache folder (default ``~/.cache/qlora-kernels``).
 ``qlora-kernels info`` shows the tuning in use and where it came from.
@@ -190,19 +194,6 @@ def ensure() -> Status:
 def status() -> Status:
     """The tuning of the path in use (settling it first if needed)."""
     return ensure()
-
-
-def forget() -> None:
-    """Drops what this process settled (the next fused call settles again); the built-in
-    defaults are back in force meanwhile. For tests and benchmarks."""
-    global ready
-    from . import _C
-
-    with _lock:
-        _status.clear()
-        ready = False
-        for isa in _C.supported_isas():
-            _C.set_tuning(isa, _C.default_tuning(isa))
 
 
 # ---- calibration ---------------------------------------------------------------------
