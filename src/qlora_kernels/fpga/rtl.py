@@ -34,7 +34,8 @@ def params_vh(header_text: str | None = None) -> str:
 
 def sources(d: Path | None = None) -> list[Path]:
     d = rtl_dir() if d is None else Path(d)
-    return [d / "qk_fmul.v", d / "qk_fadd.v", d / "qk_scale_seq.v", d / "qk_decode_unit.v", d / "qk_decode_top.v"]
+    return [d / "qk_fmul.v", d / "qk_fadd.v", d / "qk_scale_seq.v", d / "qk_decode_unit.v", d / "qk_decode_top.v",
+            d / "qk_delay.v", d / "qk_fadd_tree.v", d / "qk_gemv_unit.v"]
 
 
 def _verilate(top: str, harness: str, extra: list[Path], out_dir: Path, d: Path, args: list[str]) -> Path:
@@ -70,6 +71,38 @@ def run_fp(exe: Path, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndar
     out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True).stdout.split()
     words = np.array([int(w, 16) for w in out], dtype=np.uint32).reshape(-1, 2)
     return words[:, 0].view(np.float32), words[:, 1].view(np.float32)
+
+
+def build_gemv(out_dir: Path, lanes: int, group: int, max_tiles: int = 16, max_rows: int = 64,
+               d: Path | None = None) -> Path:
+    """Verilates qk_gemv_unit at a (small) configuration with its harness."""
+    d = rtl_dir() if d is None else Path(d)
+    return _verilate("qk_gemv_unit", "tb_gemv", [], out_dir, d,
+                     [f"-GLANES={lanes}", f"-GGROUP={group}", f"-GMAX_TILES={max_tiles}", f"-GMAX_ROWS={max_rows}"])
+
+
+def gemv_latency(lanes: int, group: int) -> int:
+    """Cycles from a beat's input to its sum written back (qk_gemv_unit.v: lookup, product,
+    slot tree, scale, slot-sum tree, accumulator read and add)."""
+    lg, ls = (group.bit_length() - 1), ((lanes // group).bit_length() - 1)
+    return 1 + 8 + 6 * lg + 8 + 6 * ls + 1 + 6
+
+
+def run_gemv(exe: Path, codebook: np.ndarray, x: np.ndarray, codes: np.ndarray, scales: np.ndarray, rows: int,
+             lanes: int) -> tuple[np.ndarray, int]:
+    """codes: uint8 [tiles*rows, lanes/2] (beats tile-major), scales: float32 [tiles*rows,
+    slots], x: float32 [tiles*lanes]. Returns (y float32 [rows], cycles)."""
+    tiles = len(x) // lanes
+    words = [f"{rows:x}", f"{tiles:x}"]
+    words += [f"{v:x}" for v in np.ascontiguousarray(codebook, np.float32).view(np.uint32)]
+    words += [f"{v:x}" for v in np.ascontiguousarray(x, np.float32).view(np.uint32)]
+    cw = np.ascontiguousarray(codes, np.uint8).reshape(len(codes), -1).view("<u4")
+    sw = np.ascontiguousarray(scales, np.float32).reshape(len(scales), -1).view(np.uint32)
+    for c, s in zip(cw, sw):
+        words += [f"{v:x}" for v in c] + [f"{v:x}" for v in s]
+    out = subprocess.run([str(exe)], input=" ".join(words), capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "cycles"
+    return np.array([int(w, 16) for w in out[2:]], dtype=np.uint32).view(np.float32), int(out[1])
 
 
 @dataclass
@@ -127,5 +160,8 @@ def synth_cells(top: str, params: dict[str, int] | None = None, family: str = "x
         script = (f"read_verilog -I{d} {files}; " + (f"chparam{chparam} {top}; " if chparam else "") +
                   f"synth_xilinx -family {family} -top {top}; tee -q -o {stat} stat -json")
         subprocess.run([yosys, "-q", "-p", script], check=True, capture_output=True, text=True, timeout=timeout)
-        design = json.loads(stat.read_text())["design"]
+        # Yosys 0.23's stat -json interleaves the text listing of a hierarchy of parametrized
+        # modules ("  qk_fadd   16" lines, no quotes or braces) with the JSON: drop those
+        text = "\n".join(line for line in stat.read_text().splitlines() if any(c in line for c in '"{}[]'))
+        design = json.loads(text)["design"]
     return {k: int(v) for k, v in design.get("num_cells_by_type", {}).items()}
