@@ -49,8 +49,9 @@ def _nextpnr() -> list[str]:
     return [exe]
 
 
-def ecp5_fmax(top: str, params: dict[str, int], seed: int) -> dict:
-    """Synthesize for ECP5, place and route on an LFE5U-25F, return nextpnr's Fmax."""
+def ecp5_fmax(top: str, params: dict[str, int], seed: int, device: str = "25k", ooc: bool = False) -> dict:
+    """Synthesize for ECP5, place and route on an LFE5U (25F by default), return nextpnr's
+    Fmax. ``ooc``: out of context (no IO buffers), for a unit with more ports than pins."""
     files = " ".join(str(p) for p in rtl.sources())
     chparam = "".join(f" -set {k} {v}" for k, v in params.items())
     chparam = f"chparam{chparam} {top}; " if chparam else ""
@@ -60,15 +61,16 @@ def ecp5_fmax(top: str, params: dict[str, int], seed: int) -> dict:
                         f"synth_ecp5 -top {top} -json {net}"], check=True, capture_output=True, text=True)
         t0 = time.time()
         # relative paths: the WebAssembly build of nextpnr sees only its working folder
-        p = subprocess.run(_nextpnr() + ["--25k", "--package", "CABGA381", "--json", net.name, "--freq", "300",
-                                         "--seed", str(seed), "--timing-allow-fail", "--report", report.name],
-                           capture_output=True, text=True, cwd=d)
+        p = subprocess.run(_nextpnr() + [f"--{device}", "--package", "CABGA381", "--json", net.name, "--freq", "300",
+                                         "--seed", str(seed), "--timing-allow-fail", "--report", report.name]
+                           + (["--out-of-context"] if ooc else []), capture_output=True, text=True, cwd=d)
         if p.returncode != 0:
             raise SystemExit(f"rtl_synth: nextpnr failed:\n{p.stderr[-3000:]}")
         rep = json.loads(report.read_text())
         fmax = {clk: round(v["achieved"], 1) for clk, v in rep.get("fmax", {}).items()}
         util = {k: v["used"] for k, v in rep.get("utilization", {}).items() if v.get("used")}
-        return {"part": "LFE5U-25F-CABGA381", "fmax_mhz": fmax, "utilization": util, "seed": seed,
+        return {"part": f"LFE5U-{device[:-1].upper()}F-CABGA381" + (" (out of context)" if ooc else ""),
+                "params": params, "fmax_mhz": fmax, "utilization": util, "seed": seed,
                 "seconds": round(time.time() - t0, 1)}
 
 
@@ -90,6 +92,12 @@ def table(results: dict) -> str:
                     f"{u.get('MULT18X18D', 0)})")
         label = f"{name} (`{r['top']}`" + (f", LANES={r['LANES']}" if "LANES" in r else "") + ")"
         rows.append(f"| {label} | {lut:,} | {muxf:,} | {mem or '-'} | {ff:,} | {c.get('DSP48E2', 0)} | {fmax} |")
+    for name, e in results.get("ecp5", {}).items():
+        if name not in results["xcup"]:
+            u = e["utilization"]
+            rows.append(f"| {name} (`{e.get('params')}`, ECP5 only) | | | | | | {max(e['fmax_mhz'].values())} MHz "
+                        f"({u.get('TRELLIS_COMB', 0)} / {u.get('TRELLIS_FF', 0)} / {u.get('MULT18X18D', 0)}; "
+                        f"{e['part']}) |")
     return "\n".join(rows)
 
 
@@ -120,7 +128,10 @@ def main() -> int:
     if not args.no_pnr:
         results["tools"]["nextpnr-ecp5"] = _version(_nextpnr() + ["--version"])
         results["ecp5"] = {"decode lane": ecp5_fmax("qk_decode_unit", {"LANES": 1}, args.seed),
-                           "fp32 adder": ecp5_fmax("qk_fadd", {}, args.seed)}
+                           "fp32 adder": ecp5_fmax("qk_fadd", {}, args.seed),
+                           # a full unit does not fit any ECP5: 8 lanes in 2 slots, out of context on the 85F
+                           "GEMV unit (8 lanes)": ecp5_fmax("qk_gemv_unit", {"LANES": 8, "GROUP": 4, "MAX_TILES": 4,
+                                                                              "MAX_ROWS": 64}, args.seed, "85k", True)}
         for k, v in results["ecp5"].items():
             print(f"ECP5 {k}: {v}", flush=True)
     if args.pnr_only and OUT.exists():
