@@ -25,6 +25,7 @@ built-in values unless ``ensure()`` is called again after the switch.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -219,9 +220,6 @@ class _Problem:
         self.dx = torch.empty(M, K)
         self._C = _C
 
-    def rows(self, m):
-        return _Rows(self, m)
-
     def forward(self, m=None):
         m = self.M if m is None else m
         self._C.linear4_forward(self.x.data_ptr(), m, self.K, self.K, self.packed.data_ptr(), self.packed.numel(),
@@ -234,17 +232,6 @@ class _Problem:
                                        self.packed.numel(), self.absmax.data_ptr(), self.absmax.numel(),
                                        self.code.data_ptr(), self.K, BLOCKSIZE, self.dx.data_ptr(), self.K,
                                        self.threads)
-
-
-class _Rows:
-    def __init__(self, p, m):
-        self.p, self.m = p, m
-
-    def forward(self):
-        self.p.forward(self.m)
-
-    def backward(self):
-        self.p.backward(self.m)
 
 
 def _compare(isa: str, base: dict, field_name: str, candidates, run, deadline: float) -> tuple[int, dict]:
@@ -289,7 +276,7 @@ def _crossover(isa: str, base: dict, field_name: str, probs, backward: bool, dea
             return default, {**measured, "stopped": "budget"}
         wins = True
         for prob in probs:
-            run = prob.rows(m).backward if backward else prob.rows(m).forward
+            run = functools.partial(prob.backward if backward else prob.forward, m)
             t = {"gemv": [], "gemm": []}
             for r in range(ROUNDS + 1):  # round 0 is the warm-up
                 for kind in (("gemv", "gemm") if r % 2 == 0 else ("gemm", "gemv")):

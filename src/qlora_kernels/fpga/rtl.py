@@ -32,6 +32,11 @@ def params_vh(header_text: str | None = None) -> str:
     return "".join(lines)
 
 
+def _hex(a, dtype, view) -> list[str]:
+    """The harnesses' input: an array's 32-bit words in hex."""
+    return [f"{v:x}" for v in np.ascontiguousarray(a, dtype).reshape(-1).view(view)]
+
+
 def sources(d: Path | None = None) -> list[Path]:
     d = rtl_dir() if d is None else Path(d)
     return [d / "qk_fmul.v", d / "qk_fadd.v", d / "qk_scale_seq.v", d / "qk_decode_unit.v", d / "qk_decode_top.v",
@@ -94,12 +99,11 @@ def run_gemv(exe: Path, codebook: np.ndarray, x: np.ndarray, codes: np.ndarray, 
     slots], x: float32 [tiles*lanes]. Returns (y float32 [rows], cycles)."""
     tiles = len(x) // lanes
     words = [f"{rows:x}", f"{tiles:x}"]
-    words += [f"{v:x}" for v in np.ascontiguousarray(codebook, np.float32).view(np.uint32)]
-    words += [f"{v:x}" for v in np.ascontiguousarray(x, np.float32).view(np.uint32)]
+    words += _hex(codebook, np.float32, np.uint32) + _hex(x, np.float32, np.uint32)
     cw = np.ascontiguousarray(codes, np.uint8).reshape(len(codes), -1).view("<u4")
     sw = np.ascontiguousarray(scales, np.float32).reshape(len(scales), -1).view(np.uint32)
     for c, s in zip(cw, sw):
-        words += [f"{v:x}" for v in c] + [f"{v:x}" for v in s]
+        words += _hex(c, np.uint32, np.uint32) + _hex(s, np.uint32, np.uint32)
     out = subprocess.run([str(exe)], input=" ".join(words), capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "cycles"
     return np.array([int(w, 16) for w in out[2:]], dtype=np.uint32).view(np.float32), int(out[1])
@@ -125,9 +129,8 @@ def run_decode(exe: Path, cases: list[DecodeCase], lanes: int) -> list[DecodeRun
     for c in cases:
         beats = len(c.codes) * 2 // lanes
         words += [f"{c.beats_per_block:x}", f"{beats:x}", f"{len(c.absmax):x}"]
-        words += [f"{v:x}" for v in np.ascontiguousarray(c.codebook, np.float32).view(np.uint32)]
-        words += [f"{v:x}" for v in np.ascontiguousarray(c.codes, np.uint8).view("<u4")]
-        words += [f"{v:x}" for v in np.ascontiguousarray(c.absmax, np.float32).view(np.uint32)]
+        words += (_hex(c.codebook, np.float32, np.uint32) + _hex(c.codes, np.uint8, "<u4")
+                  + _hex(c.absmax, np.float32, np.uint32))
     out = subprocess.run([str(exe)], input=" ".join(words), capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
     runs, i = [], 0
