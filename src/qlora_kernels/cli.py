@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     from .integrations.onnx.command import add_parser as _add_export
 
     _add_export(sub)
+    from .integrations.onnx.genai.generate import add_parser as _add_generate
+
+    _add_generate(sub)
     args = p.parse_args(argv)
     return args.func(args)
 

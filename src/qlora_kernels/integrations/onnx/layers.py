@@ -11,7 +11,7 @@ from torch import nn
 
 from ... import functional
 from ...nn import Linear4bit, LoraLinear
-from . import contrib
+from . import contrib, ops  # noqa: F401  (ops registers qlora_kernels_onnx::matmul_nbits, which NBitsBase runs)
 from .errors import FORMATS, ExportError  # noqa: F401  (FORMATS: the exporter reads layers.FORMATS)
 
 

@@ -1,0 +1,247 @@
+"""``export_genai()``: a model folder that ``onnxruntime_genai.Model(out_dir)`` loads as it is —
+``model.onnx`` (the KV-cache decoder, graph.py), ``genai_config.json``, the tokenizer files,
+and ``adapters/<name>.onnx_adapter`` for each switchable adapter. Written into a temporary
+folder beside ``out_dir`` and renamed into place: a failure leaves nothing half-written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import layers
+from ..errors import FORMATS, ExportError
+from . import adapters as adapter_files
+from . import arch as arch_mod
+from . import config, graph, linears
+
+MODEL_FILE = "model.onnx"
+_EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with room for the graph
+
+
+@dataclass
+class GenaiExportResult:
+    out_dir: str
+    weight_format: str
+    family: str
+    layers: int                  # 4-bit base weights written in weight_format
+    dense: int                   # dense layers written as they were (the head among them)
+    merged: int                  # adapters merged into their base
+    adapters: dict = field(default_factory=dict)  # name -> adapter file (relative to out_dir)
+    weight_error: float = 0.0    # max |W - W_written| / max |W| over re-encoded weights
+    ort_error: dict | None = None  # ONNX Runtime vs torch on a short prompt (None with verify_output=False)
+    tokenizer_files: list = field(default_factory=list)
+    node_counts: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.out_dir} for ONNX Runtime GenAI ({self.family}, {self.weight_format}; "
+                 f"{self.layers} 4-bit layers, {self.dense} dense, {self.merged} adapters merged, "
+                 f"{len(self.adapters)} switchable: {', '.join(self.adapters) or '-'}) in {self.seconds:.1f} s"]
+        if self.weight_error:
+            lines.append(f"re-quantization error: weights max rel {self.weight_error:.3g}")
+        if not self.tokenizer_files:
+            lines.append("no tokenizer written (pass tokenizer=...): onnxruntime_genai.Tokenizer needs one")
+        if self.ort_error is not None:
+            lines.append(f"ONNX Runtime vs torch (no cache, one prompt): logits max abs error "
+                         f"{self.ort_error['max_abs']:.3g} (rel {self.ort_error['max_rel']:.3g})")
+        return "\n".join(lines)
+
+
+def check_out_dir(out_dir, overwrite: bool) -> Path:
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
+        raise ExportError(f"out_dir must be a folder path, got {out_dir!r}")
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise ExportError(f"out_dir {p} exists and is not a folder")
+    if p.exists() and not overwrite:
+        raise ExportError(f"out_dir {p} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"out_dir {p}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"out_dir {p}: folder {parent} is not writable")
+    return p
+
+
+def _given_adapters(adapters, arch) -> dict:
+    """name -> params from ``adapters``: a mapping name -> PEFT folder (or params dict as
+    from_folder gives), or a list of folders (named after the folder)."""
+    if adapters is None:
+        return {}
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    if isinstance(adapters, Mapping):
+        items = list(adapters.items())
+    elif isinstance(adapters, (list, tuple)):
+        items = [(Path(a).name, a) for a in adapters]
+    else:
+        raise ExportError(f"adapters must be a list of PEFT adapter folders or a dict name -> folder, "
+                          f"got {type(adapters).__name__}")
+    out = {}
+    for name, src in items:
+        if name in out:
+            raise ExportError(f"adapters: the name {name!r} is given twice")
+        if isinstance(src, (str, os.PathLike)):
+            out[name] = (adapter_files.from_folder(src, arch), str(src))
+        elif isinstance(src, Mapping):
+            out[name] = (dict(src), "tensors")
+        else:
+            raise ExportError(f"adapters[{name!r}] must be a PEFT adapter folder, got {type(src).__name__}")
+    return out
+
+
+def _save(proto, path: Path) -> None:
+    import onnx
+
+    external = proto.ByteSize() > _EXTERNAL_DATA_BYTES if proto.ByteSize() >= 0 else True
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _verify(folder: Path, model, arch, active: dict | None) -> dict:
+    """The decoder, with an empty cache, on a short prompt against the torch model."""
+    import numpy as np
+
+    from .. import contrib, verify
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, arch.vocab, (1, 7), generator=g)
+    mask = torch.ones_like(ids)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    for i in range(arch.layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, arch.kv_heads, 0, arch.head_size), dtype=np.float32)
+    for k, v in (active or {}).items():
+        feeds[k] = v.numpy()
+    sess = contrib.session(str(folder / MODEL_FILE), quiet=True)
+    got = torch.from_numpy(sess.run(["logits"], feeds)[0])
+    return verify.errors(verify.torch_logits(model, ids, mask), got)
+
+
+def _active_adapter(model) -> str | None:
+    """The PEFT model's one active adapter (transformers models have a method of the same
+    name that needs a newer PEFT: only a PeftModel is asked)."""
+    if not hasattr(model, "get_base_model"):
+        return "default"  # our own LoraLinear layers name their adapter "default"
+    names = getattr(model, "active_adapters", None)
+    if isinstance(names, str):
+        names = [names]
+    return names[0] if names and len(names) == 1 else None
+
+
+def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", adapters=None,
+                 merge_adapters: bool = False, tokenizer=None, overwrite: bool = False, accuracy_level: int = 0,
+                 quantize_head: bool | None = None, search: dict | None = None, verify_output: bool = True,
+                 log=print) -> GenaiExportResult:
+    """Write ``model`` (a Llama-family or Phi-3 causal LM with our 4-bit layers, dense, or a
+    PEFT model on either) as an ONNX Runtime GenAI model folder ``out_dir`` (docs/onnx.md).
+
+    weight_format: "bnb4" (MatMulBnb4 on our very bytes), "nbits" (MatMulNBits int4,
+    re-quantized; ``accuracy_level`` as ONNX Runtime defines it: 0 fp32 compute, 4 int8) or
+    "fp32". Adapters: the PEFT model's own adapters become switchable adapter files unless
+    ``merge_adapters`` (then its active adapters are merged into the base); ``adapters`` adds
+    more, from PEFT adapter folders (a list, named after the folder, or a dict name -> folder).
+    ``tokenizer``: a transformers tokenizer or a folder; default: the model's own folder.
+    ``quantize_head``: write a dense output head as MatMulNBits too (default: with "nbits",
+    as ONNX Runtime GenAI's builder does for int4); the re-quantization error is reported.
+    ``search``: overrides of genai_config.json's search options (max_length, do_sample, ...)."""
+    t0 = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if weight_format not in FORMATS:
+        raise ExportError(f"weight_format must be one of {FORMATS}, got {weight_format!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4) or isinstance(accuracy_level, bool):
+        raise ExportError(f"accuracy_level must be 0..4 (ONNX Runtime's MatMulNBits levels), got {accuracy_level!r}")
+    if accuracy_level and weight_format != "nbits" and not quantize_head:
+        raise ExportError("accuracy_level applies to MatMulNBits: weight_format='nbits' or quantize_head=True")
+    if quantize_head is not None and not isinstance(quantize_head, bool):
+        raise ExportError(f"quantize_head must be True, False or None, got {quantize_head!r}")
+    target = check_out_dir(out_dir, overwrite)
+    arch = arch_mod.read(model)
+    tables = arch_mod.rotary_tables(model, arch)
+
+    files = {} if merge_adapters else {n: (p, "the model") for n, p in adapter_files.from_model(model, arch).items()}
+    for name, value in _given_adapters(adapters, arch).items():
+        if name in files:
+            raise ExportError(f"adapters: {name!r} is both an adapter of the model and a given adapter")
+        files[name] = value
+
+    report = layers.SwapReport()
+    lm = arch_mod.core_model(model)
+    shapes = {}
+    for i in range(arch.layers):
+        for path in arch.projections(i).values():
+            base = lm.get_submodule(path)
+            base = base.get_base_layer() if hasattr(base, "get_base_layer") else getattr(base, "base_layer", base)
+            shapes[path] = (int(base.in_features), int(base.out_features))
+    checked = {name: adapter_files.check(name, params, shapes, src) for name, (params, src) in files.items()}
+    switchable = {k.rsplit(".lora_", 1)[0] for params in checked.values() for k in params}
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            lin = linears.plan(model, arch, weight_format, merge_adapters, switchable, accuracy_level, report)
+            head = linears.head(model, arch, weight_format, accuracy_level,
+                                weight_format == "nbits" if quantize_head is None else quantize_head, report)
+            norms = {"norm": lm.model.norm.weight.detach().float()}
+            for i, layer in enumerate(lm.model.layers):
+                norms[f"layers.{i}.input_layernorm"] = layer.input_layernorm.weight.detach().float()
+                norms[f"layers.{i}.post_attention_layernorm"] = layer.post_attention_layernorm.weight.detach().float()
+            embed = lm.get_input_embeddings().weight.detach().float()
+            b = graph.build(arch, lin, tables, embed, norms, head)
+        from .... import __version__
+
+        proto = b.model(f"qlora-kernels {__version__}",
+                        {"weight_format": weight_format, "merge_adapters": merge_adapters,
+                         "switchable_adapters": ",".join(sorted(checked))})
+        counts: dict = {}
+        for node in proto.graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent or "."))
+        try:
+            _save(proto, tmp / MODEL_FILE)
+            del proto, b
+            written = {}
+            if checked:
+                (tmp / "adapters").mkdir()
+                for name, params in checked.items():
+                    rel = f"adapters/{name}{adapter_files.ADAPTER_SUFFIX}"
+                    adapter_files.write(params, tmp / rel)
+                    written[name] = rel
+            cfg = config.genai_config(arch, MODEL_FILE, search)
+            (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
+            tok_files = config.write_tokenizer(config.tokenizer_source(model, tokenizer), tmp)
+            ort_error = None
+            if verify_output:
+                active = _active_adapter(model)
+                ort_error = _verify(tmp, model, arch, None if merge_adapters else checked.get(active))
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent or "."))
+                os.replace(target, old / "x")
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        model.train(was_training)
+    result = GenaiExportResult(str(target), weight_format, arch.family, report.layers, report.dense, report.merged,
+                               written, report.weight_error, ort_error, tok_files, counts)
+    result.seconds = time.perf_counter() - t0
+    if log is not None:
+        log(result.summary())
+    return result

@@ -1,0 +1,354 @@
+"""ONNX Runtime GenAI: the KV-cache decoder folder ``export_genai`` writes, run by
+``onnxruntime_genai`` itself, against greedy generation in torch with our layers (HF
+``generate``, which keeps its own KV cache). Tiny random Llama and Phi-3 here, in every
+format; SmolLM2-135M-Instruct (NF4, real weights) without an adapter, with two switchable
+adapters, and with a merged one; the exported MatMulBnb4 bytes; bad input."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels.integrations.onnx import ExportError, export_genai
+from qlora_kernels.integrations.onnx import layers as export_layers
+from qlora_kernels.integrations.onnx.genai import generate
+
+og = pytest.importorskip("onnxruntime_genai")  # part of the [onnx] extra; setup.sh installs it
+
+NEW = 32          # greedy tokens compared (the issue: at least 32)
+LOGITS_REL = 1e-3  # step logits, relative to the largest logit of the step
+
+
+def tiny(family: str, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    # initializer_range 0.3: a random model with the default 0.02 repeats one token forever,
+    # which would compare nothing
+    kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              initializer_range=0.3)
+    torch.manual_seed(0)
+    if family == "phi3":
+        m = Phi3ForCausalLM(Phi3Config(**kw))
+    else:
+        m = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=tie))
+    return qk.quantize_model(m.eval(), skip=("lm_head",))
+
+
+def og_greedy(folder, prompt: list, n: int = NEW, adapter: str | None = None):
+    """(tokens, per-step logits) from onnxruntime_genai; min_length keeps EOS from ending it early."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    if adapter is not None:
+        ads = og.Adapters(model)
+        ads.load(str(Path(folder) / "adapters" / f"{adapter}.onnx_adapter"), adapter)
+        gen.set_active_adapter(ads, adapter)
+    gen.append_tokens(prompt)
+    toks, logits = [], []
+    while not gen.is_done():
+        logits.append(np.array(gen.get_logits(), dtype=np.float32).reshape(-1).copy())
+        gen.generate_next_token()
+        toks.append(int(gen.get_next_tokens()[0]))
+    return toks, logits
+
+
+def torch_greedy(model, prompt: list, n: int = NEW):
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[0, len(prompt):].tolist(), [lg[0].float().numpy() for lg in out.logits]
+
+
+def assert_same_generation(got, want):
+    (gt, gl), (wt, wl) = got, want
+    assert len(gt) == len(wt) == NEW
+    assert gt == wt
+    for step, (a, b) in enumerate(zip(gl, wl)):
+        ok = np.isfinite(a)  # GenAI masks EOS in place while min_length holds; torch's raw logits do not
+        rel = float(np.abs(a[ok] - b[ok]).max() / np.abs(b[ok]).max())
+        assert rel <= LOGITS_REL, (step, rel)
+
+
+def nbits_reference(model):
+    """The torch model computing what the nbits folder holds: every 4-bit layer re-quantized
+    to MatMulNBits (layers.swap) and the dense head too (export_genai's nbits default)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    export_layers.swap(ref, "nbits", False)
+    head = ref.get_output_embeddings()
+    ref.lm_head = export_layers.NBitsBase(head.weight.detach().float(), head.bias)
+    return ref.eval()
+
+
+PROMPT = [5, 17, 33, 9, 100, 7, 250, 3]
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("fmt", ["bnb4", "nbits", "fp32"])
+def test_tiny_models_generate_as_torch(tmp_path, family, fmt):
+    model = tiny(family)
+    res = export_genai(model, tmp_path / "m", weight_format=fmt, log=None)
+    assert res.family == family and res.layers >= 2 * (4 if family == "phi3" else 7)
+    if fmt != "nbits":  # export's own check is against the original model: nbits re-quantizes
+        assert res.ort_error["max_rel"] < LOGITS_REL
+    cfg = json.loads((tmp_path / "m" / "genai_config.json").read_text())
+    assert cfg["model"]["type"] == family and cfg["model"]["decoder"]["num_key_value_heads"] == 2
+    ref = nbits_reference(model) if fmt == "nbits" else model
+    got = og_greedy(tmp_path / "m", PROMPT)
+    want = torch_greedy(ref, PROMPT)
+    assert len(set(want[0])) > 3, "the tiny model must not repeat one token (it would compare nothing)"
+    assert_same_generation(got, want)
+
+
+def test_tiny_untied_llama_and_accuracy_level(tmp_path):
+    """An untied head (its own weight); int8-compute MatMulNBits (accuracy_level 4) runs
+    and stays close (not bit-faithful: activations are quantized per block)."""
+    model = tiny("llama", tie=False)
+    res = export_genai(model, tmp_path / "m", weight_format="nbits", accuracy_level=4, log=None)
+    toks, logits = og_greedy(tmp_path / "m", PROMPT)
+    ref_toks, ref_logits = torch_greedy(nbits_reference(model), PROMPT)
+    first = logits[0]
+    assert float(np.abs(first - ref_logits[0]).max() / np.abs(ref_logits[0]).max()) < 0.1
+    assert res.weight_error > 0
+
+
+# ---------------------------------------------------------------- SmolLM2-135M ---------
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """NF4 SmolLM2 with two PEFT adapters: "default" (r 8, every projection) and "second"
+    (r 4, q and v only), both with B drawn at random (PEFT starts B at zero)."""
+    from peft import LoraConfig
+
+    from qlora_kernels.bench.onnx import LLAMA, random_lora
+    from qlora_kernels.finetune.smollm2 import load_smollm2, smollm2_hf_dir
+
+    m = qk.quantize_model(load_smollm2(), skip=("lm_head",))
+    pm = random_lora(m, LLAMA, r=8, std=0.05, seed=0)
+    pm.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B.second" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.set_adapter("default")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    return pm.eval(), list(ids)
+
+
+@pytest.fixture(scope="module")
+def smollm2_folder(smollm2, tmp_path_factory):
+    pm, _ = smollm2
+    out = tmp_path_factory.mktemp("smollm2-genai") / "switchable"
+    res = export_genai(pm, out, weight_format="bnb4", log=None)
+    return out, res
+
+
+def test_smollm2_switchable_adapters_generate_as_torch(smollm2, smollm2_folder):
+    pm, prompt = smollm2
+    folder, res = smollm2_folder
+    assert sorted(res.adapters) == ["default", "second"]
+    assert res.layers == 210 and res.tokenizer_files  # every projection 4-bit; the tokenizer is in the folder
+    assert res.ort_error["max_rel"] < 1e-4
+    with pm.disable_adapter():
+        want = torch_greedy(pm, prompt)
+    assert_same_generation(og_greedy(folder, prompt), want)
+    answers = {}
+    for name in ("default", "second"):
+        pm.set_adapter(name)
+        want = torch_greedy(pm, prompt)
+        assert_same_generation(og_greedy(folder, prompt, adapter=name), want)
+        answers[name] = want[0]
+    pm.set_adapter("default")
+    assert answers["default"] != answers["second"]  # two adapters, two answers
+
+
+def test_smollm2_merged_adapter_generates_as_torch(smollm2, tmp_path):
+    """Merged into NF4 (the merged weight re-quantized, as PEFT does when merging into a
+    4-bit layer); the torch reference holds the same re-quantized bytes."""
+    import copy
+
+    pm, prompt = smollm2
+    res = export_genai(pm, tmp_path / "merged", weight_format="bnb4", merge_adapters=True, log=None)
+    assert res.merged == 210 and not res.adapters and res.weight_error > 0
+    ref = copy.deepcopy(pm.get_base_model())
+    # the same merge the export does, as torch modules (Bnb4Base runs our linear_4bit)
+    export_layers.swap(ref, "bnb4", True)
+    assert_same_generation(og_greedy(tmp_path / "merged", prompt), torch_greedy(ref.eval(), prompt))
+
+
+def test_smollm2_bnb4_initializers_are_our_bytes(smollm2, smollm2_folder):
+    import onnx
+    from onnx import numpy_helper
+
+    pm, _ = smollm2
+    folder, _ = smollm2_folder
+    proto = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: i for i in proto.graph.initializer}
+    lm = pm.get_base_model()
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulBnb4"]
+    # every projection has a switchable adapter, so q/k/v stay three nodes (packing them
+    # would need the three adapter branches concatenated)
+    assert len(nodes) == 30 * 7
+    for node in nodes:
+        path = node.name.strip("/").rsplit("/", 1)[0]
+        parts = [path.replace("qkv_proj", r) for r in ("q_proj", "k_proj", "v_proj")] if "qkv_proj" in path \
+            else [path]
+        want = b"".join(lm.get_submodule(p).get_base_layer().weight.detach().numpy().tobytes() for p in parts)
+        got = numpy_helper.to_array(inits[node.input[1]])
+        assert got.dtype == np.uint8 and got.tobytes() == want, path
+        absmax = numpy_helper.to_array(inits[node.input[2]])
+        want_absmax = torch.cat([lm.get_submodule(p).get_base_layer().prepared().absmax.float().reshape(-1)
+                                 for p in parts]).numpy()
+        assert np.array_equal(absmax, want_absmax), path
+
+
+def test_generate_streams_an_answer(smollm2_folder):
+    folder, _ = smollm2_folder
+    pieces = []
+    r = generate(folder, "What is the capital of France?", adapter="default", max_new_tokens=12,
+                 on_text=pieces.append)
+    assert r.tokens and "".join(pieces) == r.text and len(r.tokens) <= 12
+    assert "Paris" in r.text
+    with pytest.raises(ExportError, match=r"adapter 'nope'.*has: default, second"):
+        generate(folder, "hi", adapter="nope")
+
+
+# ---------------------------------------------------------------- bad input ------------
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ExportError, match=r"'gpt2'.*supported: llama, phi3"):
+        export_genai(m, tmp_path / "m", log=None)
+    assert not (tmp_path / "m").exists()
+
+
+def test_adapter_for_another_base_is_refused_naming_the_tensor(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "other")
+    with pytest.raises(ExportError, match=r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight.*"
+                                          r"another base"):
+        export_genai(tiny("llama"), tmp_path / "m", adapters=[tmp_path / "other"], log=None)
+    assert not (tmp_path / "m").exists()
+
+
+def test_folder_adapter_from_peft_matches_the_model_adapter(tmp_path):
+    """A PEFT folder (as qlora-kernels finetune and stock PEFT write it) gives the same
+    adapter file as the PEFT model it was saved from."""
+    import onnxruntime as ort
+
+    from qlora_kernels.bench.onnx import random_lora
+
+    pm = random_lora(tiny("llama"), ["q_proj", "v_proj", "down_proj"], r=4, std=0.05, seed=1)
+    pm.save_pretrained(tmp_path / "run")
+    a = export_genai(pm, tmp_path / "a", log=None)
+    b = export_genai(tiny("llama"), tmp_path / "b", adapters={"default": tmp_path / "run"}, log=None,
+                     verify_output=False)
+    pa = ort.AdapterFormat.read_adapter(str(tmp_path / "a" / a.adapters["default"])).get_parameters()
+    pb = ort.AdapterFormat.read_adapter(str(tmp_path / "b" / b.adapters["default"])).get_parameters()
+    assert sorted(pa) == sorted(pb) and len(pa) == 2 * 3 * 2
+    for k in pa:
+        assert np.allclose(pa[k].numpy(), pb[k].numpy(), rtol=0, atol=1e-7), k
+
+
+def test_existing_folder_needs_overwrite_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    from qlora_kernels.integrations.onnx.genai import adapters as adapter_files
+
+    from qlora_kernels.bench.onnx import random_lora
+
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    model = random_lora(tiny("llama"), ["q_proj"], r=2, std=0.05)
+    with pytest.raises(ExportError, match="exists; pass overwrite=True"):
+        export_genai(model, out, log=None)
+
+    def dies(params, path):  # after model.onnx is written, before the folder is complete
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_files, "write", dies)
+    with pytest.raises(OSError, match="disk full"):
+        export_genai(model, out, overwrite=True, log=None)
+    assert sorted(os.listdir(tmp_path)) == ["m"] and sorted(os.listdir(out)) == ["keep.txt"]
+    with pytest.raises(OSError, match="disk full"):
+        export_genai(model, tmp_path / "fresh", log=None)
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    monkeypatch.undo()
+    export_genai(model, out, overwrite=True, log=None, verify_output=False)
+    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+
+
+def test_dora_cannot_be_switchable_and_bad_arguments(tmp_path):
+    from qlora_kernels.bench.onnx import random_lora
+
+    dora = random_lora(tiny("llama"), ["q_proj"], r=2, dora=True, std=0.05)
+    with pytest.raises(ExportError, match=r"q_proj.*DoRA.*merge"):
+        export_genai(dora, tmp_path / "d", log=None)
+    merged = export_genai(dora, tmp_path / "d", merge_adapters=True, weight_format="fp32", log=None)
+    assert merged.merged == 2 and merged.ort_error["max_rel"] < 1e-4
+    model = tiny("llama")
+    with pytest.raises(ExportError, match="weight_format must be one of"):
+        export_genai(model, tmp_path / "x", weight_format="int4", log=None)
+    with pytest.raises(ExportError, match="accuracy_level"):
+        export_genai(model, tmp_path / "x", weight_format="bnb4", accuracy_level=4, log=None)
+    with pytest.raises(ExportError, match="folder .* does not exist"):
+        export_genai(model, tmp_path / "no" / "x", log=None)
+    with pytest.raises(ExportError, match="adapter name"):
+        export_genai(model, tmp_path / "x", adapters={"../evil": {}}, log=None)
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+
+
+# ---------------------------------------------------------------- the commands ---------
+
+def test_export_genai_and_generate_commands(tmp_path, capsys):
+    from qlora_kernels import cli
+
+    from qlora_kernels.bench.onnx import random_lora
+
+    from .finetune_helpers import build_tiny_model
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(tmp_path / "model")
+    for name, seed in (("run-a", 1), ("run-b", 2)):  # a fresh base each: PEFT wraps the layers in place
+        base = qk.quantize_model(AutoModelForCausalLM.from_pretrained(model_dir), skip=("lm_head",))
+        random_lora(base, ["q_proj", "v_proj"], r=2, std=0.05, seed=seed).save_pretrained(tmp_path / name)
+    out = tmp_path / "genai"
+    rc = cli.main(["export", "--genai", str(out), "--model", str(model_dir), "--adapter", str(tmp_path / "run-a"),
+                   "--adapter", str(tmp_path / "run-b"), "--weight-format", "nbits"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "2 switchable: run-a, run-b" in stdout
+    assert sorted(os.listdir(out / "adapters")) == ["run-a.onnx_adapter", "run-b.onnx_adapter"]
+    assert (out / "tokenizer.json").is_file() and "chat_template" in json.loads(
+        (out / "tokenizer_config.json").read_text())
+    rc = cli.main(["generate", "--genai", str(out), "--prompt", "Hello", "--adapter", "run-b",
+                   "--max-new-tokens", "5"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0 and stdout.strip() and "new tokens at" in err
+    rc = cli.main(["export", "--genai", str(out), "--model", str(model_dir), "--adapter", str(tmp_path / "run-a"),
+                   "--adapter", str(tmp_path / "run-b"), "--merge-adapters", "--overwrite"])
+    assert rc == 2 and "--merge-adapters takes exactly one --adapter, got 2" in capsys.readouterr().err
+    rc = cli.main(["export", "--genai", str(out), "--model", str(model_dir)])
+    assert rc == 2 and "exists; pass overwrite=True" in capsys.readouterr().err
+    rc = cli.main(["generate", "--genai", str(tmp_path / "nothing"), "--prompt", "hi"])
+    assert rc == 2 and "no genai_config.json" in capsys.readouterr().err
