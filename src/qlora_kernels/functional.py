@@ -150,6 +150,10 @@ def lora_linear_4bit(x: torch.Tensor, packed, state: QuantState | None, lora_A: 
     _check_x(x)
     args = _weight(x, packed, state).args()
     noise = _dropout_noise(x, dropout_p, training)
+    if noise is None and ops.linear.plain_call_ok(x, args[0], args[1], lora_A, lora_B, bias):
+        # inference (a decode step): the dispatcher and the autograd wrapper cost more than
+        # the kernel on a one-row SmolLM2 projection
+        return ops.linear.lora_linear_4bit_impl(x, *args, lora_A, lora_B, checks.scaling(scaling), bias, None)[0]
     return torch.ops.qlora_kernels.lora_linear_4bit(x, *args, lora_A, lora_B, checks.scaling(scaling), bias, noise)[0]
 
 

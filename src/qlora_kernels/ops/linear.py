@@ -72,6 +72,9 @@ def linear_4bit_int8_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.T
 linear_4bit_int8 = torch.library.custom_op("qlora_kernels::linear_4bit_int8", mutates_args=())(linear_4bit_int8_impl)
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether an op may run its implementation directly instead of through the
     dispatcher: eager, plain CPU tensors, no autograd needed, no torch function or
@@ -82,7 +85,9 @@ def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not torch.Tensor or not t.is_cpu or (grad and t.requires_grad):
+        # nn.Parameter (adapter weights) is a plain tensor to the dispatcher: its
+        # __torch_function__ is torch's disabled default
+        if type(t) not in _PLAIN_TYPES or not t.is_cpu or (grad and t.requires_grad):
             return False
     return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
                 or torch._C._len_torch_dispatch_stack() > 0)
@@ -147,9 +152,8 @@ linear_4bit_int8.register_autograd(_linear_backward, setup_context=_linear_setup
 # The adapter's kernels (lora_linear_4bit, lora_forward_tail, lora_backward) come from the
 # backend like every other kernel; backends/reference.py defines them.
 
-@torch.library.custom_op("qlora_kernels::lora_linear_4bit", mutates_args=())
 @no_autocast
-def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+def lora_linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                      out_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                      bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u): y = linear_4bit(x) + scaling * (u @ B.T), u = (x * noise) @ A.T; ``noise`` is
@@ -162,6 +166,11 @@ def lora_linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
     y, u = run("lora_linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features,
                lora_A, lora_B, scaling, b, n2)
     return _shaped(y, x.dtype, (*x.shape[:-1], out_features)), u
+
+
+# the implementation stays callable on its own: functional.lora_linear_4bit runs it without
+# the dispatcher when plain_call_ok (inference), as linear_4bit does
+lora_linear_4bit = torch.library.custom_op("qlora_kernels::lora_linear_4bit", mutates_args=())(lora_linear_4bit_impl)
 
 
 @lora_linear_4bit.register_fake
