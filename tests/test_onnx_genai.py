@@ -119,6 +119,18 @@ def test_tiny_untied_llama_and_accuracy_level(tmp_path):
     assert res.weight_error > 0
 
 
+def test_weights_past_the_protobuf_limit_go_to_external_data(tmp_path, monkeypatch):
+    """Models past 2 GB (Phi-3-mini in fp32) are written as model.onnx + model.onnx.data;
+    the limit is lowered here so a tiny model takes that path."""
+    from qlora_kernels.integrations.onnx.genai import export as export_mod
+
+    monkeypatch.setattr(export_mod, "_EXTERNAL_DATA_BYTES", 0)
+    model = tiny("phi3")
+    export_genai(model, tmp_path / "m", weight_format="fp32", log=None)
+    assert (tmp_path / "m" / "model.onnx.data").stat().st_size > (tmp_path / "m" / "model.onnx").stat().st_size
+    assert_same_generation(og_greedy(tmp_path / "m", PROMPT), torch_greedy(model, PROMPT))
+
+
 # ---------------------------------------------------------------- SmolLM2-135M ---------
 
 @pytest.fixture(scope="module")

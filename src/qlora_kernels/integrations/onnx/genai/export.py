@@ -100,7 +100,8 @@ def _given_adapters(adapters, arch) -> dict:
 def _save(proto, path: Path) -> None:
     import onnx
 
-    external = proto.ByteSize() > _EXTERNAL_DATA_BYTES if proto.ByteSize() >= 0 else True
+    # counted from the initializers: protobuf refuses to even size a message past 2 GB
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > _EXTERNAL_DATA_BYTES
     if external:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)

@@ -1,0 +1,28 @@
+"""Serving with a KV cache (issue 18): ONNX Runtime GenAI on our export_genai folders (bnb4,
+nbits) and on its own builder's int4 folder, our torch path, stock transformers +
+bitsandbytes; SmolLM2-135M-Instruct, 128-token prompt, 128 new tokens, interleaved rounds
+(qlora_kernels.bench.genai). The table goes to bench-results/genai.md and the raw times to
+the benchmark's extra_info. QK_BENCH_QUICK=1: 16 + 16 tokens, 2 rounds."""
+import os
+from pathlib import Path
+
+from qlora_kernels.bench import genai, machine_summary
+
+QUICK = bool(os.environ.get("QK_BENCH_QUICK"))
+PROMPT, NEW, ROUNDS = (16, 16, 2) if QUICK else (genai.PROMPT, genai.NEW, 3)
+
+
+def test_genai_serving(benchmark):
+    runners = genai.contenders()
+    res = genai.measure(runners, rounds=ROUNDS, prompt_len=PROMPT, new=NEW)
+    md = genai.table(res, prompt_len=PROMPT, new=NEW)
+    out = Path("bench-results")
+    out.mkdir(exist_ok=True)
+    (out / "genai.md").write_text(f"{machine_summary()}\n\n{md}\n", encoding="utf-8")
+    print("\n" + md)
+    benchmark.group = "genai serving"
+    benchmark.name = "ORT GenAI, our nbits export"
+    benchmark.extra_info.update(machine=machine_summary(), prompt=PROMPT, new=NEW, rounds=ROUNDS,
+                                times={n: {k: v for k, v in r.items() if k != "tokens"} for n, r in res.items()})
+    ours = runners["ORT GenAI, our nbits export"]
+    benchmark.pedantic(lambda: ours(list(range(100, 108)), 4), rounds=1, warmup_rounds=0)
