@@ -14,7 +14,7 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels.integrations.onnx import ExportError, export_genai
 from qlora_kernels.integrations.onnx import layers as export_layers
-from qlora_kernels.integrations.onnx.genai import generate
+from qlora_kernels.integrations.onnx.genai.generate import generate
 
 og = pytest.importorskip("onnxruntime_genai")  # part of the [onnx] extra; setup.sh installs it
 
@@ -143,6 +143,7 @@ def smollm2():
     from qlora_kernels.finetune.smollm2 import load_smollm2, smollm2_hf_dir
 
     m = qk.quantize_model(load_smollm2(), skip=("lm_head",))
+    torch.manual_seed(0)  # PEFT draws A from torch's generator: the same adapters whatever ran before
     pm = random_lora(m, LLAMA, r=8, std=0.05, seed=0)
     pm.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     g = torch.Generator().manual_seed(5)
@@ -230,10 +231,10 @@ def test_smollm2_bnb4_initializers_are_our_bytes(smollm2, smollm2_folder):
 def test_generate_streams_an_answer(smollm2_folder):
     folder, _ = smollm2_folder
     pieces = []
-    r = generate(folder, "What is the capital of France?", adapter="default", max_new_tokens=12,
-                 on_text=pieces.append)
+    r = generate(folder, "What is the capital of France?", max_new_tokens=12, on_text=pieces.append)
     assert r.tokens and "".join(pieces) == r.text and len(r.tokens) <= 12
-    assert "Paris" in r.text
+    assert "Paris" in r.text  # the base model's answer (the random adapters say anything)
+    assert generate(folder, "What is the capital of France?", adapter="default", max_new_tokens=4).tokens
     with pytest.raises(ExportError, match=r"adapter 'nope'.*has: default, second"):
         generate(folder, "hi", adapter="nope")
 

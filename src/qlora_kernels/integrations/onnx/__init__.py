@@ -14,7 +14,7 @@ from .errors import ExportError
 
 # Loaded on first use (PEP 562): the command's parser imports this package without torch.
 _API = {"ExportResult": "exporter", "export": "exporter", "swap_adapters": "adapters",
-        "export_genai": "genai", "GenaiExportResult": "genai"}
+        "export_genai": "genai.export", "GenaiExportResult": "genai.export"}
 
 
 def __getattr__(name: str):

@@ -98,7 +98,7 @@ def run(args) -> int:
         head = output_name(model)
         qk.quantize_model(model, quant_type=base, skip=(head,) if head else ())
     if args.genai:
-        from .genai import export_genai
+        from .genai.export import export_genai
 
         if args.merge_adapters:
             from ..peft import from_pretrained

@@ -46,20 +46,30 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def check_path(path, overwrite: bool) -> Path:
+def check_target(path, overwrite: bool, folder: bool = False) -> Path:
+    """The file (``folder``: the folder) an export is about to write: refused before any
+    work if it exists without ``overwrite``, is of the other kind, or its parent folder is
+    missing or not writable. ``folder`` names the argument ``out_dir``, else ``path``."""
+    arg = "out_dir" if folder else "path"
     if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise ExportError(f"path must be a file path, got {path!r}")
+        raise ExportError(f"{arg} must be a {'folder' if folder else 'file'} path, got {path!r}")
     p = Path(path)
-    if p.is_dir():
-        raise ExportError(f"path {p} is a folder; give the .onnx file to write")
+    if folder and p.exists() and not p.is_dir():
+        raise ExportError(f"{arg} {p} exists and is not a folder")
+    if not folder and p.is_dir():
+        raise ExportError(f"{arg} {p} is a folder; give the .onnx file to write")
     if p.exists() and not overwrite:
-        raise ExportError(f"path {p} exists; pass overwrite=True (--overwrite) to replace it")
+        raise ExportError(f"{arg} {p} exists; pass overwrite=True (--overwrite) to replace it")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise ExportError(f"path {p}: folder {parent} does not exist")
+        raise ExportError(f"{arg} {p}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"path {p}: folder {parent} is not writable")
+        raise ExportError(f"{arg} {p}: folder {parent} is not writable")
     return p
+
+
+def check_path(path, overwrite: bool) -> Path:
+    return check_target(path, overwrite)
 
 
 def _example(model, example_inputs) -> tuple[torch.Tensor, torch.Tensor]:

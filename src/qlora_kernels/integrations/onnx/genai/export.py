@@ -55,19 +55,9 @@ class GenaiExportResult:
 
 
 def check_out_dir(out_dir, overwrite: bool) -> Path:
-    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
-        raise ExportError(f"out_dir must be a folder path, got {out_dir!r}")
-    p = Path(out_dir)
-    if p.exists() and not p.is_dir():
-        raise ExportError(f"out_dir {p} exists and is not a folder")
-    if p.exists() and not overwrite:
-        raise ExportError(f"out_dir {p} exists; pass overwrite=True (--overwrite) to replace it")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"out_dir {p}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"out_dir {p}: folder {parent} is not writable")
-    return p
+    from ..exporter import check_target
+
+    return check_target(out_dir, overwrite, folder=True)
 
 
 def _given_adapters(adapters, arch) -> dict:
