@@ -7,12 +7,14 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "dense.h"
 #include "dispatch.h"
 #include "require.h"
 #include "linear4.h"
 #include "linear4_q8.h"
+#include "lora4.h"
 #include "tuning.h"
 
 namespace py = pybind11;
@@ -110,6 +112,42 @@ void linear4_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t p
   qk::linear4_kernels().forward(reinterpret_cast<const float*>(x), M, ldx, cw.w,
                                 bias ? reinterpret_cast<const float*>(bias) : nullptr, reinterpret_cast<float*>(y),
                                 ldy, nthreads < 1 ? 1 : nthreads);
+}
+
+// The QLoRA forward of few rows in one call (lora4.h): the base layer as linear4_forward,
+// then the adapter on the calling thread. A [r, K] and B [N, r] are contiguous fp32;
+// noise [M, K] (row stride ldn) is the scaled dropout mask, or 0; u [M, r] is written
+// (the backward needs it), or u_ptr is 0 and u lives here for the call (inference: it
+// saves the caller an allocation). The checks of linear4_forward, and y and u may overlap
+// no input nor each other.
+void lora4_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t noise, int64_t ldn, uintptr_t packed,
+                   int64_t packed_numel, uintptr_t absmax, int64_t absmax_numel, uintptr_t code, int64_t N,
+                   int64_t blocksize, uintptr_t bias, int64_t bias_numel, uintptr_t a, uintptr_t b, int64_t r,
+                   double scaling, uintptr_t y, int64_t ldy, uintptr_t u, int nthreads) {
+  const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code, N, K, blocksize);
+  check_forward_io(x, M, K, ldx, bias, bias_numel, y, N, ldy, cw);
+  QK_REQUIRE(r >= 1, "r (the adapter's rank) must be >= 1, got " + s(r));
+  QK_REQUIRE(!noise || (ldn >= K && ldn >= 1), "ldn (row stride of noise) must be >= K=" + s(K) + ", got " + s(ldn));
+  const Extent ea = matrix_extent(a, r, K, K, "lora_A");
+  const Extent eb = matrix_extent(b, N, r, r, "lora_B");
+  const Extent en = noise ? matrix_extent(noise, M, K, ldn, "noise") : Extent{};
+  const Extent eu = u ? matrix_extent(u, M, r, r, "u") : Extent{};
+  const Extent ey = matrix_extent(y, M, N, ldy, "y");
+  check_output(ey, "y", {{ea, "lora_A"}, {eb, "lora_B"}, {en, "noise"}, {eu, "u"}});
+  check_output(eu, "u", {{matrix_extent(x, M, K, ldx, "x"), "x"}, {ea, "lora_A"}, {eb, "lora_B"}, {en, "noise"},
+                         {bias_extent(bias, bias_numel, N), "bias"}, {cw.packed, "packed"}, {cw.absmax, "absmax"},
+                         {cw.code, "code"}});
+  if (M == 0) return;
+  const auto* xp = reinterpret_cast<const float*>(x);
+  float* yp = reinterpret_cast<float*>(y);
+  if (N > 0)
+    qk::linear4_kernels().forward(xp, M, ldx, cw.w, bias ? reinterpret_cast<const float*>(bias) : nullptr, yp, ldy,
+                                  nthreads < 1 ? 1 : nthreads);
+  const qk::LoraTail t{reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), r,
+                       static_cast<float>(scaling)};
+  std::vector<float> own_u(u ? 0 : static_cast<size_t>(mul_checked(M, r, "M*r")));
+  qk::lora4_tail()(xp, M, K, ldx, reinterpret_cast<const float*>(noise), ldn, t, yp, N, ldy,
+                   u ? reinterpret_cast<float*>(u) : own_u.data());
 }
 
 void linear4_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, uintptr_t packed, int64_t packed_numel,
@@ -279,6 +317,14 @@ void register_linear4(py::module_& m) {
         "nibble). x and y are row-major with row strides ldx >= K and ldy >= N (in elements). packed_numel "
         "must be (N*K + 1) // 2 and absmax_numel ceil(N*K / blocksize). Wd is never materialized; fp32 "
         "accumulation, |err| <= (K+2) * 2^-24 * (|x| @ |Wd|.T). y must not overlap any input.");
+  m.def("lora4_forward", &lora4_forward, nogil, py::arg("x_ptr"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+        py::arg("noise_ptr"), py::arg("ldn"), py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("absmax_ptr"),
+        py::arg("absmax_numel"), py::arg("code_ptr"), py::arg("N"), py::arg("blocksize"), py::arg("bias_ptr"),
+        py::arg("bias_numel"), py::arg("a_ptr"), py::arg("b_ptr"), py::arg("r"), py::arg("scaling"), py::arg("y_ptr"),
+        py::arg("ldy"), py::arg("u_ptr"), py::arg("nthreads"),
+        "QLoRA forward for few rows in one call (lora4.h): y = linear4_forward(x) + scaling * u @ B.T with "
+        "u[M, r] = (x * noise) @ A.T (noise_ptr 0: x itself) written to u_ptr (0: not kept); A [r, K] and B [N, r] contiguous "
+        "fp32. The base product uses nthreads, the rank-r products run on the calling thread.");
   m.def("linear4_backward_input", &linear4_backward_input, nogil, py::arg("dy_ptr"), py::arg("M"), py::arg("N"),
         py::arg("lddy"), py::arg("packed_ptr"), py::arg("packed_numel"), py::arg("absmax_ptr"),
         py::arg("absmax_numel"), py::arg("code_ptr"), py::arg("K"), py::arg("blocksize"), py::arg("dx_ptr"),

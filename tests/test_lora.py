@@ -106,3 +106,57 @@ def test_frozen_x_gives_no_input_grad(path):
     B = torch.randn(8, 2, requires_grad=True)
     qk.lora_linear_4bit(x, packed, state, A, B, 1.0).sum().backward()
     assert A.grad is not None and B.grad is not None
+
+
+# The cpu backend runs the LoRA forward of few rows as one native call (csrc/lora4.h);
+# held to fp64 on awkward shapes: K not a multiple of the blocksize (blocks straddle rows),
+# K above a 4096 chunk, N and r of 1, rows on both sides of the cpu kernel's row limit.
+FEW_ROWS = [  # (M, K, N, r)
+    (1, 100, 7, 16), (2, 100, 1, 1), (3, 4097, 7, 16), (1, 64, 1, 1), (2, 33, 7, 3), (4, 130, 7, 16),
+    (7, 4097, 7, 16), (9, 100, 7, 16),
+]
+
+
+@pytest.mark.parametrize("M,K,N,r", FEW_ROWS, ids=[f"{M}x{K}->{N}r{r}" for M, K, N, r in FEW_ROWS])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_few_row_lora_forward_matches_fp64(path, M, K, N, r, quant_type, bias):
+    packed, state, Wd = make_weight(N, K, quant_type, blocksize=64, seed=K + r)
+    g = torch.Generator().manual_seed(M + K + N + r)
+    x = torch.randn(M, K, generator=g)
+    A = torch.randn(r, K, generator=g) / math.sqrt(K)
+    B = torch.randn(N, r, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    noise = (torch.rand(M, K, generator=g) >= 0.25).float() / 0.75
+    s = 16 / math.sqrt(r)
+    w = qk.prepare_4bit(packed, state)
+    for n in (None, noise):
+        xd = x.double() if n is None else (x * n).double()  # torch rounds x * noise to fp32 first
+        u_ref = xd @ A.double().t()
+        y_ref = x.double() @ Wd.double().t() + s * u_ref @ B.double().t() + (0 if b is None else b.double())
+        mag = x.abs().double() @ Wd.abs().double().t() + s * (xd.abs() @ A.abs().double().t()) @ B.abs().double().t()
+        tol = (K + r + 4) * EPS32 * 2 * mag + 1e-30
+        with torch.no_grad():
+            y, u = torch.ops.qlora_kernels.lora_linear_4bit(x, packed, state.absmax, 64, quant_type, N, A, B, s, b, n)
+            assert_within(y, y_ref, tol, f"y (noise {n is not None})")
+            assert_within(u, u_ref, (K + 2) * EPS32 * (xd.abs() @ A.abs().double().t()) + 1e-30, "u")
+            if n is None:  # the inference routes (prepared weight, and packed with state) on [batch, seq, K]
+                x3 = x.reshape(1, M, K)
+                assert_within(qk.lora_linear_4bit(x3, w, None, A, B, s, b)[0], y_ref, tol, "prepared")
+                assert_within(qk.lora_linear_4bit(x3, packed, state, A, B, s, b)[0], y_ref, tol, "packed, state")
+
+
+def test_one_row_inference_is_one_native_call():
+    """The decode step: no torch matmul for the adapter on the cpu backend (each cost an
+    operator dispatch and an OpenMP fork/join, several times its arithmetic)."""
+    from qlora_kernels.backends import cpu
+
+    packed, state, Wd = make_weight(24, 100)
+    w = qk.prepare_4bit(packed, state)
+    x, A, B = torch.randn(1, 1, 100), torch.randn(4, 100), torch.randn(24, 4)
+    with qk.use_backend("cpu"), torch.no_grad(), torch.profiler.profile() as prof:
+        y = qk.lora_linear_4bit(x, w, None, A, B, 2.0)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul"}, names
+    assert y.shape == (1, 1, 24) and cpu.LORA_FUSED_ROWS >= 1
+    torch.testing.assert_close(y, x @ Wd.t() + 2.0 * (x @ A.t()) @ B.t(), rtol=1e-5, atol=1e-4)

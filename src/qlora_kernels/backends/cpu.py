@@ -1,7 +1,8 @@
 """The cpu backend: the C++ extension (qlora_kernels._C), its ISA path (scalar, avx2,
 avx512, avx512vnni) chosen at run time by csrc/dispatch. Threads follow
-torch.get_num_threads(). The LoRA/DoRA kernels are the reference backend's generic ones:
-this backend's 4-bit GEMM with the rank-r products in torch."""
+torch.get_num_threads(). The LoRA forward of few rows is one native call (csrc/lora4.h);
+for more rows, and for the LoRA backward and DoRA, the kernels are the reference
+backend's generic ones: this backend's 4-bit GEMM with the rank-r products in torch."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,7 @@ from .. import _C, formats, tuning
 from .._errors import nonfinite_error
 from ..formats import dtype_code
 from . import register_dequantize_from_out, register_kernel
+from .reference import lora_linear_4bit as _reference_lora
 
 
 
@@ -112,6 +114,42 @@ if hasattr(_C, "linear4_forward"):
             return _forward(_C.linear4_q8_forward_repacked, code, x, repacked, absmax, blocksize, N, bias)
 
         return f
+
+    # Rows of x up to which lora_linear_4bit runs as one native call (csrc/lora4.h: the base
+    # GEMV, then the rank-r products on the calling thread); above it the generic kernel
+    # (this backend's GEMM, the rank-r products as torch matmuls on every thread) is faster.
+    # docs/benchmarks.md has the measurement that set it.
+    LORA_FUSED_ROWS = 4
+
+    @register_kernel("lora_linear_4bit", "cpu")
+    def lora_linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
+                         noise, want_u=True):
+        """(y, u) as the reference composite computes them; x, bias and noise as the op
+        passes them (contiguous fp32; functional's inference path passes x with any
+        leading dims, noise None). u is [rows, r] fp32; ``want_u=False`` (inference, where
+        no backward needs it; this backend's kernel alone takes it) may return None for it."""
+        K = x.shape[-1]
+        M = x.numel() // K if K else math.prod(x.shape[:-1])
+        if M > LORA_FUSED_ROWS:  # the generic kernel takes x (and noise) 2-D
+            x2 = x.reshape(M, K)
+            y, u = _reference_lora(x2, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling,
+                                   bias, None if noise is None else noise.reshape(M, K))
+            return y.view(*x.shape[:-1], out_features), u
+        if not tuning.ready:
+            tuning.ensure()
+        A = lora_A.float().contiguous()
+        B = lora_B.float().contiguous()
+        if noise is not None:
+            noise = noise.float().contiguous()
+        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+        u = torch.empty((M, A.shape[0]), dtype=torch.float32) if want_u else None
+        ld = max(K, 1)
+        _C.lora4_forward(x.data_ptr(), M, K, ld, noise.data_ptr() if noise is not None else 0, ld, packed.data_ptr(),
+                         packed.numel(), absmax.data_ptr(), absmax.numel(), _tables(quant_type)[0].data_ptr(),
+                         out_features, blocksize, bias.data_ptr() if bias is not None else 0,
+                         bias.numel() if bias is not None else 0, A.data_ptr(), B.data_ptr(), A.shape[0], scaling,
+                         y.data_ptr(), out_features, 0 if u is None else u.data_ptr(), torch.get_num_threads())
+        return y, u
 
     @register_kernel("linear_4bit_grad_input", "cpu")
     def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
