@@ -131,12 +131,17 @@ def linear_4bit(x: torch.Tensor, packed, state: QuantState | None = None, bias: 
     return getattr(torch.ops.qlora_kernels, op)(x, *args, bias)
 
 
+def _dropout_active(dropout_p: float, training: bool) -> bool:
+    """Whether this call draws a dropout mask (dropout_p checked either way)."""
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return training and dropout_p != 0.0
+
+
 def _dropout_noise(x: torch.Tensor, dropout_p: float, training: bool) -> torch.Tensor | None:
     """torch.nn.functional.dropout's mask, drawn the same way from torch's generator (a
     Bernoulli(1-p) tensor divided by 1-p), so a seeded run reproduces PEFT's dropout."""
-    if not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not training or dropout_p == 0.0:
+    if not _dropout_active(dropout_p, training):
         return None
     return torch.empty_like(x).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
 
@@ -147,12 +152,22 @@ def lora_linear_4bit(x: torch.Tensor, packed, state: QuantState | None, lora_A: 
     """QLoRA: ``linear_4bit(x) + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``, with a fused
     backward giving dx, dA, dB (and the bias gradient when it trains). ``packed`` may be a
     prepared weight (then ``state`` is None), as in ``linear_4bit``."""
+    if type(packed) is Prepared4bit and state is None and not _dropout_active(dropout_p, training):
+        # first: inference on a prepared weight (a decode step) is the path whose cost matters
+        y = packed.lora_direct(x, lora_A, lora_B, scaling, bias)
+        if y is not None:
+            return y
     _check_x(x)
-    args = _weight(x, packed, state).args()
+    w = _weight(x, packed, state)
     noise = _dropout_noise(x, dropout_p, training)
+    if noise is None:
+        y = w.lora_direct(x, lora_A, lora_B, scaling, bias)
+        if y is not None:
+            return y
+    args = w.args()
     if noise is None and ops.linear.plain_call_ok(x, args[0], args[1], lora_A, lora_B, bias):
-        # inference (a decode step): the dispatcher and the autograd wrapper cost more than
-        # the kernel on a one-row SmolLM2 projection
+        # inference on another backend or layout: the dispatcher and the autograd wrapper
+        # cost more than the kernel on a one-row SmolLM2 projection
         return ops.linear.lora_linear_4bit_impl(x, *args, lora_A, lora_B, checks.scaling(scaling), bias, None)[0]
     return torch.ops.qlora_kernels.lora_linear_4bit(x, *args, lora_A, lora_B, checks.scaling(scaling), bias, noise)[0]
 

@@ -13,12 +13,14 @@ storage (``param.data = ...``, as ZeRO-3 does around a forward) moves the data p
 Its owner prepares again when it is not current."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
 from . import _env, formats
 from .ops import linear as ops_linear
+from .ops.checks import FLOATS
 from . import backends as _backends
 from .formats import QuantState
 
@@ -184,15 +186,17 @@ class Prepared4bit:
 
     # -- the direct path: eager fp32 inference on the cpu backend ------------------------------
     def kernels(self) -> dict:
-        """compute -> the cpu backend's kernel, or {} when the cpu kernels do not take this
-        weight as it is (double quantization decoded here is fine; strided bytes, another
-        device or a tensor subclass are not: those go through the op)."""
+        """compute ("fp32", "int8"; "lora": lora_linear_4bit's) -> the cpu backend's kernel, or
+        {} when the cpu kernels do not take this weight as it is (double quantization decoded
+        here is fine; strided bytes, another device or a tensor subclass are not: those go
+        through the op)."""
         if self._kernels is None:
             self._kernels = {}
             plain = all(type(t) in _PLAIN_TYPES and t.is_cpu and t.is_contiguous()
                         for t in (self.packed, self.absmax))  # not meta, not a tensor subclass
             if plain:
-                for compute, op in (("fp32", "linear_4bit"), ("int8", "linear_4bit_int8")):
+                for compute, op in (("fp32", "linear_4bit"), ("int8", "linear_4bit_int8"),
+                                    ("lora", "lora_linear_4bit")):
                     backend, fn = _backends.kernel_for(op, "cpu")
                     if backend == "cpu":
                         self._kernels[compute] = fn
@@ -215,29 +219,55 @@ class Prepared4bit:
     def has_int8_copy(self) -> bool:
         return self._int8 is not None and self._int8[1] is not None
 
-    def forward_direct(self, x: torch.Tensor, bias: Optional[torch.Tensor], compute: str) -> Optional[torch.Tensor]:
-        """``linear_4bit`` straight into the cpu kernel, or None when this call does not
-        qualify (another backend, autograd, a mode, torch.compile, other dtypes or layouts):
-        the dispatcher's and custom op's wrappers are a sizeable part of a one-row call
-        (docs/design.md, "Prepared weights") and add nothing these conditions leave."""
-        if (not ops_linear.plain_call_ok(x, bias) or x.dtype is not torch.float32
+    def _direct(self, x: torch.Tensor, bias: Optional[torch.Tensor], *more: torch.Tensor) -> Optional[dict]:
+        """The cpu kernels (as ``kernels()``) when a call on ``x`` and ``bias`` (and the other
+        tensors ``more``) may go straight to them, else None: another backend, autograd, a
+        mode, torch.compile, other dtypes or layouts, a stale weight. The dispatcher's and
+        custom op's wrappers and the op's checks are a sizeable part of a one-row call
+        (docs/design.md, "Prepared weights"): what they would check, this weight was checked
+        for when it was prepared, and the rest is checked here; a call that does not qualify
+        takes the general path, whose checks name what is wrong."""
+        if (not ops_linear.plain_call_ok(x, bias, *more) or x.dtype is not torch.float32
                 or _backends.get_backend() != "cpu"):
             return None
-        if not self.current(eager=True):  # plain_call_ok: not compiling
+        # plain_call_ok: not compiling. A weight made for this one call is current.
+        if not self._one_call and not self.current(eager=True):
             return None  # the caller's general path prepares again
-        k = self.in_features
-        kernels = self.kernels()
-        if x.dim() < 1 or x.shape[-1] != k or not x.is_contiguous() or compute not in kernels:
+        if x.dim() < 1 or x.shape[-1] != self.in_features or not x.is_contiguous():
             return None
         if bias is not None and (bias.dtype is not torch.float32 or bias.shape != (self.out_features,)
                                  or not bias.is_contiguous()):
             return None
-        if compute == "int8" and x.numel() == k:  # one row: the repacked kernel, where there is one
+        return self.kernels()
+
+    def forward_direct(self, x: torch.Tensor, bias: Optional[torch.Tensor], compute: str) -> Optional[torch.Tensor]:
+        """``linear_4bit`` straight into the cpu kernel, or None when this call does not
+        qualify (see ``_direct``)."""
+        kernels = self._direct(x, bias)
+        if kernels is None or compute not in kernels:
+            return None
+        if compute == "int8" and x.numel() == self.in_features:  # one row: the repacked kernel, where there is one
             one_row = self.int8_one_row()
             y = None if one_row is None else one_row(x, bias)
             if y is not None:
                 return y
         return kernels[compute](x, *self.args(), bias)
+
+    def lora_direct(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling,
+                    bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``lora_linear_4bit`` without dropout straight into the cpu kernel (y alone: no
+        backward will ask for u), or None when this call does not qualify (see ``_direct``;
+        the adapter must also have the shapes the op's checks ask for)."""
+        kernels = self._direct(x, bias, lora_A, lora_B)
+        if kernels is None or "lora" not in kernels or type(scaling) is not float or not math.isfinite(scaling):
+            return None
+        if (lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.dtype not in FLOATS
+                or lora_B.dtype not in FLOATS):
+            return None
+        r = lora_A.shape[0]
+        if r < 1 or lora_A.shape[1] != self.in_features or lora_B.shape != (self.out_features, r):
+            return None
+        return kernels["lora"](x, *self.args(), lora_A, lora_B, scaling, bias, None, want_u=False)[0]
 
 
 def prepare_4bit(packed: torch.Tensor, state: QuantState) -> Prepared4bit:
