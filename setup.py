@@ -53,15 +53,51 @@ openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
 # (scripts/sanitize.sh): every report aborts, so a test that triggers one fails.
 SANITIZE = os.environ.get("QLORA_KERNELS_SANITIZE", "")
 san_flags = [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"] if SANITIZE else []
+
+
+def manylinux_floor(module):
+    """Compile and link flags that hold a glibc build to manylinux_2_28 (torch's CPU wheels'
+    tag) whatever the build machine's GCC and glibc (docs/release.md, "The glibc floor"; GCC
+    12 and glibc 2.36 gave manylinux_2_34). Every build but the sanitizer lane's uses them,
+    so the tests run what the wheel ships; tests/test_release.py checks the symbol versions."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or SANITIZE:
+        return [], [], []  # the sanitizer runtimes expect the shared libstdc++
+    # exp/log/pow bound to their pre-2.29 versions, __libc_single_threaded (2.32) defined privately
+    compile_args = ["-include", os.path.join("csrc", "manylinux_floor.h")]
+    link_args = [
+        # libstdc++'s newer symbols (GLIBCXX_3.4.29, CXXABI_1.3.13, which GCC 12's headers
+        # call) are linked into the module instead of needed from the system's libstdc++...
+        "-static-libstdc++",
+        # ...and kept private: not exported, so they neither interpose nor get interposed by
+        # the libstdc++ torch loads. No C++ object or exception crosses the module boundary
+        # (the bindings take integers and data pointers; pybind11 turns exceptions into
+        # Python errors inside the module), and PYBIND11_STDLIB below keeps other pybind11
+        # modules' code out of ours. libgcc stays shared (libgcc_s: GCC_3.0-4.2 symbols,
+        # all allowed): one unwinder in the process, and GCC 12's static libgcc_eh would need
+        # glibc 2.35's _dl_find_object.
+        "-Wl,--exclude-libs,ALL",
+        # Unused archive code is dropped, e.g. std::random_device (linked along with the
+        # strings of libstdc++'s exception classes), whose arc4random needs glibc 2.36.
+        "-Wl,--gc-sections",
+    ]
+    # pybind11 shares its internals (type tables, exception translators) between modules of
+    # the same ABI id; a private id per module means no other module's pybind11 code -- built
+    # against another copy of libstdc++, torch's included -- ever handles our types or exceptions.
+    macros = [("PYBIND11_STDLIB", f'"_static_libstdcpp_qlora_kernels_{module}"')]
+    return compile_args, link_args, macros
+
+
+floor_cflags, floor_ldflags, floor_macros = manylinux_floor("C")
 ext = Pybind11Extension(
     "qlora_kernels._C",
     sources,
     cxx_std=17,
-    define_macros=[("QK_X86", "1")] if IS_X86 else [],
+    define_macros=([("QK_X86", "1")] if IS_X86 else []) + floor_macros,
     # -ffp-contract=off: a fused multiply-add would change rounding against the
     # reference; no -ffast-math: the kernels rely on IEEE subnormals and NaN compares.
-    extra_compile_args=["-O1" if SANITIZE else "-O3", "-ffp-contract=off", "-fno-math-errno"] + openmp + san_flags,
-    extra_link_args=openmp + san_flags,
+    extra_compile_args=["-O1" if SANITIZE else "-O3", "-ffp-contract=off", "-fno-math-errno"] + openmp + san_flags
+    + floor_cflags,
+    extra_link_args=openmp + san_flags + floor_ldflags,
 )
 
 # qlora_kernels._hls: the HLS kernels (hls/*.cpp) C-simulated under plain g++, with the
@@ -74,14 +110,16 @@ hls_sources = sorted(
     for f in os.listdir(d)
     if f.endswith(".cpp")
 ) + [os.path.join("hls", "bindings", "qk_hls_bindings.cpp")]
+hls_cflags, hls_ldflags, hls_macros = manylinux_floor("hls")
 hls_ext = Pybind11Extension(
     "qlora_kernels._hls",
     hls_sources,
     include_dirs=["hls"],
+    define_macros=hls_macros,
     cxx_std=17,
     extra_compile_args=["-O2", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas", "-Wno-unused-label"]
-    + san_flags,
-    extra_link_args=san_flags,
+    + san_flags + hls_cflags,
+    extra_link_args=san_flags + hls_ldflags,
 )
 
 # kernels/*.cl (one top-level folder, as in the repository's layout) ships inside the
