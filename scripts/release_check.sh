@@ -30,6 +30,11 @@ echo "release: sdist, then the wheel built from it"
 SDIST=$(ls "$OUT"/dist/*.tar.gz)
 WHEEL=$(ls "$OUT"/dist/*.whl)
 echo "release: built $(basename "$SDIST") and $(basename "$WHEEL")"
+# GCC prints "file:line:col: warning: ..." into the build's log
+if grep -E ": warning: " "$OUT/build.log"; then
+  echo "release: the source build printed compiler warnings (above)" >&2; exit 1
+fi
+echo "release: the source build printed no compiler warnings"
 
 # Fails unless the text names a manylinux_X_Y tag and none of them is newer than manylinux_2_28
 # (PEP 600 tags: manylinux_<glibc major>_<glibc minor>_<arch>).
@@ -60,6 +65,40 @@ echo "release: repaired to $(basename "$REPAIRED")"
 if "$PY" -m zipfile -l "$REPAIRED" | grep -q "libgomp"; then
   echo "release: the repaired wheel bundles libgomp (a second OpenMP runtime beside torch's)" >&2; exit 1
 fi
+
+echo "release: twine check --strict (what PyPI's upload checks: metadata, README rendering)"
+"$PY" "${PIP[@]}" "twine>=6.1"
+"$PY" -m twine check --strict "$SDIST" "$REPAIRED"
+
+echo "release: [all] is the runtime extras, without the test tools"
+# The extra as declared (every requirement it reaches through our own extras)...
+"$PY" - "$REPAIRED" <<'PYEOF'
+import re, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+reqs = re.findall(r"^Requires-Dist: (.+)$", meta, re.M)
+def extra(name, seen=set()):
+    out = []
+    for r in reqs:
+        m = re.search(r"""extra == ["']([^"']+)["']""", r)
+        if m and m.group(1) == name:
+            dep = r.split(";")[0].strip()
+            own = re.match(r"qlora-kernels\[([^\]]+)\]", dep)
+            if own:
+                for e in own.group(1).split(","):
+                    if e not in seen:
+                        seen.add(e)
+                        out += extra(e.strip(), seen)
+            else:
+                out.append(re.split(r"[<>=!~ \[]", dep)[0].lower())
+    return out
+names = set(extra("all"))
+bad = names & {"pytest", "pytest-benchmark", "hypothesis", "psutil", "trl", "bitsandbytes"}
+assert not bad, f"[all] pulls test tools: {sorted(bad)}"
+print(f"release: [all] declares {len(names)} packages: {', '.join(sorted(names))}")
+PYEOF
+# ...and pip resolves it (in the build environment, where it is installed already)
+"$PY" -m pip install -q --disable-pip-version-check --dry-run "$REPAIRED[all]"
 
 echo "release: a fresh virtualenv with the wheel"
 python3 -m venv "$OUT/venv"
