@@ -87,6 +87,16 @@ def nbits_reference(model):
     return ref.eval()
 
 
+def adapter_params(folder, rel) -> dict:
+    """An adapter file's tensors, copied while the AdapterFormat that owns their memory is
+    alive: ``read_adapter(f).get_parameters()`` on a temporary returns views into freed
+    memory, which the next read reuses (two files then compare equal whatever they hold)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat.read_adapter(str(Path(folder) / rel))
+    return {k: v.numpy().copy() for k, v in fmt.get_parameters().items()}
+
+
 PROMPT = [5, 17, 33, 9, 100, 7, 250, 3]
 
 
@@ -266,8 +276,6 @@ def test_adapter_for_another_base_is_refused_naming_the_tensor(tmp_path):
 def test_folder_adapter_from_peft_matches_the_model_adapter(tmp_path):
     """A PEFT folder (as qlora-kernels finetune and stock PEFT write it) gives the same
     adapter file as the PEFT model it was saved from."""
-    import onnxruntime as ort
-
     from qlora_kernels.bench.onnx import random_lora
 
     pm = random_lora(tiny("llama"), ["q_proj", "v_proj", "down_proj"], r=4, std=0.05, seed=1)
@@ -275,11 +283,11 @@ def test_folder_adapter_from_peft_matches_the_model_adapter(tmp_path):
     a = export_genai(pm, tmp_path / "a", log=None)
     b = export_genai(tiny("llama"), tmp_path / "b", adapters={"default": tmp_path / "run"}, log=None,
                      verify_output=False)
-    pa = ort.AdapterFormat.read_adapter(str(tmp_path / "a" / a.adapters["default"])).get_parameters()
-    pb = ort.AdapterFormat.read_adapter(str(tmp_path / "b" / b.adapters["default"])).get_parameters()
+    pa = adapter_params(tmp_path / "a", a.adapters["default"])
+    pb = adapter_params(tmp_path / "b", b.adapters["default"])
     assert sorted(pa) == sorted(pb) and len(pa) == 2 * 3 * 2
     for k in pa:
-        assert np.allclose(pa[k].numpy(), pb[k].numpy(), rtol=0, atol=1e-7), k
+        assert np.allclose(pa[k], pb[k], rtol=0, atol=1e-7), k
 
 
 def test_existing_folder_needs_overwrite_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -365,3 +373,33 @@ def test_export_genai_and_generate_commands(tmp_path, capsys):
     assert rc == 2 and "exists; pass overwrite=True" in capsys.readouterr().err
     rc = cli.main(["generate", "--genai", str(tmp_path / "nothing"), "--prompt", "hi"])
     assert rc == 2 and "no genai_config.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- review ---------------
+
+def test_folder_adapter_rank_and_alpha_patterns_are_regexes_as_in_peft(tmp_path):
+    """PEFT matches rank_pattern / alpha_pattern keys as regexes on the module name
+    (``(.*\\.)?(key)$``); a regex key must give the scaling PEFT's model uses (the
+    folder's file equal to the model's own), and rsLoRA's alpha/sqrt(r) too."""
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model
+
+    pm = get_peft_model(tiny("llama"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                  use_rslora=True, rank_pattern={r".*\.0\.self_attn\.q_proj": 8},
+                                                  alpha_pattern={r"layers\.1\..*": 32}))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.eval().save_pretrained(tmp_path / "run")
+    a = export_genai(pm, tmp_path / "a", verify_output=False, log=None)
+    b = export_genai(tiny("llama"), tmp_path / "b", adapters={"default": tmp_path / "run"}, verify_output=False,
+                     log=None)
+    pa, pb = adapter_params(tmp_path / "a", a.adapters["default"]), adapter_params(tmp_path / "b",
+                                                                                     b.adapters["default"])
+    assert pa["model.layers.0.self_attn.q_proj.lora_A.weight"].shape[1] == 8
+    assert sorted(pa) == sorted(pb)
+    for k in pa:
+        assert np.allclose(pa[k], pb[k], rtol=0, atol=1e-7), k
