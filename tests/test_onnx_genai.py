@@ -403,3 +403,15 @@ def test_folder_adapter_rank_and_alpha_patterns_are_regexes_as_in_peft(tmp_path)
     assert sorted(pa) == sorted(pb)
     for k in pa:
         assert np.allclose(pa[k], pb[k], rtol=0, atol=1e-7), k
+
+
+def test_verify_feeds_only_the_models_own_active_adapter(tmp_path):
+    """A model without adapters, exported with a folder adapter that happens to be named
+    "default": the torch model runs no adapter, so the check must not feed that one (it
+    reported a 15% logits error for a correct export)."""
+    from qlora_kernels.bench.onnx import random_lora
+
+    random_lora(tiny("llama"), ["q_proj", "v_proj"], r=4, std=0.05, seed=1).save_pretrained(tmp_path / "default")
+    res = export_genai(tiny("llama"), tmp_path / "m", adapters=[tmp_path / "default"], log=None)
+    assert res.adapters == {"default": "adapters/default.onnx_adapter"}
+    assert res.ort_error["max_rel"] < LOGITS_REL

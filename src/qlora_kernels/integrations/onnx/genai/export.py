@@ -217,7 +217,10 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
             ort_error = None
             if verify_output:
                 active = _active_adapter(model)
-                ort_error = _verify(tmp, model, arch, None if merge_adapters else checked.get(active))
+                # only an adapter of the model itself is what torch runs: a given folder that
+                # happens to share the name (e.g. "default" on a model without adapters) is not
+                own = not merge_adapters and active in files and files[active][1] == "the model"
+                ort_error = _verify(tmp, model, arch, checked[active] if own else None)
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent or "."))
                 os.replace(target, old / "x")
