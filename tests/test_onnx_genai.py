@@ -415,3 +415,28 @@ def test_verify_feeds_only_the_models_own_active_adapter(tmp_path):
     res = export_genai(tiny("llama"), tmp_path / "m", adapters=[tmp_path / "default"], log=None)
     assert res.adapters == {"default": "adapters/default.onnx_adapter"}
     assert res.ort_error["max_rel"] < LOGITS_REL
+
+
+def test_export_genai_refuses_adapters_trained_on_different_bases(tmp_path, capsys):
+    """--base defaults to what the adapter was trained on (metrics.json); with several
+    adapters that disagree (one lora on a dense base, one qlora on NF4), no single base is
+    right for both: refused naming --base, not silently the first one's."""
+    from qlora_kernels import cli
+
+    from qlora_kernels.bench.onnx import random_lora
+
+    from .finetune_helpers import build_tiny_model
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(tmp_path / "model")
+    for name, method in (("run-lora", "lora"), ("run-qlora", "qlora")):
+        random_lora(AutoModelForCausalLM.from_pretrained(model_dir), ["q_proj"], r=2).save_pretrained(tmp_path / name)
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"config": {"method": method}}))
+    args = ["export", "--genai", str(tmp_path / "out"), "--model", str(model_dir), "--adapter",
+            str(tmp_path / "run-lora"), "--adapter", str(tmp_path / "run-qlora"), "--no-verify"]
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and "--base" in err and "run-lora" in err and "run-qlora" in err, err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(args + ["--base", "nf4"]) == 0
