@@ -440,3 +440,29 @@ def test_export_genai_refuses_adapters_trained_on_different_bases(tmp_path, caps
     assert rc == 2 and "--base" in err and "run-lora" in err and "run-qlora" in err, err
     assert not (tmp_path / "out").exists()
     assert cli.main(args + ["--base", "nf4"]) == 0
+
+
+def test_overwrite_refuses_the_current_folder_and_the_export_inputs(tmp_path, monkeypatch):
+    """overwrite=True on "." died after the whole export with EBUSY (a folder cannot be
+    renamed to inside itself) and left its ".old" folder behind; on the folder holding the
+    model's own files or an adapter it deleted the export's input. Both are refused up
+    front, naming out_dir; a plain existing folder is still replaced."""
+    from qlora_kernels.bench.onnx import random_lora
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("x")
+    monkeypatch.chdir(work)
+    model = tiny("llama")
+    for out in (".", work, tmp_path):
+        with pytest.raises(ExportError, match=r"out_dir .*current folder"):
+            export_genai(model, out, overwrite=True, log=None, verify_output=False)
+    assert sorted(os.listdir(work)) == ["keep.txt"]
+    random_lora(tiny("llama"), ["q_proj"], r=2, std=0.05).save_pretrained(tmp_path / "runs" / "a")
+    with pytest.raises(ExportError, match=r"out_dir .*runs.*holds .*a, an input"):
+        export_genai(model, tmp_path / "runs", adapters=[tmp_path / "runs" / "a"], overwrite=True, log=None)
+    with pytest.raises(ExportError, match=r"out_dir .*holds .*an input"):
+        export_genai(model, tmp_path / "runs", tokenizer=tmp_path / "runs" / "a", overwrite=True, log=None)
+    assert (tmp_path / "runs" / "a" / "adapter_config.json").is_file()
+    export_genai(model, tmp_path / "runs", overwrite=True, log=None, verify_output=False)
+    assert (tmp_path / "runs" / "model.onnx").is_file()

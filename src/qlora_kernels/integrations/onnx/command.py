@@ -72,7 +72,7 @@ def run(args) -> int:
     if args.genai:
         from .genai.export import check_out_dir
 
-        check_out_dir(args.genai, args.overwrite)  # before the slow load
+        check_out_dir(args.genai, args.overwrite, adapters + ([args.model] if args.model else []))  # before the load
         if args.merge_adapters and len(adapters) != 1:
             raise ExportError(f"--merge-adapters takes exactly one --adapter, got {len(adapters)}")
         if args.opset is not None:
