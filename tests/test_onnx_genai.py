@@ -466,3 +466,30 @@ def test_overwrite_refuses_the_current_folder_and_the_export_inputs(tmp_path, mo
     assert (tmp_path / "runs" / "a" / "adapter_config.json").is_file()
     export_genai(model, tmp_path / "runs", overwrite=True, log=None, verify_output=False)
     assert (tmp_path / "runs" / "model.onnx").is_file()
+
+
+def test_generate_fits_the_context_and_names_a_missing_chat_template(tmp_path):
+    """generate asked GenAI for max_length = prompt + max_new_tokens, and GenAI raised a bare
+    RuntimeError (a traceback from the command) when that passed the context; the answer is
+    now cut at the context, and only a prompt that fills it is refused, naming the numbers.
+    A tokenizer without a chat template (a base model) is named with --raw, not GenAI's
+    'Empty chat template.'."""
+    from transformers import AutoModelForCausalLM
+
+    from .finetune_helpers import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model")  # max_position_embeddings 256
+    out = tmp_path / "g"
+    export_genai(AutoModelForCausalLM.from_pretrained(model_dir).eval(), out, weight_format="fp32", log=None,
+                 verify_output=False)
+    r = generate(out, "hello " * 200, max_new_tokens=100, chat=False)
+    assert r.prompt_tokens == 201 and 1 <= len(r.tokens) <= 256 - 201  # "hello" + 199 " hello" + " "
+    with pytest.raises(ExportError, match=r"prompt is 301 tokens.*context_length is 256"):
+        generate(out, "hello " * 300, max_new_tokens=4, chat=False)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ExportError, match=r"no chat template.*--raw"):
+        generate(out, "hello", max_new_tokens=2)
+    assert generate(out, "hello", max_new_tokens=2, chat=False).tokens
