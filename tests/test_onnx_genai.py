@@ -493,3 +493,19 @@ def test_generate_fits_the_context_and_names_a_missing_chat_template(tmp_path):
     with pytest.raises(ExportError, match=r"no chat template.*--raw"):
         generate(out, "hello", max_new_tokens=2)
     assert generate(out, "hello", max_new_tokens=2, chat=False).tokens
+
+
+def test_phi3_sliding_window_generates_as_torch(tmp_path):
+    """Phi-3-mini-4k's config has sliding_window 2047 (of 4096), and was refused: the window
+    is GroupQueryAttention's local_window_size. A window of 5 over an 8-token prompt and 32
+    new tokens is passed all the way (a window one off either way changes the first token)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    m = Phi3ForCausalLM(Phi3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3,
+                                   sliding_window=5)).eval()
+    res = export_genai(m, tmp_path / "m", weight_format="fp32", log=None)
+    assert res.ort_error["max_rel"] < LOGITS_REL
+    assert_same_generation(og_greedy(tmp_path / "m", PROMPT), torch_greedy(m, PROMPT))
