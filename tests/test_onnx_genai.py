@@ -509,3 +509,15 @@ def test_phi3_sliding_window_generates_as_torch(tmp_path):
     res = export_genai(m, tmp_path / "m", weight_format="fp32", log=None)
     assert res.ort_error["max_rel"] < LOGITS_REL
     assert_same_generation(og_greedy(tmp_path / "m", PROMPT), torch_greedy(m, PROMPT))
+
+
+def test_the_folder_gets_the_usual_permissions(tmp_path):
+    """The folder is written as a tempfile.mkdtemp folder (mode 0700) and renamed into place:
+    it must end with the mode any new folder gets (0755 under umask 022), else another user
+    (a serving account, a container) cannot read the model."""
+    old = os.umask(0o022)
+    try:
+        export_genai(tiny("llama"), tmp_path / "m", log=None, verify_output=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755

@@ -235,6 +235,11 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
 
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent or "."))
         try:
+            # mkdtemp makes the folder 0700, and the rename keeps that: give it the mode a new
+            # folder gets (umask applied), so that other accounts can read the model
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
             _save(proto, tmp / MODEL_FILE)
             del proto, b
             written = {}
