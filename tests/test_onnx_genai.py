@@ -521,3 +521,26 @@ def test_the_folder_gets_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+
+
+def test_batch_of_two_prompts_of_different_lengths(tmp_path):
+    """Batch 2 through onnxruntime_genai: prompts padded on the right with pad_token_id (as
+    GenAI's Tokenizer.encode_batch pads), seqlens_k from the mask per row; each row greedy
+    as torch on that prompt alone."""
+    model = tiny("llama")
+    export_genai(model, tmp_path / "m", weight_format="fp32", log=None, verify_output=False)
+    rows, n = [PROMPT, PROMPT[2:5]], 12
+    m = og.Model(str(tmp_path / "m"))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=len(PROMPT) + n, min_length=len(PROMPT) + n, batch_size=2,
+                              do_sample=False)
+    gen = og.Generator(m, params)
+    gen.append_tokens(np.array([r + [0] * (len(PROMPT) - len(r)) for r in rows], dtype=np.int32))
+    got = [[], []]
+    while not gen.is_done():
+        gen.generate_next_token()
+        for i, t in enumerate(gen.get_next_tokens()):
+            got[i].append(int(t))
+    for i, r in enumerate(rows):
+        want = torch_greedy(model, r, n)[0]
+        assert got[i][:len(want)] == want, i
