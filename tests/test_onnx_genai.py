@@ -421,13 +421,12 @@ def test_export_genai_refuses_adapters_trained_on_different_bases(tmp_path, caps
     """--base defaults to what the adapter was trained on (metrics.json); with several
     adapters that disagree (one lora on a dense base, one qlora on NF4), no single base is
     right for both: refused naming --base, not silently the first one's."""
-    from qlora_kernels import cli
+    from transformers import AutoModelForCausalLM
 
+    from qlora_kernels import cli
     from qlora_kernels.bench.onnx import random_lora
 
     from .finetune_helpers import build_tiny_model
-
-    from transformers import AutoModelForCausalLM
 
     model_dir = build_tiny_model(tmp_path / "model")
     for name, method in (("run-lora", "lora"), ("run-qlora", "qlora")):
