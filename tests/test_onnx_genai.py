@@ -87,6 +87,16 @@ def nbits_reference(model):
     return ref.eval()
 
 
+def adapter_params(folder, rel) -> dict:
+    """An adapter file's tensors, copied while the AdapterFormat that owns their memory is
+    alive: ``read_adapter(f).get_parameters()`` on a temporary returns views into freed
+    memory, which the next read reuses (two files then compare equal whatever they hold)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat.read_adapter(str(Path(folder) / rel))
+    return {k: v.numpy().copy() for k, v in fmt.get_parameters().items()}
+
+
 PROMPT = [5, 17, 33, 9, 100, 7, 250, 3]
 
 
@@ -266,8 +276,6 @@ def test_adapter_for_another_base_is_refused_naming_the_tensor(tmp_path):
 def test_folder_adapter_from_peft_matches_the_model_adapter(tmp_path):
     """A PEFT folder (as qlora-kernels finetune and stock PEFT write it) gives the same
     adapter file as the PEFT model it was saved from."""
-    import onnxruntime as ort
-
     from qlora_kernels.bench.onnx import random_lora
 
     pm = random_lora(tiny("llama"), ["q_proj", "v_proj", "down_proj"], r=4, std=0.05, seed=1)
@@ -275,11 +283,11 @@ def test_folder_adapter_from_peft_matches_the_model_adapter(tmp_path):
     a = export_genai(pm, tmp_path / "a", log=None)
     b = export_genai(tiny("llama"), tmp_path / "b", adapters={"default": tmp_path / "run"}, log=None,
                      verify_output=False)
-    pa = ort.AdapterFormat.read_adapter(str(tmp_path / "a" / a.adapters["default"])).get_parameters()
-    pb = ort.AdapterFormat.read_adapter(str(tmp_path / "b" / b.adapters["default"])).get_parameters()
+    pa = adapter_params(tmp_path / "a", a.adapters["default"])
+    pb = adapter_params(tmp_path / "b", b.adapters["default"])
     assert sorted(pa) == sorted(pb) and len(pa) == 2 * 3 * 2
     for k in pa:
-        assert np.allclose(pa[k].numpy(), pb[k].numpy(), rtol=0, atol=1e-7), k
+        assert np.allclose(pa[k], pb[k], rtol=0, atol=1e-7), k
 
 
 def test_existing_folder_needs_overwrite_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -365,3 +373,173 @@ def test_export_genai_and_generate_commands(tmp_path, capsys):
     assert rc == 2 and "exists; pass overwrite=True" in capsys.readouterr().err
     rc = cli.main(["generate", "--genai", str(tmp_path / "nothing"), "--prompt", "hi"])
     assert rc == 2 and "no genai_config.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- review ---------------
+
+def test_folder_adapter_rank_and_alpha_patterns_are_regexes_as_in_peft(tmp_path):
+    """PEFT matches rank_pattern / alpha_pattern keys as regexes on the module name
+    (``(.*\\.)?(key)$``); a regex key must give the scaling PEFT's model uses (the
+    folder's file equal to the model's own), and rsLoRA's alpha/sqrt(r) too."""
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model
+
+    pm = get_peft_model(tiny("llama"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                  use_rslora=True, rank_pattern={r".*\.0\.self_attn\.q_proj": 8},
+                                                  alpha_pattern={r"layers\.1\..*": 32}))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.eval().save_pretrained(tmp_path / "run")
+    a = export_genai(pm, tmp_path / "a", verify_output=False, log=None)
+    b = export_genai(tiny("llama"), tmp_path / "b", adapters={"default": tmp_path / "run"}, verify_output=False,
+                     log=None)
+    pa, pb = adapter_params(tmp_path / "a", a.adapters["default"]), adapter_params(tmp_path / "b",
+                                                                                     b.adapters["default"])
+    assert pa["model.layers.0.self_attn.q_proj.lora_A.weight"].shape[1] == 8
+    assert sorted(pa) == sorted(pb)
+    for k in pa:
+        assert np.allclose(pa[k], pb[k], rtol=0, atol=1e-7), k
+
+
+def test_verify_feeds_only_the_models_own_active_adapter(tmp_path):
+    """A model without adapters, exported with a folder adapter that happens to be named
+    "default": the torch model runs no adapter, so the check must not feed that one (it
+    reported a 15% logits error for a correct export)."""
+    from qlora_kernels.bench.onnx import random_lora
+
+    random_lora(tiny("llama"), ["q_proj", "v_proj"], r=4, std=0.05, seed=1).save_pretrained(tmp_path / "default")
+    res = export_genai(tiny("llama"), tmp_path / "m", adapters=[tmp_path / "default"], log=None)
+    assert res.adapters == {"default": "adapters/default.onnx_adapter"}
+    assert res.ort_error["max_rel"] < LOGITS_REL
+
+
+def test_export_genai_refuses_adapters_trained_on_different_bases(tmp_path, capsys):
+    """--base defaults to what the adapter was trained on (metrics.json); with several
+    adapters that disagree (one lora on a dense base, one qlora on NF4), no single base is
+    right for both: refused naming --base, not silently the first one's."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kernels import cli
+    from qlora_kernels.bench.onnx import random_lora
+
+    from .finetune_helpers import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model")
+    for name, method in (("run-lora", "lora"), ("run-qlora", "qlora")):
+        random_lora(AutoModelForCausalLM.from_pretrained(model_dir), ["q_proj"], r=2).save_pretrained(tmp_path / name)
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"config": {"method": method}}))
+    args = ["export", "--genai", str(tmp_path / "out"), "--model", str(model_dir), "--adapter",
+            str(tmp_path / "run-lora"), "--adapter", str(tmp_path / "run-qlora"), "--no-verify"]
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and "--base" in err and "run-lora" in err and "run-qlora" in err, err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(args + ["--base", "nf4"]) == 0
+
+
+def test_overwrite_refuses_the_current_folder_and_the_export_inputs(tmp_path, monkeypatch):
+    """overwrite=True on "." died after the whole export with EBUSY (a folder cannot be
+    renamed to inside itself) and left its ".old" folder behind; on the folder holding the
+    model's own files or an adapter it deleted the export's input. Both are refused up
+    front, naming out_dir; a plain existing folder is still replaced."""
+    from qlora_kernels.bench.onnx import random_lora
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("x")
+    monkeypatch.chdir(work)
+    model = tiny("llama")
+    for out in (".", work, tmp_path):
+        with pytest.raises(ExportError, match=r"out_dir .*current folder"):
+            export_genai(model, out, overwrite=True, log=None, verify_output=False)
+    assert sorted(os.listdir(work)) == ["keep.txt"]
+    random_lora(tiny("llama"), ["q_proj"], r=2, std=0.05).save_pretrained(tmp_path / "runs" / "a")
+    with pytest.raises(ExportError, match=r"out_dir .*runs.*holds .*a, an input"):
+        export_genai(model, tmp_path / "runs", adapters=[tmp_path / "runs" / "a"], overwrite=True, log=None)
+    with pytest.raises(ExportError, match=r"out_dir .*holds .*an input"):
+        export_genai(model, tmp_path / "runs", tokenizer=tmp_path / "runs" / "a", overwrite=True, log=None)
+    assert (tmp_path / "runs" / "a" / "adapter_config.json").is_file()
+    export_genai(model, tmp_path / "runs", overwrite=True, log=None, verify_output=False)
+    assert (tmp_path / "runs" / "model.onnx").is_file()
+
+
+def test_generate_fits_the_context_and_names_a_missing_chat_template(tmp_path):
+    """generate asked GenAI for max_length = prompt + max_new_tokens, and GenAI raised a bare
+    RuntimeError (a traceback from the command) when that passed the context; the answer is
+    now cut at the context, and only a prompt that fills it is refused, naming the numbers.
+    A tokenizer without a chat template (a base model) is named with --raw, not GenAI's
+    'Empty chat template.'."""
+    from transformers import AutoModelForCausalLM
+
+    from .finetune_helpers import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model")  # max_position_embeddings 256
+    out = tmp_path / "g"
+    export_genai(AutoModelForCausalLM.from_pretrained(model_dir).eval(), out, weight_format="fp32", log=None,
+                 verify_output=False)
+    r = generate(out, "hello " * 200, max_new_tokens=100, chat=False)
+    assert r.prompt_tokens == 201 and 1 <= len(r.tokens) <= 256 - 201  # "hello" + 199 " hello" + " "
+    with pytest.raises(ExportError, match=r"prompt is 301 tokens.*context_length is 256"):
+        generate(out, "hello " * 300, max_new_tokens=4, chat=False)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ExportError, match=r"no chat template.*--raw"):
+        generate(out, "hello", max_new_tokens=2)
+    assert generate(out, "hello", max_new_tokens=2, chat=False).tokens
+
+
+def test_phi3_sliding_window_generates_as_torch(tmp_path):
+    """Phi-3-mini-4k's config has sliding_window 2047 (of 4096), and was refused: the window
+    is GroupQueryAttention's local_window_size. A window of 5 over an 8-token prompt and 32
+    new tokens is passed all the way (a window one off either way changes the first token)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    m = Phi3ForCausalLM(Phi3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3,
+                                   sliding_window=5)).eval()
+    res = export_genai(m, tmp_path / "m", weight_format="fp32", log=None)
+    assert res.ort_error["max_rel"] < LOGITS_REL
+    assert_same_generation(og_greedy(tmp_path / "m", PROMPT), torch_greedy(m, PROMPT))
+
+
+def test_the_folder_gets_the_usual_permissions(tmp_path):
+    """The folder is written as a tempfile.mkdtemp folder (mode 0700) and renamed into place:
+    it must end with the mode any new folder gets (0755 under umask 022), else another user
+    (a serving account, a container) cannot read the model."""
+    old = os.umask(0o022)
+    try:
+        export_genai(tiny("llama"), tmp_path / "m", log=None, verify_output=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+
+
+def test_batch_of_two_prompts_of_different_lengths(tmp_path):
+    """Batch 2 through onnxruntime_genai: prompts padded on the right with pad_token_id (as
+    GenAI's Tokenizer.encode_batch pads), seqlens_k from the mask per row; each row greedy
+    as torch on that prompt alone."""
+    model = tiny("llama")
+    export_genai(model, tmp_path / "m", weight_format="fp32", log=None, verify_output=False)
+    rows, n = [PROMPT, PROMPT[2:5]], 12
+    m = og.Model(str(tmp_path / "m"))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=len(PROMPT) + n, min_length=len(PROMPT) + n, batch_size=2,
+                              do_sample=False)
+    gen = og.Generator(m, params)
+    gen.append_tokens(np.array([r + [0] * (len(PROMPT) - len(r)) for r in rows], dtype=np.int32))
+    got = [[], []]
+    while not gen.is_done():
+        gen.generate_next_token()
+        for i, t in enumerate(gen.get_next_tokens()):
+            got[i].append(int(t))
+    for i, r in enumerate(rows):
+        want = torch_greedy(model, r, n)[0]
+        assert got[i][:len(want)] == want, i

@@ -72,7 +72,7 @@ def run(args) -> int:
     if args.genai:
         from .genai.export import check_out_dir
 
-        check_out_dir(args.genai, args.overwrite)  # before the slow load
+        check_out_dir(args.genai, args.overwrite, adapters + ([args.model] if args.model else []))  # before the load
         if args.merge_adapters and len(adapters) != 1:
             raise ExportError(f"--merge-adapters takes exactly one --adapter, got {len(adapters)}")
         if args.opset is not None:
@@ -84,6 +84,14 @@ def run(args) -> int:
         if args.accuracy_level:
             raise ExportError("--accuracy-level applies to --genai with --weight-format nbits")
     adapter = adapters[0] if adapters else None
+    if args.base is None and len(adapters) > 1:
+        # the default base is what each adapter was trained on; adapters that disagree (lora
+        # on a dense base, qlora on NF4) have no common right answer, and taking the first
+        # one's would silently serve the others on a base they were not trained on
+        trained = {str(a): _default_base(a) for a in adapters}
+        if len(set(trained.values())) > 1:
+            raise ExportError("--adapter: the adapters were trained on different bases ("
+                              + ", ".join(f"{a}: {b}" for a, b in trained.items()) + "); pass --base nf4|fp4|dense")
     try:
         model_dir = check_model_dir(args.model) if args.model else default_model_dir()
         model, tok = load(model_dir)

@@ -85,12 +85,20 @@ def from_folder(folder, arch: Arch) -> dict[str, torch.Tensor]:
     for path, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise ExportError(f"adapter {d}: {path} has lora_{''.join(sorted(set('AB') - set(ab)))} missing")
-        rr = next((int(v) for k, v in ranks.items() if path.endswith(k)), r)
-        aa = next((float(v) for k, v in alphas.items() if path.endswith(k)), alpha)
+        rr = next((int(v) for k, v in ranks.items() if _pattern_matches(k, path)), r)
+        aa = next((float(v) for k, v in alphas.items() if _pattern_matches(k, path)), alpha)
         scaling = aa / math.sqrt(rr) if cfg.get("use_rslora") else aa / rr
         out.update(_param_pair(path, ab["A"][1], ab["B"][1], scaling))
         out[f"{path}.__keys__"] = (ab["A"][0], ab["B"][0])  # for error messages; dropped by check()
     return out
+
+
+def _pattern_matches(key: str, path: str) -> bool:
+    """PEFT's rule for rank_pattern / alpha_pattern keys (peft.utils.other.get_pattern_key):
+    the key is a regex matched against the end of the module name at a dot boundary. A plain
+    ``path.endswith(key)`` misses regex keys (``layers\\.1\\..*``) and gives such modules the
+    default rank or alpha, i.e. a wrong scaling folded into B."""
+    return re.match(rf"(.*\.)?({key})$", path) is not None
 
 
 def check(name: str, params: dict, shapes: dict[str, tuple[int, int]], source: str) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ class Arch:
     bos_token_id: int | None
     eos_token_id: list
     pad_token_id: int | None
+    sliding_window: int = -1  # GroupQueryAttention's local_window_size; -1: full attention
 
     def projections(self, i: int) -> dict:
         """{role: module path relative to the causal LM} of layer i."""
@@ -72,8 +73,10 @@ def read(model: torch.nn.Module) -> Arch:
                 raise ExportError(f"config.{flag}=True is not supported by the GenAI export (Llama without biases)")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ExportError(f"config.hidden_act={cfg.hidden_act!r}: the GenAI export writes SiLU MLPs only")
-    if getattr(cfg, "sliding_window", None) and kind == "phi3" and cfg.sliding_window < cfg.max_position_embeddings:
-        raise ExportError(f"config.sliding_window={cfg.sliding_window} is not supported by the GenAI export")
+    # Phi-3 (Phi-3-mini-4k: 2047 of 4096) attends to the last sliding_window keys, the token's
+    # own included, which is GroupQueryAttention's local_window_size exactly (tested, as
+    # GenAI's builder writes it). Llama ignores the key in transformers, so it does here too.
+    window = int(getattr(cfg, "sliding_window", None) or -1) if kind == "phi3" else -1
     gen = getattr(lm, "generation_config", None)
     eos = _ids(getattr(gen, "eos_token_id", None)) or _ids(cfg.eos_token_id)
     bos = getattr(gen, "bos_token_id", None)
@@ -84,7 +87,8 @@ def read(model: torch.nn.Module) -> Arch:
                 vocab=int(cfg.vocab_size), eps=float(cfg.rms_norm_eps), context_length=int(cfg.max_position_embeddings),
                 tied_head=bool(getattr(cfg, "tie_word_embeddings", False)),
                 bos_token_id=None if bos is None else int(bos), eos_token_id=eos,
-                pad_token_id=(eos[0] if eos else None) if pad is None else int(pad))
+                pad_token_id=(eos[0] if eos else None) if pad is None else int(pad),
+                sliding_window=window if 0 < window < int(cfg.max_position_embeddings) else -1)
 
 
 def rotary_tables(model: torch.nn.Module, arch: Arch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,10 +54,43 @@ class GenaiExportResult:
         return "\n".join(lines)
 
 
-def check_out_dir(out_dir, overwrite: bool) -> Path:
+def check_out_dir(out_dir, overwrite: bool, inputs=()) -> Path:
+    """``out_dir`` as check_target takes it; with ``overwrite`` on an existing folder, also
+    refused when replacing it would delete the folder the process is in (for "." the rename
+    fails outright, after the whole export) or one of ``inputs`` (the model's, tokenizer's or
+    an adapter's folder, read by this very export)."""
     from ..exporter import check_target
 
-    return check_target(out_dir, overwrite, folder=True)
+    target = check_target(out_dir, overwrite, folder=True)
+    if target.exists():
+        resolved = target.resolve()
+        cwd = Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents:
+            raise ExportError(f"out_dir {out_dir} is the current folder or holds it: replacing it would delete the "
+                              "folder you are in; write to another folder")
+        for src in inputs:
+            p = Path(src).resolve()
+            if p == resolved or resolved in p.parents:
+                raise ExportError(f"out_dir {out_dir} holds {src}, an input of this export (model, tokenizer or "
+                                  "adapter folder): replacing it would delete it; write to another folder")
+    return target
+
+
+def _input_folders(model, tokenizer, adapters) -> list:
+    """The folders an export reads from: the model's own (its tokenizer is copied from it),
+    a tokenizer folder, adapter folders."""
+    out = []
+    name = getattr(getattr(arch_mod.core_model(model), "config", None), "_name_or_path", "") or ""
+    if name and Path(name).is_dir():
+        out.append(name)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        out.append(tokenizer)
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    srcs = adapters.values() if isinstance(adapters, Mapping) else adapters if isinstance(adapters, (list, tuple)) \
+        else ()
+    out += [a for a in srcs if isinstance(a, (str, os.PathLike))]
+    return out
 
 
 def _given_adapters(adapters, arch) -> dict:
@@ -157,7 +190,7 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
         raise ExportError("accuracy_level applies to MatMulNBits: weight_format='nbits' or quantize_head=True")
     if quantize_head is not None and not isinstance(quantize_head, bool):
         raise ExportError(f"quantize_head must be True, False or None, got {quantize_head!r}")
-    target = check_out_dir(out_dir, overwrite)
+    target = check_out_dir(out_dir, overwrite, _input_folders(model, tokenizer, adapters))
     arch = arch_mod.read(model)
     tables = arch_mod.rotary_tables(model, arch)
 
@@ -202,6 +235,11 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
 
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent or "."))
         try:
+            # mkdtemp makes the folder 0700, and the rename keeps that: give it the mode a new
+            # folder gets (umask applied), so that other accounts can read the model
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
             _save(proto, tmp / MODEL_FILE)
             del proto, b
             written = {}
@@ -217,7 +255,10 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
             ort_error = None
             if verify_output:
                 active = _active_adapter(model)
-                ort_error = _verify(tmp, model, arch, None if merge_adapters else checked.get(active))
+                # only an adapter of the model itself is what torch runs: a given folder that
+                # happens to share the name (e.g. "default" on a model without adapters) is not
+                own = not merge_adapters and active in files and files[active][1] == "the model"
+                ort_error = _verify(tmp, model, arch, checked[active] if own else None)
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent or "."))
                 os.replace(target, old / "x")

@@ -45,11 +45,24 @@ def generate(folder, prompt: str, adapter: str | None = None, max_new_tokens: in
         raise ExportError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     model = og.Model(str(folder))
     tok = og.Tokenizer(model)
-    text = tok.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
-                                   add_generation_prompt=True) if chat else prompt
+    if chat:
+        try:
+            text = tok.apply_chat_template(json.dumps([{"role": "user", "content": prompt}]),
+                                           add_generation_prompt=True)
+        except RuntimeError as e:  # GenAI says only "Empty chat template." (a base model's tokenizer)
+            raise ExportError(f"--genai {folder}: the tokenizer has no chat template ({e}); send the prompt as it "
+                              "is with --raw (chat=False)") from None
+    else:
+        text = prompt
     ids = tok.encode(text)
+    # GenAI refuses a max_length past the model's context (a bare RuntimeError): the answer
+    # is cut at the context instead, and only a prompt that leaves no room is refused
+    context = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["context_length"]
+    if len(ids) >= context:
+        raise ExportError(f"--prompt is {len(ids)} tokens and the model's context_length is {context}: no room "
+                          "for an answer")
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_new_tokens)
+    params.set_search_options(max_length=min(len(ids) + max_new_tokens, context))
     gen = og.Generator(model, params)
     adapters = None
     if adapter:

@@ -129,6 +129,7 @@ def build(arch: Arch, linears, tables: tuple[torch.Tensor, torch.Tensor], embed:
         attn = b.op("GroupQueryAttention", qkv + past + [seqlens, total, cos, sin], [f"{pre}/attn/output_0"] + present,
                     domain=contrib.MSFT, name=f"{pre}/attn/GroupQueryAttention", num_heads=arch.heads,
                     kv_num_heads=arch.kv_heads, do_rotary=1, rotary_interleaved=0,
+                    local_window_size=arch.sliding_window,
                     scale=float(arch.head_size) ** -0.5)[0]
         x = linears[p["o"]](b, attn)
         ln2 = b.init(f"model.layers.{i}.post_attention_layernorm.weight", norms[f"layers.{i}.post_attention_layernorm"])
