@@ -208,3 +208,40 @@ def test_exact_operators_cost_the_u280_its_compute_units():
     assert rtl["compute_units"] < vitis["compute_units"]
     assert rtl["tokens_per_s"] < vitis["tokens_per_s"]
     assert rtl["resources"]["most_used"] == "lut"
+
+
+def test_floorplan_spreads_the_compute_units_over_the_slrs():
+    """U280: three SLRs, the HBM at SLR0. The CUs are spread evenly (the remainder nearest
+    the memory), each SLR's share adds up to the whole build, and every CU outside SLR0
+    crosses SLRs with its memory port."""
+    from qlora_kernels.fpga import floorplan
+
+    est = fpga.estimate("u280", "phi-3-mini")
+    fp, res, cus = est.decode["floorplan"], est.decode["resources"], est.decode["compute_units"]
+    assert fp["slrs"] == 3 and fp["memory_slr"] == 0
+    counts = [p["cus"] for p in fp["per_slr"]]
+    assert sum(counts) == cus and max(counts) - min(counts) <= 1 and counts[0] == max(counts)
+    assert fp["crossing_ports"] == cus - counts[0]
+    assert [p["crossings_per_port"] for p in fp["per_slr"]] == [0, 1, 2]
+    # the SLRs' LUT shares average to the whole build's
+    mean = sum(p["percent"]["lut"] * p["cus"] for p in fp["per_slr"]) / cus
+    assert abs(mean - res["use"]["lut"]["percent"]) < 0.5 + 100.0 / cus
+    # 32 CUs with Vitis' operator costs: an SLR at ~84% LUT, flagged as a timing risk
+    assert fp["timing_risk"] == (fp["max_lut_percent"] > floorplan.LUT_RISK_PERCENT)
+    from qlora_kernels.fpga.report import format_text
+
+    text = format_text(est)
+    assert "floorplan         SLR0:" in text and "cross SLRs" in text
+
+
+def test_floorplan_flags_an_slr_past_70_percent_and_not_below():
+    from qlora_kernels.fpga import floorplan
+
+    b = BOARDS["u280"]
+    per_slr_luts = b.available()["lut"] / 3
+    light = floorplan.plan(b, rs.Resources(lut=0.69 * per_slr_luts / 2), 6)
+    heavy = floorplan.plan(b, rs.Resources(lut=0.71 * per_slr_luts / 2), 6)
+    assert not light["timing_risk"] and heavy["timing_risk"]
+    assert [p["cus"] for p in heavy["per_slr"]] == [2, 2, 2]
+    one = floorplan.plan(BOARDS["v80"], rs.Resources(lut=1000), 5)  # NoC-routed: one fabric region
+    assert one["slrs"] == 1 and one["crossing_ports"] == 0 and one["per_slr"][0]["cus"] == 5

@@ -31,6 +31,8 @@ class Board:
     bram_kind: str               # "BRAM36" or "M20K"
     urams: int                   # UltraRAM 288 Kb blocks (0: none)
     shell_fraction: float        # fabric taken by the vendor's static shell/platform
+    slrs: int = 1                # super logic regions (stacked dies) the fabric is split into
+    memory_slr: int = 0          # the SLR whose edge holds the HBM and its AXI ports
     sources: tuple[str, ...] = ()
     unverified: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
@@ -59,12 +61,15 @@ BOARDS: dict[str, Board] = {
         family="ultrascale+", kernel_clock_mhz=300.0, memory="HBM2", memory_gb=8, peak_gbps=460.0, channels=32,
         port_binding="channel", max_ports=32, efficiency=0.90, efficiency_source=_SHUHAI,
         luts=1_304_000, ffs=2_607_000, dsps=9_024, brams=2_016, bram_kind="BRAM36", urams=960, shell_fraction=0.10,
+        slrs=3, memory_slr=0,
         sources=(
             "AMD DS963, Alveo U280 Data Center Accelerator Card Data Sheet: 8 GB HBM2 at 460 GB/s, 1,304K LUTs, "
             "2,607K registers, 9,024 DSP slices, 2,016 BRAM36 (70.9 Mb), 960 UltraRAM (270 Mb)",
             "AMD UG1393 (Vitis), 'HBM Configuration and Use': 32 pseudo-channels x 14.375 GB/s = 460 GB/s, "
             "32 HBM AXI interfaces",
             "Kernel clock: the xilinx_u280 Vitis platforms' default kernel clock is 300 MHz",
+            "AMD UG1120 (Alveo U280 platform): three SLRs; the HBM stacks and their AXI switch sit at the "
+            "bottom edge of SLR0",
         ),
         notes=("shell_fraction 0.10 is an estimate of the static region of the gen3x16 XDMA platforms; "
                "`platforminfo` gives the exact figure",),
@@ -74,11 +79,14 @@ BOARDS: dict[str, Board] = {
         family="ultrascale+", kernel_clock_mhz=300.0, memory="HBM2", memory_gb=16, peak_gbps=460.0, channels=32,
         port_binding="channel", max_ports=32, efficiency=0.90, efficiency_source=_SHUHAI + " (same HBM subsystem)",
         luts=1_304_000, ffs=2_607_000, dsps=9_024, brams=2_016, bram_kind="BRAM36", urams=960, shell_fraction=0.10,
+        slrs=3, memory_slr=0,
         sources=(
             "AMD DS978, Alveo U55C Data Center Accelerator Cards Data Sheet: 16 GB HBM2 at 460 GB/s, 1,304K LUTs, "
             "2,607K registers, 9,024 DSP slices, 2,016 BRAM36, 960 UltraRAM",
             "AMD UG1393 (Vitis), 'HBM Configuration and Use': 512 MB pseudo-channels on the U55C, 32 x 14.375 GB/s",
+            "Three SLRs with the HBM at SLR0, as on the U280 (the same HBM-series die family)",
         ),
+        unverified=("slrs",),
     ),
     "v80": Board(
         key="v80", name="AMD Alveo V80", device="XCV80 (Versal HBM series)",
@@ -91,8 +99,10 @@ BOARDS: dict[str, Board] = {
             "Versal LUTs = system logic cells / 2.1875 (AMD's Versal convention), so ~1,188K LUTs",
             "AMD AM004 (Versal DSP Engine): DSPFP32 mode does an fp32 multiply and add in one DSP58",
         ),
-        unverified=("luts", "ffs", "brams", "urams", "channels", "max_ports"),
-        notes=("kernel clock kept at the HLS target (300 MHz); Versal PL usually closes higher",),
+        unverified=("luts", "ffs", "brams", "urams", "channels", "max_ports", "slrs"),
+        notes=("kernel clock kept at the HLS target (300 MHz); Versal PL usually closes higher",
+               "modelled as one fabric region: the NoC carries every port to the HBM, so no CU's memory path "
+               "crosses a die boundary in the fabric"),
     ),
     "agilex7m": Board(
         key="agilex7m", name="Intel Agilex 7 FPGA M-Series Development Kit", device="AGMF039R47A1E2VR0",
@@ -108,7 +118,7 @@ BOARDS: dict[str, Board] = {
             "(native IEEE fp32 multiply-add), 12,950 M20K",
             "Kernel clock 400 MHz: an assumption for HLS kernels on Agilex 7 (Hyperflex registers)",
         ),
-        unverified=("luts", "ffs", "dsps", "brams", "kernel_clock_mhz"),
+        unverified=("luts", "ffs", "dsps", "brams", "kernel_clock_mhz", "slrs"),
     ),
 }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import floorplan
 from . import kernels as kc
 from . import resources as rs
 from .boards import Board, get_board
@@ -262,6 +263,7 @@ def estimate(board: str | Board = "u280", model: Any = "phi-3-mini", *, design: 
               "kv_bytes_per_token_at_context": o.context * m.kv_bytes_per_position(o.kv_bytes),
               "tokens_per_s_at_context": decc["tokens_per_s"], "context": o.context,
               "resources": _resource_report(rs.gemv_cu(design, b, o.operators) * cus, b, f"{cus} x qk_gemv_4bit")}
+    decode["floorplan"] = floorplan.plan(b, rs.gemv_cu(design, b, o.operators), cus)
     decode["bound"] = ("resources" if not decode["resources"]["fits"] else
                        "memory" if dec0["bound"] == "memory" else "compute")
     decode["roofline"] = roofline(b, design, cus * design.lanes, wb["total"] / m.total_params, _eff(b, o), _clock(b, o))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import floorplan
+
 
 def _res_line(r: dict[str, Any], kind: str) -> str:
     names = {"dsp": "DSP", "lut": "LUT", "ff": "FF", "bram": kind, "uram": "URAM"}
@@ -24,6 +26,10 @@ def warnings(est) -> list[str]:
         if res and res["most_used_percent"] > 75.0:
             out.append(f"{what} build uses {res['most_used_percent']:.0f}% of the {res['most_used']} left by the "
                        f"shell: placement and timing closure at {est.board.kernel_clock_mhz:g} MHz are not assured")
+    fp = est.decode.get("floorplan")
+    if fp and fp["timing_risk"]:
+        out.append(f"decode build: an SLR uses {fp['max_lut_percent']:.0f}% of its LUTs (over "
+                   f"{floorplan.LUT_RISK_PERCENT:.0f}%): expect timing closure trouble on a multi-die part")
     if est.board.unverified:
         out.append(f"{est.board.name}: {', '.join(est.board.unverified)} not verified against the data sheet")
     if est.training and not est.training.get("memory_fits", True):
@@ -56,6 +62,8 @@ def format_text(est) -> str:
         L.append(f"    {p['name']:<14} {p['fmt']:<5} {p['N']:>6} x {p['K']:<5}  {p['k_groups']:>3} x {p['n_groups']:<3}"
                  f"   {p['rows_per_cu']:>6} {p['tiles_per_cu']:>6}   {p['time_us']:>8.2f}  {p['bound']}")
     L.append(f"  resources         {_res_line(d['resources'], b.bram_kind)}")
+    for i, line in enumerate(floorplan.describe(d["floorplan"], b.bram_kind)):
+        L.append(("  floorplan         " if i == 0 else "                    ") + line)
     L.append("  roofline          " + _roof(d["roofline"]))
     L.append("")
     if t.get("tokens_per_s"):
