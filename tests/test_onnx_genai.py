@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnxruntime_genai as og  # the [onnx] extra: a missing install must fail here, not skip
 import pytest
 import torch
 
@@ -15,8 +16,6 @@ import qlora_kernels as qk
 from qlora_kernels.integrations.onnx import ExportError, export_genai
 from qlora_kernels.integrations.onnx import layers as export_layers
 from qlora_kernels.integrations.onnx.genai.generate import generate
-
-og = pytest.importorskip("onnxruntime_genai")  # part of the [onnx] extra; setup.sh installs it
 
 NEW = 32          # greedy tokens compared (the issue: at least 32)
 LOGITS_REL = 1e-3  # step logits, relative to the largest logit of the step
