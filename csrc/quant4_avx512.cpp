@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "quant4_common.h"
 
@@ -75,8 +76,9 @@ struct ZLoadF16 {
 
 struct Encoder16 {
   __m512 bounds;  // the 15 ascending bounds, lane 15 unused (no level's pivot reaches it)
+  __m512 mid;     // bounds[7], the first level's pivot for every lane
   __m512i order;
-  bool identity;
+  bool identity, clamp;
   explicit Encoder16(const Quant4Tables& t) {
     alignas(64) float b[16];
     alignas(64) int32_t o[16];
@@ -87,13 +89,19 @@ struct Encoder16 {
       identity &= (t.order[k] == k);
     }
     bounds = _mm512_load_ps(b);
+    mid = _mm512_set1_ps(t.bounds[7]);
     order = _mm512_load_si512(o);
+    // Clamping a finite scaled value to [-1, 1] cannot change its bucket when every bound
+    // lies strictly inside (-1, 1), as for codebooks spanning [-1, 1] (NF4 and FP4): values
+    // past +-1 (a rounding of v * (1/absmax)) have the same bounds below them as +-1.
+    clamp = !(t.bounds[0] > -1.f && t.bounds[14] < 1.f);
   }
   // torch.bucketize(right=False): the count of bounds strictly below s. Level `step`
   // compares s with bounds[idx + step - 1] and adds step where that bound is below.
   __m512i encode(__m512 s) const {
-    __m512i idx = _mm512_setzero_si512();
-    for (int step : {8, 4, 2, 1}) {
+    if (clamp) s = _mm512_min_ps(_mm512_max_ps(s, _mm512_set1_ps(-1.f)), _mm512_set1_ps(1.f));
+    __m512i idx = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(mid, s, _CMP_LT_OQ), _mm512_set1_epi32(8));
+    for (int step : {4, 2, 1}) {
       const __m512 pivot = _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(step - 1)), bounds);
       const __mmask16 below = _mm512_cmp_ps_mask(pivot, s, _CMP_LT_OQ);
       idx = _mm512_mask_add_epi32(idx, below, idx, _mm512_set1_epi32(step));
@@ -102,12 +110,12 @@ struct Encoder16 {
   }
 };
 
-// 16 nibble indices (int32 lanes, element order) into 8 bytes, even element high.
+// 16 nibble indices (int32 lanes, element order) into 8 bytes, even element high: in each
+// 64-bit lane the even index sits in the low dword, so (lane << 4) | (lane >> 32) holds
+// the byte in its low 8 bits, and vpmovqb narrows the 8 lanes.
 inline void pack16(__m512i idx, uint8_t* out) {
-  const __m128i b = _mm512_cvtepi32_epi8(idx);  // byte j = index of element j
-  // As 16-bit words: low byte = even element, high byte = odd one.
-  const __m128i w = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x00ff)), 4), _mm_srli_epi16(b, 8));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w, w));
+  const __m512i byte = _mm512_or_si512(_mm512_slli_epi64(idx, 4), _mm512_srli_epi64(idx, 32));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm512_cvtepi64_epi8(byte));
 }
 
 template <class V>
@@ -123,16 +131,15 @@ int64_t quantize_impl(const void* x, int64_t n, int64_t bs, const Quant4Tables& 
     const int64_t start = b * bs;
     const int64_t len = std::min(bs, n - start);
     const int64_t vlen = len & ~int64_t(15);
-    const __m512 fmax = _mm512_set1_ps(3.402823466e38f);
-    __m512 vmax = _mm512_setzero_ps();
-    __mmask16 ok = 0xffff;
-    for (int64_t i = 0; i < vlen; i += 16) {
-      const __m512 a = _mm512_abs_ps(V::load16(x, start + i));
-      ok &= _mm512_cmp_ps_mask(a, fmax, _CMP_LE_OQ);  // NaN and Inf fail
-      vmax = _mm512_max_ps(vmax, a);
-    }
-    float amax = vlen ? _mm512_reduce_max_ps(vmax) : 0.f;
-    bool finite = ok == 0xffff;
+    // |x| as unsigned integers orders as the floats do, and every Inf or NaN is above the
+    // largest finite value: one integer max finds the absmax and any non-finite element.
+    __m512i vmax = _mm512_setzero_si512();
+    for (int64_t i = 0; i < vlen; i += 16)
+      vmax = _mm512_max_epu32(vmax, _mm512_castps_si512(_mm512_abs_ps(V::load16(x, start + i))));
+    const uint32_t mbits = _mm512_reduce_max_epu32(vmax);
+    bool finite = mbits <= 0x7f7fffffu;
+    float amax;
+    std::memcpy(&amax, &mbits, sizeof amax);
     for (int64_t i = vlen; i < len; ++i) {
       const float a = std::fabs(L::at(x, start + i));
       finite &= (a <= 3.402823466e38f);
@@ -141,12 +148,10 @@ int64_t quantize_impl(const void* x, int64_t n, int64_t bs, const Quant4Tables& 
     if (!finite) bad = std::max(bad, nblocks - b);
     const BlockScale sc(amax, b >= full);
     absmax[b] = sc.stored;
-    const __m512 lo = _mm512_set1_ps(-1.f), hi = _mm512_set1_ps(1.f);
     const __m512 inv = _mm512_set1_ps(sc.inv), div = _mm512_set1_ps(sc.floored);
     for (int64_t i = 0; i < vlen; i += 16) {
       const __m512 v = V::load16(x, start + i);
-      const __m512 s = sc.tail ? _mm512_div_ps(v, div) : _mm512_mul_ps(v, inv);
-      pack16(enc.encode(_mm512_min_ps(_mm512_max_ps(s, lo), hi)), packed + (start + i) / 2);
+      pack16(enc.encode(sc.tail ? _mm512_div_ps(v, div) : _mm512_mul_ps(v, inv)), packed + (start + i) / 2);
     }
     quantize4_tail<L>(x, start, vlen, len, sc, t, packed);
   }
