@@ -47,8 +47,8 @@ const Kernels kTable[] = {
     {quantize4_scalar, dequantize4_scalar},
 #if defined(QK_X86)
     {quantize4_avx2, dequantize4_avx2},
-    {quantize4_avx2, dequantize4_avx512},
-    {quantize4_avx2, dequantize4_avx512},
+    {quantize4_avx512, dequantize4_avx512},
+    {quantize4_avx512, dequantize4_avx512},
 #else
     {quantize4_scalar, dequantize4_scalar},
     {quantize4_scalar, dequantize4_scalar},

@@ -49,6 +49,8 @@ int64_t quantize4_avx2(const void* x, DType xt, int64_t n, int64_t blocksize,
                        const Quant4Tables& t, uint8_t* packed, float* absmax, int nthreads);
 void dequantize4_avx2(const uint8_t* packed, const float* absmax, const float* code, int64_t n,
                       int64_t blocksize, void* out, DType ot, int nthreads);
+int64_t quantize4_avx512(const void* x, DType xt, int64_t n, int64_t blocksize,
+                         const Quant4Tables& t, uint8_t* packed, float* absmax, int nthreads);
 void dequantize4_avx512(const uint8_t* packed, const float* absmax, const float* code, int64_t n,
                         int64_t blocksize, void* out, DType ot, int nthreads);
 #endif

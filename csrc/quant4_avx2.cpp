@@ -4,6 +4,8 @@
 // quant4_common.h, so a block tail is encoded exactly as on the scalar path.
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "quant4_common.h"
 
 namespace qk {
@@ -46,8 +48,11 @@ struct Tables8 {
   // bounds[idx + step - 1], fetched by one in-register permute (at most 8 candidates).
   __m256 pivot8, pivot4, pivot2, pivot1;
   __m256i order_lo, order_hi;
-  bool identity;
+  bool identity, clamp;
   explicit Tables8(const Quant4Tables& t) {
+    // Clamping a finite scaled value to [-1, 1] cannot change its bucket when every bound
+    // lies strictly inside (-1, 1), as for codebooks spanning [-1, 1] (NF4 and FP4).
+    clamp = !(t.bounds[0] > -1.f && t.bounds[14] < 1.f);
     alignas(32) float p4[8] = {t.bounds[3], t.bounds[11]};
     alignas(32) float p2[8] = {t.bounds[1], t.bounds[5], t.bounds[9], t.bounds[13]};
     alignas(32) float p1[8];
@@ -92,11 +97,11 @@ inline void pack16(__m256i a, __m256i b, uint8_t* out) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), bytes);
 }
 
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
+inline uint32_t hmax_u32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
 }
 
 template <class V>
@@ -112,17 +117,16 @@ int64_t quantize_impl(const void* x, int64_t n, int64_t bs, const Quant4Tables& 
     const int64_t start = b * bs;
     const int64_t len = std::min(bs, n - start);
     const int64_t vlen = len & ~int64_t(15);
+    // |x| as unsigned integers orders as the floats do, and every Inf or NaN is above the
+    // largest finite value: one integer max finds the absmax and any non-finite element.
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    const __m256 fmax = _mm256_set1_ps(3.402823466e38f);
-    __m256 vmax = _mm256_setzero_ps();
-    __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-    for (int64_t i = 0; i < vlen; i += 8) {
-      const __m256 a = _mm256_andnot_ps(sign, V::load8(x, start + i));
-      ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, fmax, _CMP_LE_OQ));
-      vmax = _mm256_max_ps(vmax, a);
-    }
-    float amax = hmax(vmax);
-    bool finite = _mm256_movemask_ps(ok) == 0xff;
+    __m256i vmax = _mm256_setzero_si256();
+    for (int64_t i = 0; i < vlen; i += 8)
+      vmax = _mm256_max_epu32(vmax, _mm256_castps_si256(_mm256_andnot_ps(sign, V::load8(x, start + i))));
+    const uint32_t mbits = hmax_u32(vmax);
+    bool finite = mbits <= 0x7f7fffffu;
+    float amax;
+    std::memcpy(&amax, &mbits, sizeof amax);
     for (int64_t i = vlen; i < len; ++i) {
       const float a = std::fabs(L::at(x, start + i));
       finite &= (a <= 3.402823466e38f);
@@ -142,8 +146,10 @@ int64_t quantize_impl(const void* x, int64_t n, int64_t bs, const Quant4Tables& 
         s0 = _mm256_mul_ps(s0, inv);
         s1 = _mm256_mul_ps(s1, inv);
       }
-      s0 = _mm256_min_ps(_mm256_max_ps(s0, lo), hi);
-      s1 = _mm256_min_ps(_mm256_max_ps(s1, lo), hi);
+      if (tv.clamp) {
+        s0 = _mm256_min_ps(_mm256_max_ps(s0, lo), hi);
+        s1 = _mm256_min_ps(_mm256_max_ps(s1, lo), hi);
+      }
       pack16(tv.encode(s0), tv.encode(s1), packed + (start + i) / 2);
     }
     quantize4_tail<L>(x, start, vlen, len, sc, t, packed);

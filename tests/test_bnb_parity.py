@@ -102,6 +102,26 @@ def test_every_cpu_path_matches_reference_on_larger_data(path):
         assert torch.equal(bits(qk.dequantize_4bit(packed, state, dtype=torch.bfloat16)), bits(rd))
 
 
+@pytest.mark.parametrize("quant_type", formats.QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_values_on_and_beside_the_bounds_bucket_as_bucketize(path, quant_type, dtype):
+    """Each SIMD encoder (a binary search over the 15 bounds) against the reference's
+    count of bounds strictly below: scaled values exactly on every bound (ties go to the
+    lower bucket), one ulp either side, +-0.0 and +-1. Blocks of 64 whose first element
+    is 1.0 scale by exactly 1 (the full-block path multiplies by 1/absmax = 1)."""
+    bounds, _ = formats.quant_tables(quant_type)
+    vals = torch.cat([bounds, torch.nextafter(bounds, torch.full_like(bounds, -2)),
+                      torch.nextafter(bounds, torch.full_like(bounds, 2)),
+                      torch.tensor([0.0, -0.0, 1.0, -1.0])]).to(dtype).float()
+    body = vals.repeat(4)[:63 * 3].reshape(3, 63)
+    W = torch.cat([torch.ones(3, 1), body], 1).reshape(-1).to(dtype)  # 3 blocks of 64, absmax 1
+    W = torch.cat([W, W[1:40]])  # and a tail block (the divide path), scaled by its own absmax
+    packed, state = qk.quantize_4bit(W, quant_type, 64)
+    with qk.use_backend("reference"):
+        rp, rs = qk.quantize_4bit(W, quant_type, 64)
+    assert torch.equal(packed, rp) and torch.equal(state.absmax, rs.absmax)
+
+
 def test_out_argument_decodes_in_place(path):
     W = torch.randn(65, 33)
     packed, state = qk.quantize_4bit(W)

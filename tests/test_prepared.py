@@ -150,3 +150,35 @@ def test_prepared_layers_copy_and_pickle():
         loaded = torch.load(buf, weights_only=False)
         assert torch.equal(twin(x), y) and torch.equal(loaded(x), y)
         assert twin.prepared().current(twin.weight, twin.quant_state)
+
+
+# One row of int8 runs the repacked kernel, within a bound of the op rather than its bits
+# (test_linear_int8.py holds it): int8 is checked here from two rows up.
+@pytest.mark.parametrize("compute,lead", [("fp32", (1,)), ("fp32", ()), ("fp32", (3,)), ("fp32", (2, 1)),
+                                          ("int8", (3,)), ("int8", (2, 2))])
+def test_direct_calls_give_the_ops_bits(compute, lead):
+    """A prepared weight's direct call (the cpu kernel bound to its pointers) computes what
+    the op computes, bit for bit, for any leading dims of x, with and without a bias."""
+    K, N = 192, 72
+    packed, state = qk.quantize_4bit(torch.randn(N, K), double_quant=True)
+    w = functional.prepare_4bit(packed, state)
+    x = torch.randn(*lead, K)
+    op = getattr(torch.ops.qlora_kernels, "linear_4bit" if compute == "fp32" else "linear_4bit_int8")
+    with torch.no_grad():
+        for bias in (None, torch.randn(N)):
+            got = qk.linear_4bit(x, w, bias=bias, compute=compute)
+            assert got.shape == (*lead, N)
+            assert torch.equal(got, op(x, *w.args(), bias))
+
+
+def test_swapped_storage_of_a_prepared_weights_bytes_is_noticed():
+    """``packed.data = ...`` (no version bump) under a prepared weight of the functional
+    API: its bound kernel must not read the old storage."""
+    x = torch.randn(2, 128)
+    p1, s1 = qk.quantize_4bit(torch.randn(8, 128))
+    p2, _ = qk.quantize_4bit(torch.randn(8, 128))
+    w = functional.prepare_4bit(p1, s1)
+    with torch.no_grad():
+        _close(qk.linear_4bit(x, w), _ref(x, p1, s1))
+        p1.data = p2.clone()
+        _close(qk.linear_4bit(x, w), _ref(x, p2, s1))

@@ -13,6 +13,7 @@ storage (``param.data = ...``, as ZeRO-3 does around a forward) moves the data p
 Its owner prepares again when it is not current."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -99,13 +100,28 @@ def _tensors(sources: tuple) -> tuple:
     return tuple(t for t in sources if t is not None and not isinstance(t, QuantState))
 
 
-def _marks(tensors: tuple, state: QuantState) -> tuple:
-    """What changes when a source tensor is edited or re-pointed (version counters and data
-    pointers; a meta tensor's is 0), and the state's plain fields. Runs on every call of
-    a prepared weight, so it stays a flat tuple of cheap reads."""
-    shape = None if state.shape is None else tuple(state.shape)
-    return (state.blocksize, state.quant_type, shape, state.dtype, *[t._version for t in tensors],
-            *[_ptr(t) for t in tensors])
+def _fields(state: QuantState) -> tuple:
+    """The state's plain fields, as a prepared weight compares them on every call."""
+    return state.blocksize, state.quant_type, None if state.shape is None else tuple(state.shape), state.dtype
+
+
+def _tensor_marks(tensors: tuple) -> tuple:
+    """What changes when a source tensor is edited or re-pointed: (tensor, version counter,
+    data pointer; None for a tensor subclass, whose version counter alone marks a change)."""
+    return tuple((t, t._version, t.data_ptr() if type(t) in _PLAIN_TYPES else None) for t in tensors)
+
+
+def _tensors_unchanged(marks: tuple) -> bool:
+    # Runs on every call of a prepared weight: a plain loop over a few cheap reads (a
+    # tuple of fresh marks to compare cost twice as much at one row of a small layer).
+    for t, version, ptr in marks:
+        if t._version != version or (ptr is not None and t.data_ptr() != ptr):
+            return False
+    return True
+
+
+def _unbound(kernel: Callable, args: tuple, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return kernel(x, *args, bias)
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -118,7 +134,7 @@ class Prepared4bit:
     ``linear_4bit`` and ``lora_linear_4bit``."""
 
     __slots__ = ("state", "packed", "absmax", "blocksize", "quant_type", "out_features", "in_features", "derived",
-                 "_sources", "_tensors", "_marks", "_pmarks", "_kernels", "_int8", "_one_call")
+                 "_sources", "_fields", "_marks", "_pmarks", "_kernels", "_int8", "_one_call")
 
     def __init__(self, packed: torch.Tensor, state: QuantState, _absmax: Optional[torch.Tensor] = None):
         if _absmax is None:  # else: refreshed() after a change of the bytes alone, the state checked before
@@ -132,8 +148,8 @@ class Prepared4bit:
         self.blocksize, self.quant_type = state.blocksize, state.quant_type
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
         self._sources = _sources(packed, state)
-        self._tensors = _tensors(self._sources[1:])
-        self._marks = _marks(self._tensors, state)
+        self._fields = _fields(state)
+        self._marks = _tensor_marks(_tensors(self._sources[1:]))
         self._pmarks = (packed._version, _ptr(packed))
         # Values derived from this weight by other modules (DoRA's base row norms), named;
         # they go with the prepared weight when it is replaced.
@@ -168,7 +184,7 @@ class Prepared4bit:
         if (state.absmax is not src[1] or state.code is not src[2] or state.offset is not src[3]
                 or s2 is not src[4] or (s2 is not None and (s2.absmax is not src[5] or s2.code is not src[6]))):
             return False
-        return _marks(self._tensors, state) == self._marks
+        return _fields(state) == self._fields and _tensors_unchanged(self._marks)
 
     def refreshed(self) -> "Prepared4bit":
         """Itself, prepared again from its sources first if they changed (what was derived
@@ -186,20 +202,25 @@ class Prepared4bit:
 
     # -- the direct path: eager fp32 inference on the cpu backend ------------------------------
     def kernels(self) -> dict:
-        """compute ("fp32", "int8"; "lora": lora_linear_4bit's) -> the cpu backend's kernel, or
-        {} when the cpu kernels do not take this weight as it is (double quantization decoded
-        here is fine; strided bytes, another device or a tensor subclass are not: those go
-        through the op)."""
+        """compute -> the cpu backend's kernel: "fp32" and "int8" as ``f(x, bias)`` on this
+        weight, "lora" as lora_linear_4bit's kernel; or {} when the cpu kernels do not take
+        this weight as it is (double quantization decoded here is fine; strided bytes,
+        another device or a tensor subclass are not: those go through the op)."""
         if self._kernels is None:
             self._kernels = {}
             plain = all(type(t) in _PLAIN_TYPES and t.is_cpu and t.is_contiguous()
                         for t in (self.packed, self.absmax))  # not meta, not a tensor subclass
             if plain:
+                bind_backend, bind = _backends.kernel_for("linear_4bit_bind", "cpu")
                 for compute, op in (("fp32", "linear_4bit"), ("int8", "linear_4bit_int8"),
                                     ("lora", "lora_linear_4bit")):
                     backend, fn = _backends.kernel_for(op, "cpu")
-                    if backend == "cpu":
-                        self._kernels[compute] = fn
+                    if backend != "cpu":
+                        continue
+                    if compute != "lora":  # f(x, bias): bound to this weight where the backend can
+                        bound = bind(compute, *self.args()) if bind_backend == "cpu" else None
+                        fn = bound or functools.partial(_unbound, fn, self.args())
+                    self._kernels[compute] = fn
         return self._kernels
 
     def int8_one_row(self) -> Optional[Callable]:
@@ -251,7 +272,7 @@ class Prepared4bit:
             y = None if one_row is None else one_row(x, bias)
             if y is not None:
                 return y
-        return kernels[compute](x, *self.args(), bias)
+        return kernels[compute](x, bias)
 
     def lora_direct(self, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling,
                     bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -15,7 +15,16 @@ _KNOWN = ("reference", "cpu", "opencl", "hls")
 _MODULES = {name: f"qlora_kernels.backends.{name}" for name in _KNOWN}
 _LOADED: dict[str, bool] = {}
 _REASONS: dict[str, str] = {}
-_state = threading.local()
+
+
+class _Scoped(threading.local):
+    # A class default: a thread that never entered use_backend reads None without the
+    # AttributeError that getattr(local, name, default) raises and catches inside
+    # (get_backend runs on every direct call of a prepared weight).
+    name = None
+
+
+_state = _Scoped()
 _default = ["cpu"]
 
 
@@ -73,7 +82,7 @@ def _check(name: str) -> str:
 
 
 def get_backend() -> str:
-    name = getattr(_state, "name", None) or _default[0]
+    name = _state.name or _default[0]
     if name == "cpu" and not _load("cpu"):
         return "reference"
     return name
@@ -89,7 +98,7 @@ def set_backend(name: str) -> None:
 def use_backend(name: str) -> Iterator[str]:
     """Run the ops of this thread on ``name`` inside the ``with`` block."""
     _check(name)
-    previous = getattr(_state, "name", None)
+    previous = _state.name
     _state.name = name
     try:
         yield name

@@ -172,6 +172,12 @@ def linear_4bit_int8_one_row(packed, absmax, blocksize, quant_type, out_features
     return None
 
 
+@register_kernel("linear_4bit_bind", "reference")
+def linear_4bit_bind(compute, packed, absmax, blocksize, quant_type, out_features):
+    """No bound form here: a prepared weight calls the backend's linear_4bit(_int8) kernel."""
+    return None
+
+
 @register_kernel("linear_4bit_grad_input", "reference")
 def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):
     return dy2 @ _dense_weight(packed, absmax, blocksize, quant_type, dy2.shape[1], in_features)
