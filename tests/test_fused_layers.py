@@ -35,7 +35,7 @@ def _torch_rms(x, w, eps):
 
 
 @pytest.mark.parametrize("path", BACKEND_PATHS, ids=IDS)
-@pytest.mark.parametrize("M,K", [(1, 1), (3, 7), (513, 64), (3, 4097), (1, 4097)])
+@pytest.mark.parametrize("M,K", [(0, 5), (1, 1), (3, 7), (513, 64), (3, 4097), (1, 4097)])
 def test_rms_norm_forward_backward(path, M, K):
     g = torch.Generator().manual_seed(M * 10007 + K)
     x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4).requires_grad_()
@@ -62,7 +62,7 @@ def test_rms_norm_forward_backward(path, M, K):
 
 
 @pytest.mark.parametrize("path", BACKEND_PATHS, ids=IDS)
-@pytest.mark.parametrize("M,N", [(1, 1), (3, 7), (513, 64), (3, 4097)])
+@pytest.mark.parametrize("M,N", [(0, 5), (1, 1), (3, 7), (513, 64), (3, 4097)])
 def test_swiglu_forward_backward(path, M, N):
     g0 = torch.Generator().manual_seed(M * 7919 + N)
     gate = (torch.randn(M, N, generator=g0) * 6).requires_grad_()
@@ -284,3 +284,22 @@ def test_gemma_style_norm_is_left_alone():
     summary = fuse_layers(model)
     assert summary["rms_norm"] == 1 and type(model[0]) is GemmaRMSNorm and type(model[1]) is RMSNorm
     assert "Gemma" in summary["skipped"][0][1]
+
+
+def test_norm_with_other_half_precision_rounding_is_left_alone():
+    """A norm that agrees in fp32 but rounds differently for bf16 input (weight * normed in
+    fp32, then cast) would get LlamaRMSNorm's math in the fallback: it is not replaced."""
+    class OtherRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(32))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (self.weight * h).to(x.dtype)
+
+    model = torch.nn.Sequential(OtherRMSNorm())
+    summary = fuse_layers(model)
+    assert summary["rms_norm"] == 0 and "bf16" in summary["skipped"][0][1]

@@ -80,8 +80,12 @@ def _device_dtype(m: nn.Module):
     return (None if p is None else p.device), (torch.float32 if f is None else f.dtype)
 
 
-def _agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5))
+def _agrees(a, b: torch.Tensor) -> bool:
+    return (isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5)))
+
+
+_PROBE_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError)
 
 
 def _norm_reason(m: nn.Module) -> str | None:
@@ -103,6 +107,11 @@ def _norm_reason(m: nn.Module) -> str | None:
     with _probing(m):
         if not _agrees(m(x), ours(x)):
             return "its output is not weight * x * rsqrt(mean(x^2) + eps) (e.g. Gemma's (1 + weight))"
+        # outside the fast case the replacement runs LlamaRMSNorm's math: it must be this
+        # class's to the bit, roundings to a half-precision input dtype included
+        xb = x.to(torch.bfloat16)
+        if not torch.equal(m(xb), ours(xb)):
+            return "its bf16 rounding differs from LlamaRMSNorm's"
     return None
 
 
@@ -132,7 +141,10 @@ def fuse_layers(model: nn.Module) -> dict:
     summary = {"rms_norm": 0, "mlp": 0, "skipped": []}
     for name, m in list(model.named_modules()):
         if type(m).__name__.endswith("RMSNorm") and type(m) is not RMSNorm:
-            reason = _norm_reason(m)
+            try:
+                reason = _norm_reason(m)
+            except _PROBE_ERRORS as e:  # a module that cannot even run the probe is left alone
+                reason = f"the probe failed: {type(e).__name__}: {e}"
             if reason is None:
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
@@ -145,7 +157,10 @@ def fuse_layers(model: nn.Module) -> dict:
         style = _mlp_style(m)
         if style is None or getattr(m, _FLAG, False):
             continue
-        reason = _mlp_reason(m, style)
+        try:
+            reason = _mlp_reason(m, style)
+        except _PROBE_ERRORS as e:
+            reason = f"the probe failed: {type(e).__name__}: {e}"
         if reason is None:
             m.forward = types.MethodType(style[0], m)
             setattr(m, _FLAG, True)
