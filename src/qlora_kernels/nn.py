@@ -1,5 +1,6 @@
-"""Modules on the fused ops: a frozen 4-bit linear layer (bitsandbytes' state-dict keys)
-and a LoRA layer over a 4-bit or dense base."""
+"""Modules on the fused ops: a frozen 4-bit linear layer (bitsandbytes' state-dict keys),
+a LoRA layer over a 4-bit or dense base, and transformers' LlamaRMSNorm on the fused
+RMSNorm."""
 from __future__ import annotations
 
 import math
