@@ -45,6 +45,7 @@ int threads_for(int64_t rows, int64_t cols, int nthreads) {
 // Rows [t*M/T, (t+1)*M/T) go to part t: the same split for the same T, whatever OpenMP does.
 template <class F>
 void for_row_parts(int64_t M, int T, F&& body) {
+  if (T == 1) return body(0, int64_t(0), M);  // decode-sized calls: no parallel region to wake
 #pragma omp parallel for schedule(static, 1) num_threads(T)
   for (int t = 0; t < T; ++t) body(t, M * t / T, M * (t + 1) / T);
 }
