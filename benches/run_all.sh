@@ -38,7 +38,8 @@ if [ "${MEMORY:-1}" = 1 ]; then
     echo "- each configuration in its own process, peak RSS after 2 AdamW steps,"
     echo "  random Phi-3 (hidden 1024, intermediate 2816, 4 layers, vocab 32064), LoRA r=16 on every"
     echo "  projection, batch 2 x 256. The fp32 model is built first in every process (the same for"
-    echo "  all rows). ours = NF4 + the fused head + loss; ours-unfused = NF4 + transformers' loss."
+    echo "  all rows). ours = NF4 + the fused head + loss, RMSNorm and SwiGLU; ours-no-norm-mlp = NF4 +"
+    echo "  the fused head + loss only; ours-unfused = NF4 + transformers' loss, norm and MLP."
     echo "- command: \`$PY benches/train_memory.py --model phi3 --steps 2\`"
     echo
     "$PY" benches/train_memory.py --model phi3 --steps 2

@@ -1,14 +1,16 @@
 """One training step (AdamW, LoRA r=16 on every projection, batch 2 x 256) on a random
 Phi-3-architecture model and on SmolLM2-135M-Instruct, beside PEFT + bitsandbytes; our
 DoRA step beside our LoRA step; the fused output head + loss alone beside transformers'
-way. Each group timed in interleaved rounds (bench.interleave). Peak memory per
-configuration: benches/train_memory.py."""
+way; the fused RMSNorm and SwiGLU alone beside transformers' and torch's. Each group timed
+in interleaved rounds (bench.interleave). Peak memory per configuration:
+benches/train_memory.py."""
 import pytest
 
 from qlora_kernels import bench
 from qlora_kernels.bench import train as bench_train
 
-GROUPS = bench.groups_of(bench_train.loss_cases() + bench_train.train_cases("phi3") + bench_train.train_cases("smollm2"))
+GROUPS = bench.groups_of(bench_train.loss_cases() + bench_train.norm_act_cases() + bench_train.train_cases("phi3")
+                         + bench_train.train_cases("smollm2"))
 
 
 @pytest.mark.parametrize("i", range(len(GROUPS)), ids=[g[0].group for g in GROUPS])

@@ -31,8 +31,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args()
     rows = []
-    for kind, dora in (("ours", False), ("ours-unfused", False), ("bnb", False), ("dense", False), ("ours", True),
-                       ("bnb", True)):
+    for kind, dora in (("ours", False), ("ours-no-norm-mlp", False), ("ours-unfused", False), ("bnb", False),
+                       ("dense", False), ("ours", True), ("bnb", True)):
         r = subprocess.run([sys.executable, "-c", CHILD, a.model, kind, "1" if dora else "0", str(a.steps)],
                            capture_output=True, text=True)
         if r.returncode:

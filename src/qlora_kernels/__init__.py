@@ -36,6 +36,8 @@ _API = {
     "lora_linear": "functional",
     "lora_linear_4bit": "functional",
     "quantize_4bit": "functional",
+    "rms_norm": "functional",
+    "swiglu": "functional",
     "prepare_4bit": "prepared",
     "patch_peft_model": "integrations.peft",
 }

@@ -16,12 +16,15 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
-                   double_quant: bool = False, skip: Iterable[str] = ("lm_head",), fuse_loss: bool = False) -> nn.Module:
+                   double_quant: bool = False, skip: Iterable[str] = ("lm_head",), fuse_loss: bool = False,
+                   fuse_norm_mlp: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` in ``model`` (except names in ``skip``) by a
     :class:`Linear4bit`, in place; returns the model. ``fuse_loss``: on a transformers
     causal LM, also compute the training loss with the fused output head + cross-entropy
     (integrations.hf_loss.fuse_loss: no [tokens, vocab] logits, and ``logits=None`` in the
-    output of training-mode forwards that are given labels)."""
+    output of training-mode forwards that are given labels). ``fuse_norm_mlp``: also run the
+    model's RMSNorms and SiLU-gated MLPs on the fused CPU kernels (integrations.hf_fuse.fuse_layers:
+    same parameters and state-dict keys; other layers are left as they are)."""
     skip = tuple(skip)
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
     for name, lin in targets:
@@ -32,4 +35,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = f
         from .integrations.hf_loss import fuse_loss as _fuse
 
         _fuse(model)
+    if fuse_norm_mlp:
+        from .integrations.hf_fuse import fuse_layers
+
+        fuse_layers(model)
     return model

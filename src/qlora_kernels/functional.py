@@ -10,7 +10,8 @@ from .formats import QuantState
 from .prepared import Prepared4bit, check_state, decode_absmax, int8_repack, packed_bytes, prepare_4bit, resolve
 
 __all__ = ["Prepared4bit", "absmax_fp32", "check_compute", "dequantize_4bit", "int8_repack", "linear_4bit",
-           "linear_cross_entropy", "lora_linear", "lora_linear_4bit", "prepare_4bit", "quantize_4bit"]
+           "linear_cross_entropy", "lora_linear", "lora_linear_4bit", "prepare_4bit", "quantize_4bit", "rms_norm",
+           "swiglu"]
 
 
 def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
@@ -206,3 +207,17 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if reduction == "sum":
         return loss
     return loss / (labels != ignore_index).sum()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """transformers' LlamaRMSNorm in one pass: ``weight * (x * rsqrt(mean(x^2, -1) + eps))``
+    with fp32 arithmetic, in x's dtype; the backward is one pass too (ops/norm_act.py)."""
+    checks.rms_norm(x, weight, eps)
+    return torch.ops.qlora_kernels.rms_norm(x, weight, float(eps))[0]
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` in one pass (fp32 arithmetic, gate's dtype); its backward
+    recomputes the sigmoid from gate instead of keeping silu(gate)."""
+    checks.swiglu(gate, up)
+    return torch.ops.qlora_kernels.swiglu(gate, up)

@@ -1,5 +1,6 @@
-"""Modules on the fused ops: a frozen 4-bit linear layer (bitsandbytes' state-dict keys)
-and a LoRA layer over a 4-bit or dense base."""
+"""Modules on the fused ops: a frozen 4-bit linear layer (bitsandbytes' state-dict keys),
+a LoRA layer over a 4-bit or dense base, and transformers' LlamaRMSNorm on the fused
+RMSNorm."""
 from __future__ import annotations
 
 import math
@@ -171,3 +172,28 @@ class LoraLinear(nn.Module):
                                                self.scaling, base.bias, self.lora_dropout, self.training)
         return functional.lora_linear(x, base.weight, self.lora_A, self.lora_B, self.scaling, base.bias,
                                       self.lora_dropout, self.training)
+
+
+class RMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm (also Mistral's, Qwen2's, Phi-3's: ``weight * normed``, no
+    +1 offset) on the fused op (``functional.rms_norm``) when x and weight are fp32 CPU
+    tensors; otherwise (bf16, fp16, another device) LlamaRMSNorm's own math, roundings and
+    all. ``weight`` and ``variance_epsilon`` keep LlamaRMSNorm's names, so an instance can
+    replace one holding the same Parameter without changing the state dict."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, weight: nn.Parameter | None = None):
+        super().__init__()
+        self.weight = weight if weight is not None else nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu":
+            return torch.ops.qlora_kernels.rms_norm(x, w, self.variance_epsilon)[0]
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return w * h.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

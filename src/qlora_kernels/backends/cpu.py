@@ -229,3 +229,53 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, ep
                   [t.data_ptr() for t in exp_avgs], [t.data_ptr() for t in exp_avg_sqs],
                   [t.numel() for t in params], list(steps), lr, beta1, beta2, eps, weight_decay, maximize,
                   torch.get_num_threads())
+
+
+# ---- fused RMSNorm / SwiGLU (csrc/norm_act_*): one pass each way ----
+def _ld(t2: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A [rows, N] tensor with unit column stride and its row stride (rows must not overlap)."""
+    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < t2.shape[1]):
+        t2 = t2.contiguous()
+    return t2, t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+
+
+@register_kernel("rms_norm", "cpu")
+def rms_norm(x2, weight, eps):
+    M, K = x2.shape
+    y = torch.empty((M, K), dtype=torch.float32)
+    rstd = torch.empty((M,), dtype=torch.float32)
+    _C.rms_norm_forward(x2.data_ptr(), x2.numel(), M, K, weight.data_ptr(), weight.numel(), eps, y.data_ptr(),
+                        y.numel(), rstd.data_ptr(), rstd.numel(), torch.get_num_threads())
+    return y, rstd
+
+
+@register_kernel("rms_norm_backward", "cpu")
+def rms_norm_backward(dy2, x2, weight, rstd, need_dweight):
+    M, K = x2.shape
+    dx = torch.empty((M, K), dtype=torch.float32)
+    dw = torch.empty((K,), dtype=torch.float32) if need_dweight else None
+    _C.rms_norm_backward(dy2.data_ptr(), dy2.numel(), x2.data_ptr(), x2.numel(), weight.data_ptr(), weight.numel(),
+                         rstd.data_ptr(), rstd.numel(), M, K, dx.data_ptr(), dx.numel(),
+                         0 if dw is None else dw.data_ptr(), 0 if dw is None else dw.numel(), torch.get_num_threads())
+    return dx, dw
+
+
+@register_kernel("swiglu", "cpu")
+def swiglu(gate2, up2):
+    (g, ldg), (u, ldu) = _ld(gate2), _ld(up2)
+    M, N = g.shape
+    h = torch.empty((M, N), dtype=torch.float32)
+    _C.swiglu_forward(g.data_ptr(), ldg, u.data_ptr(), ldu, M, N, h.data_ptr(), h.numel(), torch.get_num_threads())
+    return h
+
+
+@register_kernel("swiglu_backward", "cpu")
+def swiglu_backward(dh2, gate2, up2):
+    (g, ldg), (u, ldu) = _ld(gate2), _ld(up2)
+    M, N = g.shape
+    dh = dh2.contiguous()
+    dg = torch.empty((M, N), dtype=torch.float32)
+    du = torch.empty((M, N), dtype=torch.float32)
+    _C.swiglu_backward(dh.data_ptr(), dh.numel(), g.data_ptr(), ldg, u.data_ptr(), ldu, M, N, dg.data_ptr(),
+                       dg.numel(), du.data_ptr(), du.numel(), torch.get_num_threads())
+    return dg, du

@@ -274,3 +274,35 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, ep
         bias_correction2 = 1 - beta2**step
         denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
         p.addcdiv_(m, denom, value=-(lr / bias_correction1))
+
+
+# ------------------------------------------------------------ rms_norm / swiglu ----
+# x2, dy2: [rows, K] fp32; gate2, up2: [rows, N] fp32 (rows may be strided). The formulas
+# are transformers' LlamaRMSNorm and torch's silu / silu_backward, in their order.
+
+@register_kernel("rms_norm", "reference")
+def rms_norm(x2: torch.Tensor, weight: torch.Tensor, eps: float):
+    rstd = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x2 * rstd), rstd.squeeze(-1)
+
+
+@register_kernel("rms_norm_backward", "reference")
+def rms_norm_backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      need_dweight: bool):
+    r = rstd.unsqueeze(-1)
+    dyw = dy2 * weight
+    c = r.pow(3) / x2.shape[-1] * (dyw * x2).sum(-1, keepdim=True)
+    dx = r * dyw - x2 * c
+    dw = (dy2 * (x2 * r)).sum(0) if need_dweight else None
+    return dx, dw
+
+
+@register_kernel("swiglu", "reference")
+def swiglu(gate2: torch.Tensor, up2: torch.Tensor):
+    return torch.nn.functional.silu(gate2) * up2
+
+
+@register_kernel("swiglu_backward", "reference")
+def swiglu_backward(dh2: torch.Tensor, gate2: torch.Tensor, up2: torch.Tensor):
+    s = torch.sigmoid(gate2)
+    return (dh2 * up2) * s * (1 + gate2 * (1 - s)), dh2 * torch.nn.functional.silu(gate2)

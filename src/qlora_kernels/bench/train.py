@@ -37,16 +37,18 @@ def smollm2():
 
 def build(kind: str, base, arch: str, use_dora: bool = False):
     """A PEFT model of one kind: 'ours' (qlora-kernels NF4 with the fused output head +
-    loss), 'ours-unfused' (the same with transformers' own loss), 'bnb' (PEFT +
-    bitsandbytes NF4) or 'dense' (PEFT on the fp32 base)."""
+    loss and the fused RMSNorm / SwiGLU), 'ours-no-norm-mlp' (the same with transformers'
+    RMSNorm and MLP math), 'ours-unfused' (neither: transformers' loss, norm and MLP), 'bnb'
+    (PEFT + bitsandbytes NF4) or 'dense' (PEFT on the fp32 base)."""
     from peft import LoraConfig
 
     from .. import quantize_model
     from ..integrations.peft import get_peft_model
 
     model = copy.deepcopy(base)
-    if kind in ("ours", "ours-unfused"):
-        model = quantize_model(model, "nf4", 64, double_quant=True, fuse_loss=kind == "ours")
+    if kind in ("ours", "ours-no-norm-mlp", "ours-unfused"):
+        model = quantize_model(model, "nf4", 64, double_quant=True, fuse_loss=kind != "ours-unfused",
+                               fuse_norm_mlp=kind == "ours")
     elif kind == "bnb":
         model = bnb_quantize_model(model)
     for p in model.parameters():
@@ -78,7 +80,8 @@ def train_cases(which: str = "phi3") -> list[Case]:
     tokens = 2 * 256
     g = f"train step {which} LoRA r=16 all projections 2x256"
     cases = []
-    for kind, name, ours in (("ours", "qlora-kernels QLoRA (NF4), fused head + loss", True),
+    for kind, name, ours in (("ours", "qlora-kernels QLoRA (NF4), fused head + loss, norm, MLP", True),
+                             ("ours-no-norm-mlp", "qlora-kernels QLoRA (NF4), fused head + loss only", False),
                              ("ours-unfused", "qlora-kernels QLoRA (NF4), transformers' loss", False),
                              ("bnb", "PEFT + bitsandbytes QLoRA (NF4)", False),
                              ("dense", "PEFT LoRA on the fp32 base", False)):
@@ -130,4 +133,49 @@ def loss_cases() -> list[Case]:
         cases += [Case(gd, "qlora-kernels dense kernel", lambda xd=xd, W=W: run("linear_dense", xd, W, None), True,
                        flops / 2, "GFLOP/s"),
                   Case(gd, "torch x @ W.T", lambda xd=xd, W=W: xd @ W.t(), False, flops / 2, "GFLOP/s")]
+    return cases
+
+
+def norm_act_cases() -> list[Case]:
+    """The fused RMSNorm and SwiGLU alone, forward + backward, at the training step's 512
+    tokens: beside transformers' LlamaRMSNorm (SmolLM2's 576 and a 1024 hidden size) and
+    beside F.silu(gate) * up (SmolLM2's intermediate 1536). Work is elements per call."""
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from ..functional import swiglu
+    from ..nn import RMSNorm
+
+    cases = []
+    g = torch.Generator().manual_seed(0)
+    for K in (576, 1024):
+        x = torch.randn(512, K, generator=g).requires_grad_()
+        dy = torch.randn(512, K, generator=g)
+        hf = LlamaRMSNorm(K, eps=1e-5)
+        ours = RMSNorm(K, 1e-5, hf.weight)
+        group = f"RMSNorm fwd+bwd [512, {K}]"
+
+        def run(m, x=x, dy=dy):
+            x.grad = None
+            m.weight.grad = None
+            m(x).backward(dy)
+
+        cases += [Case(group, "qlora-kernels rms_norm", lambda m=ours, run=run: run(m), True, 512 * K, "elem/s"),
+                  Case(group, "transformers LlamaRMSNorm", lambda m=hf, run=run: run(m), False, 512 * K, "elem/s")]
+    N = 1536
+    gate = torch.randn(512, N, generator=g).requires_grad_()
+    up = torch.randn(512, N, generator=g).requires_grad_()
+    dh = torch.randn(512, N, generator=g)
+
+    def fused():
+        gate.grad = up.grad = None
+        swiglu(gate, up).backward(dh)
+
+    def unfused():
+        gate.grad = up.grad = None
+        (F.silu(gate) * up).backward(dh)
+
+    group = f"SwiGLU fwd+bwd [512, {N}]"
+    cases += [Case(group, "qlora-kernels swiglu", fused, True, 512 * N, "elem/s"),
+              Case(group, "torch F.silu(gate) * up", unfused, False, 512 * N, "elem/s")]
     return cases

@@ -88,10 +88,12 @@ def find_targets(model: nn.Module) -> list:
 def prepare(model: nn.Module, method: str, rank: int, alpha: float, dropout: float, targets: list):
     """qlora: NF4 base + LoRA; dora: NF4 base + DoRA; lora: dense fp32 base + LoRA; every
     method trains through the fused output head + loss where the model allows it
-    (integrations.hf_loss). The seed must be set before: LoRA's A matrices are drawn here."""
+    (integrations.hf_loss) and through the fused RMSNorm / SwiGLU kernels where its layers
+    compute those (integrations.hf_fuse). The seed must be set before: LoRA's A matrices are drawn here."""
     import qlora_kernels as qk
     from peft import LoraConfig
 
+    from ..integrations.hf_fuse import fuse_layers
     from ..integrations.hf_loss import fuse_loss
     from ..integrations.peft import get_peft_model
 
@@ -106,6 +108,7 @@ def prepare(model: nn.Module, method: str, rank: int, alpha: float, dropout: flo
         # (same tensors, same saved keys).
         qk.patch_peft_model(pm)
     fuse_loss(pm)
+    fuse_layers(pm)
     return pm
 
 

@@ -5,5 +5,6 @@ them all; the kernels behind them come from the selected backend (``..backends``
     quant.py   quantize/dequantize 4-bit, blockwise 8-bit (absmax double quantization)
     linear.py  linear_4bit (+ int8 arithmetic), its input gradient, the LoRA ops
     loss.py    linear_cross_entropy (fused output head + loss)
+    norm_act.py  rms_norm, swiglu (fused RMSNorm and SiLU-gated product) and their backward
 """
-from . import linear, loss, quant  # noqa: F401  (declaring is the import's purpose)
+from . import linear, loss, norm_act, quant  # noqa: F401  (declaring is the import's purpose)

@@ -204,3 +204,46 @@ def loss(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], labels: to
     if tuple(labels.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(x.shape[:-1])} (x without its "
                          f"last dimension)")
+
+
+# ---------------------------------------------------------- RMSNorm / SwiGLU ----
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps) -> None:
+    tensor("x", x, FLOATS)
+    tensor("weight", w, FLOATS, dim=1)
+    same_device(x=x, weight=w)
+    if x.dim() < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"weight has shape {tuple(w.shape)}; x has shape {tuple(x.shape)}, so x's last dimension "
+                         f"must be {w.shape[0]}")
+    if w.shape[0] < 1:
+        raise ValueError("weight is empty: the normalized dimension must be >= 1")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+
+
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> None:
+    rms_norm(x, w, 0.0)
+    tensor("dy", dy, FLOATS)
+    tensor("rstd", rstd, (torch.float32,))
+    same_device(x=x, dy=dy, rstd=rstd)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, x has {tuple(x.shape)}")
+    if rstd.shape != x.shape[:-1]:
+        raise ValueError(f"rstd has shape {tuple(rstd.shape)}, expected {tuple(x.shape[:-1])} (x without its last "
+                         f"dimension)")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor | None = None) -> None:
+    tensor("gate", gate, FLOATS)
+    tensor("up", up, FLOATS)
+    if dh is not None:
+        tensor("dh", dh, FLOATS)
+    same_device(gate=gate, up=up, dh=dh)
+    if gate.dim() < 1:
+        raise ValueError("gate must have at least one dimension (features last)")
+    if up.shape != gate.shape:
+        raise ValueError(f"up has shape {tuple(up.shape)}, gate has {tuple(gate.shape)}: they must match")
+    if dh is not None and dh.shape != gate.shape:
+        raise ValueError(f"dh has shape {tuple(dh.shape)}, gate has {tuple(gate.shape)}: they must match")

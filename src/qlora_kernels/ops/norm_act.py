@@ -1,0 +1,130 @@
+"""The fused RMSNorm and SwiGLU of a Llama-style decoder layer, with their backward ops.
+
+Unfused, an fp32 RMSNorm is five elementwise torch ops forward (pow, mean, add+rsqrt, two
+muls) and about a dozen backward, each a pass over the activations; silu(gate) * up is
+two forward and three backward, and autograd keeps silu(gate) alive for the product's
+backward. Here each is one pass forward and one backward (Liger-Kernel's and Unsloth's
+idea on GPUs; csrc/norm_act.h on the CPU): RMSNorm saves x and the per-row rstd, SwiGLU
+saves gate and up only and recomputes the sigmoid in its backward.
+
+Arithmetic is fp32 (transformers' LlamaRMSNorm computes the norm in fp32 too): bf16/fp16
+inputs are widened on entry and each result is rounded once to its input's dtype."""
+from __future__ import annotations
+
+import torch
+
+from ..backends import run
+from . import checks
+from .linear import no_autocast
+
+
+def _fresh(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    """``t`` (a fresh contiguous result) in ``dtype`` and ``shape``, not as a view: autograd
+    forbids in-place updates of custom-op outputs that are views."""
+    t = t if t.dtype == dtype else t.to(dtype)
+    return t if tuple(t.shape) == tuple(shape) else t.resize_(tuple(shape))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """2-D fp32 rows, a view where one exists (Phi-3's gate and up are halves of one tensor)."""
+    t2 = t.reshape(-1, t.shape[-1]).float()
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+# ------------------------------------------------------------------- rms_norm ----
+
+@torch.library.custom_op("qlora_kernels::rms_norm", mutates_args=())
+@no_autocast
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): rstd = 1 / sqrt(mean(x^2 over the last dim) + eps) (fp32, x's shape without
+    its last dim) and y = weight * (x * rstd) in x's dtype."""
+    checks.rms_norm(x, weight, eps)
+    y, rstd = run("rms_norm", x.reshape(-1, x.shape[-1]).float().contiguous(), weight.float().contiguous(),
+                  float(eps))
+    return _fresh(y, x.dtype, x.shape), _fresh(rstd, torch.float32, x.shape[:-1])
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    checks.rms_norm(x, weight, eps)
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("qlora_kernels::rms_norm_backward", mutates_args=())
+@no_autocast
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) of rms_norm given its rstd; dweight (summed over rows, weight's dtype)
+    is an empty tensor unless need_dweight."""
+    checks.rms_norm_backward(dy, x, weight, rstd)
+    K = x.shape[-1]
+    dx, dw = run("rms_norm_backward", dy.reshape(-1, K).float().contiguous(), x.reshape(-1, K).float().contiguous(),
+                 weight.float().contiguous(), rstd.reshape(-1).contiguous(), bool(need_dweight))
+    dw = dw.to(weight.dtype) if need_dweight else x.new_empty((0,), dtype=weight.dtype)
+    return _fresh(dx, x.dtype, x.shape), dw
+
+
+@rms_norm_backward.register_fake
+def _(dy, x, weight, rstd, need_dweight):
+    checks.rms_norm_backward(dy, x, weight, rstd)
+    return x.new_empty(x.shape), x.new_empty(weight.shape if need_dweight else (0,), dtype=weight.dtype)
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    dx, dw = torch.ops.qlora_kernels.rms_norm_backward(dy, x, weight, rstd, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None), None
+
+
+rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+# --------------------------------------------------------------------- swiglu ----
+
+@torch.library.custom_op("qlora_kernels::swiglu", mutates_args=())
+@no_autocast
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, in gate's dtype."""
+    checks.swiglu(gate, up)
+    return _fresh(run("swiglu", _rows(gate), _rows(up)), gate.dtype, gate.shape)
+
+
+@swiglu.register_fake
+def _(gate, up):
+    checks.swiglu(gate, up)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("qlora_kernels::swiglu_backward", mutates_args=())
+@no_autocast
+def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) of swiglu, the sigmoid recomputed from gate."""
+    checks.swiglu(gate, up, dh)
+    dg, du = run("swiglu_backward", _rows(dh).contiguous(), _rows(gate), _rows(up))
+    return _fresh(dg, gate.dtype, gate.shape), _fresh(du, up.dtype, up.shape)
+
+
+@swiglu_backward.register_fake
+def _(dh, gate, up):
+    checks.swiglu(gate, up, dh)
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dh):
+    gate, up = ctx.saved_tensors
+    dg, du = torch.ops.qlora_kernels.swiglu_backward(dh, gate, up)
+    return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
+
+
+swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
