@@ -2,20 +2,12 @@
 #include <immintrin.h>
 
 #include "norm_act_simd.h"
+#include "vec_avx2.h"
 
 namespace qk {
 namespace {
 
-struct Avx2 {
-  using Reg = __m256;
-  static constexpr int kLanes = 8;
-  static Reg set1(float x) { return _mm256_set1_ps(x); }
-  static Reg load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, Reg x) { _mm256_storeu_ps(p, x); }
-  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
-  static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
-  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
-  static Reg div(Reg a, Reg b) { return _mm256_div_ps(a, b); }
+struct Avx2 : VecAvx2 {
   static Reg min(Reg a, Reg b) { return _mm256_min_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
   static float hsum(Reg a) {

@@ -2,20 +2,12 @@
 #include <immintrin.h>
 
 #include "norm_act_simd.h"
+#include "vec_avx512.h"
 
 namespace qk {
 namespace {
 
-struct Avx512 {
-  using Reg = __m512;
-  static constexpr int kLanes = 16;
-  static Reg set1(float x) { return _mm512_set1_ps(x); }
-  static Reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, Reg x) { _mm512_storeu_ps(p, x); }
-  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
-  static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
-  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
-  static Reg div(Reg a, Reg b) { return _mm512_div_ps(a, b); }
+struct Avx512 : VecAvx512 {
   static Reg min(Reg a, Reg b) { return _mm512_min_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
   // a fixed tree (not _mm512_reduce_add_ps, whose order is the compiler's): deterministic

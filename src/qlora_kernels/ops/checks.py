@@ -179,13 +179,18 @@ def lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, out_featur
         raise ValueError(f"dropout noise has shape {tuple(noise.shape)}, x has {tuple(x.shape)}")
 
 
+def last_dim(x: torch.Tensor, w: torch.Tensor, n: int) -> None:
+    """x's last dimension must be n, which weight's shape sets."""
+    if x.dim() < 1 or x.shape[-1] != n:
+        raise ValueError(f"weight has shape {tuple(w.shape)}; x has shape {tuple(x.shape)}, so x's last dimension "
+                         f"must be {n}")
+
+
 def dense(x: torch.Tensor, w: torch.Tensor) -> None:
     tensor("x", x, FLOATS)
     tensor("weight", w, FLOATS, dim=2)
     same_device(x=x, weight=w)
-    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"weight has shape {tuple(w.shape)}; x has shape {tuple(x.shape)}, so x's last dimension "
-                         f"must be {w.shape[1]}")
+    last_dim(x, w, w.shape[1])
 
 
 # -------------------------------------------------------------------------- loss ----
@@ -212,9 +217,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps) -> None:
     tensor("x", x, FLOATS)
     tensor("weight", w, FLOATS, dim=1)
     same_device(x=x, weight=w)
-    if x.dim() < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"weight has shape {tuple(w.shape)}; x has shape {tuple(x.shape)}, so x's last dimension "
-                         f"must be {w.shape[0]}")
+    last_dim(x, w, w.shape[0])
     if w.shape[0] < 1:
         raise ValueError("weight is empty: the normalized dimension must be >= 1")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
