@@ -10,7 +10,7 @@
 // on 16 lanes, then the bucket of each scaled value by a 4-level binary search over the 15
 // bounds in which every level's pivot is one vpermps of the padded bound table and every
 // step a compare into a mask (the AVX2 path emulates this with permutes of half tables
-// and blends), and the nibbles packed by vpmovdb. Same compares, same bucket: the bytes
+// and blends), and the nibbles packed by vpmovqb. Same compares, same bucket: the bytes
 // equal the scalar path's.
 #include <immintrin.h>
 

@@ -258,7 +258,7 @@ def test_deepcopy_eval_generate_and_fallback():
     fused, plain = _peft("llama", True), _peft("llama", False)
     twin = copy.deepcopy(fused)
     mlp = next(m for m in twin.modules() if is_fused_mlp(m))
-    assert mlp.forward.__self__ is mlp  # the copy's forward is bound to the copy
+    assert mlp.forward.args[0] is mlp  # the copy's forward is bound to the copy
     for m in (fused, plain, twin):
         m.eval()
     ids = batch()["input_ids"][:1, :4]
@@ -303,3 +303,45 @@ def test_norm_with_other_half_precision_rounding_is_left_alone():
     model = torch.nn.Sequential(OtherRMSNorm())
     summary = fuse_layers(model)
     assert summary["rms_norm"] == 0 and "bf16" in summary["skipped"][0][1]
+
+
+def test_fused_model_saves_and_loads_whole():
+    """torch.save of a whole fused model (the MLPs' own forward is a partial of a module-level
+    function, which pickles by name) loads back fused, with the same outputs."""
+    import io
+
+    fused = _peft("llama", True).eval()
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert sum(is_fused_mlp(m) for m in back.modules()) == fused.get_base_model().config.num_hidden_layers
+    with torch.no_grad():
+        assert torch.equal(back(**batch()).logits, fused(**batch()).logits)
+
+
+def test_mlp_with_other_modules_or_hooks_is_left_alone():
+    """What an eval-mode probe cannot see is not fused: a dropout applied only in training
+    (transformers' GteMLP), and hooks, which a replacement would drop (norms) or which would
+    watch another computation; the probe itself fires no hooks."""
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    cfg = tiny_model("llama").config
+    with_dropout = LlamaMLP(cfg)
+    with_dropout.dropout = torch.nn.Dropout(0.5)
+    hooked_mlp, hooked_norm, plain = LlamaMLP(cfg), LlamaRMSNorm(cfg.hidden_size), LlamaMLP(cfg)
+    calls = []
+    hooked_mlp.register_forward_hook(lambda *a: calls.append("mlp"))
+    hooked_norm.register_forward_pre_hook(lambda *a: calls.append("norm"))
+    model = torch.nn.ModuleList([with_dropout, hooked_mlp, hooked_norm, plain])
+    summary = fuse_layers(model)
+    assert summary["mlp"] == 1 and summary["rms_norm"] == 0 and is_fused_mlp(plain)
+    assert not any(is_fused_mlp(m) for m in (with_dropout, hooked_mlp)) and type(model[2]) is LlamaRMSNorm
+    reasons = dict(summary["skipped"])
+    assert "dropout" in reasons["0"] and "hooks" in reasons["1"] and "hooks" in reasons["2"]
+    assert calls == []
+
+
+def test_empty_last_dimension():
+    g, u = torch.randn(3, 0), torch.randn(3, 0)
+    assert qk.swiglu(g, u).shape == (3, 0)

@@ -150,6 +150,15 @@ def test_prepared_layers_copy_and_pickle():
         loaded = torch.load(buf, weights_only=False)
         assert torch.equal(twin(x), y) and torch.equal(loaded(x), y)
         assert twin.prepared().current(twin.weight, twin.quant_state)
+        # a prepared weight of the functional API, after direct calls (fp32 and one-row int8)
+        packed, state = qk.quantize_4bit(torch.randn(8, 64))
+        w = functional.prepare_4bit(packed, state)
+        want = qk.linear_4bit(x, w)
+        qk.linear_4bit(x[:1], w, compute="int8")
+        buf = io.BytesIO()
+        torch.save(w, buf)
+        buf.seek(0)
+        assert torch.equal(qk.linear_4bit(x, torch.load(buf, weights_only=False)), want)
 
 
 # One row of int8 runs the repacked kernel, within a bound of the op rather than its bits

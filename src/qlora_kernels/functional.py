@@ -210,8 +210,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """transformers' LlamaRMSNorm in one pass: ``weight * (x * rsqrt(mean(x^2, -1) + eps))``
-    with fp32 arithmetic, in x's dtype; the backward is one pass too (ops/norm_act.py)."""
+    """``weight * (x * rsqrt(mean(x^2, -1) + eps))`` in one pass, transformers' LlamaRMSNorm
+    math in fp32 arithmetic, rounded once to x's dtype (LlamaRMSNorm itself rounds the
+    normed x to its dtype before the weight multiply and returns the weight's promotion;
+    ``nn.RMSNorm`` keeps that behaviour for other dtypes); the backward is one pass too
+    (ops/norm_act.py)."""
     checks.rms_norm(x, weight, eps)
     return torch.ops.qlora_kernels.rms_norm(x, weight, float(eps))[0]
 

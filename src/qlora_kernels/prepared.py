@@ -107,15 +107,18 @@ def _fields(state: QuantState) -> tuple:
 
 def _tensor_marks(tensors: tuple) -> tuple:
     """What changes when a source tensor is edited or re-pointed: (tensor, version counter,
-    data pointer; None for a tensor subclass, whose version counter alone marks a change)."""
-    return tuple((t, t._version, t.data_ptr() if type(t) in _PLAIN_TYPES else None) for t in tensors)
+    data pointer, element count; pointer None for a tensor subclass, whose version counter
+    and size alone mark a change). The count matters to the kernels bound to the weight,
+    which keep the sizes they were bound with (a smaller storage at a freed one's address
+    keeps the pointer)."""
+    return tuple((t, t._version, t.data_ptr() if type(t) in _PLAIN_TYPES else None, t.numel()) for t in tensors)
 
 
 def _tensors_unchanged(marks: tuple) -> bool:
     # Runs on every call of a prepared weight: a plain loop over a few cheap reads (a
     # tuple of fresh marks to compare cost twice as much at one row of a small layer).
-    for t, version, ptr in marks:
-        if t._version != version or (ptr is not None and t.data_ptr() != ptr):
+    for t, version, ptr, numel in marks:
+        if t._version != version or (ptr is not None and t.data_ptr() != ptr) or t.numel() != numel:
             return False
     return True
 
@@ -150,13 +153,24 @@ class Prepared4bit:
         self._sources = _sources(packed, state)
         self._fields = _fields(state)
         self._marks = _tensor_marks(_tensors(self._sources[1:]))
-        self._pmarks = (packed._version, _ptr(packed))
+        self._pmarks = (packed._version, _ptr(packed), packed.numel())
         # Values derived from this weight by other modules (DoRA's base row norms), named;
         # they go with the prepared weight when it is replaced.
         self.derived: dict = {}
         self._kernels: Optional[dict] = None
         self._int8 = None
         self._one_call = False  # made by resolve() for a single call: it keeps no copies
+
+    def __getstate__(self) -> dict:
+        # The kernels bound to this process's pointers and the int8 copy's closure are made
+        # again on first use after unpickling (the unpickled tensors are new objects, so the
+        # weight is not current and prepares again anyway).
+        return {k: getattr(self, k) for k in self.__slots__ if k not in ("_kernels", "_int8")}
+
+    def __setstate__(self, d: dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+        self._kernels, self._int8 = None, None
 
     def made_from(self, packed: torch.Tensor, state: QuantState) -> bool:
         """Whether ``packed`` and ``state`` are the very objects this was prepared from
@@ -176,7 +190,7 @@ class Prepared4bit:
             # on its inputs itself.
             return True
         p = src[0]
-        return (p._version, _ptr(p)) == self._pmarks and self._state_unchanged()
+        return (p._version, _ptr(p), p.numel()) == self._pmarks and self._state_unchanged()
 
     def _state_unchanged(self) -> bool:
         src, state = self._sources, self.state

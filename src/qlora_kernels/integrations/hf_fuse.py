@@ -18,8 +18,8 @@ Outside the fast case (fp32 CPU tensors) both fall back to the original math."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import types
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +51,24 @@ def _phi3_mlp_forward(self, hidden_states):
     return self.down_proj(_act_mul(self.activation_fn, gate, up))
 
 
+_LLAMA_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
+_PHI3_MLP = ("gate_up_proj", "down_proj", "activation_fn")
+
+
 def _mlp_style(m: nn.Module):
     """(forward, activation) of the fused MLP this module would get, or None."""
-    if all(isinstance(getattr(m, a, None), nn.Module) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+    if all(isinstance(getattr(m, a, None), nn.Module) for a in _LLAMA_MLP):
         return _llama_mlp_forward, m.act_fn
-    if all(isinstance(getattr(m, a, None), nn.Module) for a in ("gate_up_proj", "down_proj", "activation_fn")):
+    if all(isinstance(getattr(m, a, None), nn.Module) for a in _PHI3_MLP):
         return _phi3_mlp_forward, m.activation_fn
     return None
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Hooks on the module itself: a replacement would drop them (norms) or they would see
+    another computation than the one they were registered for."""
+    return any(getattr(m, h, None) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                "_backward_pre_hooks", "_forward_hooks_with_kwargs"))
 
 
 @contextlib.contextmanager
@@ -99,24 +110,32 @@ def _norm_reason(m: nn.Module) -> str | None:
         return "it has no float eps (variance_epsilon or eps)"
     if w.device.type == "meta":
         return "its weight is on the meta device"
+    if _hooked(m):
+        return "it has hooks, which a replacement module would not carry"
     ours = RMSNorm(w.numel(), float(eps), w)
     g = torch.Generator().manual_seed(0)
     # rows at three scales, the smallest where eps matters
     x = torch.randn(3, w.numel(), generator=g) * torch.tensor([[1.0], [1e-3], [30.0]])
     x = x.to(w.device, w.dtype)
     with _probing(m):
-        if not _agrees(m(x), ours(x)):
+        if not _agrees(m.forward(x), ours(x)):  # forward: the probe fires no hooks
             return "its output is not weight * x * rsqrt(mean(x^2) + eps) (e.g. Gemma's (1 + weight))"
         # outside the fast case the replacement runs LlamaRMSNorm's math: it must be this
         # class's to the bit, roundings to a half-precision input dtype included
         xb = x.to(torch.bfloat16)
-        if not torch.equal(m(xb), ours(xb)):
+        if not torch.equal(m.forward(xb), ours(xb)):
             return "its bf16 rounding differs from LlamaRMSNorm's"
     return None
 
 
 def _mlp_reason(m: nn.Module, style) -> str | None:
     forward, act = style
+    names = _LLAMA_MLP if forward is _llama_mlp_forward else _PHI3_MLP
+    extra = sorted(set(dict(m.named_children())) - set(names))
+    if extra:  # e.g. a dropout applied only in training, which an eval-mode probe cannot see
+        return f"it holds modules the fused forward would not run: {extra}"
+    if _hooked(m):
+        return "it has hooks"
     device, dtype = _device_dtype(m)
     if device is None or device.type == "meta":
         return "it has no parameters on a real device"
@@ -129,7 +148,7 @@ def _mlp_reason(m: nn.Module, style) -> str | None:
         if not isinstance(getattr(first, "in_features", None), int):
             return f"its {type(first).__name__} projection has no in_features"
         x = torch.randn(2, first.in_features, generator=g).to(device, dtype)
-        if not _agrees(m(x), forward(m, x)):
+        if not _agrees(m.forward(x), forward(m, x)):
             return "its forward is not down_proj(silu(gate) * up)"
     return None
 
@@ -162,7 +181,9 @@ def fuse_layers(model: nn.Module) -> dict:
         except _PROBE_ERRORS as e:
             reason = f"the probe failed: {type(e).__name__}: {e}"
         if reason is None:
-            m.forward = types.MethodType(style[0], m)
+            # a partial, not a bound method: torch.save pickles it by the module-level
+            # function (a MethodType would be looked up as an attribute of the class on load)
+            m.forward = functools.partial(style[0], m)
             setattr(m, _FLAG, True)
             summary["mlp"] += 1
         else:

@@ -11,6 +11,8 @@ Arithmetic is fp32 (transformers' LlamaRMSNorm computes the norm in fp32 too): b
 inputs are widened on entry and each result is rounded once to its input's dtype."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..backends import run
@@ -27,7 +29,7 @@ def _fresh(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """2-D fp32 rows, a view where one exists (Phi-3's gate and up are halves of one tensor)."""
-    t2 = t.reshape(-1, t.shape[-1]).float()
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).float()  # -1 cannot be inferred for 0 columns
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
