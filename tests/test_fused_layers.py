@@ -345,3 +345,26 @@ def test_mlp_with_other_modules_or_hooks_is_left_alone():
 def test_empty_last_dimension():
     g, u = torch.randn(3, 0), torch.randn(3, 0)
     assert qk.swiglu(g, u).shape == (3, 0)
+
+
+def test_inference_paths():
+    """Without autograd the norm runs the op's implementation directly (no dispatcher: at
+    decode's one row the dispatch cost more than the kernel) with the op's bits, and the
+    fused MLP runs the module's own silu(gate) * up, transformers' bits; with autograd both
+    take the ops."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    cfg = tiny_model("llama").config
+    norm = RMSNorm(cfg.hidden_size, 1e-5, torch.nn.Parameter(torch.randn(cfg.hidden_size)))
+    mlp, plain = LlamaMLP(cfg), LlamaMLP(cfg)
+    plain.load_state_dict(mlp.state_dict())
+    assert fuse_layers(torch.nn.ModuleList([mlp]))["mlp"] == 1
+    for shape in ((1, 1, cfg.hidden_size), (3, cfg.hidden_size), (cfg.hidden_size,)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.equal(norm(x), torch.ops.qlora_kernels.rms_norm(x, norm.weight, 1e-5)[0])
+            assert torch.equal(mlp(x), plain(x))
+    x = torch.randn(2, 5, cfg.hidden_size, requires_grad=True)
+    y = norm(x)
+    assert "qlora_kernels_rms_norm" in y.grad_fn.name()
+    torch.testing.assert_close(mlp(x), plain(x), rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import formats, functional
+from . import formats, functional, ops
 from .formats import QuantState
 from .prepared import Prepared4bit
 
@@ -189,6 +189,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.dtype == w.dtype == torch.float32 and x.device.type == w.device.type == "cpu":
+            # Inference: the op's implementation without the dispatcher, and without the checks
+            # this line has just made (at decode's one row they cost more than the kernel).
+            if (w.dim() == 1 and x.dim() >= 1 and x.shape[-1] == w.shape[0] > 0
+                    and ops.linear.plain_call_ok(x, w)):
+                return ops.norm_act.rms_norm_run(x, w, self.variance_epsilon)[0]
             return torch.ops.qlora_kernels.rms_norm(x, w, self.variance_epsilon)[0]
         input_dtype = x.dtype
         h = x.to(torch.float32)

@@ -37,7 +37,10 @@ def _fast(gate: torch.Tensor, up: torch.Tensor) -> bool:
 
 
 def _act_mul(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if _fast(gate, up):
+    # The fused op where autograd records (training: one pass each way, no silu(gate) kept);
+    # without autograd the module's own two ops, which at decode's one row cost less than
+    # the op's dispatch (2.5 us against 20 us) and give transformers' bits.
+    if _fast(gate, up) and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return torch.ops.qlora_kernels.swiglu(gate, up)
     return act(gate) * up
 

@@ -35,15 +35,25 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------- rms_norm ----
 
-@torch.library.custom_op("qlora_kernels::rms_norm", mutates_args=())
 @no_autocast
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd): rstd = 1 / sqrt(mean(x^2 over the last dim) + eps) (fp32, x's shape without
-    its last dim) and y = weight * (x * rstd) in x's dtype."""
+    its last dim) and y = weight * (x * rstd) in x's dtype. The op's implementation, which a
+    caller may run directly where ``linear.plain_call_ok`` holds (inference: the dispatcher
+    and custom-op wrappers cost more than the kernel at one row)."""
     checks.rms_norm(x, weight, eps)
+    return rms_norm_run(x, weight, eps)
+
+
+def rms_norm_run(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm_impl after its checks, for a caller that has made them (nn.RMSNorm's
+    inference path: fp32 CPU x and a 1-D weight of x's last size)."""
     y, rstd = run("rms_norm", x.reshape(-1, x.shape[-1]).float().contiguous(), weight.float().contiguous(),
                   float(eps))
     return _fresh(y, x.dtype, x.shape), _fresh(rstd, torch.float32, x.shape[:-1])
+
+
+rms_norm = torch.library.custom_op("qlora_kernels::rms_norm", mutates_args=())(rms_norm_impl)
 
 
 @rms_norm.register_fake
