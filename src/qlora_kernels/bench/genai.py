@@ -49,7 +49,7 @@ def _og_runner(folder: Path):
     return run
 
 
-def _torch_runner(model):
+def torch_runner(model):
     def run(prompt: list, new: int) -> tuple[float, float, list]:
         from transformers import DynamicCache
 
@@ -96,13 +96,13 @@ def contenders(workdir: str | None = None, peers: bool = True) -> dict:
         if not (folder / "genai_config.json").is_file():
             export_genai(ours, folder, weight_format=fmt, accuracy_level=acc, verify_output=False, log=None)
         run[f"ORT GenAI, our {fmt} export"] = _og_runner(folder)
-    run["qlora-kernels torch (KV cache)"] = _torch_runner(ours)
+    run["qlora-kernels torch (KV cache)"] = torch_runner(ours)
     from .onnx import LLAMA, random_lora
 
     # the torch path as a fine-tuned model is served: the LoRA layers left unmerged (r=16 on
     # every projection, docs/onnx.md's earlier one-token step measured this model)
     lora = random_lora(quantize_model(load_smollm2(), skip=("lm_head",)), LLAMA, r=16)
-    run["qlora-kernels torch + LoRA r16 (KV cache)"] = _torch_runner(lora)
+    run["qlora-kernels torch + LoRA r16 (KV cache)"] = torch_runner(lora)
     if peers:
         run["ORT GenAI builder int4"] = _og_runner(builder_folder(smollm2_hf_dir(), d / "builder-int4"))
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -112,7 +112,7 @@ def contenders(workdir: str | None = None, peers: bool = True) -> dict:
             quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_compute_dtype=torch.float32),
             device_map="cpu").eval()
-        run["transformers + bitsandbytes"] = _torch_runner(bnb)
+        run["transformers + bitsandbytes"] = torch_runner(bnb)
     return run
 
 
