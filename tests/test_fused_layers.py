@@ -368,3 +368,14 @@ def test_inference_paths():
     y = norm(x)
     assert "qlora_kernels_rms_norm" in y.grad_fn.name()
     torch.testing.assert_close(mlp(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["qlora", "dora", "lora"])
+def test_finetune_trains_on_the_fused_layers(method):
+    from qlora_kernels.finetune.model import prepare
+
+    torch.manual_seed(0)
+    pm = prepare(tiny_model("llama"), method, 4, 8, 0.0, TARGETS["llama"])
+    layers = pm.get_base_model().config.num_hidden_layers
+    assert sum(isinstance(m, RMSNorm) for m in pm.modules()) == 2 * layers + 1
+    assert sum(is_fused_mlp(m) for m in pm.modules()) == layers
