@@ -23,6 +23,12 @@ struct Kernel6x16 {
       c0[r] = _mm256_setzero_ps();
       c1[r] = _mm256_setzero_ps();
     }
+    // The C tile is read and written right after the loop: ask for its lines now. Under the
+    // AVX2 pairing on an AVX-512 Xeon, M=512 4096x4096 went from 80% to 87% of the AVX2 FMA
+    // peak (211 -> 231 GFLOP/s, 3 alternating pairs); the AVX-512 kernel showed no change
+    // beyond noise and is left as it was.
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
     for (int64_t k = 0; k < kc; ++k) {
       const __m256 b0 = _mm256_load_ps(b + k * NR), b1 = _mm256_load_ps(b + k * NR + 8);
 #pragma GCC unroll 16
