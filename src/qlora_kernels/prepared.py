@@ -107,18 +107,18 @@ def _fields(state: QuantState) -> tuple:
 
 def _tensor_marks(tensors: tuple) -> tuple:
     """What changes when a source tensor is edited or re-pointed: (tensor, version counter,
-    data pointer, element count; pointer None for a tensor subclass, whose version counter
-    and size alone mark a change). The count matters to the kernels bound to the weight,
+    data pointer (``_ptr``: 0 for a tensor subclass, whose version counter and size alone
+    mark a change), element count). The count matters to the kernels bound to the weight,
     which keep the sizes they were bound with (a smaller storage at a freed one's address
     keeps the pointer)."""
-    return tuple((t, t._version, t.data_ptr() if type(t) in _PLAIN_TYPES else None, t.numel()) for t in tensors)
+    return tuple((t, t._version, _ptr(t), t.numel()) for t in tensors)
 
 
 def _tensors_unchanged(marks: tuple) -> bool:
     # Runs on every call of a prepared weight: a plain loop over a few cheap reads (a
     # tuple of fresh marks to compare cost twice as much at one row of a small layer).
     for t, version, ptr, numel in marks:
-        if t._version != version or (ptr is not None and t.data_ptr() != ptr) or t.numel() != numel:
+        if t._version != version or (ptr and t.data_ptr() != ptr) or t.numel() != numel:
             return False
     return True
 

@@ -68,38 +68,15 @@ def dequantize_blockwise_8bit(q, absmax, code, blocksize):
 # ---- fused 4-bit linear (csrc/linear4_*): never materializes the fp32 weight ----
 if hasattr(_C, "linear4_forward"):
 
-    def _forward(entry, code, x, packed, absmax, blocksize, out_features, bias):
-        """x: contiguous fp32, any leading dims (the op passes it 2-D; functional's
-        inference fast path passes the caller's tensor as it is)."""
-        if not tuning.ready:
-            tuning.ensure()
-        K = x.shape[-1]
-        y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
-        entry(x.data_ptr(), y.numel() // out_features if out_features else math.prod(x.shape[:-1]), K, K,
-              packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), out_features,
-              blocksize, bias.data_ptr() if bias is not None else 0, bias.numel() if bias is not None else 0,
-              y.data_ptr(), out_features,
-              torch.get_num_threads())
-        return y
-
-    @register_kernel("linear_4bit", "cpu")
-    def linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias):
-        return _forward(_C.linear4_forward, _tables(quant_type)[0], x, packed, absmax, blocksize, out_features, bias)
-
-    @register_kernel("linear_4bit_bind", "cpu")
-    def linear_4bit_bind(compute, packed, absmax, blocksize, quant_type, out_features):
-        """``f(x, bias) -> y``: ``linear_4bit`` (compute "fp32") or ``linear_4bit_int8``
-        ("int8") on this one weight, its pointers and sizes read once. For a prepared
-        weight's direct calls, which keep ``f`` only while packed and absmax are the same
-        tensors with the same storage (Prepared4bit.current); ``x`` and ``bias`` as
-        ``_forward`` takes them. At one row of a small layer the ten reads and the lookups
-        this saves are ~10% of the call (docs/benchmarks.md)."""
-        entry, code = ((_C.linear4_forward, _tables(quant_type)[0]) if compute == "fp32"
-                       else (_C.linear4_q8_forward, formats.int8_codebook_cpu(quant_type)))
+    def _bind(entry, code, packed, absmax, blocksize, out_features):
+        """``f(x, bias) -> y`` of a linear4 entry (``linear4_forward``, the int8 ones) on one
+        weight, its pointers and sizes read here once; x contiguous fp32 with any leading
+        dims (the op passes it 2-D, a prepared weight's direct call as the caller has it),
+        bias None or contiguous fp32. f holds the tensors whose pointers it keeps."""
         N = out_features
         weight_args = (packed.data_ptr(), packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), N,
                        blocksize)
-        keep = (packed, absmax, code)  # the pointers above stay valid while f lives
+        keep = (packed, absmax, code)
         empty, f32, nthreads = torch.empty, torch.float32, torch.get_num_threads
 
         def f(x, bias, _keep=keep):
@@ -115,10 +92,28 @@ if hasattr(_C, "linear4_forward"):
 
         return f
 
+    def _entry(compute: str, quant_type: str):
+        """(linear4 entry, its codebook) of a compute mode: fp32 or int8 arithmetic."""
+        if compute == "fp32":
+            return _C.linear4_forward, _tables(quant_type)[0]
+        return _C.linear4_q8_forward, formats.int8_codebook_cpu(quant_type)
+
+    @register_kernel("linear_4bit", "cpu")
+    def linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias):
+        return _bind(*_entry("fp32", quant_type), packed, absmax, blocksize, out_features)(x, bias)
+
+    @register_kernel("linear_4bit_bind", "cpu")
+    def linear_4bit_bind(compute, packed, absmax, blocksize, quant_type, out_features):
+        """``linear_4bit`` (compute "fp32") or ``linear_4bit_int8`` ("int8") bound to one
+        weight as ``f(x, bias)``, for a prepared weight's direct calls, which keep ``f``
+        only while packed and absmax are the same tensors with the same storage and size
+        (Prepared4bit.current). At one row of a small layer the ten reads and the lookups
+        this saves are ~10% of the call (docs/benchmarks.md)."""
+        return _bind(*_entry(compute, quant_type), packed, absmax, blocksize, out_features)
+
     @register_kernel("linear_4bit_int8", "cpu")
     def linear_4bit_int8(x, packed, absmax, blocksize, quant_type, out_features, bias):
-        return _forward(_C.linear4_q8_forward, formats.int8_codebook_cpu(quant_type), x, packed, absmax, blocksize,
-                        out_features, bias)
+        return _bind(*_entry("int8", quant_type), packed, absmax, blocksize, out_features)(x, bias)
 
     @register_kernel("linear_4bit_int8_one_row", "cpu")
     def int8_one_row(packed, absmax, blocksize, quant_type, out_features, in_features):
@@ -134,13 +129,14 @@ if hasattr(_C, "linear4_forward"):
         repacked = torch.empty(nbytes, dtype=torch.uint8)
         _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), N, K, blocksize, repacked.data_ptr(), nbytes,
                              torch.get_num_threads())
-        code = formats.int8_codebook_cpu(quant_type)
+        # Same arguments as linear4_q8_forward, the repacked bytes in place of packed.
+        bound = _bind(_C.linear4_q8_forward_repacked, formats.int8_codebook_cpu(quant_type), repacked, absmax,
+                      blocksize, N)
 
         def f(x, bias=None):
             if not _C.linear4_q8_repacked_fits(N, K, blocksize):
                 return None
-            # Same arguments as linear4_q8_forward, the repacked bytes in place of packed.
-            return _forward(_C.linear4_q8_forward_repacked, code, x, repacked, absmax, blocksize, N, bias)
+            return bound(x, bias)
 
         return f
 
