@@ -15,11 +15,14 @@ PROMPT, NEW, ROUNDS = (16, 16, 2) if QUICK else (genai.PROMPT, genai.NEW, 3)
 def test_genai_serving(benchmark):
     runners = genai.contenders()
     res = genai.measure(runners, rounds=ROUNDS, prompt_len=PROMPT, new=NEW)
-    md = genai.table(res, prompt_len=PROMPT, new=NEW)
+    md = genai.table(res, prompt_len=PROMPT, new=NEW) + "\n\n" + genai.table(res, genai.OLD_TORCH, PROMPT, NEW)
     out = Path("bench-results")
     out.mkdir(exist_ok=True)
     (out / "genai.md").write_text(f"{machine_summary()}\n\n{md}\n", encoding="utf-8")
     print("\n" + md)
+    # the native step computes what the model's own forward does: the same greedy tokens
+    assert res["qlora-kernels torch + LoRA r16, native step"]["tokens"] == res[genai.OLD_TORCH]["tokens"]
+    assert res["qlora-kernels torch, native step"]["tokens"] == res["qlora-kernels torch (KV cache)"]["tokens"]
     benchmark.group = "genai serving"
     benchmark.name = "ORT GenAI, our nbits export"
     benchmark.extra_info.update(machine=machine_summary(), prompt=PROMPT, new=NEW, rounds=ROUNDS,

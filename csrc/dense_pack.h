@@ -6,6 +6,7 @@
 
 #include "dense.h"
 #include "linear4_gemm.h"
+#include "lora4_common.h"
 
 namespace qk {
 namespace {
@@ -65,9 +66,34 @@ constexpr int64_t kDensePackRows = 4;
 // The two entry points of an ISA path, for its micro-kernel UK (ukernel_*.h), with the
 // cache blocking tuned for the fused 4-bit linear of that path (tuning.h): the loop nest
 // is the same, only the panel fill is cheaper.
+// Rows of x up to which the forward streams W once, row by row, instead of packing panels:
+// at decode's one row the packed GEMM reads W and writes and reads its copy, and an output
+// head ([vocab, hidden], 113 MB for SmolLM2) is then bound by that traffic
+// (docs/benchmarks.md, "Native decode step").
+constexpr int64_t kDenseGemvRows = 4;
+
+// y[m, n] = <x[m], W[n]> (+ bias[n]) for M <= kDenseGemvRows: W's row n meets every row of x
+// while in L1. The dot products are lora4_common.h's (fixed lanes and tree), so every ISA
+// path gives the same bits for the same row.
+void dense_gemv(const float* x, int64_t M, int64_t ldx, const DenseWeight& w, const float* bias, float* y,
+                int64_t ldy, int nthreads) {
+  const int64_t N = w.N, K = w.K;
+  // Below ~64K multiply-adds a parallel region costs more than it saves.
+  const int T = N * K * M >= (int64_t(1) << 16) ? nthreads : 1;
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = w.w + n * w.ld;
+    for (int64_t m = 0; m < M; ++m) {
+      const float s = dot<false>(x + m * ldx, nullptr, row, K);
+      y[m * ldy + n] = bias ? s + bias[n] : s;
+    }
+  }
+}
+
 template <class UK>
 void dense_forward_with(const float* x, int64_t M, int64_t ldx, const DenseWeight& w, const float* bias, float* y,
                         int64_t ldy, const Blocking& bl, int nthreads) {
+  if (M <= kDenseGemvRows) return dense_gemv(x, M, ldx, w, bias, y, ldy, nthreads);
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
     pack_dense_forward<UK::NR>(w, j0, nc, p0, kc, bp);
   };

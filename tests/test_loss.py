@@ -19,7 +19,9 @@ def _fp64_linear(x, W, b=None):
     return y if b is None else y + b.double()
 
 
-@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 13, 5), (130, 1030, 4097), (5, 64, 300), (0, 3, 4), (3, 0, 5)])
+# up to 4 rows the forward is the streaming GEMV (dense_pack.h), above it the packed GEMM
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 13, 5), (130, 1030, 4097), (5, 64, 300), (0, 3, 4), (3, 0, 5),
+                                   (1, 577, 4099), (4, 70, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_kernels_match_fp64(path, M, K, N, bias):
     x, W, dy = torch.randn(M, K), torch.randn(N, K), torch.randn(M, N)

@@ -142,32 +142,7 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(tmp_path, monkeypat
 
 # ---------------------------------------------------------------- SmolLM2-135M ---------
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """NF4 SmolLM2 with two PEFT adapters: "default" (r 8, every projection) and "second"
-    (r 4, q and v only), both with B drawn at random (PEFT starts B at zero)."""
-    from peft import LoraConfig
-
-    from qlora_kernels.bench.onnx import LLAMA, random_lora
-    from qlora_kernels.finetune.smollm2 import load_smollm2, smollm2_hf_dir
-
-    m = qk.quantize_model(load_smollm2(), skip=("lm_head",))
-    torch.manual_seed(0)  # PEFT draws A from torch's generator: the same adapters whatever ran before
-    pm = random_lora(m, LLAMA, r=8, std=0.05, seed=0)
-    pm.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B.second" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.set_adapter("default")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True)
-    ids = ids["input_ids"] if not isinstance(ids, list) else ids
-    return pm.eval(), list(ids)
+# the smollm2 fixture (NF4 SmolLM2, two adapters, a chat prompt) is conftest.py's
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 PROMPT, NEW = 128, 128
+# the torch path the native decode step is measured against (issue 18: >= 3x its rate)
+OLD_TORCH = "qlora-kernels torch + LoRA r16 (KV cache)"
 
 
 def _og_runner(folder: Path):
@@ -49,21 +51,30 @@ def _og_runner(folder: Path):
     return run
 
 
-def torch_runner(model):
+def torch_runner(model, native: bool = False):
+    """Greedy decode through the model's forward with transformers' DynamicCache, or with
+    ``native``: our native decode step (integrations.hf_decode) over a StaticCache."""
+    if native:
+        from ..integrations.hf_decode import enable_native_decode
+
+        enable_native_decode(model)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+
     def run(prompt: list, new: int) -> tuple[float, float, list]:
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
         ids = torch.tensor([prompt])
         with torch.no_grad():
             t0 = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+            cache = StaticCache(config=lm.config, max_cache_len=len(prompt) + new) if native else DynamicCache()
+            out = model(input_ids=ids, cache=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             t1 = time.perf_counter()
             toks = [int(nxt)]
-            past = out.past_key_values
+            past = out.cache
             for _ in range(new - 1):
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=nxt, cache=past, use_cache=True)
+                past, nxt = out.cache, out.logits[:, -1:].argmax(-1)
                 toks.append(int(nxt))
         return t1 - t0, time.perf_counter() - t1, toks
 
@@ -101,8 +112,15 @@ def contenders(workdir: str | None = None, peers: bool = True) -> dict:
 
     # the torch path as a fine-tuned model is served: the LoRA layers left unmerged (r=16 on
     # every projection, docs/onnx.md's earlier one-token step measured this model)
+    torch.manual_seed(0)  # PEFT draws A from torch's generator: the native step's model gets the same adapter
     lora = random_lora(quantize_model(load_smollm2(), skip=("lm_head",)), LLAMA, r=16)
-    run["qlora-kernels torch + LoRA r16 (KV cache)"] = torch_runner(lora)
+    run[OLD_TORCH] = torch_runner(lora)
+    # the same two models with the native decode step (csrc/decode.h) over a StaticCache
+    run["qlora-kernels torch, native step"] = torch_runner(quantize_model(load_smollm2(), skip=("lm_head",)).eval(),
+                                                           native=True)
+    torch.manual_seed(0)
+    lora = random_lora(quantize_model(load_smollm2(), skip=("lm_head",)), LLAMA, r=16)
+    run["qlora-kernels torch + LoRA r16, native step"] = torch_runner(lora, native=True)
     if peers:
         run["ORT GenAI builder int4"] = _og_runner(builder_folder(smollm2_hf_dir(), d / "builder-int4"))
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -1,0 +1,428 @@
+"""A native decode step for transformers' Llama-family models (Llama, SmolLM2, Mistral-style
+GQA, Phi-3) built on our layers, inside transformers' own ``generate``:
+``enable_native_decode(model)``.
+
+``generate`` then keeps its KV cache in a ``StaticCache`` (preallocated
+``[1, kv_heads, max_len, head_size]`` per layer) and runs the prompt through the model's
+own forward as before; each following one-token step, instead of ~15 Python-level
+operator calls per layer, is one native call (csrc/decode.h) over every layer: RMSNorm,
+the 4-bit (or dense) projections with their LoRA adapters, rotary embedding, the new key
+and value written into the StaticCache's own tensors, grouped-query attention, SwiGLU,
+the final norm. The head, the logits processors and the sampling stay transformers'.
+
+What runs natively is checked, not assumed: the model type (``llama``, ``phi3``), each
+norm and MLP probed against what the native step computes (integrations.hf_fuse's
+probes), the attention class and scaling, each projection a ``Linear4bit`` in fp32
+compute, a dense fp32 ``nn.Linear``, or a PEFT LoRA layer over one of them with one plain
+adapter active. Anything else is refused by ``enable_native_decode`` with the reason; a
+step that is not a plain one-token greedy/sampling step (a batch, a padded mask, another
+cache, autograd, training mode, hooks, outputs asked for) runs the model's own forward and
+is counted in ``status(model)["fallbacks"]``.
+
+The plan (pointers to every tensor the step reads) is made again at each prompt (each
+generation), and every step first checks that none of those tensors was modified in
+place or replaced by a new storage since (version counters and data pointers). Replacing
+a module or switching adapters between two decode steps of one generation is seen at the
+next prompt only.
+
+docs/onnx.md ("Our torch decode step") has the design and the numbers."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+from torch import nn
+
+from .. import _C, formats, tuning
+from .. import backends as _backends
+from ..nn import Linear4bit
+from .hf_fuse import _hooked, _mlp_reason, _mlp_style, _norm_reason
+from .onnx.errors import ExportError
+from .onnx.genai import arch as _arch
+
+log = logging.getLogger(__name__)
+
+_ATTENTION = ("LlamaAttention", "MistralAttention", "Phi3Attention")
+_LAYER = ("LlamaDecoderLayer", "MistralDecoderLayer", "Phi3DecoderLayer")
+_STATE = "_qlora_kernels_native_decode"
+
+# slots of csrc/decode_bindings.cpp
+_ATTN, _O, _MLP, _DOWN = 0, 3, 4, 6
+
+
+class NativeDecodeError(ValueError):
+    """The model (or one of its layers) is not one the native decode step computes."""
+
+
+def _lora_parts(m: nn.Module, what: str):
+    """(base layer, (A, B, scaling) or None) of a PEFT LoRA layer, or (m, None)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no PEFT installed: no LoRA layers either
+        return m, None
+    if not isinstance(m, LoraLayer):
+        return m, None
+    if getattr(m, "fan_in_fan_out", False):
+        raise NativeDecodeError(f"{what}: fan_in_fan_out LoRA layers are not supported")
+    if m.disable_adapters:
+        if m.merged:
+            raise NativeDecodeError(f"{what}: adapters disabled while merged (the layer unmerges on its next call)")
+        return m.get_base_layer(), None
+    if m.merged_adapters:
+        raise NativeDecodeError(f"{what}: merged adapters (unmerge them, or merge_and_unload the model)")
+    active = [a for a in m.active_adapters if a in m.lora_A]
+    if not active:
+        return m.get_base_layer(), None
+    if len(active) > 1:
+        raise NativeDecodeError(f"{what}: {len(active)} adapters active at once ({active})")
+    a = active[0]
+    if a in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(a, False):
+        raise NativeDecodeError(f"{what}: adapter {a!r} is DoRA (served by the model's own forward)")
+    if getattr(m, "lora_bias", {}).get(a, False):
+        raise NativeDecodeError(f"{what}: adapter {a!r} has a lora_bias")
+    if m.training and float(getattr(m.lora_dropout[a], "p", 0.0)) > 0:
+        raise NativeDecodeError(f"{what}: in training mode with LoRA dropout")
+    A, B = m.lora_A[a].weight, m.lora_B[a].weight
+    for name, t in (("lora_A", A), ("lora_B", B)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise NativeDecodeError(f"{what}: {name} of {a!r} is not a contiguous fp32 CPU tensor")
+    if A.shape[0] > 256:
+        raise NativeDecodeError(f"{what}: rank {A.shape[0]} > 256")
+    return m.get_base_layer(), (A, B, float(m.scaling[a]))
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.is_contiguous()
+
+
+class _Proj:
+    """One projection's arguments of DecodePlan.set_proj and the tensors they point into."""
+
+    def __init__(self, m: nn.Module, what: str):
+        base, lora = _lora_parts(m, what)
+        self.tensors: list = []
+        if _hooked(base) or _hooked(m):
+            raise NativeDecodeError(f"{what}: it has hooks")
+        bias = getattr(base, "bias", None)
+        if isinstance(base, Linear4bit):
+            if base.compute != "fp32" or base.compute_dtype not in (None, torch.float32):
+                raise NativeDecodeError(f"{what}: compute={base.compute!r}, compute_dtype={base.compute_dtype} "
+                                        "(the native step computes in fp32)")
+            p = base.prepared()
+            if not (_plain(p.packed) and _plain(p.absmax)):
+                raise NativeDecodeError(f"{what}: its packed weight is not a plain contiguous CPU tensor")
+            code = formats.codebook(p.quant_type)
+            self.N, self.K = p.out_features, p.in_features
+            w4 = (p.packed.data_ptr(), p.packed.numel(), p.absmax.data_ptr(), p.absmax.numel(), code.data_ptr(),
+                  code.numel(), p.blocksize, 0, 0)
+            # what the decoded absmax comes from is watched as well (prepared._sources)
+            self.tensors += [p.packed, p.absmax, code] + [t for t in p._sources if isinstance(t, torch.Tensor)]
+        elif type(base) is nn.Linear:
+            w = base.weight
+            if w.dtype != torch.float32 or not _plain(w):
+                raise NativeDecodeError(f"{what}: a dense weight that is not contiguous fp32 on the CPU")
+            self.N, self.K = base.out_features, base.in_features
+            w4 = (0, 0, 0, 0, 0, 0, 0, w.data_ptr(), w.numel())
+            self.tensors.append(w)
+        else:
+            raise NativeDecodeError(f"{what}: {type(base).__name__} is neither a qlora_kernels Linear4bit nor an "
+                                    "nn.Linear")
+        if bias is not None:
+            if bias.dtype != torch.float32 or not _plain(bias):
+                raise NativeDecodeError(f"{what}: its bias is not contiguous fp32 on the CPU")
+            self.tensors.append(bias)
+        b = (bias.data_ptr(), bias.numel()) if bias is not None else (0, 0)
+        if lora is not None:
+            A, B, s = lora
+            self.tensors += [A, B]
+            tail = (A.data_ptr(), A.numel(), B.data_ptr(), B.numel(), A.shape[0], s)
+        else:
+            tail = (0, 0, 0, 0, 0, 0.0)
+        self.args = (self.N, self.K) + w4 + b + tail
+
+
+def _check_layers(inner: nn.Module) -> None:
+    """The decoder's layer and attention classes, and no hooks anywhere the native step
+    would skip them (cheap: checked again at every plan)."""
+    if _hooked(inner) or _hooked(inner.norm) or _hooked(inner.embed_tokens):
+        raise NativeDecodeError("the decoder (model.model), its norm or its embedding has hooks")
+    for i, layer in enumerate(inner.layers):
+        if type(layer).__name__ not in _LAYER:
+            raise NativeDecodeError(f"layer {i} is a {type(layer).__name__}; supported: {', '.join(_LAYER)}")
+        attn = layer.self_attn
+        if type(attn).__name__ not in _ATTENTION:
+            raise NativeDecodeError(f"layer {i}'s attention is a {type(attn).__name__}; supported: "
+                                    f"{', '.join(_ATTENTION)}")
+        for name in ("", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+            if _hooked(layer.get_submodule(name)):
+                raise NativeDecodeError(f"layer {i}.{name or '(itself)'} has hooks, which the native step would "
+                                        "not run")
+
+
+def _check_structure(lm: nn.Module, a: "_arch.Arch") -> None:
+    inner = lm.model
+    impl = getattr(lm.config, "_attn_implementation", "eager")
+    if impl not in ("eager", "sdpa"):
+        raise NativeDecodeError(f"attention implementation {impl!r}: the native step replaces 'eager' and 'sdpa'")
+    _check_layers(inner)
+    for i, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        if not math.isclose(float(getattr(attn, "scaling", a.head_size ** -0.5)), a.head_size ** -0.5, rel_tol=1e-7):
+            raise NativeDecodeError(f"layer {i}'s attention scaling {attn.scaling} is not head_size ** -0.5")
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            why = _norm_reason(getattr(layer, name))
+            if why:
+                raise NativeDecodeError(f"layer {i}.{name}: {why}")
+        style = _mlp_style(layer.mlp)
+        why = "it is not a Llama or Phi-3 MLP" if style is None else _mlp_reason(layer.mlp, style)
+        if why:
+            raise NativeDecodeError(f"layer {i}.mlp: {why}")
+    why = _norm_reason(inner.norm)
+    if why:
+        raise NativeDecodeError(f"model.norm: {why}")
+    emb = inner.embed_tokens
+    if type(emb) is not nn.Embedding or emb.weight.dtype != torch.float32 or not _plain(emb.weight):
+        raise NativeDecodeError("model.embed_tokens is not a plain fp32 nn.Embedding on the CPU")
+
+
+class _Plan:
+    """The native plan of one model over one StaticCache's tensors."""
+
+    def __init__(self, state: "_State", inner: nn.Module, cache):
+        a = state.arch
+        cos, sin = state.tables
+        norm = inner.norm
+        _check_layers(inner)  # what can change cheaply since enable_native_decode's probes
+        plan = _C.DecodePlan(a.layers, a.hidden, a.heads, a.kv_heads, a.head_size, a.intermediate, a.eps,
+                             cos.data_ptr(), sin.data_ptr(), cos.numel(), cos.shape[0], norm.weight.data_ptr(),
+                             norm.weight.numel())
+        watched = [norm.weight, inner.embed_tokens.weight]
+        lens, cache_tensors = [], []
+        for i, layer in enumerate(inner.layers):
+            n1, n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            plan.set_norms(i, n1.data_ptr(), n1.numel(), n2.data_ptr(), n2.numel())
+            watched += [n1, n2]
+            roles = a.projections(i)
+            attn_in = ["qkv"] if a.family == "phi3" else ["q", "k", "v"]
+            mlp_in = ["gate_up"] if a.family == "phi3" else ["gate", "up"]
+            for slots, names in ((_ATTN, attn_in), (_O, ["o"]), (_MLP, mlp_in), (_DOWN, ["down"])):
+                at = 0
+                for j, role in enumerate(names):
+                    p = _Proj(inner.get_submodule(roles[role].removeprefix("model.")), roles[role])
+                    plan.set_proj(i, slots + j, *p.args, at)
+                    at += p.N
+                    watched += p.tensors
+            cl = cache.layers[i]
+            k, v = cl.keys, cl.values
+            plan.set_cache(i, k.data_ptr(), k.numel(), v.data_ptr(), v.numel(), k.shape[2])
+            cache_tensors += [k, v]
+            lens.append(cl.cumulative_length)
+        plan.finish(len(attn_in), len(mlp_in), a.head_size ** -0.5)
+        self.plan, self.cache, self.lens, self.cache_tensors = plan, cache, lens, cache_tensors
+        self.watched = list({id(t): t for t in watched}.values())  # the codebooks are shared
+        self.versions = [t._version for t in self.watched]
+        self.ptrs = [t.data_ptr() for t in self.watched] + [t.data_ptr() for t in self.cache_tensors]
+        self.emb = inner.embed_tokens.weight
+
+    def current(self) -> bool:
+        # ~1000 tensors for SmolLM2 + LoRA: two list comprehensions, ~0.1 ms a step. The
+        # cache's tensors by pointer only: their contents change with every step.
+        return ([t._version for t in self.watched] == self.versions
+                and [t.data_ptr() for t in self.watched] + [t.data_ptr() for t in self.cache_tensors] == self.ptrs)
+
+
+class _State:
+    """What enable_native_decode keeps on the decoder: the model facts, the rotary tables,
+    the current plan and the counters of status()."""
+
+    def __init__(self, a: "_arch.Arch", tables):
+        self.arch, self.tables = a, tables
+        self.plan: _Plan | None = None
+        self.steps, self.fallbacks, self.last_fallback = 0, 0, None
+
+    def __getstate__(self) -> dict:  # the plan holds this process's pointers
+        d = dict(self.__dict__)
+        d["plan"] = None
+        return d
+
+
+def _eligible_cache(cache, a) -> str | None:
+    from transformers.cache_utils import StaticCache, StaticLayer
+
+    if not isinstance(cache, StaticCache):
+        return f"the cache is a {type(cache).__name__}, not a StaticCache"
+    layers = getattr(cache, "layers", None)
+    if not layers or len(layers) != a.layers:
+        return "the cache does not have one layer per decoder layer"
+    for cl in layers:
+        if type(cl) is not StaticLayer or not cl.is_initialized:
+            return "a cache layer is not an initialized StaticLayer (sliding or not yet filled by a prompt)"
+        k, v = cl.keys, cl.values
+        if (k.dtype != torch.float32 or v.dtype != torch.float32 or k.shape[0] != 1 or not k.is_contiguous()
+                or not v.is_contiguous() or k.shape[1] != a.kv_heads or k.shape[3] != a.head_size
+                or v.shape != k.shape or k.device.type != "cpu"):
+            return "a cache layer is not [1, kv_heads, max_len, head_size] contiguous fp32 on the CPU"
+    return None
+
+
+def _plain_mask(mask, pos: int) -> bool:
+    """Whether a one-token step's mask lets it see exactly what the native step attends to:
+    the positions [0, pos] (a sliding window comes with a sliding cache layer, refused).
+    generate passes a 2-D mask over the tokens so far with a DynamicCache, and with a
+    StaticCache a 4-D one over the cache's length, bool (sdpa) or additive (eager)."""
+    if mask is None:
+        return True
+    n = pos + 1
+    if mask.dim() == 2:
+        return mask.shape == (1, n) and bool(mask.all())
+    if mask.dim() != 4 or mask.shape[:3] != (1, 1, 1) or mask.shape[3] < n:
+        return False
+    row = mask[0, 0, 0]
+    if mask.dtype == torch.bool:
+        seen, hidden = row, ~row
+    else:  # additive: 0 where seen, the dtype's minimum (or -inf) where not
+        seen, hidden = row == 0, row <= torch.finfo(mask.dtype).min / 2
+    return bool(seen[:n].all()) and bool(hidden[n:].all())
+
+
+def _why_not(inner: nn.Module, state: _State, input_ids, cache, kwargs: dict) -> str | None:
+    """None when this call is a native decode step, else the reason it is not."""
+    if inner.training or torch.is_grad_enabled():
+        return "training mode or autograd enabled"
+    if input_ids is None or kwargs.get("inputs_embeds") is not None:
+        return "no input_ids"
+    if input_ids.shape != (1, 1):
+        return f"input_ids of shape {tuple(input_ids.shape)} (a decode step is [1, 1])"
+    if kwargs.get("use_cache") is False:
+        return "use_cache=False"
+    if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+        return "attentions or hidden states asked for"
+    if _backends.get_backend() != "cpu":
+        return f"backend {_backends.get_backend()!r} selected (the native step runs the cpu backend's kernels)"
+    plan = state.plan
+    if plan is None or plan.cache is not cache:
+        return _eligible_cache(cache, state.arch) or "no plan for this cache (a prompt runs first)"
+    if not _plain_mask(kwargs.get("attention_mask"), int(plan.lens[0])):
+        return "an attention mask other than the causal one (padding)"
+    if not plan.current():
+        return "a tensor the plan reads changed since the prompt"
+    return None
+
+
+def _forward(inner: nn.Module, input_ids=None, *args, **kwargs):
+    """The decoder's forward with native one-token steps (the instance's own forward: the
+    class is not patched)."""
+    state: _State = inner.__dict__[_STATE]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    why = "positional arguments" if args else _why_not(inner, state, input_ids, cache, kwargs)
+    if why is None:
+        plan = state.plan
+        pos = int(plan.lens[0])
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and int(position_ids.reshape(-1)[-1]) != pos:
+            why = "position_ids that are not the cache's length"
+        else:
+            if not tuning.ready:
+                tuning.ensure()
+            h = plan.emb[int(input_ids)].clone()
+            plan.plan.step(h.data_ptr(), h.numel(), pos, torch.get_num_threads())
+            for t in plan.lens:
+                t.add_(1)
+            state.steps += 1
+            from transformers.modeling_outputs import BaseModelOutputWithPast
+
+            return BaseModelOutputWithPast(last_hidden_state=h.view(1, 1, -1), cache=cache)
+    out = type(inner).forward(inner, input_ids, *args, **kwargs)
+    # after a prompt into a StaticCache (or a step that could not run natively): plan the
+    # steps that follow, from the model as it is now
+    plan = state.plan
+    if (plan is None or plan.cache is not cache or input_ids is None or input_ids.shape[-1] != 1
+            or not plan.current()):
+        state.plan = None
+        if (cache is not None and not inner.training and not torch.is_grad_enabled()
+                and _eligible_cache(cache, state.arch) is None):
+            try:
+                state.plan = _Plan(state, inner, cache)
+            except NativeDecodeError as e:  # a layer changed since enable_native_decode
+                why = f"not planned: {e}"
+    if why is not None and input_ids is not None and input_ids.shape[-1] == 1:
+        state.fallbacks += 1
+        state.last_fallback = why
+    return out
+
+
+def _head_forward(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The output head of a decode step (one row, no autograd) on the cpu backend's dense
+    kernel, which streams the weight once (csrc/dense_pack.h: at one row it runs at the
+    memory's bandwidth where torch's GEMV took 2-3x longer, docs/onnx.md); anything else is
+    the layer's own forward."""
+    w, b = head.weight, head.bias
+    if (not torch.is_grad_enabled() and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+            and x.dim() >= 1 and x.shape[-1] == w.shape[1] and x.numel() == w.shape[1] and x.is_contiguous()
+            and _plain(w) and (b is None or (b.dtype == torch.float32 and _plain(b)))
+            and _backends.get_backend() == "cpu"):
+        _, dense = _backends.kernel_for("linear_dense", "cpu")
+        return dense(x.reshape(1, -1), w, b).view(*x.shape[:-1], w.shape[0])
+    return type(head).forward(head, x)
+
+
+def enable_native_decode(model: nn.Module, static_cache: bool = True) -> nn.Module:
+    """Run ``model``'s one-token decode steps natively (see the module's docstring);
+    ``model`` is a transformers Llama/Phi-3 causal LM (or a PEFT model around one) with
+    qlora_kernels ``Linear4bit`` or fp32 ``nn.Linear`` projections and optional LoRA
+    adapters. ``static_cache`` sets ``generation_config.cache_implementation = "static"``
+    so that a plain ``model.generate(...)`` uses a StaticCache (the native step needs
+    one). Raises NativeDecodeError naming what is not supported. Returns ``model``."""
+    lm = _arch.core_model(model)
+    try:
+        a = _arch.read(lm)
+        tables = _arch.rotary_tables(lm, a)
+    except ExportError as e:
+        raise NativeDecodeError(str(e).replace("the ONNX Runtime GenAI export", "the native decode step")
+                                .replace("the GenAI export", "the native decode step")) from None
+    inner = getattr(lm, "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise NativeDecodeError(f"{type(lm).__name__} has no model.layers")
+    if _STATE in inner.__dict__:  # enabled before: start from the model's own forwards
+        disable_native_decode(model)
+    _check_structure(lm, a)
+    for i in range(a.layers):  # every projection, as the plan will read it
+        for role, path in a.projections(i).items():
+            _Proj(lm.get_submodule(path), path)
+    state = _State(a, tables)
+    inner.__dict__[_STATE] = state
+    inner.forward = functools.partial(_forward, inner)
+    head = getattr(lm, "lm_head", None)
+    if type(head) is nn.Linear and not _hooked(head):
+        head.forward = functools.partial(_head_forward, head)
+    gc = getattr(lm, "generation_config", None)
+    state.cache_implementation = (gc is not None, getattr(gc, "cache_implementation", None))
+    if static_cache and gc is not None:
+        gc.cache_implementation = "static"
+    return model
+
+
+def disable_native_decode(model: nn.Module) -> nn.Module:
+    """Undo enable_native_decode (the model's own forwards, its cache_implementation back)."""
+    lm = _arch.core_model(model)
+    inner = lm.model
+    state = inner.__dict__.pop(_STATE, None)
+    inner.__dict__.pop("forward", None)
+    if state is not None and state.cache_implementation[0]:
+        lm.generation_config.cache_implementation = state.cache_implementation[1]
+    head = getattr(_arch.core_model(model), "lm_head", None)
+    if head is not None and isinstance(head.__dict__.get("forward"), functools.partial):
+        del head.forward
+    return model
+
+
+def status(model: nn.Module) -> dict:
+    """{"enabled", "steps" (native), "fallbacks" (one-token calls that ran the model's own
+    forward), "last_fallback" (its reason)}."""
+    inner = getattr(_arch.core_model(model), "model", None)
+    state = getattr(inner, "__dict__", {}).get(_STATE)
+    if state is None:
+        return {"enabled": False, "steps": 0, "fallbacks": 0, "last_fallback": None}
+    return {"enabled": True, "steps": state.steps, "fallbacks": state.fallbacks, "last_fallback": state.last_fallback}

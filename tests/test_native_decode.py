@@ -1,0 +1,258 @@
+"""The native decode step (csrc/decode.h, integrations/hf_decode.py) inside transformers'
+generate: the same tokens as the model's own forward and step logits within 1e-4 of the
+step's largest logit, on every CPU path this machine runs (the attention kernel is per
+ISA), for Llama (GQA, tied and untied heads) and Phi-3, with 4-bit and dense projections
+and LoRA adapters; what it refuses, what makes a step fall back, and the plan's checks."""
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels import _C
+from qlora_kernels.bench.onnx import LLAMA, random_lora
+from qlora_kernels.integrations import hf_decode
+
+from .conftest import kernel_paths, on_path
+
+NEW = 24
+REL = 1e-4
+
+
+def tiny(family: str = "llama", tie: bool = True, skip=("lm_head",), hidden: int = 72, heads: int = 6,
+         kv_heads: int = 2, window=None):
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    # hidden 72 (head_size 12): rows of 72 four-bit values straddle the 64-value blocks;
+    # initializer_range 0.3 keeps a random model from repeating one token forever
+    kw = dict(vocab_size=300, hidden_size=hidden, intermediate_size=100, num_hidden_layers=3, num_attention_heads=heads,
+              num_key_value_heads=kv_heads, max_position_embeddings=96, initializer_range=0.3, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    if family == "phi3":
+        m = Phi3ForCausalLM(Phi3Config(**kw, sliding_window=window))
+    else:
+        m = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=tie))
+    return qk.quantize_model(m.eval(), skip=skip)
+
+
+def lm_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def generate(model, prompt, new=NEW):
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             cache_implementation="static", output_scores=True, return_dict_in_generate=True)
+    return out.sequences[0, prompt.shape[1]:].tolist(), out.scores
+
+
+def assert_close_scores(ref, got):
+    """Step by step, within REL of the step's largest logit (min_new_tokens masks EOS: -inf
+    in both)."""
+    for a, b in zip(ref, got):
+        fin = torch.isfinite(a)
+        assert torch.equal(fin, torch.isfinite(b))
+        assert float((a[fin] - b[fin]).abs().max()) <= REL * float(a[fin].abs().max())
+
+
+def assert_same_generation(model, prompt, new=NEW):
+    ref_tokens, ref_scores = generate(model, prompt, new)
+    hf_decode.enable_native_decode(model)
+    try:
+        tokens, scores = generate(model, prompt, new)
+        st = hf_decode.status(model)
+    finally:
+        hf_decode.disable_native_decode(model)
+    assert tokens == ref_tokens
+    assert_close_scores(ref_scores, scores)
+    assert st["steps"] == new - 1 and st["fallbacks"] == 0, st
+    assert len(set(tokens)) > 3  # the comparison compared something
+
+
+PROMPT = torch.tensor([[5, 17, 42, 7, 99, 3, 250]])
+
+
+@pytest.mark.parametrize("isa", kernel_paths())
+@pytest.mark.parametrize("variant", ["llama-nf4", "llama-untied-lora", "llama-dense-lora", "phi3-lora", "mha"])
+def test_generate_matches_the_models_own_forward(isa, variant):
+    if variant == "llama-nf4":
+        m = tiny()
+    elif variant == "llama-untied-lora":
+        m = random_lora(tiny(tie=False, skip=()), LLAMA, r=4, std=0.1)
+    elif variant == "llama-dense-lora":  # some projections left dense, LoRA on all of them
+        m = random_lora(tiny(skip=("lm_head", "v_proj", "down_proj")), LLAMA, r=3, std=0.1)
+    elif variant == "phi3-lora":
+        m = random_lora(tiny("phi3"), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], r=4, std=0.1)
+    else:  # no grouping: kv_heads == heads
+        m = tiny(hidden=64, heads=4, kv_heads=4)
+    with on_path("cpu", isa):
+        assert_same_generation(m, PROMPT)
+
+
+def test_a_sliding_window_runs_the_models_own_forward():
+    m = tiny("phi3", window=5)
+    with on_path("cpu", None):
+        ref_tokens, ref_scores = generate(m, PROMPT, 12)
+        hf_decode.enable_native_decode(m)
+        tokens, scores = generate(m, PROMPT, 12)
+    st = hf_decode.status(m)
+    assert tokens == ref_tokens
+    assert_close_scores(ref_scores, scores)
+    # a sliding cache layer is not the native step's layout: every step is transformers'
+    assert st["steps"] == 0 and st["fallbacks"] == 11 and "sliding" in st["last_fallback"], st
+
+
+def test_a_weight_changed_between_steps_is_seen():
+    """In place between two decode steps: the next step runs the model's own forward and
+    plans again; the logits are those of the changed model."""
+    from transformers import StaticCache
+
+    m = random_lora(tiny(), LLAMA, r=4, std=0.1)
+    lm = lm_of(m)
+    B = lm.model.layers[1].self_attn.o_proj.lora_B["default"].weight
+    norm = lm.model.layers[0].input_layernorm.weight
+    original = (B.detach().clone(), norm.detach().clone())
+
+    def run():
+        cache = StaticCache(config=lm.config, max_cache_len=32)
+        logits = []
+        with torch.no_grad():
+            out = m(input_ids=PROMPT, cache=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            for i in range(6):
+                if i == 2:
+                    B.mul_(3.0)
+                if i == 4:
+                    norm.data = norm.data * 0.5  # a new storage
+                out = m(input_ids=nxt, cache=cache, use_cache=True)
+                logits.append(out.logits[0, -1])
+                nxt = out.logits[:, -1:].argmax(-1)
+        return logits
+
+    ref = run()
+    with torch.no_grad():
+        B.copy_(original[0])
+    norm.data = original[1].clone()
+    hf_decode.enable_native_decode(m)
+    got = run()
+    st = hf_decode.status(m)
+    for a, b in zip(ref, got):
+        assert float((a - b).abs().max()) <= REL * float(a.abs().max())
+    assert st["fallbacks"] == 2 and st["steps"] == 4, st
+
+
+def test_steps_that_are_not_plain_fall_back_and_are_counted():
+    m = tiny()
+    hf_decode.enable_native_decode(m)
+    with torch.no_grad():
+        m.generate(input_ids=PROMPT.repeat(2, 1), max_new_tokens=3, do_sample=False)  # a batch of two
+        st = hf_decode.status(m)
+        assert st["steps"] == 0 and st["fallbacks"] == 2 and "shape (2, 1)" in st["last_fallback"]
+        m.generate(input_ids=PROMPT, max_new_tokens=3, do_sample=False, cache_implementation="dynamic")
+        st = hf_decode.status(m)
+        assert st["steps"] == 0 and st["fallbacks"] == 4 and "DynamicCache" in st["last_fallback"], st
+    out = m(input_ids=PROMPT[:, :1])  # autograd on: the model's own forward
+    assert out.logits.requires_grad
+    m.generate(input_ids=PROMPT, max_new_tokens=3, do_sample=False)
+    assert hf_decode.status(m)["steps"] == 2
+
+
+def test_unsupported_models_are_refused_with_the_reason():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(hf_decode.NativeDecodeError, match="supported: llama, phi3"):
+        hf_decode.enable_native_decode(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+    dora = random_lora(tiny(), LLAMA, r=2, dora=True)
+    with pytest.raises(hf_decode.NativeDecodeError, match=r"model.layers.0.self_attn.q_proj: .*DoRA"):
+        hf_decode.enable_native_decode(dora)
+    m = tiny()
+    m.model.layers[2].mlp.up_proj.compute = "int8"
+    with pytest.raises(hf_decode.NativeDecodeError, match=r"layers.2.mlp.up_proj: compute='int8'"):
+        hf_decode.enable_native_decode(m)
+    m = tiny()
+    m.model.layers[1].input_layernorm.register_forward_hook(lambda *a: None)
+    with pytest.raises(hf_decode.NativeDecodeError, match="layer 1.input_layernorm has hooks"):
+        hf_decode.enable_native_decode(m)
+    assert not hf_decode.status(m)["enabled"]
+
+
+def test_a_hook_added_after_enabling_runs_the_models_own_forward():
+    m = tiny()
+    hf_decode.enable_native_decode(m)
+    ref_tokens, _ = generate(m, PROMPT, 6)
+    assert hf_decode.status(m)["steps"] == 5
+    m.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * 0.5)
+    tokens, scores = generate(m, PROMPT, 6)
+    st = hf_decode.status(m)
+    assert st["steps"] == 5 and st["fallbacks"] == 5 and "layer 0.mlp has hooks" in st["last_fallback"], st
+    hf_decode.disable_native_decode(m)
+    hooked_tokens, hooked_scores = generate(m, PROMPT, 6)
+    assert tokens == hooked_tokens
+    assert_close_scores(hooked_scores, scores)
+
+
+def test_the_plan_checks_every_size():
+    a = dict(layers=1, hidden=8, heads=2, kv_heads=1, head_size=4, intermediate=6, eps=1e-6)
+    cos = torch.ones(10, 2)
+    fn = torch.ones(8)
+    with pytest.raises(ValueError, match="not a multiple of kv_heads"):
+        _C.DecodePlan(**{**a, "heads": 3, "kv_heads": 2}, cos_ptr=cos.data_ptr(), sin_ptr=cos.data_ptr(),
+                      table_numel=20, positions=10, final_norm_ptr=fn.data_ptr(), final_norm_numel=8)
+    with pytest.raises(ValueError, match="rotary table has 19 elements, expected 20"):
+        _C.DecodePlan(**a, cos_ptr=cos.data_ptr(), sin_ptr=cos.data_ptr(), table_numel=19, positions=10,
+                      final_norm_ptr=fn.data_ptr(), final_norm_numel=8)
+    p = _C.DecodePlan(**a, cos_ptr=cos.data_ptr(), sin_ptr=cos.data_ptr(), table_numel=20, positions=10,
+                      final_norm_ptr=fn.data_ptr(), final_norm_numel=8)
+    W = torch.ones(8, 8)
+    h = torch.ones(8)
+    with pytest.raises(ValueError, match="not finished"):
+        p.step(h.data_ptr(), 8, 0, 1)
+    with pytest.raises(ValueError, match="layer 0 o_proj: in_features 6, expected 8"):
+        p.set_proj(0, 3, 8, 6, 0, 0, 0, 0, 0, 0, 0, W.data_ptr(), 48, 0, 0, 0, 0, 0, 0, 0, 0.0, 0)
+    with pytest.raises(ValueError, match="layer 0 o_proj's dense weight has 64 elements, expected 72"):
+        p.set_proj(0, 3, 9, 8, 0, 0, 0, 0, 0, 0, 0, W.data_ptr(), 64, 0, 0, 0, 0, 0, 0, 0, 0.0, 0)
+    with pytest.raises(ValueError, match="packed bytes has 5 elements, expected 32"):
+        p.set_proj(0, 3, 8, 8, W.data_ptr(), 5, W.data_ptr(), 1, W.data_ptr(), 16, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                   0.0, 0)
+    with pytest.raises(ValueError, match="layer 0 attention input 2: outputs \\[14, 18\\) exceed its buffer of 16"):
+        p.set_proj(0, 2, 4, 8, 0, 0, 0, 0, 0, 0, 0, W.data_ptr(), 32, 0, 0, 0, 0, 0, 0, 0, 0.0, 14)
+    with pytest.raises(ValueError, match="layer 3 is out of range"):
+        p.set_norms(3, fn.data_ptr(), 8, fn.data_ptr(), 8)
+    with pytest.raises(ValueError, match="norms or cache not set"):
+        p.finish(3, 2, 0.5)
+
+
+def test_the_head_runs_the_streaming_kernel_at_one_row():
+    m = tiny(tie=False)
+    hf_decode.enable_native_decode(m)
+    x = torch.randn(1, 1, 72)
+    with torch.no_grad():
+        y = m.lm_head(x)
+    ref = x.double() @ m.lm_head.weight.double().t()
+    assert float((y.double() - ref).abs().max()) <= 74 * 2.0 ** -24 * float((x.abs().double() @
+                                                                               m.lm_head.weight.abs().double().t()).max())
+    hf_decode.disable_native_decode(m)
+    assert "forward" not in m.lm_head.__dict__ and "forward" not in m.model.__dict__
+
+
+def test_smollm2_with_switchable_adapters_generates_as_its_own_forward(smollm2):
+    """The real model: SmolLM2-135M-Instruct in NF4 with two LoRA adapters (conftest.py),
+    each active in turn (the plan is made again at each prompt, so a switch between
+    generations counts), on a chat prompt."""
+    pm, ids = smollm2
+    prompt = torch.tensor([ids])
+    answers = []
+    try:
+        for adapter in ("default", "second"):
+            pm.set_adapter(adapter)
+            ref_tokens, ref_scores = generate(pm, prompt, 12)
+            hf_decode.enable_native_decode(pm)
+            tokens, scores = generate(pm, prompt, 12)
+            st = hf_decode.status(pm)
+            hf_decode.disable_native_decode(pm)
+            assert tokens == ref_tokens and st["steps"] == 11 and st["fallbacks"] == 0, st
+            assert_close_scores(ref_scores, scores)
+            answers.append(tokens)
+    finally:
+        pm.set_adapter("default")
+        hf_decode.disable_native_decode(pm)
+    assert answers[0] != answers[1]
