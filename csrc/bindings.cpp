@@ -43,11 +43,6 @@ void advise_hugepages(uintptr_t p, int64_t bytes) {
 #endif
 }
 
-template <class T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 void check_blocksize(int64_t blocksize) {
   QK_REQUIRE(blocksize >= 2 && blocksize % 2 == 0, "blocksize must be a positive even number, got " + std::to_string(blocksize));
 }

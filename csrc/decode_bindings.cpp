@@ -19,11 +19,6 @@ namespace {
 
 std::string s(int64_t v) { return std::to_string(v); }
 
-template <class T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 void numel_is(const std::string& what, int64_t numel, int64_t expected) {
   QK_REQUIRE(numel == expected, what + " has " + s(numel) + " elements, expected " + s(expected));
 }

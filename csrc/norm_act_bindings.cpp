@@ -31,11 +31,6 @@ const NormActKernels& norm_act_kernels() {
 
 namespace {
 
-template <class T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
 // Below ~16K elements per thread a parallel region costs more than it saves.
 int threads_for(int64_t rows, int64_t cols, int nthreads) {
   const int64_t by_work = std::max<int64_t>(1, rows * std::max<int64_t>(cols, 1) / (int64_t(1) << 14));
