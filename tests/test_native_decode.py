@@ -3,6 +3,8 @@ generate: the same tokens as the model's own forward and step logits within 1e-4
 step's largest logit, on every CPU path this machine runs (the attention kernel is per
 ISA), for Llama (GQA, tied and untied heads) and Phi-3, with 4-bit and dense projections
 and LoRA adapters; what it refuses, what makes a step fall back, and the plan's checks."""
+import contextlib
+
 import pytest
 import torch
 
@@ -256,3 +258,24 @@ def test_smollm2_with_switchable_adapters_generates_as_its_own_forward(smollm2):
         pm.set_adapter("default")
         hf_decode.disable_native_decode(pm)
     assert answers[0] != answers[1]
+
+
+def test_finetune_samples_take_the_native_step(monkeypatch):
+    """finetune's greedy samples run with the native step and answer what the model's own
+    forward answers."""
+    from types import SimpleNamespace
+
+    from qlora_kernels.finetune import train
+
+    m = random_lora(tiny(), LLAMA, r=4, std=0.1)
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0, decode=lambda ids, **kw: " ".join(map(str, ids.tolist())))
+    examples = [SimpleNamespace(prompt_ids=PROMPT[0, :n].tolist(), prompt="p", reference="r") for n in (3, 7)]
+    seen = []
+    disable = hf_decode.disable_native_decode
+    monkeypatch.setattr(hf_decode, "disable_native_decode", lambda model: (seen.append(hf_decode.status(model)),
+                                                                           disable(model))[1])
+    native = train.samples(m, tok, examples, 10)
+    assert seen and seen[0]["steps"] > 0 and seen[0]["fallbacks"] == 0, seen
+    assert not hf_decode.status(m)["enabled"]
+    monkeypatch.setattr(train, "_native_decode", lambda model: contextlib.nullcontext())
+    assert train.samples(m, tok, examples, 10) == native

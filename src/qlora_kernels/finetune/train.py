@@ -8,7 +8,9 @@ resumed run therefore computes the very same floating-point operations as an
 uninterrupted one and ends with bit-identical adapter weights and losses."""
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import math
 import os
 import signal
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 from . import checkpoint
 from ..integrations.hf_loss import is_fused
 from .data import IGNORE, Order, collate
+
+log = logging.getLogger(__name__)
 
 # Tests set this to a few hundredths of a second so that a signal reliably lands mid-run.
 STEP_DELAY_ENV = "QLORA_KERNELS_FINETUNE_STEP_DELAY"
@@ -99,6 +103,24 @@ def heldout_loss(model, examples: list, batch_size: int, pad_id: int) -> dict:
     return {"loss": total / max(1, n), "tokens": n, "examples": len(examples)}
 
 
+@contextlib.contextmanager
+def _native_decode(model):
+    """The native decode step (integrations.hf_decode) while the samples are generated,
+    where the model allows it: the same greedy tokens, ~3x fewer seconds per token."""
+    from ..integrations import hf_decode
+
+    try:
+        hf_decode.enable_native_decode(model)
+    except hf_decode.NativeDecodeError as e:
+        log.info("samples: the model's own decode step (%s)", e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        hf_decode.disable_native_decode(model)
+
+
 def samples(model, tok, examples: list, max_new_tokens: int) -> list:
     """Greedy answers to held-out prompts (what the model says, not what the loss says)."""
     was_training = model.training
@@ -107,7 +129,8 @@ def samples(model, tok, examples: list, max_new_tokens: int) -> list:
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     out = []
-    with torch.no_grad():
+    native = _native_decode(model)
+    with torch.no_grad(), native:
         for e in examples:
             ids = torch.tensor([e.prompt_ids])
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
