@@ -427,3 +427,22 @@ def test_concurrent_generations_with_their_own_caches():
     finally:
         sys.setswitchinterval(interval)
         torch.set_num_threads(threads)
+
+
+def test_a_swapped_rotary_module_gives_new_tables():
+    import copy
+
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    m = tiny()
+    hf_decode.enable_native_decode(m)
+    generate(m, PROMPT, 4)
+    cfg = copy.deepcopy(m.config)
+    cfg.rope_parameters = dict(rope_type="default", rope_theta=500.0)
+    m.model.rotary_emb = LlamaRotaryEmbedding(cfg)
+    tokens, scores = generate(m, PROMPT, 12)
+    assert hf_decode.status(m)["steps"] == 14
+    hf_decode.disable_native_decode(m)
+    ref_tokens, ref_scores = generate(m, PROMPT, 12)
+    assert tokens == ref_tokens
+    assert_close_scores(ref_scores, scores)

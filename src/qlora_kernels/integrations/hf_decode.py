@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import types
 
 import torch
 from torch import nn
@@ -252,6 +253,17 @@ class _Plan:
 
     def __init__(self, state: "_State", inner: nn.Module, cache):
         a = state.arch
+        # the rotary tables of the model's rotary module as it is now (a swapped module, or
+        # its buffers edited, since the tables were made: made again, ~2 ms at SmolLM2's 8192
+        # positions)
+        rope = inner.rotary_emb
+        key = [rope] + [(b.data_ptr(), b.dtype, -1 if b.is_inference() else b._version) for b in rope.buffers()]
+        if key != state.tables_key:
+            try:
+                state.tables = _arch.rotary_tables(types.SimpleNamespace(model=inner), a)
+            except ExportError as e:
+                raise NativeDecodeError(str(e)) from None
+            state.tables_key = key
         cos, sin = state.tables
         norm = inner.norm
         _check_layers(inner)  # what can change cheaply since enable_native_decode's probes
@@ -266,7 +278,7 @@ class _Plan:
         plan = _C.DecodePlan(a.layers, a.hidden, a.heads, a.kv_heads, a.head_size, a.intermediate, a.eps,
                              cos.data_ptr(), sin.data_ptr(), cos.numel(), cos.shape[0], norm.weight.data_ptr(),
                              norm.weight.numel())
-        watched = [norm.weight, inner.embed_tokens.weight]
+        watched = [norm.weight, inner.embed_tokens.weight] + list(inner.rotary_emb.buffers())
         lens, cache_tensors = [], []
         for i, layer in enumerate(inner.layers):
             n1, n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
@@ -298,6 +310,7 @@ class _Plan:
         self.versions = [t._version for t in self.versioned]
         self.ptrs = [t.data_ptr() for t in self.watched] + [t.data_ptr() for t in self.cache_tensors]
         self.emb = inner.embed_tokens.weight
+        self.tables = (cos, sin)  # the plan points into them
         self.module_keys, self.snapshot = keys, snapshot
 
     def current(self) -> bool:
@@ -318,13 +331,14 @@ class _State:
 
     def __init__(self, a: "_arch.Arch", tables):
         self.arch, self.tables = a, tables
+        self.tables_key: list | None = None  # the rotary module and its buffers the tables come from
         self.plan: _Plan | None = None
         self.probed: list | None = None  # the _module_values that _check_structure last passed
         self.steps, self.fallbacks, self.last_fallback = 0, 0, None
 
     def __getstate__(self) -> dict:  # the plan holds this process's pointers
         d = dict(self.__dict__)
-        d["plan"], d["probed"] = None, None
+        d["plan"], d["probed"], d["tables_key"] = None, None, None
         return d
 
 
@@ -376,9 +390,9 @@ def _why_not(inner: nn.Module, state: _State, input_ids, cache, kwargs: dict):
         return why, None, None
     plan = why
     pos = int(plan.lens[0])
-    if pos >= plan.plan.capacity or pos >= state.tables[0].shape[0]:
+    if pos >= plan.plan.capacity or pos >= plan.tables[0].shape[0]:
         return (f"position {pos} is beyond the cache's {plan.plan.capacity} or the rotary table's "
-                f"{state.tables[0].shape[0]} positions"), None, None
+                f"{plan.tables[0].shape[0]} positions"), None, None
     return None, plan, pos
 
 
