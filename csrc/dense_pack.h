@@ -73,8 +73,9 @@ constexpr int64_t kDensePackRows = 4;
 constexpr int64_t kDenseGemvRows = 4;
 
 // y[m, n] = <x[m], W[n]> (+ bias[n]) for M <= kDenseGemvRows: W's row n meets every row of x
-// while in L1. The dot products are lora4_common.h's (fixed lanes and tree), so every ISA
-// path gives the same bits for the same row.
+// while in L1. The dot products are lora4_common.h's (fixed lanes and tree), so the AVX2
+// and AVX-512 paths give the same bits for the same row (the scalar path, dense_scalar.cpp,
+// has its own loop).
 void dense_gemv(const float* x, int64_t M, int64_t ldx, const DenseWeight& w, const float* bias, float* y,
                 int64_t ldy, int nthreads) {
   const int64_t N = w.N, K = w.K;

@@ -279,3 +279,217 @@ def test_finetune_samples_take_the_native_step(monkeypatch):
     assert not hf_decode.status(m)["enabled"]
     monkeypatch.setattr(train, "_native_decode", lambda model: contextlib.nullcontext())
     assert train.samples(m, tok, examples, 10) == native
+
+
+def test_positions_beyond_the_rotary_table_fall_back():
+    """A StaticCache longer than max_position_embeddings (96 here): the model's own forward
+    computes those positions' rotary embedding; the native step has no table for them and
+    falls back instead of raising."""
+    m = tiny()
+    ref_tokens, ref_scores = generate(m, PROMPT, 100)
+    hf_decode.enable_native_decode(m)
+    tokens, scores = generate(m, PROMPT, 100)
+    st = hf_decode.status(m)
+    assert tokens == ref_tokens
+    assert_close_scores(ref_scores, scores)
+    # positions 7..95 native, 96..105 the model's own forward
+    assert st["steps"] == 89 and st["fallbacks"] == 10 and "rotary table" in st["last_fallback"], st
+
+
+def test_module_and_adapter_changes_are_seen_at_the_next_step():
+    """Not only tensors: an adapter disabled or switched, an activation or a norm's epsilon
+    changed, between generations (a reused StaticCache and a one-token prompt: no prompt
+    to plan at) or between two steps of one generation."""
+    from torch import nn
+    from transformers import StaticCache
+
+    pm = random_lora(tiny(), LLAMA, r=4, std=0.3)
+    lm = lm_of(pm)
+    one = torch.tensor([[5]])
+    cache = StaticCache(config=lm.config, max_cache_len=40)
+
+    def gen(prompt, new=8):
+        cache.reset()
+        with torch.no_grad():
+            out = pm.generate(input_ids=prompt, cache=cache, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False)
+        return out[0].tolist()
+
+    with pm.disable_adapter():
+        ref_disabled = gen(one)
+    ref = gen(one)
+    hf_decode.enable_native_decode(pm)
+    try:
+        assert gen(PROMPT) and gen(one) == ref
+        with pm.disable_adapter():
+            assert gen(one) == ref_disabled
+        assert gen(one) == ref
+        assert hf_decode.status(pm)["steps"] >= 20
+        # between two steps of one generation: the step after the change is the model's own
+        calls = []
+
+        def switch(module, args, kwargs):
+            calls.append(1)
+            if len(calls) == 4:
+                pm.base_model.disable_adapter_layers()
+
+        h = lm.register_forward_pre_hook(switch, with_kwargs=True)
+        try:
+            mixed = gen(PROMPT)
+        finally:
+            h.remove()
+            pm.base_model.enable_adapter_layers()
+        calls.clear()
+        hf_decode.disable_native_decode(pm)
+        h = lm.register_forward_pre_hook(switch, with_kwargs=True)
+        try:
+            assert gen(PROMPT) == mixed
+        finally:
+            h.remove()
+            pm.base_model.enable_adapter_layers()
+        with pm.disable_adapter():
+            assert mixed not in (gen(PROMPT), [])
+        assert mixed != gen(PROMPT)  # the switch did change the generation midway
+    finally:
+        hf_decode.disable_native_decode(pm)
+
+    m = tiny()
+    hf_decode.enable_native_decode(m)
+    generate(m, PROMPT, 4)
+    m.model.layers[1].mlp.act_fn = nn.GELU()
+    m.model.layers[0].input_layernorm.variance_epsilon = 0.5
+    tokens, scores = generate(m, PROMPT, 12)
+    st = hf_decode.status(m)
+    assert st["fallbacks"] == 11 and "eps 0.5" in st["last_fallback"], st
+    hf_decode.disable_native_decode(m)
+    ref_tokens, ref_scores = generate(m, PROMPT, 12)
+    assert tokens == ref_tokens
+    assert_close_scores(ref_scores, scores)
+
+
+def test_inference_mode_and_a_norm_or_embedding_in_another_dtype():
+    m = tiny(tie=False)
+    with torch.inference_mode():  # the model's first use, in inference mode
+        ref = m.generate(input_ids=PROMPT, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    hf_decode.enable_native_decode(m)
+    with torch.inference_mode():
+        got = m.generate(input_ids=PROMPT, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert got.tolist() == ref.tolist() and hf_decode.status(m)["steps"] == 7
+    # a bf16 embedding (the model still computes in fp32 after it): the plan must not read
+    # it as fp32
+    m.model.embed_tokens.to(torch.bfloat16)
+    tokens, scores = generate(m, PROMPT, 8)
+    st = hf_decode.status(m)
+    assert st["fallbacks"] == 7 and "embed_tokens" in st["last_fallback"], st
+    hf_decode.disable_native_decode(m)
+    ref_tokens, ref_scores = generate(m, PROMPT, 8)
+    assert tokens == ref_tokens
+
+
+def test_hidden_states_asked_for_once_do_not_disable_the_native_step():
+    """transformers installs inert output-capturing hooks for good at the first call that
+    asks for hidden states or attentions; asking (by argument or config) falls back."""
+    from transformers import StaticCache
+
+    m = tiny()
+    with torch.no_grad():
+        m(input_ids=PROMPT, output_hidden_states=True)
+    hf_decode.enable_native_decode(m)
+    generate(m, PROMPT, 6)
+    assert hf_decode.status(m)["steps"] == 5
+    m.config.output_hidden_states = True
+    try:
+        cache = StaticCache(config=m.config, max_cache_len=16)
+        with torch.no_grad():
+            out = m(input_ids=PROMPT, cache=cache)
+            out = m(input_ids=out.logits[:, -1:].argmax(-1), cache=cache)
+    finally:
+        m.config.output_hidden_states = False
+    assert out.hidden_states is not None and len(out.hidden_states) == 4
+    assert hf_decode.status(m)["last_fallback"] == "attentions or hidden states asked for"
+
+
+def test_concurrent_generations_with_their_own_caches():
+    """Two threads, one StaticCache each: every generation as alone (the step uses the plan
+    it checked, not whichever plan the other thread made meanwhile)."""
+    import sys
+    import threading
+
+    from transformers import StaticCache
+
+    m = tiny()
+    prompts = [PROMPT, torch.tensor([[9, 8, 7, 6, 5]])]
+
+    def run(prompt):
+        with torch.no_grad():
+            out = m.generate(input_ids=prompt, cache=StaticCache(config=m.config, max_cache_len=48),
+                             max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        return out[0].tolist()
+
+    ref = [run(p) for p in prompts]
+    hf_decode.enable_native_decode(m)
+    interval, threads = sys.getswitchinterval(), torch.get_num_threads()
+    sys.setswitchinterval(1e-6)
+    torch.set_num_threads(1)
+    try:
+        for _ in range(6):
+            res = [None, None]
+
+            def work(i):
+                try:
+                    res[i] = run(prompts[i])
+                except Exception as e:  # noqa: BLE001 - reported by the assertion
+                    res[i] = repr(e)
+
+            ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            assert res == ref
+    finally:
+        sys.setswitchinterval(interval)
+        torch.set_num_threads(threads)
+
+
+def test_a_swapped_rotary_module_gives_new_tables():
+    import copy
+
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    m = tiny()
+    hf_decode.enable_native_decode(m)
+    generate(m, PROMPT, 4)
+    cfg = copy.deepcopy(m.config)
+    cfg.rope_parameters = dict(rope_type="default", rope_theta=500.0)
+    m.model.rotary_emb = LlamaRotaryEmbedding(cfg)
+    tokens, scores = generate(m, PROMPT, 12)
+    assert hf_decode.status(m)["steps"] == 14
+    hf_decode.disable_native_decode(m)
+    ref_tokens, ref_scores = generate(m, PROMPT, 12)
+    assert tokens == ref_tokens
+    assert_close_scores(ref_scores, scores)
+
+
+def test_generate_gets_a_static_cache_without_editing_the_generation_config(tmp_path):
+    """A plain generate() takes native steps; a caller's own cache or cache_implementation
+    is kept; the saved generation config is the model's."""
+    from transformers import StaticCache
+
+    m = tiny()
+    before = m.generation_config.to_dict()
+    hf_decode.enable_native_decode(m)
+    with torch.no_grad():
+        plain = m.generate(input_ids=PROMPT, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert hf_decode.status(m)["steps"] == 5
+        own = m.generate(input_ids=PROMPT, cache=StaticCache(config=m.config, max_cache_len=30), max_new_tokens=6,
+                         min_new_tokens=6, do_sample=False)
+        assert hf_decode.status(m)["steps"] == 10 and torch.equal(own, plain)
+        m.generate(input_ids=PROMPT, max_new_tokens=3, do_sample=False, cache_implementation="dynamic")
+        assert hf_decode.status(m)["steps"] == 10
+    assert m.generation_config.to_dict() == before
+    m.save_pretrained(tmp_path)
+    assert "cache_implementation" not in (tmp_path / "generation_config.json").read_text() or \
+        '"cache_implementation": null' in (tmp_path / "generation_config.json").read_text()
+    hf_decode.disable_native_decode(m)
+    assert "generate" not in m.__dict__

@@ -21,9 +21,11 @@ is counted in ``status(model)["fallbacks"]``.
 
 The plan (pointers to every tensor the step reads) is made again at each prompt (each
 generation), and every step first checks that none of those tensors was modified in
-place or replaced by a new storage since (version counters and data pointers). Replacing
-a module or switching adapters between two decode steps of one generation is seen at the
-next prompt only.
+place or replaced by a new storage since (version counters and data pointers), and that
+the modules it computes are the ones it planned (the same objects, norm epsilons and
+activation, the same PEFT adapter state: active adapter, disabled, merged, scaling);
+otherwise the step runs the model's own forward and the next one plans again (a changed
+module is probed again first).
 
 docs/onnx.md ("Our torch decode step") has the design and the numbers."""
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import types
 
 import torch
 from torch import nn
@@ -103,7 +106,7 @@ class _Proj:
     def __init__(self, m: nn.Module, what: str):
         base, lora = _lora_parts(m, what)
         self.tensors: list = []
-        if _hooked(base) or _hooked(m):
+        if _hooked_here(base) or _hooked_here(m):
             raise NativeDecodeError(f"{what}: it has hooks")
         bias = getattr(base, "bias", None)
         if isinstance(base, Linear4bit):
@@ -113,7 +116,8 @@ class _Proj:
             p = base.prepared()
             if not (_plain(p.packed) and _plain(p.absmax)):
                 raise NativeDecodeError(f"{what}: its packed weight is not a plain contiguous CPU tensor")
-            code = formats.codebook(p.quant_type)
+            with torch.inference_mode(False):  # a tensor with a version counter, also under inference_mode
+                code = formats.codebook(p.quant_type)
             self.N, self.K = p.out_features, p.in_features
             w4 = (p.packed.data_ptr(), p.packed.numel(), p.absmax.data_ptr(), p.absmax.numel(), code.data_ptr(),
                   code.numel(), p.blocksize, 0, 0)
@@ -143,10 +147,64 @@ class _Proj:
         self.args = (self.N, self.K) + w4 + b + tail
 
 
+def _capture_hook(h) -> bool:
+    """transformers' output-capturing hook: installed for good on the decoder layers and
+    attentions by the first call that asks for hidden states or attentions, inert unless a
+    call asks for them again (such a call is not a native step, see _why_not)."""
+    return (getattr(h, "__module__", None) == "transformers.utils.output_capturing"
+            and getattr(h, "__name__", None) == "output_capturing_hook")
+
+
+def _hooked_here(m: nn.Module) -> bool:
+    """hf_fuse._hooked, except transformers' inert output-capturing hooks."""
+    if any(getattr(m, h, None) for h in ("_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                                          "_forward_hooks_with_kwargs")):
+        return True
+    return any(not _capture_hook(h) for h in getattr(m, "_forward_hooks", {}).values())
+
+
+def _eps(norm: nn.Module):
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+
+
+def _module_keys(inner: nn.Module, a: "_arch.Arch") -> list:
+    """What the plan assumes of the modules beyond their tensors, as (instance dict, key)
+    pairs: which module objects it computes, the norms' epsilons, the activations, the
+    attention scaling, each LoRA layer's adapter state (active, disabled, merged, training,
+    scaling). Reading them is one dict lookup each, cheap enough for every step."""
+    keys = [(inner._modules, "norm"), (inner._modules, "embed_tokens"), (inner._modules, "rotary_emb"),
+            (inner._modules, "layers"), (inner.norm.__dict__, "variance_epsilon"), (inner.norm.__dict__, "eps")]
+    for i, layer in enumerate(inner.layers):
+        keys.append((inner.layers._modules, str(i)))
+        attn, mlp = layer.self_attn, layer.mlp
+        keys += [(layer._modules, n) for n in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")]
+        keys += [(mlp._modules, "act_fn"), (mlp._modules, "activation_fn"), (attn.__dict__, "scaling")]
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            keys += [(layer.get_submodule(n).__dict__, "variance_epsilon"), (layer.get_submodule(n).__dict__, "eps")]
+        for path in a.projections(i).values():
+            parent = attn if ".self_attn." in path else mlp
+            name = path.rsplit(".", 1)[1]
+            keys.append((parent._modules, name))
+            m = parent._modules.get(name)
+            if hasattr(m, "lora_A") and hasattr(m, "active_adapters"):  # a PEFT LoRA layer
+                keys += [(m.__dict__, k) for k in ("_disable_adapters", "_active_adapter", "merged_adapters",
+                                                    "training", "scaling")]
+    return keys
+
+
+_MISSING = object()
+
+
+def _module_values(keys: list, copy: bool = False) -> list:
+    if not copy:
+        return [d.get(k, _MISSING) for d, k in keys]
+    return [v.copy() if isinstance(v, (list, dict)) else v for v in (d.get(k, _MISSING) for d, k in keys)]
+
+
 def _check_layers(inner: nn.Module) -> None:
     """The decoder's layer and attention classes, and no hooks anywhere the native step
     would skip them (cheap: checked again at every plan)."""
-    if _hooked(inner) or _hooked(inner.norm) or _hooked(inner.embed_tokens):
+    if _hooked_here(inner) or _hooked_here(inner.norm) or _hooked_here(inner.embed_tokens):
         raise NativeDecodeError("the decoder (model.model), its norm or its embedding has hooks")
     for i, layer in enumerate(inner.layers):
         if type(layer).__name__ not in _LAYER:
@@ -156,14 +214,13 @@ def _check_layers(inner: nn.Module) -> None:
             raise NativeDecodeError(f"layer {i}'s attention is a {type(attn).__name__}; supported: "
                                     f"{', '.join(_ATTENTION)}")
         for name in ("", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
-            if _hooked(layer.get_submodule(name)):
+            if _hooked_here(layer.get_submodule(name)):
                 raise NativeDecodeError(f"layer {i}.{name or '(itself)'} has hooks, which the native step would "
                                         "not run")
 
 
-def _check_structure(lm: nn.Module, a: "_arch.Arch") -> None:
-    inner = lm.model
-    impl = getattr(lm.config, "_attn_implementation", "eager")
+def _check_structure(inner: nn.Module, a: "_arch.Arch") -> None:
+    impl = getattr(inner.config, "_attn_implementation", "eager")
     if impl not in ("eager", "sdpa"):
         raise NativeDecodeError(f"attention implementation {impl!r}: the native step replaces 'eager' and 'sdpa'")
     _check_layers(inner)
@@ -173,6 +230,8 @@ def _check_structure(lm: nn.Module, a: "_arch.Arch") -> None:
             raise NativeDecodeError(f"layer {i}'s attention scaling {attn.scaling} is not head_size ** -0.5")
         for name in ("input_layernorm", "post_attention_layernorm"):
             why = _norm_reason(getattr(layer, name))
+            if not why and _eps(getattr(layer, name)) != a.eps:
+                why = f"its eps {_eps(getattr(layer, name))} is not the config's rms_norm_eps {a.eps}"
             if why:
                 raise NativeDecodeError(f"layer {i}.{name}: {why}")
         style = _mlp_style(layer.mlp)
@@ -180,6 +239,8 @@ def _check_structure(lm: nn.Module, a: "_arch.Arch") -> None:
         if why:
             raise NativeDecodeError(f"layer {i}.mlp: {why}")
     why = _norm_reason(inner.norm)
+    if not why and _eps(inner.norm) != a.eps:
+        why = f"its eps {_eps(inner.norm)} is not the config's rms_norm_eps {a.eps}"
     if why:
         raise NativeDecodeError(f"model.norm: {why}")
     emb = inner.embed_tokens
@@ -192,16 +253,37 @@ class _Plan:
 
     def __init__(self, state: "_State", inner: nn.Module, cache):
         a = state.arch
+        # the rotary tables of the model's rotary module as it is now (a swapped module, or
+        # its buffers edited, since the tables were made: made again, ~2 ms at SmolLM2's 8192
+        # positions)
+        rope = inner.rotary_emb
+        key = [rope] + [(b.data_ptr(), b.dtype, -1 if b.is_inference() else b._version) for b in rope.buffers()]
+        if key != state.tables_key:
+            try:
+                state.tables = _arch.rotary_tables(types.SimpleNamespace(model=inner), a)
+            except ExportError as e:
+                raise NativeDecodeError(str(e)) from None
+            state.tables_key = key
         cos, sin = state.tables
         norm = inner.norm
         _check_layers(inner)  # what can change cheaply since enable_native_decode's probes
+        keys = _module_keys(inner, a)
+        snapshot = _module_values(keys, copy=True)
+        if snapshot != state.probed:  # a module swapped or an adapter switched: probe again
+            _check_structure(inner, a)
+            state.probed = snapshot
+        for what, t in (("model.norm", norm.weight), ("model.embed_tokens", inner.embed_tokens.weight)):
+            if t.dtype != torch.float32 or not _plain(t):
+                raise NativeDecodeError(f"{what}'s weight is not a contiguous fp32 CPU tensor")
         plan = _C.DecodePlan(a.layers, a.hidden, a.heads, a.kv_heads, a.head_size, a.intermediate, a.eps,
                              cos.data_ptr(), sin.data_ptr(), cos.numel(), cos.shape[0], norm.weight.data_ptr(),
                              norm.weight.numel())
-        watched = [norm.weight, inner.embed_tokens.weight]
+        watched = [norm.weight, inner.embed_tokens.weight] + list(inner.rotary_emb.buffers())
         lens, cache_tensors = [], []
         for i, layer in enumerate(inner.layers):
             n1, n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            if not all(t.dtype == torch.float32 and _plain(t) for t in (n1, n2)):
+                raise NativeDecodeError(f"layer {i}'s norm weights are not contiguous fp32 CPU tensors")
             plan.set_norms(i, n1.data_ptr(), n1.numel(), n2.data_ptr(), n2.numel())
             watched += [n1, n2]
             roles = a.projections(i)
@@ -221,16 +303,26 @@ class _Plan:
             lens.append(cl.cumulative_length)
         plan.finish(len(attn_in), len(mlp_in), a.head_size ** -0.5)
         self.plan, self.cache, self.lens, self.cache_tensors = plan, cache, lens, cache_tensors
-        self.watched = list({id(t): t for t in watched}.values())  # the codebooks are shared
-        self.versions = [t._version for t in self.watched]
+        self.watched = list({id(t): t for t in watched}.values())  # tied or shared tensors once
+        # inference tensors (made under torch.inference_mode) have no version counter: their
+        # pointers are watched
+        self.versioned = [t for t in self.watched if not t.is_inference()]
+        self.versions = [t._version for t in self.versioned]
         self.ptrs = [t.data_ptr() for t in self.watched] + [t.data_ptr() for t in self.cache_tensors]
         self.emb = inner.embed_tokens.weight
+        self.tables = (cos, sin)  # the plan points into them
+        self.module_keys, self.snapshot = keys, snapshot
 
     def current(self) -> bool:
-        # ~1000 tensors for SmolLM2 + LoRA: two list comprehensions, ~0.1 ms a step. The
-        # cache's tensors by pointer only: their contents change with every step.
-        return ([t._version for t in self.watched] == self.versions
-                and [t.data_ptr() for t in self.watched] + [t.data_ptr() for t in self.cache_tensors] == self.ptrs)
+        # ~1000 tensors for SmolLM2 + LoRA: two list comprehensions, ~0.1 ms a step, and ~1000
+        # dict lookups for the modules. The cache's tensors by pointer only: their contents
+        # change with every step.
+        return ([t._version for t in self.versioned] == self.versions
+                and [t.data_ptr() for t in self.watched] + [t.data_ptr() for t in self.cache_tensors] == self.ptrs
+                and self._same_modules())
+
+    def _same_modules(self) -> bool:
+        return _module_values(self.module_keys) == self.snapshot
 
 
 class _State:
@@ -239,12 +331,14 @@ class _State:
 
     def __init__(self, a: "_arch.Arch", tables):
         self.arch, self.tables = a, tables
+        self.tables_key: list | None = None  # the rotary module and its buffers the tables come from
         self.plan: _Plan | None = None
+        self.probed: list | None = None  # the _module_values that _check_structure last passed
         self.steps, self.fallbacks, self.last_fallback = 0, 0, None
 
     def __getstate__(self) -> dict:  # the plan holds this process's pointers
         d = dict(self.__dict__)
-        d["plan"] = None
+        d["plan"], d["probed"], d["tables_key"] = None, None, None
         return d
 
 
@@ -287,8 +381,22 @@ def _plain_mask(mask, pos: int) -> bool:
     return bool(seen[:n].all()) and bool(hidden[n:].all())
 
 
-def _why_not(inner: nn.Module, state: _State, input_ids, cache, kwargs: dict) -> str | None:
-    """None when this call is a native decode step, else the reason it is not."""
+def _why_not(inner: nn.Module, state: _State, input_ids, cache, kwargs: dict):
+    """(None, plan, pos) when this call is a native decode step with that plan at that
+    position, else (the reason it is not, None, None). The plan is read once: another
+    thread may plan for its own cache meanwhile."""
+    why = _why_not_plan(inner, state, input_ids, cache, kwargs)
+    if isinstance(why, str):
+        return why, None, None
+    plan = why
+    pos = int(plan.lens[0])
+    if pos >= plan.plan.capacity or pos >= plan.tables[0].shape[0]:
+        return (f"position {pos} is beyond the cache's {plan.plan.capacity} or the rotary table's "
+                f"{plan.tables[0].shape[0]} positions"), None, None
+    return None, plan, pos
+
+
+def _why_not_plan(inner: nn.Module, state: _State, input_ids, cache, kwargs: dict):
     if inner.training or torch.is_grad_enabled():
         return "training mode or autograd enabled"
     if input_ids is None or kwargs.get("inputs_embeds") is not None:
@@ -297,7 +405,8 @@ def _why_not(inner: nn.Module, state: _State, input_ids, cache, kwargs: dict) ->
         return f"input_ids of shape {tuple(input_ids.shape)} (a decode step is [1, 1])"
     if kwargs.get("use_cache") is False:
         return "use_cache=False"
-    if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+    cfg = getattr(inner, "config", None)
+    if any(kwargs.get(k, getattr(cfg, k, False)) for k in ("output_attentions", "output_hidden_states")):
         return "attentions or hidden states asked for"
     if _backends.get_backend() != "cpu":
         return f"backend {_backends.get_backend()!r} selected (the native step runs the cpu backend's kernels)"
@@ -307,8 +416,8 @@ def _why_not(inner: nn.Module, state: _State, input_ids, cache, kwargs: dict) ->
     if not _plain_mask(kwargs.get("attention_mask"), int(plan.lens[0])):
         return "an attention mask other than the causal one (padding)"
     if not plan.current():
-        return "a tensor the plan reads changed since the prompt"
-    return None
+        return "a tensor or module the plan reads changed since it was made"
+    return plan
 
 
 def _forward(inner: nn.Module, input_ids=None, *args, **kwargs):
@@ -316,10 +425,9 @@ def _forward(inner: nn.Module, input_ids=None, *args, **kwargs):
     class is not patched)."""
     state: _State = inner.__dict__[_STATE]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    why = "positional arguments" if args else _why_not(inner, state, input_ids, cache, kwargs)
+    why, plan, pos = ("positional arguments", None, None) if args else _why_not(inner, state, input_ids, cache,
+                                                                                   kwargs)
     if why is None:
-        plan = state.plan
-        pos = int(plan.lens[0])
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and int(position_ids.reshape(-1)[-1]) != pos:
             why = "position_ids that are not the cache's length"
@@ -372,9 +480,12 @@ def enable_native_decode(model: nn.Module, static_cache: bool = True) -> nn.Modu
     """Run ``model``'s one-token decode steps natively (see the module's docstring);
     ``model`` is a transformers Llama/Phi-3 causal LM (or a PEFT model around one) with
     qlora_kernels ``Linear4bit`` or fp32 ``nn.Linear`` projections and optional LoRA
-    adapters. ``static_cache`` sets ``generation_config.cache_implementation = "static"``
-    so that a plain ``model.generate(...)`` uses a StaticCache (the native step needs
-    one). Raises NativeDecodeError naming what is not supported. Returns ``model``."""
+    adapters. With ``static_cache``, ``generate`` calls that choose no cache themselves
+    (no ``cache``/``past_key_values``/``cache_implementation`` argument, none in the
+    generation config) get ``cache_implementation="static"``: the native step needs a
+    StaticCache. The generation config itself is not edited (``save_pretrained`` would
+    write it out). Raises NativeDecodeError naming what is not supported. Returns
+    ``model``."""
     lm = _arch.core_model(model)
     try:
         a = _arch.read(lm)
@@ -387,31 +498,40 @@ def enable_native_decode(model: nn.Module, static_cache: bool = True) -> nn.Modu
         raise NativeDecodeError(f"{type(lm).__name__} has no model.layers")
     if _STATE in inner.__dict__:  # enabled before: start from the model's own forwards
         disable_native_decode(model)
-    _check_structure(lm, a)
+    _check_structure(inner, a)
     for i in range(a.layers):  # every projection, as the plan will read it
         for role, path in a.projections(i).items():
             _Proj(lm.get_submodule(path), path)
     state = _State(a, tables)
+    state.probed = _module_values(_module_keys(inner, a), copy=True)
     inner.__dict__[_STATE] = state
     inner.forward = functools.partial(_forward, inner)
     head = getattr(lm, "lm_head", None)
     if type(head) is nn.Linear and not _hooked(head):
         head.forward = functools.partial(_head_forward, head)
-    gc = getattr(lm, "generation_config", None)
-    state.cache_implementation = (gc is not None, getattr(gc, "cache_implementation", None))
-    if static_cache and gc is not None:
-        gc.cache_implementation = "static"
+    if static_cache and callable(getattr(type(lm), "generate", None)):
+        lm.generate = functools.partial(_generate, lm)
     return model
 
 
+def _generate(lm: nn.Module, *args, **kwargs):
+    """The model's generate, with a StaticCache where the call and its generation config
+    choose no cache (enable_native_decode)."""
+    gc = kwargs.get("generation_config") or getattr(lm, "generation_config", None)
+    if (kwargs.get("use_cache") is not False and getattr(gc, "cache_implementation", None) is None
+            and not any(k in kwargs for k in ("cache", "past_key_values", "cache_implementation"))):
+        kwargs["cache_implementation"] = "static"
+    return type(lm).generate(lm, *args, **kwargs)
+
+
 def disable_native_decode(model: nn.Module) -> nn.Module:
-    """Undo enable_native_decode (the model's own forwards, its cache_implementation back)."""
+    """Undo enable_native_decode (the model's own forward, head and generate)."""
     lm = _arch.core_model(model)
     inner = lm.model
-    state = inner.__dict__.pop(_STATE, None)
+    inner.__dict__.pop(_STATE, None)
     inner.__dict__.pop("forward", None)
-    if state is not None and state.cache_implementation[0]:
-        lm.generation_config.cache_implementation = state.cache_implementation[1]
+    if isinstance(lm.__dict__.get("generate"), functools.partial):
+        del lm.generate
     head = getattr(_arch.core_model(model), "lm_head", None)
     if head is not None and isinstance(head.__dict__.get("forward"), functools.partial):
         del head.forward
