@@ -41,7 +41,7 @@ from torch import nn
 from .. import _C, formats, tuning
 from .. import backends as _backends
 from ..nn import Linear4bit
-from .hf_fuse import _hooked, _mlp_reason, _mlp_style, _norm_reason
+from .hf_fuse import hooked, mlp_reason, mlp_style, norm_reason
 from .onnx.errors import ExportError
 from .onnx.genai import arch as _arch
 
@@ -156,7 +156,7 @@ def _capture_hook(h) -> bool:
 
 
 def _hooked_here(m: nn.Module) -> bool:
-    """hf_fuse._hooked, except transformers' inert output-capturing hooks."""
+    """hf_fuse.hooked, except transformers' inert output-capturing hooks."""
     if any(getattr(m, h, None) for h in ("_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                                           "_forward_hooks_with_kwargs")):
         return True
@@ -229,16 +229,16 @@ def _check_structure(inner: nn.Module, a: "_arch.Arch") -> None:
         if not math.isclose(float(getattr(attn, "scaling", a.head_size ** -0.5)), a.head_size ** -0.5, rel_tol=1e-7):
             raise NativeDecodeError(f"layer {i}'s attention scaling {attn.scaling} is not head_size ** -0.5")
         for name in ("input_layernorm", "post_attention_layernorm"):
-            why = _norm_reason(getattr(layer, name))
+            why = norm_reason(getattr(layer, name))
             if not why and _eps(getattr(layer, name)) != a.eps:
                 why = f"its eps {_eps(getattr(layer, name))} is not the config's rms_norm_eps {a.eps}"
             if why:
                 raise NativeDecodeError(f"layer {i}.{name}: {why}")
-        style = _mlp_style(layer.mlp)
-        why = "it is not a Llama or Phi-3 MLP" if style is None else _mlp_reason(layer.mlp, style)
+        style = mlp_style(layer.mlp)
+        why = "it is not a Llama or Phi-3 MLP" if style is None else mlp_reason(layer.mlp, style)
         if why:
             raise NativeDecodeError(f"layer {i}.mlp: {why}")
-    why = _norm_reason(inner.norm)
+    why = norm_reason(inner.norm)
     if not why and _eps(inner.norm) != a.eps:
         why = f"its eps {_eps(inner.norm)} is not the config's rms_norm_eps {a.eps}"
     if why:
@@ -507,7 +507,7 @@ def enable_native_decode(model: nn.Module, static_cache: bool = True) -> nn.Modu
     inner.__dict__[_STATE] = state
     inner.forward = functools.partial(_forward, inner)
     head = getattr(lm, "lm_head", None)
-    if type(head) is nn.Linear and not _hooked(head):
+    if type(head) is nn.Linear and not hooked(head):
         head.forward = functools.partial(_head_forward, head)
     if static_cache and callable(getattr(type(lm), "generate", None)):
         lm.generate = functools.partial(_generate, lm)

@@ -58,7 +58,7 @@ _LLAMA_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
 _PHI3_MLP = ("gate_up_proj", "down_proj", "activation_fn")
 
 
-def _mlp_style(m: nn.Module):
+def mlp_style(m: nn.Module):
     """(forward, activation) of the fused MLP this module would get, or None."""
     if all(isinstance(getattr(m, a, None), nn.Module) for a in _LLAMA_MLP):
         return _llama_mlp_forward, m.act_fn
@@ -67,7 +67,7 @@ def _mlp_style(m: nn.Module):
     return None
 
 
-def _hooked(m: nn.Module) -> bool:
+def hooked(m: nn.Module) -> bool:
     """Hooks on the module itself: a replacement would drop them (norms) or they would see
     another computation than the one they were registered for."""
     return any(getattr(m, h, None) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
@@ -102,7 +102,7 @@ def _agrees(a, b: torch.Tensor) -> bool:
 _PROBE_ERRORS = (RuntimeError, TypeError, ValueError, AttributeError, IndexError)
 
 
-def _norm_reason(m: nn.Module) -> str | None:
+def norm_reason(m: nn.Module) -> str | None:
     w = getattr(m, "weight", None)
     if not isinstance(w, nn.Parameter) or w.dim() != 1 or w.numel() < 1:
         return "its weight is not a 1-D Parameter"
@@ -113,7 +113,7 @@ def _norm_reason(m: nn.Module) -> str | None:
         return "it has no float eps (variance_epsilon or eps)"
     if w.device.type == "meta":
         return "its weight is on the meta device"
-    if _hooked(m):
+    if hooked(m):
         return "it has hooks, which a replacement module would not carry"
     ours = RMSNorm(w.numel(), float(eps), w)
     g = torch.Generator().manual_seed(0)
@@ -131,13 +131,13 @@ def _norm_reason(m: nn.Module) -> str | None:
     return None
 
 
-def _mlp_reason(m: nn.Module, style) -> str | None:
+def mlp_reason(m: nn.Module, style) -> str | None:
     forward, act = style
     names = _LLAMA_MLP if forward is _llama_mlp_forward else _PHI3_MLP
     extra = sorted(set(dict(m.named_children())) - set(names))
     if extra:  # e.g. a dropout applied only in training, which an eval-mode probe cannot see
         return f"it holds modules the fused forward would not run: {extra}"
-    if _hooked(m):
+    if hooked(m):
         return "it has hooks"
     device, dtype = _device_dtype(m)
     if device is None or device.type == "meta":
@@ -164,7 +164,7 @@ def fuse_layers(model: nn.Module) -> dict:
     for name, m in list(model.named_modules()):
         if type(m).__name__.endswith("RMSNorm") and type(m) is not RMSNorm:
             try:
-                reason = _norm_reason(m)
+                reason = norm_reason(m)
             except _PROBE_ERRORS as e:  # a module that cannot even run the probe is left alone
                 reason = f"the probe failed: {type(e).__name__}: {e}"
             if reason is None:
@@ -176,11 +176,11 @@ def fuse_layers(model: nn.Module) -> dict:
             else:
                 summary["skipped"].append((name, reason))
             continue
-        style = _mlp_style(m)
+        style = mlp_style(m)
         if style is None or getattr(m, _FLAG, False):
             continue
         try:
-            reason = _mlp_reason(m, style)
+            reason = mlp_reason(m, style)
         except _PROBE_ERRORS as e:
             reason = f"the probe failed: {type(e).__name__}: {e}"
         if reason is None:
