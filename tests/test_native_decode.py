@@ -56,7 +56,10 @@ def assert_close_scores(ref, got):
         assert float((a[fin] - b[fin]).abs().max()) <= REL * float(a[fin].abs().max())
 
 
-def assert_same_generation(model, prompt, new=NEW):
+def native_vs_own(model, prompt, new=NEW):
+    """Greedy generation with the model's own forward, then with the native step: the same
+    tokens, close step logits. Returns (the native run's status, its tokens); the model is
+    left without the native step."""
     ref_tokens, ref_scores = generate(model, prompt, new)
     hf_decode.enable_native_decode(model)
     try:
@@ -66,6 +69,20 @@ def assert_same_generation(model, prompt, new=NEW):
         hf_decode.disable_native_decode(model)
     assert tokens == ref_tokens
     assert_close_scores(ref_scores, scores)
+    return st, tokens
+
+
+def own_forward_agrees(model, tokens, scores):
+    """With the native step disabled, the model generates these tokens and scores from
+    PROMPT."""
+    hf_decode.disable_native_decode(model)
+    ref_tokens, ref_scores = generate(model, PROMPT, len(tokens))
+    assert tokens == ref_tokens
+    assert_close_scores(ref_scores, scores)
+
+
+def assert_same_generation(model, prompt, new=NEW):
+    st, tokens = native_vs_own(model, prompt, new)
     assert st["steps"] == new - 1 and st["fallbacks"] == 0, st
     assert len(set(tokens)) > 3  # the comparison compared something
 
@@ -91,14 +108,7 @@ def test_generate_matches_the_models_own_forward(isa, variant):
 
 
 def test_a_sliding_window_runs_the_models_own_forward():
-    m = tiny("phi3", window=5)
-    with on_path("cpu", None):
-        ref_tokens, ref_scores = generate(m, PROMPT, 12)
-        hf_decode.enable_native_decode(m)
-        tokens, scores = generate(m, PROMPT, 12)
-    st = hf_decode.status(m)
-    assert tokens == ref_tokens
-    assert_close_scores(ref_scores, scores)
+    st, _ = native_vs_own(tiny("phi3", window=5), PROMPT, 12)
     # a sliding cache layer is not the native step's layout: every step is transformers'
     assert st["steps"] == 0 and st["fallbacks"] == 11 and "sliding" in st["last_fallback"], st
 
@@ -285,13 +295,7 @@ def test_positions_beyond_the_rotary_table_fall_back():
     """A StaticCache longer than max_position_embeddings (96 here): the model's own forward
     computes those positions' rotary embedding; the native step has no table for them and
     falls back instead of raising."""
-    m = tiny()
-    ref_tokens, ref_scores = generate(m, PROMPT, 100)
-    hf_decode.enable_native_decode(m)
-    tokens, scores = generate(m, PROMPT, 100)
-    st = hf_decode.status(m)
-    assert tokens == ref_tokens
-    assert_close_scores(ref_scores, scores)
+    st, _ = native_vs_own(tiny(), PROMPT, 100)
     # positions 7..95 native, 96..105 the model's own forward
     assert st["steps"] == 89 and st["fallbacks"] == 10 and "rotary table" in st["last_fallback"], st
 
@@ -361,10 +365,7 @@ def test_module_and_adapter_changes_are_seen_at_the_next_step():
     tokens, scores = generate(m, PROMPT, 12)
     st = hf_decode.status(m)
     assert st["fallbacks"] == 11 and "eps 0.5" in st["last_fallback"], st
-    hf_decode.disable_native_decode(m)
-    ref_tokens, ref_scores = generate(m, PROMPT, 12)
-    assert tokens == ref_tokens
-    assert_close_scores(ref_scores, scores)
+    own_forward_agrees(m, tokens, scores)
 
 
 def test_inference_mode_and_a_norm_or_embedding_in_another_dtype():
@@ -381,9 +382,7 @@ def test_inference_mode_and_a_norm_or_embedding_in_another_dtype():
     tokens, scores = generate(m, PROMPT, 8)
     st = hf_decode.status(m)
     assert st["fallbacks"] == 7 and "embed_tokens" in st["last_fallback"], st
-    hf_decode.disable_native_decode(m)
-    ref_tokens, ref_scores = generate(m, PROMPT, 8)
-    assert tokens == ref_tokens
+    own_forward_agrees(m, tokens, scores)
 
 
 def test_hidden_states_asked_for_once_do_not_disable_the_native_step():
