@@ -303,7 +303,9 @@ class _Plan:
             lens.append(cl.cumulative_length)
         plan.finish(len(attn_in), len(mlp_in), a.head_size ** -0.5)
         self.plan, self.cache, self.lens, self.cache_tensors = plan, cache, lens, cache_tensors
-        self.watched = list({id(t): t for t in watched}.values())  # tied or shared tensors once
+        # every tensor the plan points into (kept alive here), a tied or shared one as often as
+        # it is used: no identity-keyed dedup (tests/test_prepared.py), ~200 extra reads a step
+        self.watched = watched
         # inference tensors (made under torch.inference_mode) have no version counter: their
         # pointers are watched
         self.versioned = [t for t in self.watched if not t.is_inference()]
