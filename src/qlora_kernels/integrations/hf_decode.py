@@ -105,7 +105,8 @@ class _Proj:
 
     def __init__(self, m: nn.Module, what: str):
         base, lora = _lora_parts(m, what)
-        self.tensors: list = []
+        self.tensors: list = []  # watched between steps
+        self.keep: list = []  # pointed into, kept alive, derived from watched ones
         if _hooked_here(base) or _hooked_here(m):
             raise NativeDecodeError(f"{what}: it has hooks")
         bias = getattr(base, "bias", None)
@@ -121,8 +122,10 @@ class _Proj:
             self.N, self.K = p.out_features, p.in_features
             w4 = (p.packed.data_ptr(), p.packed.numel(), p.absmax.data_ptr(), p.absmax.numel(), code.data_ptr(),
                   code.numel(), p.blocksize, 0, 0)
-            # what the decoded absmax comes from is watched as well (prepared._sources)
-            self.tensors += [p.packed, p.absmax, code] + [t for t in p._sources if isinstance(t, torch.Tensor)]
+            # the plan reads the prepared bytes, decoded absmax and codebook; what they are made
+            # from is what can change (prepared._sources: the layer's weight and quant state)
+            self.keep += [p.packed, p.absmax, code]
+            self.tensors += [t for t in p._sources if isinstance(t, torch.Tensor)]
         elif type(base) is nn.Linear:
             w = base.weight
             if w.dtype != torch.float32 or not _plain(w):
@@ -279,7 +282,7 @@ class _Plan:
                              cos.data_ptr(), sin.data_ptr(), cos.numel(), cos.shape[0], norm.weight.data_ptr(),
                              norm.weight.numel())
         watched = [norm.weight, inner.embed_tokens.weight] + list(inner.rotary_emb.buffers())
-        lens, cache_tensors = [], []
+        lens, cache_tensors, keep = [], [], []
         for i, layer in enumerate(inner.layers):
             n1, n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             if not all(t.dtype == torch.float32 and _plain(t) for t in (n1, n2)):
@@ -296,6 +299,7 @@ class _Plan:
                     plan.set_proj(i, slots + j, *p.args, at)
                     at += p.N
                     watched += p.tensors
+                    keep += p.keep
             cl = cache.layers[i]
             k, v = cl.keys, cl.values
             plan.set_cache(i, k.data_ptr(), k.numel(), v.data_ptr(), v.numel(), k.shape[2])
@@ -305,7 +309,7 @@ class _Plan:
         self.plan, self.cache, self.lens, self.cache_tensors = plan, cache, lens, cache_tensors
         # every tensor the plan points into (kept alive here), a tied or shared one as often as
         # it is used: no identity-keyed dedup (tests/test_prepared.py), ~200 extra reads a step
-        self.watched = watched
+        self.watched, self.keep = watched, keep
         # inference tensors (made under torch.inference_mode) have no version counter: their
         # pointers are watched
         self.versioned = [t for t in self.watched if not t.is_inference()]
