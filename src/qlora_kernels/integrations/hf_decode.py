@@ -41,7 +41,7 @@ from torch import nn
 from .. import _C, formats, tuning
 from .. import backends as _backends
 from ..nn import Linear4bit
-from .hf_fuse import hooked, mlp_reason, mlp_style, norm_reason
+from .hf_fuse import hooked, mlp_reason, mlp_style, norm_eps, norm_reason
 from .onnx.errors import ExportError
 from .onnx.genai import arch as _arch
 
@@ -159,15 +159,15 @@ def _capture_hook(h) -> bool:
 
 
 def _hooked_here(m: nn.Module) -> bool:
-    """hf_fuse.hooked, except transformers' inert output-capturing hooks."""
-    if any(getattr(m, h, None) for h in ("_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                                          "_forward_hooks_with_kwargs")):
-        return True
-    return any(not _capture_hook(h) for h in getattr(m, "_forward_hooks", {}).values())
+    return hooked(m, inert=_capture_hook)
 
 
-def _eps(norm: nn.Module):
-    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+def _norm_why(norm: nn.Module, eps: float) -> str | None:
+    """hf_fuse's probe of a norm, and its epsilon the config's (the step uses that one)."""
+    why = norm_reason(norm)
+    if not why and norm_eps(norm) != eps:
+        why = f"its eps {norm_eps(norm)} is not the config's rms_norm_eps {eps}"
+    return why
 
 
 def _module_keys(inner: nn.Module, a: "_arch.Arch") -> list:
@@ -232,18 +232,14 @@ def _check_structure(inner: nn.Module, a: "_arch.Arch") -> None:
         if not math.isclose(float(getattr(attn, "scaling", a.head_size ** -0.5)), a.head_size ** -0.5, rel_tol=1e-7):
             raise NativeDecodeError(f"layer {i}'s attention scaling {attn.scaling} is not head_size ** -0.5")
         for name in ("input_layernorm", "post_attention_layernorm"):
-            why = norm_reason(getattr(layer, name))
-            if not why and _eps(getattr(layer, name)) != a.eps:
-                why = f"its eps {_eps(getattr(layer, name))} is not the config's rms_norm_eps {a.eps}"
+            why = _norm_why(getattr(layer, name), a.eps)
             if why:
                 raise NativeDecodeError(f"layer {i}.{name}: {why}")
         style = mlp_style(layer.mlp)
         why = "it is not a Llama or Phi-3 MLP" if style is None else mlp_reason(layer.mlp, style)
         if why:
             raise NativeDecodeError(f"layer {i}.mlp: {why}")
-    why = norm_reason(inner.norm)
-    if not why and _eps(inner.norm) != a.eps:
-        why = f"its eps {_eps(inner.norm)} is not the config's rms_norm_eps {a.eps}"
+    why = _norm_why(inner.norm, a.eps)
     if why:
         raise NativeDecodeError(f"model.norm: {why}")
     emb = inner.embed_tokens

@@ -67,11 +67,20 @@ def mlp_style(m: nn.Module):
     return None
 
 
-def hooked(m: nn.Module) -> bool:
+def hooked(m: nn.Module, inert=None) -> bool:
     """Hooks on the module itself: a replacement would drop them (norms) or they would see
-    another computation than the one they were registered for."""
-    return any(getattr(m, h, None) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                "_backward_pre_hooks", "_forward_hooks_with_kwargs"))
+    another computation than the one they were registered for. ``inert(hook)``: forward
+    hooks the caller knows do nothing for the calls it replaces (not counted)."""
+    if any(getattr(m, h, None) for h in ("_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                                         "_forward_hooks_with_kwargs")):
+        return True
+    forward = getattr(m, "_forward_hooks", None) or {}
+    return any(inert is None or not inert(h) for h in forward.values())
+
+
+def norm_eps(m: nn.Module):
+    """A norm's epsilon, under either of the names transformers' norms use."""
+    return getattr(m, "variance_epsilon", getattr(m, "eps", None))
 
 
 @contextlib.contextmanager
@@ -108,7 +117,7 @@ def norm_reason(m: nn.Module) -> str | None:
         return "its weight is not a 1-D Parameter"
     if len(list(m.parameters())) != 1 or list(m.buffers()) or list(m.children()):
         return "it holds more than its weight"
-    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    eps = norm_eps(m)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         return "it has no float eps (variance_epsilon or eps)"
     if w.device.type == "meta":
@@ -170,7 +179,7 @@ def fuse_layers(model: nn.Module) -> dict:
             if reason is None:
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
-                eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+                eps = norm_eps(m)
                 setattr(parent, child, RMSNorm(m.weight.numel(), float(eps), m.weight))
                 summary["rms_norm"] += 1
             else:
