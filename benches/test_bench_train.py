@@ -1,7 +1,8 @@
 """One training step (AdamW, LoRA r=16 on every projection, batch 2 x 256) on a random
 Phi-3-architecture model and on SmolLM2-135M-Instruct, beside PEFT + bitsandbytes; our
 DoRA step beside our LoRA step; the fused output head + loss alone beside transformers'
-way; the fused RMSNorm and SwiGLU alone beside transformers' and torch's. Each group timed
+way; the fused RMSNorm and SwiGLU alone beside transformers' and torch's; the fused causal
+attention beside torch's scaled_dot_product_attention. Each group timed
 in interleaved rounds (bench.interleave). Peak memory per configuration:
 benches/train_memory.py."""
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from qlora_kernels import bench
 from qlora_kernels.bench import train as bench_train
 
-GROUPS = bench.groups_of(bench_train.loss_cases() + bench_train.norm_act_cases() + bench_train.train_cases("phi3")
+GROUPS = bench.groups_of(bench_train.loss_cases() + bench_train.norm_act_cases() + bench_train.attention_cases()
+                         + bench_train.train_cases("phi3")
                          + bench_train.train_cases("smollm2"))
 
 

@@ -9,7 +9,6 @@ namespace {
 
 struct Avx2 : VecAvx2 {
   static Reg sqrt(Reg a) { return _mm256_sqrt_ps(a); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static Reg neg(Reg a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
 };
 

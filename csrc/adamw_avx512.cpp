@@ -9,7 +9,6 @@ namespace {
 
 struct Avx512 : VecAvx512 {
   static Reg sqrt(Reg a) { return _mm512_sqrt_ps(a); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static Reg neg(Reg a) { return _mm512_xor_ps(a, _mm512_set1_ps(-0.0f)); }
 };
 

@@ -30,6 +30,7 @@ _API = {
     "unavailable_reason": "backends",
     "use_backend": "backends",
     "quantize_model": "convert",
+    "causal_attention": "functional",
     "dequantize_4bit": "functional",
     "linear_4bit": "functional",
     "linear_cross_entropy": "functional",

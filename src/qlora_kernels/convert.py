@@ -24,7 +24,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = f
     (integrations.hf_loss.fuse_loss: no [tokens, vocab] logits, and ``logits=None`` in the
     output of training-mode forwards that are given labels). ``fuse_norm_mlp``: also run the
     model's RMSNorms and SiLU-gated MLPs on the fused CPU kernels (integrations.hf_fuse.fuse_layers:
-    same parameters and state-dict keys; other layers are left as they are)."""
+    same parameters and state-dict keys; other layers are left as they are) and its attention
+    on the fused causal attention (integrations.hf_attention)."""
     skip = tuple(skip)
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
     for name, lin in targets:

@@ -275,3 +275,33 @@ def swiglu_backward(dh2, gate2, up2):
     _C.swiglu_backward(dh.data_ptr(), dh.numel(), g.data_ptr(), ldg, u.data_ptr(), ldu, M, N, dg.data_ptr(),
                        dg.numel(), du.data_ptr(), du.numel(), torch.get_num_threads())
     return dg, du
+
+
+# ---- causal attention of a training step (csrc/attention_*) ----
+def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(pointer, elements reachable from it, batch / head / position strides) of a 4-D fp32
+    tensor with a contiguous last dimension: what the C++ side checks every index against."""
+    span = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+    return t.data_ptr(), span, t.stride(0), t.stride(1), t.stride(2)
+
+
+@register_kernel("causal_attention", "cpu")
+def causal_attention(q, k, v, scale):
+    B, H, S, D = q.shape
+    out = torch.empty((B, S, H, D), dtype=torch.float32)
+    lse = torch.empty((B, H, S), dtype=torch.float32)
+    _C.attention_forward(_view(q), _view(k), _view(v), B, H, k.shape[1], S, D, scale, _view(out.transpose(1, 2)),
+                         lse.data_ptr(), lse.numel(), torch.get_num_threads())
+    return out, lse
+
+
+@register_kernel("causal_attention_backward", "cpu")
+def causal_attention_backward(dout, q, k, v, out, lse, scale):
+    B, H, S, D = q.shape
+    dq = torch.empty((B, H, S, D), dtype=torch.float32)
+    dk = torch.empty(k.shape, dtype=torch.float32)
+    dv = torch.empty(v.shape, dtype=torch.float32)
+    _C.attention_backward(_view(dout.transpose(1, 2)), _view(q), _view(k), _view(v), _view(out.transpose(1, 2)),
+                          lse.data_ptr(), lse.numel(), B, H, k.shape[1], S, D, scale, _view(dq), _view(dk),
+                          _view(dv), torch.get_num_threads())
+    return dq, dk, dv

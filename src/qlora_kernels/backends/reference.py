@@ -306,3 +306,43 @@ def swiglu(gate2: torch.Tensor, up2: torch.Tensor):
 def swiglu_backward(dh2: torch.Tensor, gate2: torch.Tensor, up2: torch.Tensor):
     s = torch.sigmoid(gate2)
     return (dh2 * up2) * s * (1 + gate2 * (1 - s)), dh2 * torch.nn.functional.silu(gate2)
+
+
+# ------------------------------------------------------------------ attention ----
+# q [B, H, S, D], k, v [B, Hk, S, D] fp32; out and dout [B, S, H, D]; lse [B, H, S]. The
+# textbook formulas with the [S, S] probabilities materialized: the oracle of the kernels.
+
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, lse: Optional[torch.Tensor] = None):
+    kk = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = (q @ kk.transpose(-1, -2)) * scale
+    S = q.shape[2]
+    s.masked_fill_(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse.unsqueeze(-1)), lse
+
+
+def _per_kv_head(t: torch.Tensor, Hk: int) -> torch.Tensor:
+    """[B, H, S, D] summed over each key/value head's group of query heads: [B, Hk, S, D]."""
+    B, H, S, D = t.shape
+    return t.reshape(B, Hk, H // Hk, S, D).sum(2)
+
+
+@register_kernel("causal_attention", "reference")
+def causal_attention(q, k, v, scale):
+    p, lse = _attention_probs(q, k, scale)
+    out = p @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    return out.transpose(1, 2).contiguous(), lse
+
+
+@register_kernel("causal_attention_backward", "reference")
+def causal_attention_backward(dout, q, k, v, out, lse, scale):
+    G = q.shape[1] // k.shape[1]
+    p, _ = _attention_probs(q, k, scale, lse)
+    do, o = dout.transpose(1, 2), out.transpose(1, 2)
+    vv, kk = v.repeat_interleave(G, 1), k.repeat_interleave(G, 1)
+    dv = _per_kv_head(p.transpose(-1, -2) @ do, k.shape[1])
+    ds = p * (do @ vv.transpose(-1, -2) - (do * o).sum(-1, keepdim=True)) * scale
+    dq = ds @ kk
+    dk = _per_kv_head(ds.transpose(-1, -2) @ q, k.shape[1])
+    return dq, dk, dv

@@ -74,6 +74,42 @@ def step_fn(pm, batch_size: int = 2, seq: int = 256, vocab: int = 32064) -> Call
     return step
 
 
+def attention_cases() -> list[Case]:
+    """The fused causal attention alone, forward + backward, at the training step's batch
+    2 x 256: SmolLM2's heads (9 query / 3 key-value heads of 64) and the Phi-3 bench
+    model's (16 of 64, no grouping), beside torch's scaled_dot_product_attention (its CPU
+    flash kernel, what transformers' 'sdpa' runs) on the same tensors, q laid out as
+    transformers passes it. Work: the causal FLOPs (forward 2 products, backward 5, each
+    2 B H S^2 D / 2)."""
+    import torch.nn.functional as F
+
+    from ..functional import causal_attention
+
+    cases = []
+    g = torch.Generator().manual_seed(0)
+    for name, H, Hk in (("smollm2", 9, 3), ("phi3", 16, 16)):
+        B, S, D = 2, 256, 64
+        q = torch.randn(B, S, H, D, generator=g).transpose(1, 2).requires_grad_()
+        k = torch.randn(B, Hk, S, D, generator=g).requires_grad_()
+        v = torch.randn(B, Hk, S, D, generator=g).requires_grad_()
+        do = torch.randn(B, H, S, D, generator=g)
+        flops = 7 * B * H * S * S * D
+
+        def run(f, q=q, k=k, v=v, do=do):
+            q.grad = k.grad = v.grad = None
+            f(q, k, v).backward(do)
+
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        group = f"causal attention fwd+bwd {name} {B}x{S}, {H}/{Hk} heads of {D}"
+        cases += [Case(group, "qlora-kernels causal_attention", lambda run=run: run(causal_attention), True, flops,
+                       "GFLOP/s"),
+                  Case(group, "torch scaled_dot_product_attention", lambda run=run: run(sdpa), False, flops,
+                       "GFLOP/s")]
+    return cases
+
+
 def train_cases(which: str = "phi3") -> list[Case]:
     base, arch = random_phi3() if which == "phi3" else smollm2()
     vocab = base.config.vocab_size

@@ -41,6 +41,7 @@ from torch import nn
 from .. import _C, formats, tuning
 from .. import backends as _backends
 from ..nn import Linear4bit
+from . import hf_attention
 from .hf_fuse import hooked, mlp_reason, mlp_style, norm_eps, norm_reason
 from .onnx.errors import ExportError
 from .onnx.genai import arch as _arch
@@ -224,8 +225,9 @@ def _check_layers(inner: nn.Module) -> None:
 
 def _check_structure(inner: nn.Module, a: "_arch.Arch") -> None:
     impl = getattr(inner.config, "_attn_implementation", "eager")
-    if impl not in ("eager", "sdpa"):
-        raise NativeDecodeError(f"attention implementation {impl!r}: the native step replaces 'eager' and 'sdpa'")
+    if impl not in ("eager", "sdpa", hf_attention.NAME):
+        raise NativeDecodeError(f"attention implementation {impl!r}: the native step replaces 'eager', 'sdpa' and "
+                                f"{hf_attention.NAME!r}")
     _check_layers(inner)
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import RMSNorm
+from .hf_attention import fuse_attention
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +166,18 @@ def mlp_reason(m: nn.Module, style) -> str | None:
     return None
 
 
-def fuse_layers(model: nn.Module) -> dict:
+def fuse_layers(model: nn.Module, attention: bool = True) -> dict:
     """Install the fused RMSNorm and SwiGLU MLP on ``model`` (a transformers model, a PEFT
-    model around one, or any module tree holding such layers), in place. Returns a summary:
-    ``{"rms_norm": count, "mlp": count, "skipped": [(name, reason), ...]}``."""
-    summary = {"rms_norm": 0, "mlp": 0, "skipped": []}
+    model around one, or any module tree holding such layers), in place, and (``attention``)
+    switch its transformers models to the fused causal attention (hf_attention). Returns a
+    summary: ``{"rms_norm": count, "mlp": count, "attention": bool, "skipped": [(name,
+    reason), ...]}``."""
+    summary = {"rms_norm": 0, "mlp": 0, "attention": False, "skipped": []}
+    if attention:
+        why = fuse_attention(model)
+        summary["attention"] = why is None
+        if why is not None and why != "no transformers model inside":
+            summary["skipped"].append(("attention", why))
     for name, m in list(model.named_modules()):
         if type(m).__name__.endswith("RMSNorm") and type(m) is not RMSNorm:
             try:

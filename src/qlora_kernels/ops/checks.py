@@ -250,3 +250,45 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor | None = None)
         raise ValueError(f"up has shape {tuple(up.shape)}, gate has {tuple(gate.shape)}: they must match")
     if dh is not None and dh.shape != gate.shape:
         raise ValueError(f"dh has shape {tuple(dh.shape)}, gate has {tuple(gate.shape)}: they must match")
+
+
+# ------------------------------------------------------------------ attention ----
+
+def _scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        tensor(name, t, FLOATS, dim=4)
+    same_device(q=q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"k has shape {tuple(k.shape)}, v has {tuple(v.shape)}: they must match")
+    B, H, S, D = q.shape
+    if min(q.shape) < 1 or min(k.shape) < 1:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: every dimension must be >= 1")
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, S, D):
+        raise ValueError(f"k has shape {tuple(k.shape)}, q has {tuple(q.shape)}: batch, positions and head size "
+                         f"(dimensions 0, 2, 3) must match")
+    if H % k.shape[1]:
+        raise ValueError(f"q has {H} heads, k has {k.shape[1]}: query heads must be a multiple of key/value heads")
+    _scale(scale)
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, scale) -> None:
+    attention(q, k, v, scale)
+    B, H, S, D = q.shape
+    tensor("dout", dout, FLOATS, dim=4)
+    tensor("out", out, FLOATS, dim=4)
+    tensor("lse", lse, (torch.float32,), dim=3)
+    same_device(q=q, dout=dout, out=out, lse=lse)
+    for name, t in (("dout", dout), ("out", out)):
+        if tuple(t.shape) != (B, S, H, D):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, S, H, D)} ([batch, positions, heads, "
+                             f"head size])")
+    if tuple(lse.shape) != (B, H, S):
+        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(B, H, S)}")

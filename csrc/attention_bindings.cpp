@@ -1,0 +1,192 @@
+// Bindings and thread split of the training attention (attention.h). Python passes each
+// 4-D tensor as (data pointer, elements reachable from it, batch / head / position
+// strides), the last dimension contiguous; every index the kernels can form is checked
+// against that span before a kernel runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "attention.h"
+#include "dispatch.h"
+#include "require.h"
+
+namespace py = pybind11;
+
+namespace qk {
+
+const AttnKernels& attention_kernels() {
+#if defined(QK_X86)
+  static const AttnKernels scalar = attention_scalar(), avx2 = attention_avx2(), avx512 = attention_avx512();
+  return for_current_isa(scalar, avx2, avx512);
+#else
+  static const AttnKernels scalar = attention_scalar();
+  return scalar;
+#endif
+}
+
+}  // namespace qk
+
+namespace {
+
+// (pointer, span, batch stride, head stride, position stride)
+using View = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t>;
+
+struct T4 {
+  float* p;
+  int64_t sb, sh, ss;
+  float* at(int64_t b, int64_t h, int64_t s) const { return p + b * sb + h * sh + s * ss; }
+};
+
+struct Dims {
+  int64_t B, H, Hk, S, D;
+};
+
+// Query rows per block: the block's score rows (rows x keys) stay within ~256 KiB.
+int64_t block_rows(int64_t S) { return std::clamp<int64_t>((int64_t(1) << 16) / std::max<int64_t>(S, 1), 4, 64); }
+
+T4 checked(const char* name, const View& v, int64_t B, int64_t heads, const Dims& d) {
+  const auto [p, span, sb, sh, ss] = v;
+  QK_REQUIRE(sb >= 0 && sh >= 0 && ss >= 0, std::string(name) + ": negative stride");
+  const int64_t last = (B - 1) * sb + (heads - 1) * sh + (d.S - 1) * ss + d.D - 1;
+  QK_REQUIRE(last < span, std::string(name) + ": its strides reach element " + std::to_string(last) + " of " +
+                              std::to_string(span));
+  QK_REQUIRE(p != 0, std::string(name) + ": null data pointer");
+  return {ptr<float>(p), sb, sh, ss};
+}
+
+Dims check_dims(int64_t B, int64_t H, int64_t Hk, int64_t S, int64_t D) {
+  QK_REQUIRE(B >= 1 && H >= 1 && Hk >= 1 && S >= 1 && D >= 1, "every dimension must be >= 1");
+  QK_REQUIRE(H % Hk == 0, "query heads (" + std::to_string(H) + ") must be a multiple of key/value heads (" +
+                              std::to_string(Hk) + ")");
+  QK_REQUIRE(B <= (int64_t(1) << 24) && H <= (int64_t(1) << 16) && S <= (int64_t(1) << 24) && D <= (int64_t(1) << 16),
+             "shape out of range");
+  return {B, H, Hk, S, D};
+}
+
+// Key rows padded to whole vectors (attention.h: rows_by_cols reads them so).
+int64_t padded(int64_t S) { return (S + qk::kAttnPad - 1) / qk::kAttnPad * qk::kAttnPad; }
+
+// kt[d * ld + j] = k[j, d] for j < n, zeros for n <= j < ld
+void transpose_rows(const float* k, int64_t ldk, int64_t n, int64_t D, int64_t ld, float* kt) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * ld + j] = k[j * ldk + d];
+  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ld + n, kt + (d + 1) * ld, 0.0f);
+}
+
+void attention_forward(const View& q, const View& k, const View& v, int64_t B, int64_t H, int64_t Hk, int64_t S,
+                       int64_t D, double scale, const View& o, uintptr_t lse, int64_t lse_numel, int nthreads) {
+  const Dims d = check_dims(B, H, Hk, S, D);
+  const T4 Q = checked("q", q, B, H, d), K = checked("k", k, B, Hk, d), Vv = checked("v", v, B, Hk, d);
+  const T4 O = checked("out", o, B, H, d);
+  QK_REQUIRE(lse_numel == B * H * S, "lse has " + std::to_string(lse_numel) + " elements, expected " +
+                                         std::to_string(B * H * S));
+  QK_REQUIRE(lse != 0, "lse: null data pointer");
+  float* L = ptr<float>(lse);
+  const auto& f = qk::attention_kernels();
+  const int64_t G = H / Hk, bq = block_rows(S), nb = (S + bq - 1) / bq;
+  const int64_t tasks = B * H * nb;
+  const float sc = static_cast<float>(scale);
+  const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(nthreads, 1), tasks)));
+  // every key head transposed once ([D, S] each), not once per query block that reads it
+  const int64_t Sp = padded(S);
+  std::vector<float> kt(static_cast<size_t>(B * Hk * D * Sp));
+#pragma omp parallel num_threads(T)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * Hk; ++t)
+      transpose_rows(K.at(t / Hk, t % Hk, 0), K.ss, S, D, Sp, kt.data() + t * D * Sp);
+    std::vector<float> p(static_cast<size_t>(bq * S)), inv(static_cast<size_t>(bq));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      // the last (longest) blocks first: the dynamic schedule then ends with short ones
+      const int64_t blk = nb - 1 - t % nb, bh = t / nb, b = bh / H, h = bh % H, kvh = h / G;
+      const int64_t i0 = blk * bq, i1 = std::min(S, i0 + bq), nr = i1 - i0, kend = i1;
+      const float* kth = kt.data() + (b * Hk + kvh) * D * Sp;
+      f.rows_by_cols(Q.at(b, h, i0), Q.ss, kth, Sp, nr, kend, D, sc, p.data(), kend, i0);
+      for (int64_t r = 0; r < nr; ++r) {
+        float* row = p.data() + r * kend;
+        const int64_t n = i0 + r + 1;
+        const float m = f.row_max(row, n);
+        const float sum = f.exp_shift_sum(row, n, m);
+        std::fill(row + n, row + kend, 0.0f);
+        L[(b * H + h) * S + i0 + r] = m + std::log(sum);
+        inv[static_cast<size_t>(r)] = 1.0f / sum;
+      }
+      f.rows_by_rows(p.data(), kend, Vv.at(b, kvh, 0), Vv.ss, nr, kend, D, inv.data(), O.at(b, h, i0), O.ss, i0);
+    }
+  }
+}
+
+void attention_backward(const View& dout, const View& q, const View& k, const View& v, const View& o, uintptr_t lse,
+                        int64_t lse_numel, int64_t B, int64_t H, int64_t Hk, int64_t S, int64_t D, double scale,
+                        const View& dq, const View& dk, const View& dv, int nthreads) {
+  const Dims d = check_dims(B, H, Hk, S, D);
+  const T4 dO = checked("dout", dout, B, H, d), Q = checked("q", q, B, H, d), K = checked("k", k, B, Hk, d);
+  const T4 Vv = checked("v", v, B, Hk, d), O = checked("out", o, B, H, d);
+  const T4 dQ = checked("dq", dq, B, H, d), dK = checked("dk", dk, B, Hk, d), dV = checked("dv", dv, B, Hk, d);
+  QK_REQUIRE(lse_numel == B * H * S, "lse has " + std::to_string(lse_numel) + " elements, expected " +
+                                         std::to_string(B * H * S));
+  QK_REQUIRE(lse != 0, "lse: null data pointer");
+  const float* L = ptr<const float>(lse);
+  const auto& f = qk::attention_kernels();
+  const int64_t G = H / Hk, bq = block_rows(S), nb = (S + bq - 1) / bq;
+  const int64_t tasks = B * Hk;
+  const float sc = static_cast<float>(scale);
+  const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(nthreads, 1), tasks)));
+#pragma omp parallel num_threads(T)
+  {
+    const int64_t Sp = padded(S);
+    std::vector<float> kt(static_cast<size_t>(D * Sp)), vt(static_cast<size_t>(D * Sp));
+    std::vector<float> p(static_cast<size_t>(bq * S)), ds(static_cast<size_t>(bq * S));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / Hk, kvh = t % Hk;
+      transpose_rows(K.at(b, kvh, 0), K.ss, S, D, Sp, kt.data());
+      transpose_rows(Vv.at(b, kvh, 0), Vv.ss, S, D, Sp, vt.data());
+      for (int64_t j = 0; j < S; ++j) {
+        std::fill(dK.at(b, kvh, j), dK.at(b, kvh, j) + D, 0.0f);
+        std::fill(dV.at(b, kvh, j), dV.at(b, kvh, j) + D, 0.0f);
+      }
+      for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
+        for (int64_t blk = 0; blk < nb; ++blk) {
+          const int64_t i0 = blk * bq, i1 = std::min(S, i0 + bq), nr = i1 - i0, kend = i1;
+          f.rows_by_cols(Q.at(b, h, i0), Q.ss, kt.data(), Sp, nr, kend, D, sc, p.data(), kend, i0);
+          for (int64_t r = 0; r < nr; ++r) {
+            float* row = p.data() + r * kend;
+            const int64_t n = i0 + r + 1;
+            f.exp_shift_sum(row, n, L[(b * H + h) * S + i0 + r]);
+            std::fill(row + n, row + kend, 0.0f);
+          }
+          f.cols_by_rows_acc(p.data(), kend, dO.at(b, h, i0), dO.ss, nr, kend, D, dV.at(b, kvh, 0), dV.ss, i0);
+          f.rows_by_cols(dO.at(b, h, i0), dO.ss, vt.data(), Sp, nr, kend, D, 1.0f, ds.data(), kend, i0);
+          for (int64_t r = 0; r < nr; ++r) {
+            const float delta = f.dot(dO.at(b, h, i0 + r), O.at(b, h, i0 + r), D);
+            float* dr = ds.data() + r * kend;
+            const int64_t n = i0 + r + 1;
+            f.softmax_grad(p.data() + r * kend, dr, n, delta, sc);
+            std::fill(dr + n, dr + kend, 0.0f);
+          }
+          f.rows_by_rows(ds.data(), kend, K.at(b, kvh, 0), K.ss, nr, kend, D, nullptr, dQ.at(b, h, i0), dQ.ss, i0);
+          f.cols_by_rows_acc(ds.data(), kend, Q.at(b, h, i0), Q.ss, nr, kend, D, dK.at(b, kvh, 0), dK.ss, i0);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("attention_forward", &attention_forward, nogil,
+        "Causal attention of fp32 q [B,H,S,D] over k, v [B,Hk,S,D] (views: pointer, span, strides): writes out "
+        "(same layout as q's view) and lse [B,H,S].");
+  m.def("attention_backward", &attention_backward, nogil,
+        "(dq, dk, dv) of attention_forward from dout, q, k, v, out and lse; dk, dv are overwritten.");
+}

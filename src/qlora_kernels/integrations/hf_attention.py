@@ -1,0 +1,139 @@
+"""The fused causal attention (ops/attention.py) as a transformers attention
+implementation, opt-in: ``fuse_attention(model)``.
+
+transformers' decoders (Llama, Mistral, Qwen2, Phi-3, ...) call their attention through
+``AttentionInterface`` by the name in ``config._attn_implementation``; this registers
+``"qlora_kernels"`` there (and sdpa's mask function under the same name in
+``AttentionMaskInterface``, so an unpadded batch reaches the attention with no mask, as
+with sdpa) and switches the model to it with ``set_attn_implementation``. A call takes the
+fused kernels when it is plain causal self-attention: CPU fp32 tensors, no mask, as many
+queries as keys, no dropout, softcap, attention sinks or position bias, weights not asked
+for. Anything else (padding masks, a KV cache during generation, ...) runs transformers'
+own sdpa attention, counted by reason in ``fallbacks()``."""
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+from torch import nn
+
+from ..ops import attention as _ops  # noqa: F401  (declares torch.ops.qlora_kernels.causal_attention)
+
+NAME = "qlora_kernels"
+
+_counts: collections.Counter = collections.Counter()
+_lock = threading.Lock()
+# keyword arguments that change what attention computes; anything else (position ids, the
+# cache position, sliding_window: sdpa reads the window from the mask alone) is ignored as
+# sdpa ignores it
+_CHANGES_RESULT = ("softcap", "position_bias", "s_aux", "sinks")
+
+
+def _count(key: str) -> None:
+    with _lock:
+        _counts[key] += 1
+
+
+def fallbacks() -> dict:
+    """Calls since import (or ``reset_counts``): ``{"fused": n, reason: n, ...}``."""
+    with _lock:
+        return dict(_counts)
+
+
+def reset_counts() -> None:
+    with _lock:
+        _counts.clear()
+
+
+def _why_not(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> str | None:
+    if attention_mask is not None:
+        return "an attention mask (padding or a non-causal pattern)"
+    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+        return "not causal"
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (query, key, value)):
+        return "not fp32 CPU tensors"
+    if query.dim() != 4 or key.dim() != 4 or query.shape[2] != key.shape[2]:
+        return "queries and keys differ in number (a KV cache)"
+    if dropout:
+        return "attention dropout"
+    if kwargs.get("output_attentions"):
+        return "attention weights asked for"
+    for name in _CHANGES_RESULT:
+        if kwargs.get(name) is not None:
+            return name
+    if query.shape[1] % key.shape[1] or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
+        return "head counts or sizes the kernel does not pair"
+    return None
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature: q [B, H, S, D], k, v [B, Hk, S, D] ->
+    (output [B, S, H, D], None)."""
+    why = _why_not(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    if why is None:
+        _count("fused")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return torch.ops.qlora_kernels.causal_attention(query, key, value, float(scale))[0], None
+    _count(why)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def register() -> None:
+    """Make ``attn_implementation="qlora_kernels"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def _pretrained_roots(model: nn.Module):
+    """The outermost transformers models inside ``model`` (itself, or the one a PEFT model wraps)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    roots, inside = [], set()
+    for name, m in model.named_modules():
+        if isinstance(m, PreTrainedModel) and not any(name.startswith(p) for p in inside):
+            roots.append(m)
+            inside.add(name + "." if name else "")
+    return roots
+
+
+def why_not_fusable(model: nn.Module) -> str | None:
+    """Why ``fuse_attention`` would leave this model alone (None: it can switch it)."""
+    roots = _pretrained_roots(model)
+    if not roots:
+        return "no transformers model inside"
+    for r in roots:
+        impl = getattr(r.config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager", NAME):
+            return f"its attention implementation is {impl!r} (only 'sdpa' and 'eager' are replaced)"
+    return None
+
+
+def fuse_attention(model: nn.Module) -> str | None:
+    """Switch every transformers model inside ``model`` from 'sdpa' or 'eager' attention to
+    the fused kernels (``set_attn_implementation``: the model's config says so afterwards,
+    and ``save_pretrained`` writes it; ``unfuse_attention`` switches back to 'sdpa').
+    Returns None, or why the model was left alone."""
+    why = why_not_fusable(model)
+    if why is not None:
+        return why
+    register()
+    for r in _pretrained_roots(model):
+        r.set_attn_implementation(NAME)
+    return None
+
+
+def unfuse_attention(model: nn.Module) -> None:
+    for r in _pretrained_roots(model):
+        if getattr(r.config, "_attn_implementation", None) == NAME:
+            r.set_attn_implementation("sdpa")

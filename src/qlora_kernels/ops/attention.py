@@ -1,0 +1,82 @@
+"""Causal self-attention for a decoder's training step, with its backward:
+``causal_attention``.
+
+torch's CPU ``scaled_dot_product_attention`` (its flash kernel) spends ~70 GFLOP/s on a
+small model's heads (SmolLM2: 9 heads of 64, 3 key/value heads, 256 positions); half of it
+is the backward. Here (csrc/attention.h) a block of query rows takes its scores against
+every key it can see in one scratch block, so the softmax has its true row maximum and
+only the per-row log-sum-exp is kept for the backward, which recomputes the
+probabilities (flash attention's memory: O(rows x keys) per thread, no [S, S] tensor per
+head kept for autograd). Grouped-query attention reads each key/value head in place.
+
+The output is laid out [batch, positions, heads, head size], what transformers' attention
+functions return, so the decoder's reshape to [batch, positions, hidden] costs nothing.
+Arithmetic is fp32: bf16/fp16 inputs are widened on entry and the output rounded once."""
+from __future__ import annotations
+
+import torch
+
+from ..backends import run
+from . import checks
+from .linear import no_autocast
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 with a contiguous last dimension (what the kernels index)."""
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("qlora_kernels::causal_attention", mutates_args=())
+@no_autocast
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, S, H, D] in q's dtype, lse [B, H, S] fp32) of causal attention of q [B, H, S, D]
+    over k, v [B, Hk, S, D] (H a multiple of Hk): out[b, i, h] = sum_{j <= i} softmax_j(scale *
+    q[b, h, i] . k[b, h // (H / Hk), j]) v[b, h // (H / Hk), j]."""
+    checks.attention(q, k, v, scale)
+    out, lse = run("causal_attention", _f32(q), _f32(k), _f32(v), float(scale))
+    return out.to(q.dtype), lse
+
+
+@causal_attention.register_fake
+def _(q, k, v, scale):
+    checks.attention(q, k, v, scale)
+    B, H, S, D = q.shape
+    return q.new_empty((B, S, H, D)), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+@torch.library.custom_op("qlora_kernels::causal_attention_backward", mutates_args=())
+@no_autocast
+def causal_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of causal_attention from its output and lse (the probabilities are
+    recomputed)."""
+    checks.attention_backward(dout, q, k, v, out, lse, scale)
+    dq, dk, dv = run("causal_attention_backward", _f32(dout), _f32(q), _f32(k), _f32(v), _f32(out),
+                     lse.contiguous(), float(scale))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@causal_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, scale):
+    checks.attention_backward(dout, q, k, v, out, lse, scale)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.qlora_kernels.causal_attention_backward(dout, q, k, v, out, lse, ctx.scale)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None), None
+
+
+causal_attention.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,220 @@
+"""The fused causal attention (ops/attention.py, csrc/attention_*) on every path this CPU
+runs, against torch's scaled_dot_product_attention in fp64: the output and the three
+gradients within 4x torch's own fp32 error (its fp32 SDPA against the same fp64 result)
+plus 64 u of the result's largest magnitude (u = 2^-24); then the transformers
+integration (hf_attention): the same losses and gradients as sdpa, fallbacks counted."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlora_kernels as qk
+from qlora_kernels import _C
+from qlora_kernels.integrations import hf_attention
+from qlora_kernels.integrations.hf_fuse import fuse_layers
+
+from .conftest import BACKEND_PATHS, on_path
+from .hf_models import TARGETS, batch, tiny_model
+
+U = 2.0 ** -24
+IDS = [b if i is None else f"{b}-{i}" for b, i in BACKEND_PATHS]
+# (batch, query heads, key/value heads, positions, head size): one position, odd sizes,
+# query blocks of 64 rows and a partial one, grouped queries, heads wider than a vector
+SHAPES = [(1, 1, 1, 1, 1), (1, 1, 1, 7, 8), (2, 4, 2, 7, 13), (1, 3, 1, 65, 64), (2, 2, 2, 130, 80),
+          (1, 2, 1, 257, 16)]
+
+
+def _inputs(B, H, Hk, S, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # q as transformers passes it: a [B, H, S, D] view of a [B, S, H, D] projection output
+    q = torch.randn(B, S, H, D, generator=g).transpose(1, 2)
+    k = torch.randn(B, Hk, S, D, generator=g)
+    v = torch.randn(B, Hk, S, D, generator=g)
+    do = torch.randn(B, H, S, D, generator=g)
+    return q, k, v, do
+
+
+def _sdpa(q, k, v, do, dtype):
+    ts = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    o = F.scaled_dot_product_attention(*ts, is_causal=True, enable_gqa=True)
+    return (o, *torch.autograd.grad(o, ts, do.to(dtype)))
+
+
+def _check(ours, q, k, v, do):
+    exact = _sdpa(q, k, v, do, torch.float64)
+    torch32 = _sdpa(q, k, v, do, torch.float32)
+    for name, a, e, t in zip(("out", "dq", "dk", "dv"), ours, exact, torch32):
+        assert a.shape == e.shape, name
+        err = (a.double() - e).abs().max().item()
+        bound = 4 * (t.double() - e).abs().max().item() + 64 * U * e.abs().max().item() + 1e-30
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("path", BACKEND_PATHS, ids=IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_against_sdpa(path, shape):
+    q, k, v, do = _inputs(*shape)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    with on_path(*path):
+        o = qk.causal_attention(qs, ks, vs)
+        grads = torch.autograd.grad(o, (qs, ks, vs), do)
+    _check((o, *grads), q, k, v, do)
+
+
+@pytest.mark.parametrize("path", [p for p in BACKEND_PATHS if p[0] == "cpu"], ids=lambda p: p[1])
+def test_long_sequence(path):
+    """4097 positions: 16-row query blocks, scores 4097 wide (not a whole vector)."""
+    q, k, v, do = _inputs(1, 2, 1, 4097, 4, seed=3)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    with on_path(*path):
+        o = qk.causal_attention(qs, ks, vs, 0.7)
+        grads = torch.autograd.grad(o, (qs, ks, vs), do)
+    ts = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    e = F.scaled_dot_product_attention(*ts, is_causal=True, enable_gqa=True, scale=0.7)
+    exact = (e, *torch.autograd.grad(e, ts, do.double()))
+    for name, a, x in zip(("out", "dq", "dk", "dv"), (o, *grads), exact):
+        err = (a.double() - x).abs().max().item()
+        assert err <= 1e-4 * x.abs().max().item(), name
+
+
+def test_same_bits_for_any_thread_count():
+    """Every output element is summed by one thread in a fixed order."""
+    q, k, v, do = _inputs(2, 4, 2, 130, 64)
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+            o = qk.causal_attention(qs, ks, vs)
+            runs.append((o, *torch.autograd.grad(o, (qs, ks, vs), do)))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_half_precision_inputs_widen_and_round_once():
+    q, k, v, _ = _inputs(1, 2, 2, 9, 16)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    o = qk.causal_attention(qb, kb, vb)
+    assert o.dtype == torch.bfloat16
+    assert torch.equal(o, qk.causal_attention(qb.float(), kb.float(), vb.float()).bfloat16())
+
+
+@pytest.mark.parametrize("args,match", [
+    (lambda q, k, v: (q[0], k, v), "q must be 4-D"),
+    (lambda q, k, v: (q, k, v[..., :3]), "k has shape .* v has"),
+    (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), "positions"),
+    (lambda q, k, v: (q[:, :3], k, v), "multiple of key/value heads"),
+    (lambda q, k, v: (q, k.int(), v), "k must be"),
+    (lambda q, k, v: (q, k, v, -1.0), "scale must be finite and > 0"),
+    (lambda q, k, v: (q, k, v, float("nan")), "scale must be finite and > 0"),
+    (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]), "every dimension must be >= 1"),
+])
+def test_bad_input_names_the_argument(args, match):
+    q, k, v, _ = _inputs(1, 4, 2, 6, 8)
+    with pytest.raises((ValueError, TypeError), match=match):
+        qk.causal_attention(*args(q, k, v))
+
+
+def test_native_side_checks_every_index():
+    """The binding refuses a view whose strides reach past the memory it was given."""
+    q, k, v, _ = _inputs(1, 2, 1, 8, 4)
+    out = torch.empty(1, 8, 2, 4)
+    lse = torch.empty(1, 2, 8)
+
+    def view(t, span=None):
+        return (t.data_ptr(), t.numel() if span is None else span, t.stride(0), t.stride(1), t.stride(2))
+
+    q = q.contiguous()
+    with pytest.raises(ValueError, match="k: its strides reach element"):
+        _C.attention_forward(view(q), view(k, k.numel() - 1), view(v), 1, 2, 1, 8, 4, 0.5,
+                             view(out.transpose(1, 2), out.numel()), lse.data_ptr(), lse.numel(), 1)
+    with pytest.raises(ValueError, match="lse has"):
+        _C.attention_forward(view(q), view(k), view(v), 1, 2, 1, 8, 4, 0.5, view(out.transpose(1, 2), out.numel()),
+                             lse.data_ptr(), lse.numel() - 1, 1)
+    with pytest.raises(ValueError, match="multiple"):
+        _C.attention_forward(view(q), view(k), view(v), 1, 3, 2, 8, 4, 0.5, view(out.transpose(1, 2), out.numel()),
+                             lse.data_ptr(), lse.numel(), 1)
+
+
+# ------------------------------------------------------------- transformers ----
+
+def _peft(arch: str, attention: bool):
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model
+
+    model = qk.quantize_model(tiny_model(arch), fuse_loss=True)
+    fuse_layers(model, attention=attention)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], lora_dropout=0.0, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(model, cfg)
+    pm.train()
+    return pm
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_model_step_matches_sdpa(arch):
+    fused, plain = _peft(arch, True), _peft(arch, False)
+    assert fused.get_base_model().config._attn_implementation == "qlora_kernels"
+    assert plain.get_base_model().config._attn_implementation == "sdpa"
+    hf_attention.reset_counts()
+    results = []
+    for pm in (fused, plain):
+        out = pm(**batch())
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}))
+    assert hf_attention.fallbacks() == {"fused": fused.get_base_model().config.num_hidden_layers}
+    (lf, gf), (lp, gp) = results
+    torch.testing.assert_close(lf, lp, rtol=1e-5, atol=1e-6)
+    assert gf.keys() == gp.keys() and gf
+    for n in gf:
+        torch.testing.assert_close(gf[n], gp[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_padding_cache_and_dropout_fall_back_to_sdpa():
+    fused, plain = _peft("llama", True), _peft("llama", False)
+    for m in (fused, plain):
+        m.eval()
+    b = batch()
+    mask = torch.ones_like(b["input_ids"])
+    mask[0, :5] = 0
+    hf_attention.reset_counts()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=b["input_ids"], attention_mask=mask).logits,
+                                   plain(input_ids=b["input_ids"], attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+        kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+        ids = b["input_ids"][:1, :6]
+        assert torch.equal(fused.generate(input_ids=ids, **kw), plain.generate(input_ids=ids, **kw))
+    counts = hf_attention.fallbacks()
+    assert counts["an attention mask (padding or a non-causal pattern)"] >= 2
+    assert counts["queries and keys differ in number (a KV cache)"] >= 3
+    assert counts.get("fused", 0) >= 2  # the prompt of generate
+    inner = fused.get_base_model()
+    for m in inner.modules():
+        if hasattr(m, "attention_dropout"):  # read by each attention layer's forward
+            m.attention_dropout = 0.1
+    fused.train()
+    hf_attention.reset_counts()
+    fused(**batch())
+    assert hf_attention.fallbacks() == {"attention dropout": inner.config.num_hidden_layers}
+
+
+def test_unfuse_and_models_left_alone():
+    model = tiny_model("llama")
+    assert hf_attention.fuse_attention(torch.nn.Linear(2, 2)) == "no transformers model inside"
+    model.set_attn_implementation("eager")
+    twin = copy.deepcopy(model)
+    assert hf_attention.fuse_attention(model) is None
+    assert model.config._attn_implementation == "qlora_kernels"
+    assert twin.config._attn_implementation == "eager"  # its own config
+    hf_attention.unfuse_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    model.config._attn_implementation = "flex_attention"
+    assert "flex_attention" in hf_attention.fuse_attention(model)
