@@ -21,6 +21,15 @@ namespace qk {
 
 constexpr int64_t kAttnPad = 16;  // the widest vector's lanes
 
+// How rows_by_rows writes its rows: scaled by alpha and a per-row factor (null: 1), added
+// to C or stored.
+struct Mix {
+  float alpha = 1.0f;
+  const float* row_scale = nullptr;
+  bool accumulate = false;
+  float factor(int64_t i) const { return row_scale ? alpha * row_scale[i] : alpha; }
+};
+
 struct AttnKernels {
   // causal0 >= 0 is the global index of block row 0 (keys indexed from 0): row i sees keys
   // j <= causal0 + i. The products then skip what no row of a tile sees; what they read of
@@ -32,10 +41,10 @@ struct AttnKernels {
   // multiple of kAttnPad columns past nc: the caller pads them.
   void (*rows_by_cols)(const float* X, int64_t ldx, const float* Yt, int64_t ldy, int64_t nr, int64_t nc, int64_t D,
                        float alpha, float* C, int64_t ldc, int64_t causal0);
-  // C[i*ldc + e] = scale[i] * sum_j P[i*ldp + j] * Y[j*ldy + e] for i < nr, e < D (scale null:
-  // 1).
+  // C[i*ldc + e] = (C[i*ldc + e] if m.accumulate) + m.factor(i) * sum_j P[i*ldp + j] * Y[j*ldy + e]
+  // for i < nr, e < D.
   void (*rows_by_rows)(const float* P, int64_t ldp, const float* Y, int64_t ldy, int64_t nr, int64_t nc, int64_t D,
-                       const float* scale, float* C, int64_t ldc, int64_t causal0);
+                       const Mix& m, float* C, int64_t ldc, int64_t causal0);
   // C[j*ldc + e] += sum_i P[i*ldp + j] * Y[i*ldy + e] for j < nc, e < D, i < nr.
   void (*cols_by_rows_acc)(const float* P, int64_t ldp, const float* Y, int64_t ldy, int64_t nr, int64_t nc,
                            int64_t D, float* C, int64_t ldc, int64_t causal0);

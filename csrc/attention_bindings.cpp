@@ -118,7 +118,8 @@ void attention_forward(const View& q, const View& k, const View& v, int64_t B, i
         L[(b * H + h) * S + i0 + r] = m + std::log(sum);
         inv[static_cast<size_t>(r)] = 1.0f / sum;
       }
-      f.rows_by_rows(p.data(), kend, Vv.at(b, kvh, 0), Vv.ss, nr, kend, D, inv.data(), O.at(b, h, i0), O.ss, i0);
+      f.rows_by_rows(p.data(), kend, Vv.at(b, kvh, 0), Vv.ss, nr, kend, D, {1.0f, inv.data(), false}, O.at(b, h, i0),
+                     O.ss, i0);
     }
   }
 }
@@ -172,7 +173,7 @@ void attention_backward(const View& dout, const View& q, const View& k, const Vi
             f.softmax_grad(p.data() + r * kend, dr, n, delta, sc);
             std::fill(dr + n, dr + kend, 0.0f);
           }
-          f.rows_by_rows(ds.data(), kend, K.at(b, kvh, 0), K.ss, nr, kend, D, nullptr, dQ.at(b, h, i0), dQ.ss, i0);
+          f.rows_by_rows(ds.data(), kend, K.at(b, kvh, 0), K.ss, nr, kend, D, {}, dQ.at(b, h, i0), dQ.ss, i0);
           f.cols_by_rows_acc(ds.data(), kend, Q.at(b, h, i0), Q.ss, nr, kend, D, dK.at(b, kvh, 0), dK.ss, i0);
         }
       }

@@ -64,9 +64,9 @@ void rows_by_cols(const float* X, int64_t ldx, const float* Yt, int64_t ldy, int
   for (; i < nr; ++i) scores_rows<V, 1>(X, ldx, Yt, ldy, causal_end(causal0, i, 1, nc), D, alpha, C, ldc, i);
 }
 
-// C rows [i, i + R), columns [e, e + NV*L): sum over j < jend of P[., j] * Y[j, .]
+// C rows [i, i + R), columns [e, e + NV*L): (C if acc) + alpha * scale[i] * sum over j < jend of P[., j] * Y[j, .]
 template <class V, int R, int NV>
-void mix_tile(const float* P, int64_t ldp, const float* Y, int64_t ldy, int64_t jend, const float* scale, float* C,
+void mix_tile(const float* P, int64_t ldp, const float* Y, int64_t ldy, int64_t jend, const Mix& m, float* C,
               int64_t ldc, int64_t i, int64_t e) {
   using Reg = typename V::Reg;
   constexpr int L = V::kLanes;
@@ -82,32 +82,37 @@ void mix_tile(const float* P, int64_t ldp, const float* Y, int64_t ldy, int64_t 
     }
   }
   for (int r = 0; r < R; ++r) {
-    const Reg s = V::set1(scale ? scale[i + r] : 1.0f);
-    for (int v = 0; v < NV; ++v) V::store(C + (i + r) * ldc + e + v * L, V::mul(acc[r][v], s));
+    const Reg s = V::set1(m.factor(i + r));
+    for (int v = 0; v < NV; ++v) {
+      float* c = C + (i + r) * ldc + e + v * L;
+      const Reg val = V::mul(acc[r][v], s);
+      V::store(c, m.accumulate ? V::add(V::load(c), val) : val);
+    }
   }
 }
 
 template <class V, int R>
-void mix_rows(const float* P, int64_t ldp, const float* Y, int64_t ldy, int64_t jend, int64_t D, const float* scale,
+void mix_rows(const float* P, int64_t ldp, const float* Y, int64_t ldy, int64_t jend, int64_t D, const Mix& m,
               float* C, int64_t ldc, int64_t i) {
   constexpr int L = V::kLanes;
   int64_t e = 0;
-  for (; e + 2 * L <= D; e += 2 * L) mix_tile<V, R, 2>(P, ldp, Y, ldy, jend, scale, C, ldc, i, e);
-  for (; e + L <= D; e += L) mix_tile<V, R, 1>(P, ldp, Y, ldy, jend, scale, C, ldc, i, e);
+  for (; e + 2 * L <= D; e += 2 * L) mix_tile<V, R, 2>(P, ldp, Y, ldy, jend, m, C, ldc, i, e);
+  for (; e + L <= D; e += L) mix_tile<V, R, 1>(P, ldp, Y, ldy, jend, m, C, ldc, i, e);
   for (; e < D; ++e)
     for (int r = 0; r < R; ++r) {
       float s = 0.0f;
       for (int64_t j = 0; j < jend; ++j) s += P[(i + r) * ldp + j] * Y[j * ldy + e];
-      C[(i + r) * ldc + e] = s * (scale ? scale[i + r] : 1.0f);
+      float& c = C[(i + r) * ldc + e];
+      c = m.accumulate ? c + s * m.factor(i + r) : s * m.factor(i + r);
     }
 }
 
 template <class V>
 void rows_by_rows(const float* P, int64_t ldp, const float* Y, int64_t ldy, int64_t nr, int64_t nc, int64_t D,
-                  const float* scale, float* C, int64_t ldc, int64_t causal0) {
+                  const Mix& m, float* C, int64_t ldc, int64_t causal0) {
   int64_t i = 0;
-  for (; i + 4 <= nr; i += 4) mix_rows<V, 4>(P, ldp, Y, ldy, causal_end(causal0, i, 4, nc), D, scale, C, ldc, i);
-  for (; i < nr; ++i) mix_rows<V, 1>(P, ldp, Y, ldy, causal_end(causal0, i, 1, nc), D, scale, C, ldc, i);
+  for (; i + 4 <= nr; i += 4) mix_rows<V, 4>(P, ldp, Y, ldy, causal_end(causal0, i, 4, nc), D, m, C, ldc, i);
+  for (; i < nr; ++i) mix_rows<V, 1>(P, ldp, Y, ldy, causal_end(causal0, i, 1, nc), D, m, C, ldc, i);
 }
 
 // C rows [j, j + R), columns [e, e + NV*L) += sum over rows i in [ibeg, nr) of P[i, j + .] * Y[i, .]

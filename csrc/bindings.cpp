@@ -24,6 +24,7 @@ void register_adamw(py::module_& m);
 void register_peak(py::module_& m);
 void register_norm_act(py::module_& m);
 void register_attention(py::module_& m);
+void register_lora_rows(py::module_& m);
 void register_decode(py::module_& m);
 
 namespace {
@@ -139,6 +140,7 @@ PYBIND11_MODULE(_C, m) {
   register_peak(m);
   register_norm_act(m);
   register_attention(m);
+  register_lora_rows(m);
   register_decode(m);
   m.def("compiled_isas", &qk::compiled_isas, "ISA paths compiled into this build.");
   m.def("supported_isas", &qk::supported_isas, "ISA paths this CPU can run.");

@@ -160,3 +160,63 @@ def test_one_row_inference_is_one_native_call():
     assert not names & {"aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul"}, names
     assert y.shape == (1, 1, 24) and cpu.LORA_FUSED_ROWS >= 1
     torch.testing.assert_close(y, x @ Wd.t() + 2.0 * (x @ A.t()) @ B.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_many_row_native_calls_check_sizes():
+    """csrc/lora_rows.cpp refuses element counts that do not match the shape it is told."""
+    from qlora_kernels import _C
+
+    M, K, N, r = 6, 10, 7, 3
+    x, A, B = torch.randn(M, K), torch.randn(r, K), torch.randn(N, r)
+    y, u = torch.zeros(M, N), torch.empty(M, r)
+    args = [x.data_ptr(), x.numel(), M, K, A.data_ptr(), A.numel(), B.data_ptr(), B.numel(), r, 1.0, y.data_ptr(),
+            y.numel(), N, u.data_ptr(), u.numel(), 2]
+    _C.lora_rows_forward(*args)
+    bad = list(args)
+    bad[5] = A.numel() - 1
+    with pytest.raises(ValueError, match="lora_A has 29 elements, expected 30"):
+        _C.lora_rows_forward(*bad)
+    bad = list(args)
+    bad[14] = u.numel() + 1
+    with pytest.raises(ValueError, match="u has"):
+        _C.lora_rows_forward(*bad)
+    dy, dA, dB, dx = torch.randn(M, N), torch.empty(r, K), torch.empty(N, r), torch.zeros(M, K)
+    bargs = [dy.data_ptr(), dy.numel(), x.data_ptr(), x.numel(), u.data_ptr(), u.numel(), M, K, N, A.data_ptr(),
+             A.numel(), B.data_ptr(), B.numel(), r, 1.0, dA.data_ptr(), dA.numel(), dB.data_ptr(), dB.numel(),
+             dx.data_ptr(), dx.numel(), 2]
+    _C.lora_rows_backward(*bargs)
+    du = dy @ B
+    torch.testing.assert_close(dA, du.t() @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dB, dy.t() @ u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, du @ A, rtol=1e-5, atol=1e-5)
+    bad = list(bargs)
+    bad[20] = dx.numel() - 1
+    with pytest.raises(ValueError, match="dx has"):
+        _C.lora_rows_backward(*bad)
+    bad = list(bargs)
+    bad[6] = 0
+    with pytest.raises(ValueError, match="every dimension must be >= 1"):
+        _C.lora_rows_backward(*bad)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_row_lora_same_bits_for_any_thread_count(threads):
+    """Rows split for u / du / dx, features for dA / dB: one thread sums each element."""
+    packed, state, _ = make_weight(130, 96, seed=5)
+    g = torch.Generator().manual_seed(9)
+    x0, A0, B0 = torch.randn(300, 96, generator=g), torch.randn(16, 96, generator=g), torch.randn(130, 16, generator=g)
+    dy = torch.randn(300, 130, generator=g)
+
+    def run(n):
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            x, A, B = _leaf(x0), _leaf(A0), _leaf(B0)
+            y = qk.lora_linear_4bit(x, packed, state, A, B, 2.0)
+            y.backward(dy)
+            return y.detach(), x.grad, A.grad, B.grad
+        finally:
+            torch.set_num_threads(before)
+
+    for a, b in zip(run(1), run(threads)):
+        assert torch.equal(a, b)

@@ -14,7 +14,7 @@ from .. import _C, formats, tuning
 from .._errors import nonfinite_error
 from ..formats import dtype_code
 from . import register_dequantize_from_out, register_kernel
-from .reference import lora_linear_4bit as _reference_lora
+from .reference import lora_linear_4bit_backward as _reference_lora_backward
 
 
 
@@ -141,8 +141,8 @@ if hasattr(_C, "linear4_forward"):
         return f
 
     # Rows of x up to which lora_linear_4bit runs as one native call (csrc/lora4.h: the base
-    # GEMV, then the rank-r products on the calling thread); above it the generic kernel
-    # (this backend's GEMM, the rank-r products as torch matmuls on every thread) is faster.
+    # GEMV, then the rank-r products on the calling thread); above it the base GEMM runs,
+    # then the rank-r products on every thread (csrc/lora_rows.cpp), which is faster there.
     # docs/benchmarks.md has the measurement that set it.
     LORA_FUSED_ROWS = 4
 
@@ -155,10 +155,15 @@ if hasattr(_C, "linear4_forward"):
         no backward needs it; this backend's kernel alone takes it) may return None for it."""
         K = x.shape[-1]
         M = x.numel() // K if K else math.prod(x.shape[:-1])
-        if M > LORA_FUSED_ROWS:  # the generic kernel takes x (and noise) 2-D
+        if M > LORA_FUSED_ROWS and K > 0 and out_features > 0:
             x2 = x.reshape(M, K)
-            y, u = _reference_lora(x2, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling,
-                                   bias, None if noise is None else noise.reshape(M, K))
+            y = linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, bias)
+            xd = x2 if noise is None else x2 * noise.reshape(M, K)
+            A, B = lora_A.float().contiguous(), lora_B.float().contiguous()
+            u = torch.empty((M, A.shape[0]), dtype=torch.float32)
+            _C.lora_rows_forward(xd.data_ptr(), xd.numel(), M, K, A.data_ptr(), A.numel(), B.data_ptr(), B.numel(),
+                                 A.shape[0], scaling, y.data_ptr(), y.numel(), out_features, u.data_ptr(), u.numel(),
+                                 torch.get_num_threads())
             return y.view(*x.shape[:-1], out_features), u
         if not tuning.ready:
             tuning.ensure()
@@ -175,6 +180,33 @@ if hasattr(_C, "linear4_forward"):
                          bias.numel() if bias is not None else 0, A.data_ptr(), B.data_ptr(), A.shape[0], scaling,
                          y.data_ptr(), out_features, 0 if u is None else u.data_ptr(), torch.get_num_threads())
         return y, u
+
+    @register_kernel("lora_linear_4bit_backward", "cpu")
+    def lora_linear_4bit_backward(dy2, x2, u, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling, noise2,
+                                  need_x):
+        """The reference composite below LORA_FUSED_ROWS rows; above, the base input
+        gradient (this backend's GEMM) with the adapter's share added in place and dA, dB
+        from one native call (csrc/lora_rows.cpp)."""
+        M, K = x2.shape
+        if M <= LORA_FUSED_ROWS or K == 0 or dy2.shape[1] == 0:
+            return _reference_lora_backward(dy2, x2, u, packed, absmax, blocksize, quant_type, lora_A, lora_B,
+                                            scaling, noise2, need_x)
+        N = dy2.shape[1]
+        dx = linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, K) if need_x else None
+        xd = (x2 if noise2 is None else x2 * noise2).contiguous()
+        A, B = lora_A.float().contiguous(), lora_B.float().contiguous()
+        r = A.shape[0]
+        dA = torch.empty((r, K), dtype=torch.float32)
+        dB = torch.empty((N, r), dtype=torch.float32)
+        # with dropout the adapter's share of dx is masked: computed apart, then multiplied in
+        dxl = dx if noise2 is None else (torch.zeros((M, K), dtype=torch.float32) if need_x else None)
+        _C.lora_rows_backward(dy2.data_ptr(), dy2.numel(), xd.data_ptr(), xd.numel(), u.data_ptr(), u.numel(), M, K, N,
+                              A.data_ptr(), A.numel(), B.data_ptr(), B.numel(), r, scaling, dA.data_ptr(), dA.numel(),
+                              dB.data_ptr(), dB.numel(), 0 if dxl is None else dxl.data_ptr(),
+                              0 if dxl is None else dxl.numel(), torch.get_num_threads())
+        if noise2 is not None and need_x:
+            dx.addcmul_(dxl, noise2)
+        return dx, dA, dB
 
     @register_kernel("linear_4bit_grad_input", "cpu")
     def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_features):

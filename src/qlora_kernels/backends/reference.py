@@ -232,6 +232,18 @@ def lora_backward(dy2: torch.Tensor, x2: torch.Tensor, u: torch.Tensor, lora_A: 
     return dA, dB, dx_lora
 
 
+@register_kernel("lora_linear_4bit_backward", "reference")
+def lora_linear_4bit_backward(dy2, x2, u, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling, noise2,
+                              need_x: bool):
+    """(dx or None, dA, dB) of lora_linear_4bit: the base layer's input gradient (the
+    selected backend's kernel) plus the adapter's share, and the adapter's gradients."""
+    dA, dB, dx_lora = run("lora_backward", dy2, x2, u, lora_A, lora_B, scaling, noise2, need_x)
+    dx = None
+    if need_x:
+        dx = run("linear_4bit_grad_input", dy2, packed, absmax, blocksize, quant_type, x2.shape[1]).add_(dx_lora)
+    return dx, dA, dB
+
+
 @register_kernel("dora_weight_norm", "reference")
 def dora_weight_norm(packed, absmax, blocksize, quant_type, out_features, in_features, lora_A, lora_B, scaling,
                      base_sq: Optional[torch.Tensor]):

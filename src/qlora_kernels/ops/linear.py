@@ -187,24 +187,49 @@ def _lora4_setup(ctx, inputs, output):
     ctx.meta = (blocksize, quant_type, scaling, bias is not None)
 
 
+@torch.library.custom_op("qlora_kernels::lora_linear_4bit_backward", mutates_args=())
+@no_autocast
+def lora_linear_4bit_backward(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                              blocksize: int, quant_type: str, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                              scaling: float, noise: Optional[torch.Tensor], u: torch.Tensor,
+                              need_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB) of lora_linear_4bit (dx: x's shape and dtype, an empty tensor unless
+    need_x; dA, dB fp32) from dy and the forward's u. One op, so that a backend can run
+    the base layer's input gradient and the adapter's products as one native step (the
+    cpu backend adds the adapter's share of dx into the base's, in place)."""
+    N = dy.shape[-1]
+    checks.weight(x, packed, absmax, blocksize, quant_type, N, x.shape[-1])
+    checks.lora(x, lora_A, lora_B, N, None, noise)
+    K = x.shape[-1]
+    dy2 = dy.reshape(-1, N).float().contiguous()
+    x2 = x.reshape(-1, K).float()
+    n2 = None if noise is None else noise.reshape(x2.shape).float()
+    dx, dA, dB = run("lora_linear_4bit_backward", dy2, x2, u, packed.contiguous(), absmax.contiguous(), blocksize,
+                     quant_type, lora_A, lora_B, scaling, n2, need_x)
+    dx = dx.to(x.dtype).reshape(x.shape) if need_x else x.new_empty((0,))
+    return dx, dA, dB
+
+
+@lora_linear_4bit_backward.register_fake
+def _(dy, x, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling, noise, u, need_x):
+    N = dy.shape[-1]
+    checks.weight(x, packed, absmax, blocksize, quant_type, N, x.shape[-1])
+    checks.lora(x, lora_A, lora_B, N, None, noise)
+    f32 = torch.float32
+    return (x.new_empty(x.shape if need_x else (0,)), lora_A.new_empty(lora_A.shape, dtype=f32),
+            lora_B.new_empty(lora_B.shape, dtype=f32))
+
+
 @no_autocast
 def _lora4_backward(ctx, dy, _du_unused):
     x, packed, absmax, lora_A, lora_B, noise, u = ctx.saved_tensors
     blocksize, quant_type, scaling, has_bias = ctx.meta
-    K = x.shape[-1]
-    dy2 = dy.reshape(-1, dy.shape[-1]).float().contiguous()
-    x2 = x.reshape(-1, K).float()
-    n2 = None if noise is None else noise.reshape(x2.shape).float()
     need_x = ctx.needs_input_grad[0]
-    dA, dB, dx_lora = run("lora_backward", dy2, x2, u, lora_A, lora_B, scaling, n2, need_x)
-    dx = None
-    if need_x:
-        # the op, not the kernel: under torch.compile this backward is traced with fake tensors
-        dx = linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, K).float()
-        dx = dx + dx_lora
-        dx = dx.to(x.dtype).reshape(x.shape)
+    dx, dA, dB = lora_linear_4bit_backward(dy, x, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling,
+                                           noise, u, need_x)
     db = _sum_leading(dy) if has_bias and ctx.needs_input_grad[9] else None
-    return (dx, None, None, None, None, None, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, db, None)
+    return (dx if need_x else None, None, None, None, None, None, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, db,
+            None)
 
 
 lora_linear_4bit.register_autograd(_lora4_backward, setup_context=_lora4_setup)
