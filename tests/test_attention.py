@@ -142,6 +142,46 @@ def test_native_side_checks_every_index():
                              lse.data_ptr(), lse.numel(), 1)
 
 
+def test_native_side_refuses_overflow_and_overlap():
+    """Strides whose products wrap int64, shapes whose element counts do, outputs over an input
+    or over themselves: each refused before a kernel runs (they crashed or raced)."""
+    q = torch.randn(1, 2, 64, 16)
+    k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    out, lse = torch.empty(1, 64, 2, 16), torch.empty(1, 2, 64)
+
+    def view(t, span=None):
+        return (t.data_ptr(), t.numel() if span is None else span, t.stride(0), t.stride(1), t.stride(2))
+
+    def fwd(qv, kv, vv, ov, B=1, H=2, Hk=2, S=64, D=16, lse_numel=lse.numel()):
+        _C.attention_forward(qv, kv, vv, B, H, Hk, S, D, 0.25, ov, lse.data_ptr(), lse_numel, 2)
+
+    o = view(out.transpose(1, 2))
+    fwd(view(q), view(k), view(v), o)  # the well-formed call
+    x = q[0, 0, 0]
+    with pytest.raises(ValueError, match="q is too large"):  # 2 * stride wraps negative
+        big = (x.data_ptr(), x.numel(), 2 ** 62 + 2 ** 40, 0, 0)
+        fwd(big, big, big, (out.data_ptr(), out.numel(), 8, 8, 8), B=3, H=1, Hk=1, S=1, D=8, lse_numel=3)
+    with pytest.raises(ValueError, match="too large"):  # B*H*S = 2^64
+        z = (x.data_ptr(), 1, 0, 0, 0)
+        fwd(z, z, z, z, B=2 ** 24, H=2 ** 16, Hk=2 ** 16, S=2 ** 24, D=1, lse_numel=0)
+    with pytest.raises(ValueError, match="out overlaps q"):
+        fwd(view(q), view(k), view(v), view(q.view(1, 64, 2, 16).transpose(1, 2)))
+    with pytest.raises(ValueError, match="out: its elements overlap"):
+        fwd(view(q), view(k), view(v), (out.data_ptr(), 16, 0, 0, 0))
+    with pytest.raises(ValueError, match="lse overlaps"):
+        _C.attention_forward(view(q), view(k), view(v), 1, 2, 2, 64, 16, 0.25, o, k.data_ptr(), lse.numel(), 1)
+    dout = torch.randn(1, 64, 2, 16)
+    dq, dk = torch.empty(1, 2, 64, 16), torch.empty(1, 2, 64, 16)
+
+    def bwd(dqv, dkv, dvv):
+        _C.attention_backward(view(dout.transpose(1, 2)), view(q), view(k), view(v), o, lse.data_ptr(),
+                              lse.numel(), 1, 2, 2, 64, 16, 0.25, dqv, dkv, dvv, 1)
+    with pytest.raises(ValueError, match="dk overlaps dv"):
+        bwd(view(dq), view(dk), view(dk))
+    with pytest.raises(ValueError, match="dq overlaps k"):
+        bwd(view(k), view(dq), view(dk))
+
+
 # ------------------------------------------------------------- transformers ----
 
 def _peft(arch: str, attention: bool):
