@@ -182,6 +182,13 @@ def test_native_side_refuses_overflow_and_overlap():
         bwd(view(k), view(dq), view(dk))
 
 
+def test_default_scale_under_dynamic_compile():
+    """The default scale (head size ** -0.5) is a SymFloat under dynamic shapes: the checks trace it."""
+    q, k, v, _ = _inputs(1, 2, 1, 9, 8)
+    compiled = torch.compile(lambda *a: qk.causal_attention(*a), fullgraph=True, dynamic=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), qk.causal_attention(q, k, v))
+
+
 # ------------------------------------------------------------- transformers ----
 
 def _peft(arch: str, attention: bool):
@@ -258,3 +265,14 @@ def test_unfuse_and_models_left_alone():
     assert model.config._attn_implementation == "sdpa"
     model.config._attn_implementation = "flex_attention"
     assert "flex_attention" in hf_attention.fuse_attention(model)
+
+
+def test_fused_model_compiles_fullgraph():
+    """The fallback counter stays out of the traced graph (dynamo cannot trace its lock)."""
+    model = tiny_model("llama")
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+        assert hf_attention.fuse_attention(model) is None
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,10 @@ _CHANGES_RESULT = ("softcap", "position_bias", "s_aux", "sinks")
 
 
 def _count(key: str) -> None:
+    # not while torch.compile traces: dynamo cannot trace the lock (a fullgraph compile of the
+    # model would fail on it), and a traced count would run once per compilation, not per call
+    if torch.compiler.is_compiling():
+        return
     with _lock:
         _counts[key] += 1
 
