@@ -276,3 +276,54 @@ def test_fused_model_compiles_fullgraph():
         assert hf_attention.fuse_attention(model) is None
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_broadcast_falls_back():
+    """sdpa broadcasts a batch-1 query over the keys' batch; the kernel does not: sdpa runs it."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8)
+    hf_attention.reset_counts()
+    out, _ = hf_attention.attention_forward(module, q, k, v, None)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
+    assert hf_attention.fallbacks() == {"head counts or sizes the kernel does not pair": 1}
+
+
+def _tiny(config_cls, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config_cls(**{**common, **kw}), dtype=torch.float32).eval()
+
+
+def test_models_whose_results_depend_on_the_name_sdpa_are_left_alone():
+    """transformers code that only 'sdpa' (or 'eager') gets right under another name: models
+    without sdpa (their fallback), Gemma 4's KV-shared layers slicing queries with no mask
+    (wrong logits with logits_to_keep > 1), sparse attention folding its selection into the
+    mask only for 'eager'/'sdpa' (dense attention otherwise)."""
+    from transformers import Gemma2Config, GptOssConfig
+    from transformers.models.deepseek_v32.configuration_deepseek_v32 import DeepseekV32Config
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
+
+    gemma2 = _tiny(Gemma2Config, head_dim=16, sliding_window=64)
+    gpt_oss = _tiny(GptOssConfig, intermediate_size=64, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=64, layer_types=["full_attention"] * 2)
+    gemma4 = _tiny(Gemma4TextConfig, num_hidden_layers=4, head_dim=16, sliding_window=64,
+                   layer_types=["full_attention"] * 4, num_kv_shared_layers=2, vocab_size_per_layer_input=128,
+                   hidden_size_per_layer_input=16)
+    dsa = _tiny(DeepseekV32Config, moe_intermediate_size=32, num_key_value_heads=4, n_routed_experts=4, n_group=1,
+                topk_group=1, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                v_head_dim=16, qk_nope_head_dim=16, head_dim=8, index_topk=4, index_head_dim=16, index_n_heads=2,
+                first_k_dense_replace=2)
+    for model, why in ((gemma2, "does not support sdpa"), (gpt_oss, "does not support sdpa"),
+                       (gemma4, "KV-shared layers"), (dsa, "sparse attention")):
+        impl = model.config._attn_implementation
+        assert why in hf_attention.fuse_attention(model)
+        assert model.config._attn_implementation == impl
+    # and forced onto the kernels, the sparse selection is refused rather than dropped
+    hf_attention.register()
+    dsa.set_attn_implementation(hf_attention.NAME)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="indices"):
+        dsa(input_ids=batch()["input_ids"], use_cache=False)
