@@ -1,15 +1,18 @@
 // Bindings and thread split of the training attention (attention.h). Python passes each
 // 4-D tensor as (data pointer, elements reachable from it, batch / head / position
 // strides), the last dimension contiguous; every index the kernels can form is checked
-// against that span before a kernel runs.
+// against that span before a kernel runs (in overflow-checked arithmetic), an output's
+// elements must not overlap each other (threads write them) nor any other argument.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "attention.h"
@@ -50,14 +53,53 @@ struct Dims {
 // Query rows per block: the block's score rows (rows x keys) stay within ~256 KiB.
 int64_t block_rows(int64_t S) { return std::clamp<int64_t>((int64_t(1) << 16) / std::max<int64_t>(S, 1), 4, 64); }
 
-T4 checked(const char* name, const View& v, int64_t B, int64_t heads, const Dims& d) {
+// a * b + c, refused past 2^60 (no index or element count of these kernels comes near)
+int64_t madd_checked(int64_t a, int64_t b, int64_t c, const std::string& what) {
+  int64_t r;
+  QK_REQUIRE(!__builtin_mul_overflow(a, b, &r) && !__builtin_add_overflow(r, c, &r) && r <= (int64_t(1) << 60),
+             what + " is too large");
+  return r;
+}
+
+// Byte range [begin, end) a view's indices reach.
+struct Extent {
+  uintptr_t begin = 0, end = 0;
+};
+
+bool overlap(const Extent& a, const Extent& b) { return a.begin < b.end && b.begin < a.end; }
+
+T4 checked(const char* name, const View& v, int64_t B, int64_t heads, const Dims& d, Extent* extent = nullptr) {
   const auto [p, span, sb, sh, ss] = v;
   QK_REQUIRE(sb >= 0 && sh >= 0 && ss >= 0, std::string(name) + ": negative stride");
-  const int64_t last = (B - 1) * sb + (heads - 1) * sh + (d.S - 1) * ss + d.D - 1;
+  int64_t last = madd_checked(B - 1, sb, d.D - 1, name);
+  last = madd_checked(heads - 1, sh, last, name);
+  last = madd_checked(d.S - 1, ss, last, name);
   QK_REQUIRE(last < span, std::string(name) + ": its strides reach element " + std::to_string(last) + " of " +
                               std::to_string(span));
   QK_REQUIRE(p != 0, std::string(name) + ": null data pointer");
+  if (extent) *extent = {p, p + static_cast<uintptr_t>(madd_checked(last + 1, 4, 0, name))};
   return {ptr<float>(p), sb, sh, ss};
+}
+
+// An output view: checked, and no two of its elements at one address (each dimension's stride
+// passes everything the smaller-strided dimensions reach), or threads would race on it.
+T4 checked_out(const char* name, const View& v, int64_t B, int64_t heads, const Dims& d, Extent* extent) {
+  const T4 t = checked(name, v, B, heads, d, extent);
+  std::pair<int64_t, int64_t> dims[3] = {{std::get<2>(v), B}, {std::get<3>(v), heads}, {std::get<4>(v), d.S}};
+  std::sort(std::begin(dims), std::end(dims));
+  int64_t reach = d.D - 1;  // the largest offset the dimensions so far reach
+  for (const auto& [stride, n] : dims) {
+    if (n == 1) continue;
+    QK_REQUIRE(stride > reach, std::string(name) + ": its elements overlap (stride " + std::to_string(stride) +
+                                   " within the " + std::to_string(reach + 1) + " elements of the dimensions below)");
+    reach = madd_checked(n - 1, stride, reach, name);
+  }
+  return t;
+}
+
+void require_apart(const char* out, const Extent& o, std::initializer_list<std::pair<const char*, Extent>> others) {
+  for (const auto& [name, e] : others)
+    QK_REQUIRE(!overlap(o, e), std::string(out) + " overlaps " + name);
 }
 
 Dims check_dims(int64_t B, int64_t H, int64_t Hk, int64_t S, int64_t D) {
@@ -66,6 +108,9 @@ Dims check_dims(int64_t B, int64_t H, int64_t Hk, int64_t S, int64_t D) {
                               std::to_string(Hk) + ")");
   QK_REQUIRE(B <= (int64_t(1) << 24) && H <= (int64_t(1) << 16) && S <= (int64_t(1) << 24) && D <= (int64_t(1) << 16),
              "shape out of range");
+  // the element counts formed below (q, out and dq: B*H*S*D; lse: B*H*S; the padded key
+  // transpose: B*Hk*D*(S + 15)) stay far from overflowing
+  madd_checked(madd_checked(madd_checked(B, H, 0, "B*H"), S + qk::kAttnPad, 0, "B*H*S"), D, 0, "B*H*S*D");
   return {B, H, Hk, S, D};
 }
 
@@ -82,11 +127,15 @@ void transpose_rows(const float* k, int64_t ldk, int64_t n, int64_t D, int64_t l
 void attention_forward(const View& q, const View& k, const View& v, int64_t B, int64_t H, int64_t Hk, int64_t S,
                        int64_t D, double scale, const View& o, uintptr_t lse, int64_t lse_numel, int nthreads) {
   const Dims d = check_dims(B, H, Hk, S, D);
-  const T4 Q = checked("q", q, B, H, d), K = checked("k", k, B, Hk, d), Vv = checked("v", v, B, Hk, d);
-  const T4 O = checked("out", o, B, H, d);
+  Extent eq, ek, ev, eo;
+  const T4 Q = checked("q", q, B, H, d, &eq), K = checked("k", k, B, Hk, d, &ek), Vv = checked("v", v, B, Hk, d, &ev);
+  const T4 O = checked_out("out", o, B, H, d, &eo);
   QK_REQUIRE(lse_numel == B * H * S, "lse has " + std::to_string(lse_numel) + " elements, expected " +
                                          std::to_string(B * H * S));
   QK_REQUIRE(lse != 0, "lse: null data pointer");
+  const Extent el{lse, lse + static_cast<uintptr_t>(lse_numel) * 4};
+  require_apart("out", eo, {{"q", eq}, {"k", ek}, {"v", ev}, {"lse", el}});
+  require_apart("lse", el, {{"q", eq}, {"k", ek}, {"v", ev}});
   float* L = ptr<float>(lse);
   const auto& f = qk::attention_kernels();
   const int64_t G = H / Hk, bq = block_rows(S), nb = (S + bq - 1) / bq;
@@ -128,12 +177,19 @@ void attention_backward(const View& dout, const View& q, const View& k, const Vi
                         int64_t lse_numel, int64_t B, int64_t H, int64_t Hk, int64_t S, int64_t D, double scale,
                         const View& dq, const View& dk, const View& dv, int nthreads) {
   const Dims d = check_dims(B, H, Hk, S, D);
-  const T4 dO = checked("dout", dout, B, H, d), Q = checked("q", q, B, H, d), K = checked("k", k, B, Hk, d);
-  const T4 Vv = checked("v", v, B, Hk, d), O = checked("out", o, B, H, d);
-  const T4 dQ = checked("dq", dq, B, H, d), dK = checked("dk", dk, B, Hk, d), dV = checked("dv", dv, B, Hk, d);
+  Extent edo, eq, ek, ev, eo, edq, edk, edv;
+  const T4 dO = checked("dout", dout, B, H, d, &edo), Q = checked("q", q, B, H, d, &eq);
+  const T4 K = checked("k", k, B, Hk, d, &ek), Vv = checked("v", v, B, Hk, d, &ev), O = checked("out", o, B, H, d, &eo);
+  const T4 dQ = checked_out("dq", dq, B, H, d, &edq), dK = checked_out("dk", dk, B, Hk, d, &edk);
+  const T4 dV = checked_out("dv", dv, B, Hk, d, &edv);
   QK_REQUIRE(lse_numel == B * H * S, "lse has " + std::to_string(lse_numel) + " elements, expected " +
                                          std::to_string(B * H * S));
   QK_REQUIRE(lse != 0, "lse: null data pointer");
+  const Extent el{lse, lse + static_cast<uintptr_t>(lse_numel) * 4};
+  for (const auto& [name, e] : {std::pair{"dq", edq}, {"dk", edk}, {"dv", edv}})
+    require_apart(name, e, {{"dout", edo}, {"q", eq}, {"k", ek}, {"v", ev}, {"out", eo}, {"lse", el}});
+  require_apart("dq", edq, {{"dk", edk}, {"dv", edv}});
+  require_apart("dk", edk, {{"dv", edv}});
   const float* L = ptr<const float>(lse);
   const auto& f = qk::attention_kernels();
   const int64_t G = H / Hk, bq = block_rows(S), nb = (S + bq - 1) / bq;

@@ -142,6 +142,53 @@ def test_native_side_checks_every_index():
                              lse.data_ptr(), lse.numel(), 1)
 
 
+def test_native_side_refuses_overflow_and_overlap():
+    """Strides whose products wrap int64, shapes whose element counts do, outputs over an input
+    or over themselves: each refused before a kernel runs (they crashed or raced)."""
+    q = torch.randn(1, 2, 64, 16)
+    k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    out, lse = torch.empty(1, 64, 2, 16), torch.empty(1, 2, 64)
+
+    def view(t, span=None):
+        return (t.data_ptr(), t.numel() if span is None else span, t.stride(0), t.stride(1), t.stride(2))
+
+    def fwd(qv, kv, vv, ov, B=1, H=2, Hk=2, S=64, D=16, lse_numel=lse.numel()):
+        _C.attention_forward(qv, kv, vv, B, H, Hk, S, D, 0.25, ov, lse.data_ptr(), lse_numel, 2)
+
+    o = view(out.transpose(1, 2))
+    fwd(view(q), view(k), view(v), o)  # the well-formed call
+    x = q[0, 0, 0]
+    with pytest.raises(ValueError, match="q is too large"):  # 2 * stride wraps negative
+        big = (x.data_ptr(), x.numel(), 2 ** 62 + 2 ** 40, 0, 0)
+        fwd(big, big, big, (out.data_ptr(), out.numel(), 8, 8, 8), B=3, H=1, Hk=1, S=1, D=8, lse_numel=3)
+    with pytest.raises(ValueError, match="too large"):  # B*H*S = 2^64
+        z = (x.data_ptr(), 1, 0, 0, 0)
+        fwd(z, z, z, z, B=2 ** 24, H=2 ** 16, Hk=2 ** 16, S=2 ** 24, D=1, lse_numel=0)
+    with pytest.raises(ValueError, match="out overlaps q"):
+        fwd(view(q), view(k), view(v), view(q.view(1, 64, 2, 16).transpose(1, 2)))
+    with pytest.raises(ValueError, match="out: its elements overlap"):
+        fwd(view(q), view(k), view(v), (out.data_ptr(), 16, 0, 0, 0))
+    with pytest.raises(ValueError, match="lse overlaps"):
+        _C.attention_forward(view(q), view(k), view(v), 1, 2, 2, 64, 16, 0.25, o, k.data_ptr(), lse.numel(), 1)
+    dout = torch.randn(1, 64, 2, 16)
+    dq, dk = torch.empty(1, 2, 64, 16), torch.empty(1, 2, 64, 16)
+
+    def bwd(dqv, dkv, dvv):
+        _C.attention_backward(view(dout.transpose(1, 2)), view(q), view(k), view(v), o, lse.data_ptr(),
+                              lse.numel(), 1, 2, 2, 64, 16, 0.25, dqv, dkv, dvv, 1)
+    with pytest.raises(ValueError, match="dk overlaps dv"):
+        bwd(view(dq), view(dk), view(dk))
+    with pytest.raises(ValueError, match="dq overlaps k"):
+        bwd(view(k), view(dq), view(dk))
+
+
+def test_default_scale_under_dynamic_compile():
+    """The default scale (head size ** -0.5) is a SymFloat under dynamic shapes: the checks trace it."""
+    q, k, v, _ = _inputs(1, 2, 1, 9, 8)
+    compiled = torch.compile(lambda *a: qk.causal_attention(*a), fullgraph=True, dynamic=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), qk.causal_attention(q, k, v))
+
+
 # ------------------------------------------------------------- transformers ----
 
 def _peft(arch: str, attention: bool):
@@ -218,3 +265,65 @@ def test_unfuse_and_models_left_alone():
     assert model.config._attn_implementation == "sdpa"
     model.config._attn_implementation = "flex_attention"
     assert "flex_attention" in hf_attention.fuse_attention(model)
+
+
+def test_fused_model_compiles_fullgraph():
+    """The fallback counter stays out of the traced graph (dynamo cannot trace its lock)."""
+    model = tiny_model("llama")
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+        assert hf_attention.fuse_attention(model) is None
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_broadcast_falls_back():
+    """sdpa broadcasts a batch-1 query over the keys' batch; the kernel does not: sdpa runs it."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8)
+    hf_attention.reset_counts()
+    out, _ = hf_attention.attention_forward(module, q, k, v, None)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))
+    assert hf_attention.fallbacks() == {"head counts or sizes the kernel does not pair": 1}
+
+
+def _tiny(config_cls, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config_cls(**{**common, **kw}), dtype=torch.float32).eval()
+
+
+def test_models_whose_results_depend_on_the_name_sdpa_are_left_alone():
+    """transformers code that only 'sdpa' (or 'eager') gets right under another name: models
+    without sdpa (their fallback), Gemma 4's KV-shared layers slicing queries with no mask
+    (wrong logits with logits_to_keep > 1), sparse attention folding its selection into the
+    mask only for 'eager'/'sdpa' (dense attention otherwise)."""
+    from transformers import Gemma2Config, GptOssConfig
+    from transformers.models.deepseek_v32.configuration_deepseek_v32 import DeepseekV32Config
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
+
+    gemma2 = _tiny(Gemma2Config, head_dim=16, sliding_window=64)
+    gpt_oss = _tiny(GptOssConfig, intermediate_size=64, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=64, layer_types=["full_attention"] * 2)
+    gemma4 = _tiny(Gemma4TextConfig, num_hidden_layers=4, head_dim=16, sliding_window=64,
+                   layer_types=["full_attention"] * 4, num_kv_shared_layers=2, vocab_size_per_layer_input=128,
+                   hidden_size_per_layer_input=16)
+    dsa = _tiny(DeepseekV32Config, moe_intermediate_size=32, num_key_value_heads=4, n_routed_experts=4, n_group=1,
+                topk_group=1, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                v_head_dim=16, qk_nope_head_dim=16, head_dim=8, index_topk=4, index_head_dim=16, index_n_heads=2,
+                first_k_dense_replace=2)
+    for model, why in ((gemma2, "does not support sdpa"), (gpt_oss, "does not support sdpa"),
+                       (gemma4, "KV-shared layers"), (dsa, "sparse attention")):
+        impl = model.config._attn_implementation
+        assert why in hf_attention.fuse_attention(model)
+        assert model.config._attn_implementation == impl
+    # and forced onto the kernels, the sparse selection is refused rather than dropped
+    hf_attention.register()
+    dsa.set_attn_implementation(hf_attention.NAME)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="indices"):
+        dsa(input_ids=batch()["input_ids"], use_cache=False)

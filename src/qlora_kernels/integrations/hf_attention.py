@@ -28,9 +28,17 @@ _lock = threading.Lock()
 # cache position, sliding_window: sdpa reads the window from the mask alone) is ignored as
 # sdpa ignores it
 _CHANGES_RESULT = ("softcap", "position_bias", "s_aux", "sinks")
+# sparse attention's selected keys (DeepSeek-V3.2 and the other indexer models): their modeling
+# code folds the selection into the mask only for 'eager' and 'sdpa' and hands it to any other
+# implementation to apply; neither the fused kernel nor the sdpa fallback can
+_SPARSE_SELECTION = ("indices", "block_indices")
 
 
 def _count(key: str) -> None:
+    # not while torch.compile traces: dynamo cannot trace the lock (a fullgraph compile of the
+    # model would fail on it), and a traced count would run once per compilation, not per call
+    if torch.compiler.is_compiling():
+        return
     with _lock:
         _counts[key] += 1
 
@@ -47,6 +55,11 @@ def reset_counts() -> None:
 
 
 def _why_not(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> str | None:
+    for name in _SPARSE_SELECTION:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"attention {NAME!r} was handed {name}= (sparse attention's selected keys), which neither it nor "
+                f"sdpa applies: keep this model on 'sdpa' (fuse_attention leaves such models alone)")
     if attention_mask is not None:
         return "an attention mask (padding or a non-causal pattern)"
     if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
@@ -62,7 +75,9 @@ def _why_not(module, query, key, value, attention_mask, dropout, is_causal, kwar
     for name in _CHANGES_RESULT:
         if kwargs.get(name) is not None:
             return name
-    if query.shape[1] % key.shape[1] or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
+    # (sdpa broadcasts a batch of 1 and takes empty tensors; the kernel does neither)
+    if (query.numel() == 0 or key.numel() == 0 or query.shape[0] != key.shape[0] or query.shape[1] % key.shape[1]
+            or key.shape != value.shape or query.shape[-1] != key.shape[-1]):
         return "head counts or sizes the kernel does not pair"
     return None
 
@@ -107,6 +122,16 @@ def _pretrained_roots(model: nn.Module):
     return roots
 
 
+def _slices_shared_kv_queries(root: nn.Module) -> bool:
+    """Gemma 4's KV-shared layers (``_maybe_slice_kv_shared_inputs``): unless the attention
+    implementation is named 'sdpa', they keep only the last ``logits_to_keep`` queries (and
+    also with a static cache) while the causal mask stays None, which no attention function
+    handed q_len < kv_len and no mask can tell from a prefill into a static cache; sdpa's
+    fallback would align the causal mask top-left, i.e. wrongly."""
+    return (any(callable(getattr(type(m), "_maybe_slice_kv_shared_inputs", None)) for m in root.modules())
+            and any(getattr(m, "is_kv_shared_layer", False) for m in root.modules()))
+
+
 def why_not_fusable(model: nn.Module) -> str | None:
     """Why ``fuse_attention`` would leave this model alone (None: it can switch it)."""
     roots = _pretrained_roots(model)
@@ -116,6 +141,16 @@ def why_not_fusable(model: nn.Module) -> str | None:
         impl = getattr(r.config, "_attn_implementation", None)
         if impl not in ("sdpa", "eager", NAME):
             return f"its attention implementation is {impl!r} (only 'sdpa' and 'eager' are replaced)"
+        if not getattr(r, "_supports_sdpa", False):
+            # every call the kernel does not take falls back to sdpa: GPT-OSS's sinks would be
+            # dropped, Gemma 2's softcapping refused
+            return f"{type(r).__name__} does not support sdpa, the fallback of what the kernel does not take"
+        if any(isinstance(getattr(m, "indexer", None), nn.Module) for m in r.modules()):
+            return ("sparse attention (an indexer selects the keys): its modeling code applies the selection "
+                    "only under 'eager' and 'sdpa'")
+        if _slices_shared_kv_queries(r):
+            return ("its KV-shared layers drop queries without a mask under any attention implementation but "
+                    "'sdpa' (Gemma 4)")
     return None
 
 

@@ -257,7 +257,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor | None = None)
 def _scale(scale) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
+    # comparisons, not math.isfinite: under torch.compile with dynamic shapes the default
+    # scale (head size ** -0.5) is a SymFloat, which math.isfinite cannot trace (NaN fails both)
+    if not (0 < scale < math.inf):
         raise ValueError(f"scale must be finite and > 0, got {scale}")
 
 
