@@ -28,6 +28,13 @@ def test_opcheck_linear_and_lora_ops(path, bias, noise):
                           (torch.randn(5, 33), packed, state.absmax, 64, "nf4", 70))
     torch.library.opcheck(ops.lora_linear_4bit.default, (x, packed, state.absmax, 64, "nf4", 33, A, B, 2.0, b, n))
     torch.library.opcheck(ops.lora_linear.default, (x, Wd, A, B, 2.0, b, n))
+    for rows in (5, 9):  # the one-call composite and the many-row native path
+        xr = torch.randn(rows, 70)
+        ur = torch.randn(rows, 4)
+        nr = None if n is None else torch.empty(rows, 70).bernoulli_(0.8).div_(0.8)
+        torch.library.opcheck(ops.lora_linear_4bit_backward.default,
+                              (torch.randn(rows, 33), xr, packed, state.absmax, 64, "nf4", A.detach(), B.detach(), 2.0,
+                               nr, ur, True))
 
 
 def _tiny_model():

@@ -154,21 +154,29 @@ def why_not_fusable(model: nn.Module) -> str | None:
     return None
 
 
+_BEFORE = "_qlora_kernels_attn_before"
+
+
 def fuse_attention(model: nn.Module) -> str | None:
     """Switch every transformers model inside ``model`` from 'sdpa' or 'eager' attention to
-    the fused kernels (``set_attn_implementation``: the model's config says so afterwards,
-    and ``save_pretrained`` writes it; ``unfuse_attention`` switches back to 'sdpa').
-    Returns None, or why the model was left alone."""
+    the fused kernels (``set_attn_implementation``: the model's config says so afterwards;
+    ``save_pretrained`` does not write the choice, as for any implementation name, so a
+    saved model loads with transformers' default). ``unfuse_attention`` switches back to
+    what the model had. Returns None, or why the model was left alone."""
     why = why_not_fusable(model)
     if why is not None:
         return why
     register()
     for r in _pretrained_roots(model):
-        r.set_attn_implementation(NAME)
+        impl = r.config._attn_implementation
+        if impl != NAME:
+            setattr(r, _BEFORE, impl)
+            r.set_attn_implementation(NAME)
     return None
 
 
 def unfuse_attention(model: nn.Module) -> None:
+    """Back to the implementation each model had before ``fuse_attention`` ('sdpa' if unknown)."""
     for r in _pretrained_roots(model):
         if getattr(r.config, "_attn_implementation", None) == NAME:
-            r.set_attn_implementation("sdpa")
+            r.set_attn_implementation(getattr(r, _BEFORE, "sdpa"))
