@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -145,30 +146,34 @@ void attention_forward(const View& q, const View& k, const View& v, int64_t B, i
   // every key head transposed once ([D, S] each), not once per query block that reads it
   const int64_t Sp = padded(S);
   std::vector<float> kt(static_cast<size_t>(B * Hk * D * Sp));
-#pragma omp parallel num_threads(T)
-  {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < B * Hk; ++t)
-      transpose_rows(K.at(t / Hk, t % Hk, 0), K.ss, S, D, Sp, kt.data() + t * D * Sp);
-    std::vector<float> p(static_cast<size_t>(bq * S)), inv(static_cast<size_t>(bq));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      // the last (longest) blocks first: the dynamic schedule then ends with short ones
+  // per-thread scratch allocated here, not inside the parallel region, where a failed
+  // allocation could not reach Python as an exception
+  const size_t per = static_cast<size_t>(bq * S + bq);
+  std::vector<float> scratch(per * static_cast<size_t>(T));
+#pragma omp parallel for schedule(static) num_threads(T)
+  for (int64_t t = 0; t < B * Hk; ++t)
+    transpose_rows(K.at(t / Hk, t % Hk, 0), K.ss, S, D, Sp, kt.data() + t * D * Sp);
+  std::atomic<int64_t> next{0};
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int th = 0; th < T; ++th) {
+    float* p = scratch.data() + per * static_cast<size_t>(th);
+    float* inv = p + bq * S;
+    // tasks claimed in order, the last (longest) query blocks first so the run ends on short ones
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
       const int64_t blk = nb - 1 - t % nb, bh = t / nb, b = bh / H, h = bh % H, kvh = h / G;
       const int64_t i0 = blk * bq, i1 = std::min(S, i0 + bq), nr = i1 - i0, kend = i1;
       const float* kth = kt.data() + (b * Hk + kvh) * D * Sp;
-      f.rows_by_cols(Q.at(b, h, i0), Q.ss, kth, Sp, nr, kend, D, sc, p.data(), kend, i0);
+      f.rows_by_cols(Q.at(b, h, i0), Q.ss, kth, Sp, nr, kend, D, sc, p, kend, i0);
       for (int64_t r = 0; r < nr; ++r) {
-        float* row = p.data() + r * kend;
+        float* row = p + r * kend;
         const int64_t n = i0 + r + 1;
         const float m = f.row_max(row, n);
         const float sum = f.exp_shift_sum(row, n, m);
         std::fill(row + n, row + kend, 0.0f);
         L[(b * H + h) * S + i0 + r] = m + std::log(sum);
-        inv[static_cast<size_t>(r)] = 1.0f / sum;
+        inv[r] = 1.0f / sum;
       }
-      f.rows_by_rows(p.data(), kend, Vv.at(b, kvh, 0), Vv.ss, nr, kend, D, {1.0f, inv.data(), false}, O.at(b, h, i0),
-                     O.ss, i0);
+      f.rows_by_rows(p, kend, Vv.at(b, kvh, 0), Vv.ss, nr, kend, D, {1.0f, inv, false}, O.at(b, h, i0), O.ss, i0);
     }
   }
 }
@@ -196,16 +201,20 @@ void attention_backward(const View& dout, const View& q, const View& k, const Vi
   const int64_t tasks = B * Hk;
   const float sc = static_cast<float>(scale);
   const int T = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(nthreads, 1), tasks)));
-#pragma omp parallel num_threads(T)
-  {
-    const int64_t Sp = padded(S);
-    std::vector<float> kt(static_cast<size_t>(D * Sp)), vt(static_cast<size_t>(D * Sp));
-    std::vector<float> p(static_cast<size_t>(bq * S)), ds(static_cast<size_t>(bq * S));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
+  const int64_t Sp = padded(S);
+  const size_t per = static_cast<size_t>(2 * D * Sp + 2 * bq * S);
+  std::vector<float> scratch(per * static_cast<size_t>(T));  // see attention_forward
+  std::atomic<int64_t> next{0};
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int th = 0; th < T; ++th) {
+    float* kt = scratch.data() + per * static_cast<size_t>(th);
+    float* vt = kt + D * Sp;
+    float* p = vt + D * Sp;
+    float* ds = p + bq * S;
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
       const int64_t b = t / Hk, kvh = t % Hk;
-      transpose_rows(K.at(b, kvh, 0), K.ss, S, D, Sp, kt.data());
-      transpose_rows(Vv.at(b, kvh, 0), Vv.ss, S, D, Sp, vt.data());
+      transpose_rows(K.at(b, kvh, 0), K.ss, S, D, Sp, kt);
+      transpose_rows(Vv.at(b, kvh, 0), Vv.ss, S, D, Sp, vt);
       for (int64_t j = 0; j < S; ++j) {
         std::fill(dK.at(b, kvh, j), dK.at(b, kvh, j) + D, 0.0f);
         std::fill(dV.at(b, kvh, j), dV.at(b, kvh, j) + D, 0.0f);
@@ -213,24 +222,24 @@ void attention_backward(const View& dout, const View& q, const View& k, const Vi
       for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
         for (int64_t blk = 0; blk < nb; ++blk) {
           const int64_t i0 = blk * bq, i1 = std::min(S, i0 + bq), nr = i1 - i0, kend = i1;
-          f.rows_by_cols(Q.at(b, h, i0), Q.ss, kt.data(), Sp, nr, kend, D, sc, p.data(), kend, i0);
+          f.rows_by_cols(Q.at(b, h, i0), Q.ss, kt, Sp, nr, kend, D, sc, p, kend, i0);
           for (int64_t r = 0; r < nr; ++r) {
-            float* row = p.data() + r * kend;
+            float* row = p + r * kend;
             const int64_t n = i0 + r + 1;
             f.exp_shift_sum(row, n, L[(b * H + h) * S + i0 + r]);
             std::fill(row + n, row + kend, 0.0f);
           }
-          f.cols_by_rows_acc(p.data(), kend, dO.at(b, h, i0), dO.ss, nr, kend, D, dV.at(b, kvh, 0), dV.ss, i0);
-          f.rows_by_cols(dO.at(b, h, i0), dO.ss, vt.data(), Sp, nr, kend, D, 1.0f, ds.data(), kend, i0);
+          f.cols_by_rows_acc(p, kend, dO.at(b, h, i0), dO.ss, nr, kend, D, dV.at(b, kvh, 0), dV.ss, i0);
+          f.rows_by_cols(dO.at(b, h, i0), dO.ss, vt, Sp, nr, kend, D, 1.0f, ds, kend, i0);
           for (int64_t r = 0; r < nr; ++r) {
             const float delta = f.dot(dO.at(b, h, i0 + r), O.at(b, h, i0 + r), D);
-            float* dr = ds.data() + r * kend;
+            float* dr = ds + r * kend;
             const int64_t n = i0 + r + 1;
-            f.softmax_grad(p.data() + r * kend, dr, n, delta, sc);
+            f.softmax_grad(p + r * kend, dr, n, delta, sc);
             std::fill(dr + n, dr + kend, 0.0f);
           }
-          f.rows_by_rows(ds.data(), kend, K.at(b, kvh, 0), K.ss, nr, kend, D, {}, dQ.at(b, h, i0), dQ.ss, i0);
-          f.cols_by_rows_acc(ds.data(), kend, Q.at(b, h, i0), Q.ss, nr, kend, D, dK.at(b, kvh, 0), dK.ss, i0);
+          f.rows_by_rows(ds, kend, K.at(b, kvh, 0), K.ss, nr, kend, D, {}, dQ.at(b, h, i0), dQ.ss, i0);
+          f.cols_by_rows_acc(ds, kend, Q.at(b, h, i0), Q.ss, nr, kend, D, dK.at(b, kvh, 0), dK.ss, i0);
         }
       }
     }
