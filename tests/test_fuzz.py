@@ -411,3 +411,45 @@ def test_quant_state_from_dict_fuzz(w, fmt, drop, junk, where):
     s.validate()
     if s.absmax.device.type == "cpu" and packed.numel() == formats.packed_numel(s.numel):
         outcome(lambda: qk.dequantize_4bit(packed, s))  # valid or a clear error; never a crash
+
+
+@fuzz(B=st.sampled_from([0, 1, 2]), H=st.sampled_from([1, 3, 4]), Hk=st.sampled_from([1, 2, 3]),
+      S=st.sampled_from([0, 1, 5, 64, 67]), D=st.sampled_from([0, 1, 7, 16, 33]),
+      layout=st.sampled_from(["contiguous", "transposed", "expanded_kv", "sliced"]),
+      dtype=FLOATS, scale=st.sampled_from([None, 0.3, -1.0, 0.0]), meta=st.sampled_from([None, "q", "v"]))
+def test_causal_attention_fuzz(B, H, Hk, S, D, layout, dtype, scale, meta, where):
+    """causal_attention forward and backward over empty and odd sizes, head counts that do
+    and do not group, strided views (transformers' transposed q, k/v expanded with stride 0,
+    sliced head size), dtypes, bad scales and meta tensors."""
+    g = torch.Generator().manual_seed(B * 1000 + H * 100 + S * 10 + D)
+    if layout == "transposed":
+        q = torch.randn(B, S, H, D, generator=g).transpose(1, 2)
+    elif layout == "sliced":
+        q = torch.randn(B, H, S, D + 3, generator=g)[..., 1:D + 1]
+    else:
+        q = torch.randn(B, H, S, D, generator=g)
+    if layout == "expanded_kv":
+        k = torch.randn(1, Hk, S, D, generator=g).expand(B, Hk, S, D)
+        v = torch.randn(1, Hk, S, D, generator=g).expand(B, Hk, S, D)
+    else:
+        k, v = torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
+    args = {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype)}
+    if meta:
+        args[meta] = args[meta].to("meta")
+
+    def call():
+        ts = {n: t.detach().clone().requires_grad_() if t.device.type == "cpu" else t for n, t in args.items()}
+        out = qk.causal_attention(ts["q"], ts["k"], ts["v"], scale)
+        out.float().square().sum().backward()
+        return (out.detach(), *(ts[n].grad for n in ("q", "k", "v")))
+
+    def compare(a, r):
+        for u, w in zip(a, r):
+            assert u.shape == w.shape and u.dtype == w.dtype
+            tol = 1e-5 if u.dtype == torch.float32 else 2e-2
+            # gradients that are zero in exact arithmetic (one position: softmax 1, dp - delta
+            # = 0) come out as the rounding of two D-term dot products summed in other orders
+            atol = tol * max(D, 1) * (1 + w.float().abs().max().item())
+            torch.testing.assert_close(u.float(), w.float(), rtol=tol, atol=atol)
+
+    check_same(outcome(call), on_reference(call), ("q", "k", "v", "scale"), compare)

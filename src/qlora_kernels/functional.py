@@ -232,6 +232,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     fused kernels (ops/attention.py); ``scale`` defaults to D ** -0.5. Returns [B, H, S, D]
     (a view of a [B, S, H, D] buffer: ``.transpose(1, 2)`` of it is contiguous)."""
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
-        scale = q.shape[-1] ** -0.5
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # an empty head size fails the checks
     checks.attention(q, k, v, scale)
     return torch.ops.qlora_kernels.causal_attention(q, k, v, float(scale))[0].transpose(1, 2)
