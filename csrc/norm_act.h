@@ -1,5 +1,5 @@
 // qlora-kernels: the fused RMSNorm and SwiGLU of a Llama-style decoder layer, with their
-// backward, torch-free. Each ISA path fills one table of row/range kernels; the bindings
+// backward, torch-free; and the softmax / cross-entropy row pass of the fused loss. Each ISA path fills one table of row/range kernels; the bindings
 // (norm_act_bindings.cpp) split rows over threads and pick the table with current_isa().
 //
 //   rms_norm:  rstd = 1 / sqrt(sum(x^2) / K + eps),  y = w * (x * rstd)      (one row of K)
@@ -22,6 +22,10 @@ struct NormActKernels {
   void (*swiglu_forward)(const float* g, const float* u, int64_t n, float* h);
   void (*swiglu_backward)(const float* dh, const float* g, const float* u, int64_t n, float* dg, float* du);
   void (*exp)(const float* x, int64_t n, float* y);  // the exp the SwiGLU kernels use, for tests
+  // The cross-entropy of one row of logits z[n] against class `label`: returns
+  // logsumexp(z) - z[label] and overwrites z with its gradient softmax(z) - onehot(label);
+  // label < 0 (an ignored row): z zeroed, 0 returned.
+  float (*softmax_xent_row)(float* z, int64_t n, int64_t label);
 };
 
 NormActKernels norm_act_scalar();

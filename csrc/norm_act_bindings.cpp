@@ -159,6 +159,27 @@ void exp_f32(uintptr_t x, int64_t x_numel, uintptr_t y, int64_t y_numel) {
   qk::norm_act_kernels().exp(ptr<const float>(x), x_numel, ptr<float>(y));
 }
 
+// Rows of logits z [M, V] overwritten with their cross-entropy gradient; loss[i] written;
+// labels int64, < 0 for an ignored row. Every label >= V is refused before any row runs.
+void softmax_xent_rows(uintptr_t z, int64_t z_numel, int64_t M, int64_t V, uintptr_t labels, int64_t labels_numel,
+                       uintptr_t loss, int64_t loss_numel, int nthreads) {
+  check_shape(M, V);
+  QK_REQUIRE(V >= 1, "the vocabulary must be >= 1");
+  check_numel("logits", z_numel, M * V);
+  check_numel("labels", labels_numel, M);
+  check_numel("loss", loss_numel, M);
+  if (M == 0) return;
+  QK_REQUIRE(z && labels && loss, "null data pointer");
+  const int64_t* lab = ptr<const int64_t>(labels);
+  for (int64_t i = 0; i < M; ++i)
+    QK_REQUIRE(lab[i] < V, "labels[" + std::to_string(i) + "] = " + std::to_string(lab[i]) + " is outside [0, " +
+                               std::to_string(V) + ")");
+  const auto f = qk::norm_act_kernels().softmax_xent_row;
+  for_row_parts(M, threads_for(M, V, nthreads), [&](int, int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) ptr<float>(loss)[i] = f(ptr<float>(z) + i * V, V, lab[i]);
+  });
+}
+
 }  // namespace
 
 void register_norm_act(py::module_& m) {
@@ -171,5 +192,8 @@ void register_norm_act(py::module_& m) {
         "h = silu(gate) * up over M rows of N (gate/up rows ld_g/ld_u apart, h contiguous).");
   m.def("swiglu_backward", &swiglu_backward, nogil,
         "(dgate, dup) of h = silu(gate) * up, sigmoid recomputed from gate; dh, dgate, dup contiguous.");
+  m.def("softmax_xent_rows", &softmax_xent_rows, nogil,
+        "Cross-entropy per row of fp32 logits [M, V] (labels int64, < 0 ignored): loss written, logits overwritten "
+        "with softmax - onehot.");
   m.def("exp_f32", &exp_f32, nogil, "The vectorized exp of the SwiGLU kernels over n fp32 values (for tests).");
 }

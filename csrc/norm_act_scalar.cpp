@@ -2,6 +2,8 @@
 // element code every SIMD path's tail shares (norm_act_common.h).
 #include "norm_act.h"
 #include "norm_act_common.h"
+#include "norm_act_simd.h"
+#include "vec_scalar.h"
 
 namespace qk {
 namespace {
@@ -40,7 +42,8 @@ void exp_range(const float* x, int64_t n, float* y) {
 }  // namespace
 
 NormActKernels norm_act_scalar() {
-  return {rms_forward_row, rms_backward_row, swiglu_forward, swiglu_backward, exp_range};
+  // the cross-entropy pass as the SIMD paths compute it, one lane wide
+  return {rms_forward_row, rms_backward_row, swiglu_forward, swiglu_backward, exp_range, softmax_xent_row<VecScalar>};
 }
 
 }  // namespace qk

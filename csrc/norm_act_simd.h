@@ -5,6 +5,8 @@
 // without FMA, so a SwiGLU element has the same bits on every path (the RMSNorm sums
 // differ by summation order only). Internal linkage, as in norm_act_common.h.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include "norm_act.h"
 #include "norm_act_common.h"
 
@@ -117,8 +119,48 @@ void swiglu_backward(const float* dh, const float* g, const float* u, int64_t n,
 }
 
 template <class V>
+float softmax_xent_row(float* z, int64_t n, int64_t label) {
+  using R = typename V::Reg;
+  constexpr int L = V::kLanes;
+  if (label < 0) {
+    std::fill(z, z + n, 0.0f);
+    return 0.0f;
+  }
+  float m = -INFINITY;
+  int64_t i = 0;
+  if (n >= L) {
+    R a = V::load(z);
+    for (i = L; i + L <= n; i += L) a = V::max(V::load(z + i), a);
+    float lanes[L];
+    V::store(lanes, a);
+    for (int l = 0; l < L; ++l) m = lanes[l] > m ? lanes[l] : m;
+  }
+  for (; i < n; ++i) m = z[i] > m ? z[i] : m;
+  const float picked = z[label];
+  const R mv = V::set1(m);
+  R acc = V::set1(0.0f);
+  for (i = 0; i + L <= n; i += L) {
+    const R p = exp_simd<V>(V::sub(V::load(z + i), mv));
+    V::store(z + i, p);
+    acc = V::add(acc, p);
+  }
+  float sum = V::hsum(acc);
+  for (; i < n; ++i) {
+    z[i] = exp_scalar(z[i] - m);
+    sum += z[i];
+  }
+  const float inv = 1.0f / sum;
+  const R iv = V::set1(inv);
+  for (i = 0; i + L <= n; i += L) V::store(z + i, V::mul(V::load(z + i), iv));
+  for (; i < n; ++i) z[i] *= inv;
+  z[label] -= 1.0f;
+  return (m + std::log(sum)) - picked;
+}
+
+template <class V>
 NormActKernels norm_act_table() {
-  return {rms_forward_row<V>, rms_backward_row<V>, swiglu_forward<V>, swiglu_backward<V>, exp_range<V>};
+  return {rms_forward_row<V>, rms_backward_row<V>, swiglu_forward<V>, swiglu_backward<V>, exp_range<V>,
+          softmax_xent_row<V>};
 }
 
 }  // namespace

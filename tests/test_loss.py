@@ -192,3 +192,31 @@ def test_linear_cross_entropy_bad_input(case, exc, match):
         kw["reduction"] = "none"
     with pytest.raises(exc, match=match):
         qk.linear_cross_entropy(x, W, labels, **kw)
+
+
+@pytest.mark.parametrize("M,V", [(1, 1), (3, 7), (5, 4097), (2, 50000)])
+def test_softmax_xent_row_pass_matches_torch(path, M, V):
+    """The fused loss's row pass (csrc/norm_act.h on the cpu paths): per-row loss and the
+    gradient softmax - onehot written over the logits, ignored rows zeroed, against fp64 torch;
+    large logits (the max is subtracted first) and a -inf logit."""
+    g = torch.Generator().manual_seed(M * 7 + V)
+    z = torch.randn(M, V, generator=g) * 30 + 1000
+    z[0, 0] = float("-inf") if V > 1 else z[0, 0]
+    labels = torch.randint(0, V, (M,), generator=g)
+    labels[0] = V - 1
+    if M > 2:
+        labels[1] = -1
+    valid = labels >= 0
+    z64 = z.double()
+    logp = torch.log_softmax(z64, 1)
+    want_loss = torch.where(valid, -logp.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
+    want_g = logp.exp()
+    want_g[valid, labels[valid]] -= 1
+    want_g[~valid] = 0
+    got_g = z.clone()
+    got_loss = run("softmax_xent", got_g, labels)
+    # |loss| error: the logsumexp's ~V/2 u of summation and the exp's ulp, relative to the
+    # row's largest shifted logit (~100 here); gradient entries within 8u of 1
+    assert torch.all((got_loss.double() - want_loss).abs() <= 1e-6 * (1 + want_loss.abs()) + V * 2 ** -24 * 200)
+    assert torch.all((got_g.double() - want_g).abs() <= (V / 2 + 16) * 2 ** -24 * (want_g.abs() + 1e-7) + 1e-7)
+    assert torch.all(got_g[~valid] == 0)

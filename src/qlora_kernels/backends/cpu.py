@@ -309,6 +309,18 @@ def swiglu_backward(dh2, gate2, up2):
     return dg, du
 
 
+@register_kernel("softmax_xent", "cpu")
+def softmax_xent(logits, labels):
+    """csrc/norm_act.h's row pass: one read of the logits for the max, one exp pass, one scale
+    (the row stays in L2), where torch's log_softmax, exp_, gather and scatter each pass over it."""
+    M, V = logits.shape
+    lab = labels.contiguous()
+    loss = torch.empty((M,), dtype=torch.float32)
+    _C.softmax_xent_rows(logits.data_ptr(), logits.numel(), M, V, lab.data_ptr(), lab.numel(), loss.data_ptr(),
+                         loss.numel(), torch.get_num_threads())
+    return loss
+
+
 # ---- causal attention of a training step (csrc/attention_*) ----
 def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     """(pointer, elements reachable from it, batch / head / position strides) of a 4-D fp32

@@ -320,6 +320,25 @@ def swiglu_backward(dh2: torch.Tensor, gate2: torch.Tensor, up2: torch.Tensor):
     return (dh2 * up2) * s * (1 + gate2 * (1 - s)), dh2 * torch.nn.functional.silu(gate2)
 
 
+# --------------------------------------------------------- fused loss's row pass ----
+
+@register_kernel("softmax_xent", "reference")
+def softmax_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of fp32 logits [M, V] against int64 labels (< 0: an ignored
+    row, loss 0); ``logits`` is overwritten with the gradient softmax - onehot (zeros for
+    ignored rows). log_softmax is one fused pass in torch (logsumexp, sub and exp would be
+    three)."""
+    valid = labels >= 0
+    safe = torch.where(valid, labels, 0).unsqueeze(1)
+    logp = torch.log_softmax(logits, 1)
+    loss = torch.where(valid, -logp.gather(1, safe).squeeze(1), 0.0)
+    logits.copy_(logp.exp_())
+    logits.scatter_add_(1, safe, -valid.to(logits.dtype).unsqueeze(1))
+    if not bool(valid.all()):
+        logits.mul_(valid.unsqueeze(1))
+    return loss
+
+
 # ------------------------------------------------------------------ attention ----
 # q [B, H, S, D], k, v [B, Hk, S, D] fp32; out and dout [B, S, H, D]; lse [B, H, S]. The
 # textbook formulas with the [S, S] probabilities materialized: the oracle of the kernels.
