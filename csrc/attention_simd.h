@@ -162,42 +162,6 @@ void cols_by_rows_acc(const float* P, int64_t ldp, const float* Y, int64_t ldy, 
 }
 
 template <class V>
-float row_max(const float* s, int64_t n) {
-  constexpr int L = V::kLanes;
-  float m = -INFINITY;
-  int64_t j = 0;
-  if (n >= L) {
-    typename V::Reg a = V::load(s);
-    for (j = L; j + L <= n; j += L) a = V::max(V::load(s + j), a);
-    float lanes[L];
-    V::store(lanes, a);
-    for (int l = 0; l < L; ++l) m = lanes[l] > m ? lanes[l] : m;
-  }
-  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
-}
-
-template <class V>
-float exp_shift_sum(float* s, int64_t n, float shift) {
-  using Reg = typename V::Reg;
-  constexpr int L = V::kLanes;
-  const Reg sh = V::set1(shift);
-  Reg acc = V::set1(0.0f);
-  int64_t j = 0;
-  for (; j + L <= n; j += L) {
-    const Reg p = exp_simd<V>(V::sub(V::load(s + j), sh));
-    V::store(s + j, p);
-    acc = V::add(acc, p);
-  }
-  float sum = V::hsum(acc);
-  for (; j < n; ++j) {
-    s[j] = exp_scalar(s[j] - shift);
-    sum += s[j];
-  }
-  return sum;
-}
-
-template <class V>
 void softmax_grad(const float* p, float* ds, int64_t n, float delta, float scale) {
   constexpr int L = V::kLanes;
   const typename V::Reg dl = V::set1(delta), sc = V::set1(scale);
@@ -221,8 +185,8 @@ float dot(const float* a, const float* b, int64_t n) {
 
 template <class V>
 AttnKernels attention_table() {
-  return {attn::rows_by_cols<V>, attn::rows_by_rows<V>, attn::cols_by_rows_acc<V>, attn::row_max<V>,
-          attn::exp_shift_sum<V>, attn::softmax_grad<V>, attn::dot<V>};
+  return {attn::rows_by_cols<V>, attn::rows_by_rows<V>, attn::cols_by_rows_acc<V>, row_max<V>,
+          exp_shift_sum<V>, attn::softmax_grad<V>, attn::dot<V>};
 }
 
 }  // namespace

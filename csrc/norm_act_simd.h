@@ -118,40 +118,57 @@ void swiglu_backward(const float* dh, const float* g, const float* u, int64_t n,
   for (; i < n; ++i) swiglu_backward_elem(dh[i], g[i], u[i], dg[i], du[i]);
 }
 
+// The row passes of a softmax, shared with attention_simd.h: the row's max, and exp(s -
+// shift) written over s with its sum (fixed order).
 template <class V>
-float softmax_xent_row(float* z, int64_t n, int64_t label) {
-  using R = typename V::Reg;
+float row_max(const float* s, int64_t n) {
   constexpr int L = V::kLanes;
-  if (label < 0) {
-    std::fill(z, z + n, 0.0f);
-    return 0.0f;
-  }
   float m = -INFINITY;
-  int64_t i = 0;
+  int64_t j = 0;
   if (n >= L) {
-    R a = V::load(z);
-    for (i = L; i + L <= n; i += L) a = V::max(V::load(z + i), a);
+    typename V::Reg a = V::load(s);
+    for (j = L; j + L <= n; j += L) a = V::max(V::load(s + j), a);
     float lanes[L];
     V::store(lanes, a);
     for (int l = 0; l < L; ++l) m = lanes[l] > m ? lanes[l] : m;
   }
-  for (; i < n; ++i) m = z[i] > m ? z[i] : m;
-  const float picked = z[label];
-  const R mv = V::set1(m);
-  R acc = V::set1(0.0f);
-  for (i = 0; i + L <= n; i += L) {
-    const R p = exp_simd<V>(V::sub(V::load(z + i), mv));
-    V::store(z + i, p);
+  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+template <class V>
+float exp_shift_sum(float* s, int64_t n, float shift) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  const Reg sh = V::set1(shift);
+  Reg acc = V::set1(0.0f);
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const Reg p = exp_simd<V>(V::sub(V::load(s + j), sh));
+    V::store(s + j, p);
     acc = V::add(acc, p);
   }
   float sum = V::hsum(acc);
-  for (; i < n; ++i) {
-    z[i] = exp_scalar(z[i] - m);
-    sum += z[i];
+  for (; j < n; ++j) {
+    s[j] = exp_scalar(s[j] - shift);
+    sum += s[j];
   }
+  return sum;
+}
+
+template <class V>
+float softmax_xent_row(float* z, int64_t n, int64_t label) {
+  if (label < 0) {
+    std::fill(z, z + n, 0.0f);
+    return 0.0f;
+  }
+  const float m = row_max<V>(z, n);
+  const float picked = z[label];
+  const float sum = exp_shift_sum<V>(z, n, m);
   const float inv = 1.0f / sum;
-  const R iv = V::set1(inv);
-  for (i = 0; i + L <= n; i += L) V::store(z + i, V::mul(V::load(z + i), iv));
+  const typename V::Reg iv = V::set1(inv);
+  int64_t i = 0;
+  for (; i + V::kLanes <= n; i += V::kLanes) V::store(z + i, V::mul(V::load(z + i), iv));
   for (; i < n; ++i) z[i] *= inv;
   z[label] -= 1.0f;
   return (m + std::log(sum)) - picked;

@@ -33,3 +33,20 @@ def batch(seed: int = 1, b: int = 2, t: int = 16):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 128, (b, t), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def lora_peft(model, arch: str):
+    """PEFT LoRA r=4 (non-zero B) on every projection of a tiny ``arch`` model, via our PEFT
+    integration, in training mode."""
+    import warnings
+
+    from peft import LoraConfig
+
+    from qlora_kernels.integrations.peft import get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], lora_dropout=0.0, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(model, cfg)
+    pm.train()
+    return pm

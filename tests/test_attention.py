@@ -4,7 +4,6 @@ gradients within 4x torch's own fp32 error (its fp32 SDPA against the same fp64 
 plus 64 u of the result's largest magnitude (u = 2^-24); then the transformers
 integration (hf_attention): the same losses and gradients as sdpa, fallbacks counted."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from qlora_kernels.integrations import hf_attention
 from qlora_kernels.integrations.hf_fuse import fuse_layers
 
 from .conftest import BACKEND_PATHS, on_path
-from .hf_models import TARGETS, batch, tiny_model
+from .hf_models import batch, lora_peft, tiny_model
 
 U = 2.0 ** -24
 IDS = [b if i is None else f"{b}-{i}" for b, i in BACKEND_PATHS]
@@ -192,18 +191,9 @@ def test_default_scale_under_dynamic_compile():
 # ------------------------------------------------------------- transformers ----
 
 def _peft(arch: str, attention: bool):
-    from peft import LoraConfig
-
-    from qlora_kernels.integrations.peft import get_peft_model
-
     model = qk.quantize_model(tiny_model(arch), fuse_loss=True)
     fuse_layers(model, attention=attention)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], lora_dropout=0.0, init_lora_weights=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(model, cfg)
-    pm.train()
-    return pm
+    return lora_peft(model, arch)
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])

@@ -11,7 +11,6 @@ runs, against torch's own ops in fp64 within stated bounds (u = 2^-24):
 Then the integration: tiny random Llama and Phi-3 models, fused vs unfused under PEFT LoRA
 on our 4-bit layers: the same loss and gradients, the same state-dict keys."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from qlora_kernels.integrations.hf_fuse import fuse_layers, is_fused_mlp
 from qlora_kernels.nn import RMSNorm
 
 from .conftest import BACKEND_PATHS, on_path
-from .hf_models import TARGETS, batch, tiny_model
+from .hf_models import TARGETS, batch, lora_peft, tiny_model
 
 U = 2.0 ** -24
 IDS = [b if i is None else f"{b}-{i}" for b, i in BACKEND_PATHS]
@@ -213,17 +212,7 @@ def test_cpu_kernels_are_registered():
 # ---------------------------------------------------------------- integration ----
 
 def _peft(arch: str, fuse: bool):
-    from peft import LoraConfig
-
-    from qlora_kernels.integrations.peft import get_peft_model
-
-    model = qk.quantize_model(tiny_model(arch), fuse_loss=True, fuse_norm_mlp=fuse)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], lora_dropout=0.0, init_lora_weights=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = get_peft_model(model, cfg)
-    pm.train()
-    return pm
+    return lora_peft(qk.quantize_model(tiny_model(arch), fuse_loss=True, fuse_norm_mlp=fuse), arch)
 
 
 def _loss_and_grads(pm):
