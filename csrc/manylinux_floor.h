@@ -17,6 +17,14 @@ __asm__(".symver exp2,exp2@GLIBC_2.2.5");
 __asm__(".symver log,log@GLIBC_2.2.5");
 __asm__(".symver log2,log2@GLIBC_2.2.5");
 __asm__(".symver pow,pow@GLIBC_2.2.5");
+// glibc 2.27 did the same for the float functions expf, exp2f, logf, log2f and powf (the
+// softmax row passes call logf, csrc/norm_act_simd.h and attention_bindings.cpp): bound to
+// the base version likewise, or the wheel's tag rises to manylinux_2_27.
+__asm__(".symver expf,expf@GLIBC_2.2.5");
+__asm__(".symver exp2f,exp2f@GLIBC_2.2.5");
+__asm__(".symver logf,logf@GLIBC_2.2.5");
+__asm__(".symver log2f,log2f@GLIBC_2.2.5");
+__asm__(".symver powf,powf@GLIBC_2.2.5");
 #endif
 
 // GCC 12's libstdc++ (its headers' inline reference counts of shared_ptr, exception_ptr and
