@@ -44,7 +44,7 @@ void linear4_backward_input_avx2(const float* dy, int64_t M, int64_t lddy, const
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
     pack_backward_panel<Kernel6x16::NR>(w, j0, nc, p0, kc, bp);
   };
-  gemm_driver<Kernel6x16>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, blocking(t), 64, kPackRows,
+  gemm_driver<Kernel6x16>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, blocking(t), 32, kPackRows,
                            nthreads);
 }
 

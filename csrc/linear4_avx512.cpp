@@ -50,7 +50,7 @@ void linear4_backward_input_avx512(const float* dy, int64_t M, int64_t lddy, con
   const auto pack = [&w](int64_t j0, int64_t nc, int64_t p0, int64_t kc, float* bp, float*) {
     pack_backward_panel<Kernel12x32::NR>(w, j0, nc, p0, kc, bp);
   };
-  gemm_driver<Kernel12x32>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, blocking(tuning(Isa::Avx512)), 64, kPackRows,
+  gemm_driver<Kernel12x32>(M, w.K, w.N, dy, lddy, dx, lddx, nullptr, pack, blocking(tuning(Isa::Avx512)), 32, kPackRows,
                            nthreads);
 }
 

@@ -223,12 +223,12 @@ void pack_forward_panel(const Weight4& w, int64_t n0, int64_t nc, int64_t p0, in
   }
 }
 
-// 64 elements Wd[i .. i+64) of one row in element order, from the 32 packed bytes at
-// i/2 (i even): the eight dword-order lookups, transposed, hold element 8j + (s^1) in
-// lane s of v[j]; swapping adjacent lanes puts element 8j + s there. a0 scales
-// elements 0..31, a1 elements 32..63 (they differ only for blocksize 32).
-inline void decode64_ordered(const uint8_t* p, __m256 lo, __m256 hi, float a0, float a1, __m256 v[8]) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+// 64 elements Wd[i .. i+64) of one row in element order, from the 32 packed bytes in raw:
+// the eight dword-order lookups, transposed, hold element 8j + (s^1) in lane s of v[j];
+// swapping adjacent lanes puts element 8j + s there. a0 scales elements 0..31, a1
+// elements 32..63 (they differ only for blocksize 32). With only 16 bytes in raw (upper
+// half zero), v[0..3] are elements 0..31.
+inline void decode64_ordered(__m256i raw, __m256 lo, __m256 hi, float a0, float a1, __m256 v[8]) {
   v[0] = nib<0>(raw, lo, hi);
   v[1] = nib<1>(raw, lo, hi);
   v[2] = nib<2>(raw, lo, hi);
@@ -244,29 +244,48 @@ inline void decode64_ordered(const uint8_t* p, __m256 lo, __m256 hi, float a0, f
 
 // Backward B panel (dx = dy Wd): reduction rows n = p0 .. p0+kc, output columns
 // k0 .. k0+nc in micro-panels of NR: bp[q*ps + r*NR + t] = Wd[p0 + r, k0 + q*NR + t].
+// Column ranges on 32-element boundaries keep the dword decoder: a panel may start or end
+// half-way through a 64-element chunk (the thread split of 576 columns is 288 + 288 in
+// units of 32; in units of 64 it was 320 + 256, a tenth of the step's backward GEMMs lost
+// to imbalance on SmolLM2's shapes).
 template <int NR>
 void pack_backward_panel(const Weight4& w, int64_t k0, int64_t nc, int64_t p0, int64_t kc, float* bp) {
-  static_assert(64 % NR == 0, "a 64-element chunk fills whole micro-panel rows");
-  const bool fast = w.K % 64 == 0 && k0 % 64 == 0 && (w.blocksize % 64 == 0 || w.blocksize == 32);
+  static_assert(32 % NR == 0, "a 32-element half chunk fills whole micro-panel rows");
+  const bool fast = w.K % 64 == 0 && k0 % 32 == 0 && (w.blocksize % 64 == 0 || w.blocksize == 32);
   const int64_t ps = panel_stride(kc, NR);
-  const int64_t nfast = fast ? (nc & ~int64_t(63)) : 0;
   const BlockIndex bi(w.blocksize);
   const __m256 lo = _mm256_loadu_ps(w.code), hi = _mm256_loadu_ps(w.code + 8);
+  const auto store = [&](const __m256* v, int n8, int64_t c, int64_t r) {
+    for (int j = 0; j < n8; ++j) {
+      const int64_t u = c + 8 * j;
+      _mm256_storeu_ps(bp + (u / NR) * ps + r * NR + u % NR, v[j]);
+    }
+  };
+  const auto half = [&](int64_t i, int64_t c, int64_t r) {
+    // 16 bytes only: a 32-byte load could run past the end of the last row
+    const __m256i raw = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + i / 2)));
+    __m256 v[8];
+    decode64_ordered(raw, lo, hi, w.absmax[bi(i)], 0.f, v);
+    store(v, 4, c, r);
+  };
   for (int64_t r = 0; r < kc; ++r) {
     const int64_t row = (p0 + r) * w.K + k0;
     // A few hundred bytes per row at a stride of K/2 bytes: the hardware prefetchers
     // miss it, and the loads stalled on L3 latency. Fetch kAhead rows early.
     if (r + kAhead < kc) prefetch_span(w.packed + (row + kAhead * w.K) / 2, (nc + 1) / 2);
-    for (int64_t c = 0; c < nfast; c += 64) {
-      const int64_t i = row + c;
-      __m256 v[8];
-      decode64_ordered(w.packed + i / 2, lo, hi, w.absmax[bi(i)], w.absmax[bi(i + 32)], v);
-      for (int j = 0; j < 8; ++j) {
-        const int64_t u = c + 8 * j;
-        _mm256_storeu_ps(bp + (u / NR) * ps + r * NR + u % NR, v[j]);
+    int64_t c = 0;
+    if (fast) {
+      if (k0 % 64 != 0 && nc >= 32) half(row, 0, r), c = 32;
+      for (; c + 64 <= nc; c += 64) {
+        const int64_t i = row + c;
+        __m256 v[8];
+        decode64_ordered(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.packed + i / 2)), lo, hi,
+                         w.absmax[bi(i)], w.absmax[bi(i + 32)], v);
+        store(v, 8, c, r);
       }
+      if (c + 32 <= nc) half(row + c, c, r), c += 32;
     }
-    if (nfast < nc) decode_span<NR>(w, row + nfast, nc - nfast, bp + (nfast / NR) * ps + r * NR, ps);
+    if (c < nc) decode_span<NR>(w, row + c, nc - c, bp + (c / NR) * ps + r * NR, ps);
   }
 }
 

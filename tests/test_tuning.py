@@ -79,6 +79,27 @@ def test_every_tuning_stays_within_the_bound(isa, variant):
 
 
 @pytest.mark.parametrize("isa", FAST_PATHS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_backward_panels_on_half_chunk_boundaries_decode_exactly(isa, threads):
+    """The backward GEMM splits its output columns (the weight's K) between threads and
+    panels in units of 32, so panels start and end half-way through the dword decoder's
+    64-element chunks (576 = 288 + 288). With dy the identity, dx is the dequantized
+    weight itself: every element, whichever decoder handled it, exactly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with on_path("cpu", isa), tuned(isa, {"nc": 64, "kc": 64, "gemv_rows_backward": 0}):
+            for K, blocksize, quant_type in ((576, 64, "nf4"), (192, 32, "fp4"), (320, 128, "nf4"), (96, 32, "nf4")):
+                N = 40
+                packed, state, Wd = make_weight(N, K, quant_type, blocksize, seed=K + blocksize)
+                dx = torch.ops.qlora_kernels.linear_4bit_grad_input(torch.eye(N), packed, state.absmax, blocksize,
+                                                                    quant_type, K)
+                assert torch.equal(dx, Wd), f"K={K} blocksize={blocksize}: {(dx != Wd).sum().item()} elements differ"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", FAST_PATHS)
 def test_the_values_reach_the_kernels(isa):
     """Not only accepted: the GEMV crossover and decoder change the plan, and the blocking
     changes the loop nest's scratch (sized by kc x nc per thread)."""
