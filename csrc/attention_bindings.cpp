@@ -125,9 +125,27 @@ void transpose_rows(const float* k, int64_t ldk, int64_t n, int64_t D, int64_t l
   for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ld + n, kt + (d + 1) * ld, 0.0f);
 }
 
+// Keys each batch row's queries may see (right padding: keys past a sequence's length are
+// masked, as transformers' sdpa mask does): lens[b] in [1, S], or S for every row (null).
+std::vector<int64_t> key_lengths(uintptr_t lens, int64_t lens_numel, int64_t B, int64_t S) {
+  std::vector<int64_t> kl(static_cast<size_t>(B), S);
+  if (lens == 0) return kl;
+  QK_REQUIRE(lens_numel == B, "key_lengths has " + std::to_string(lens_numel) + " elements, expected " +
+                                  std::to_string(B));
+  const int64_t* p = ptr<const int64_t>(lens);
+  for (int64_t b = 0; b < B; ++b) {
+    QK_REQUIRE(p[b] >= 1 && p[b] <= S, "key_lengths[" + std::to_string(b) + "] = " + std::to_string(p[b]) +
+                                           " is outside [1, " + std::to_string(S) + "]");
+    kl[static_cast<size_t>(b)] = p[b];
+  }
+  return kl;
+}
+
 void attention_forward(const View& q, const View& k, const View& v, int64_t B, int64_t H, int64_t Hk, int64_t S,
-                       int64_t D, double scale, const View& o, uintptr_t lse, int64_t lse_numel, int nthreads) {
+                       int64_t D, double scale, const View& o, uintptr_t lse, int64_t lse_numel, uintptr_t lens,
+                       int64_t lens_numel, int nthreads) {
   const Dims d = check_dims(B, H, Hk, S, D);
+  const std::vector<int64_t> kl = key_lengths(lens, lens_numel, B, S);
   Extent eq, ek, ev, eo;
   const T4 Q = checked("q", q, B, H, d, &eq), K = checked("k", k, B, Hk, d, &ek), Vv = checked("v", v, B, Hk, d, &ev);
   const T4 O = checked_out("out", o, B, H, d, &eo);
@@ -161,12 +179,13 @@ void attention_forward(const View& q, const View& k, const View& v, int64_t B, i
     // tasks claimed in order, the last (longest) query blocks first so the run ends on short ones
     for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
       const int64_t blk = nb - 1 - t % nb, bh = t / nb, b = bh / H, h = bh % H, kvh = h / G;
-      const int64_t i0 = blk * bq, i1 = std::min(S, i0 + bq), nr = i1 - i0, kend = i1;
+      const int64_t i0 = blk * bq, i1 = std::min(S, i0 + bq), nr = i1 - i0, kb = kl[static_cast<size_t>(b)];
+      const int64_t kend = std::min(i1, kb);
       const float* kth = kt.data() + (b * Hk + kvh) * D * Sp;
       f.rows_by_cols(Q.at(b, h, i0), Q.ss, kth, Sp, nr, kend, D, sc, p, kend, i0);
       for (int64_t r = 0; r < nr; ++r) {
         float* row = p + r * kend;
-        const int64_t n = i0 + r + 1;
+        const int64_t n = std::min(i0 + r + 1, kb);
         const float m = f.row_max(row, n);
         const float sum = f.exp_shift_sum(row, n, m);
         std::fill(row + n, row + kend, 0.0f);
@@ -180,8 +199,10 @@ void attention_forward(const View& q, const View& k, const View& v, int64_t B, i
 
 void attention_backward(const View& dout, const View& q, const View& k, const View& v, const View& o, uintptr_t lse,
                         int64_t lse_numel, int64_t B, int64_t H, int64_t Hk, int64_t S, int64_t D, double scale,
-                        const View& dq, const View& dk, const View& dv, int nthreads) {
+                        const View& dq, const View& dk, const View& dv, uintptr_t lens, int64_t lens_numel,
+                        int nthreads) {
   const Dims d = check_dims(B, H, Hk, S, D);
+  const std::vector<int64_t> kl = key_lengths(lens, lens_numel, B, S);
   Extent edo, eq, ek, ev, eo, edq, edk, edv;
   const T4 dO = checked("dout", dout, B, H, d, &edo), Q = checked("q", q, B, H, d, &eq);
   const T4 K = checked("k", k, B, Hk, d, &ek), Vv = checked("v", v, B, Hk, d, &ev), O = checked("out", o, B, H, d, &eo);
@@ -221,11 +242,12 @@ void attention_backward(const View& dout, const View& q, const View& k, const Vi
       }
       for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
         for (int64_t blk = 0; blk < nb; ++blk) {
-          const int64_t i0 = blk * bq, i1 = std::min(S, i0 + bq), nr = i1 - i0, kend = i1;
+          const int64_t i0 = blk * bq, i1 = std::min(S, i0 + bq), nr = i1 - i0, kb = kl[static_cast<size_t>(b)];
+          const int64_t kend = std::min(i1, kb);
           f.rows_by_cols(Q.at(b, h, i0), Q.ss, kt, Sp, nr, kend, D, sc, p, kend, i0);
           for (int64_t r = 0; r < nr; ++r) {
             float* row = p + r * kend;
-            const int64_t n = i0 + r + 1;
+            const int64_t n = std::min(i0 + r + 1, kb);
             f.exp_shift_sum(row, n, L[(b * H + h) * S + i0 + r]);
             std::fill(row + n, row + kend, 0.0f);
           }
@@ -234,7 +256,7 @@ void attention_backward(const View& dout, const View& q, const View& k, const Vi
           for (int64_t r = 0; r < nr; ++r) {
             const float delta = f.dot(dO.at(b, h, i0 + r), O.at(b, h, i0 + r), D);
             float* dr = ds + r * kend;
-            const int64_t n = i0 + r + 1;
+            const int64_t n = std::min(i0 + r + 1, kb);
             f.softmax_grad(p + r * kend, dr, n, delta, sc);
             std::fill(dr + n, dr + kend, 0.0f);
           }
@@ -252,7 +274,8 @@ void register_attention(py::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("attention_forward", &attention_forward, nogil,
         "Causal attention of fp32 q [B,H,S,D] over k, v [B,Hk,S,D] (views: pointer, span, strides): writes out "
-        "(same layout as q's view) and lse [B,H,S].");
+        "(same layout as q's view) and lse [B,H,S]; key_lengths (int64 [B] or 0) masks keys past each row's "
+        "length.");
   m.def("attention_backward", &attention_backward, nogil,
         "(dq, dk, dv) of attention_forward from dout, q, k, v, out and lse; dk, dv are overwritten.");
 }

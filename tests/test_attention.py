@@ -35,15 +35,24 @@ def _inputs(B, H, Hk, S, D, seed=0):
     return q, k, v, do
 
 
-def _sdpa(q, k, v, do, dtype):
+def _padding_mask(lengths, S):
+    """transformers' sdpa mask of a right-padded causal batch: [B, 1, S, S], True = attend."""
+    pos = torch.arange(S)
+    return ((pos[:, None] >= pos[None, :]) & (pos < lengths[:, None, None]))[:, None]
+
+
+def _sdpa(q, k, v, do, dtype, lengths=None):
     ts = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    o = F.scaled_dot_product_attention(*ts, is_causal=True, enable_gqa=True)
+    if lengths is None:
+        o = F.scaled_dot_product_attention(*ts, is_causal=True, enable_gqa=True)
+    else:
+        o = F.scaled_dot_product_attention(*ts, attn_mask=_padding_mask(lengths, q.shape[2]), enable_gqa=True)
     return (o, *torch.autograd.grad(o, ts, do.to(dtype)))
 
 
-def _check(ours, q, k, v, do):
-    exact = _sdpa(q, k, v, do, torch.float64)
-    torch32 = _sdpa(q, k, v, do, torch.float32)
+def _check(ours, q, k, v, do, lengths=None):
+    exact = _sdpa(q, k, v, do, torch.float64, lengths)
+    torch32 = _sdpa(q, k, v, do, torch.float32, lengths)
     for name, a, e, t in zip(("out", "dq", "dk", "dv"), ours, exact, torch32):
         assert a.shape == e.shape, name
         err = (a.double() - e).abs().max().item()
@@ -60,6 +69,62 @@ def test_forward_backward_against_sdpa(path, shape):
         o = qk.causal_attention(qs, ks, vs)
         grads = torch.autograd.grad(o, (qs, ks, vs), do)
     _check((o, *grads), q, k, v, do)
+
+
+# (shape, key lengths): one key, the whole sequence, ends inside and at the edge of a query
+# block (64 rows at these sizes), grouped queries
+PADDED = [((1, 1, 1, 1, 1), [1]), ((3, 2, 1, 7, 8), [1, 7, 4]), ((2, 3, 1, 65, 64), [64, 65]),
+          ((2, 2, 2, 130, 80), [129, 33]), ((4, 4, 2, 9, 13), [9, 2, 5, 8])]
+
+
+@pytest.mark.parametrize("path", BACKEND_PATHS, ids=IDS)
+@pytest.mark.parametrize("case", range(len(PADDED)), ids=lambda i: "x".join(map(str, PADDED[i][0])))
+def test_right_padding_against_sdpa_with_the_mask(path, case):
+    """key_lengths: batch row b sees only its first key_lengths[b] keys, as sdpa with the
+    padding mask transformers builds; padded queries included (they see the valid keys), and
+    the keys past a length get zero gradients."""
+    shape, lengths = PADDED[case]
+    lengths = torch.tensor(lengths)
+    q, k, v, do = _inputs(*shape, seed=case)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    with on_path(*path):
+        o = qk.causal_attention(qs, ks, vs, key_lengths=lengths)
+        grads = torch.autograd.grad(o, (qs, ks, vs), do)
+    _check((o, *grads), q, k, v, do, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert not grads[1][b, :, n:].any() and not grads[2][b, :, n:].any()
+
+
+def test_full_lengths_give_the_unpadded_bits():
+    q, k, v, _ = _inputs(2, 4, 2, 70, 16)
+    assert torch.equal(qk.causal_attention(q, k, v, key_lengths=torch.tensor([70, 70])), qk.causal_attention(q, k, v))
+
+
+@pytest.mark.parametrize("lengths,match", [
+    (torch.tensor([3]), "key_lengths has 1 entries, q a batch of 2"),
+    (torch.tensor([0, 3]), r"key_lengths must lie in \[1, 6\]"),
+    (torch.tensor([3, 7]), r"key_lengths must lie in \[1, 6\]"),
+    (torch.tensor([3.0, 2.0]), "key_lengths must be"),
+    (torch.tensor([[3, 2]]), "key_lengths must be 1-D"),
+])
+def test_bad_key_lengths_are_refused(lengths, match):
+    q, k, v, _ = _inputs(2, 4, 2, 6, 8)
+    with pytest.raises((ValueError, TypeError), match=match):
+        qk.causal_attention(q, k, v, key_lengths=lengths)
+
+
+def test_native_side_checks_key_lengths():
+    q, k, v, _ = _inputs(2, 2, 1, 8, 4)
+    q = q.contiguous()
+    out, lse = torch.empty(2, 8, 2, 4), torch.empty(2, 2, 8)
+
+    def view(t):
+        return (t.data_ptr(), t.numel(), t.stride(0), t.stride(1), t.stride(2))
+
+    for lens, match in ((torch.tensor([8]), "key_lengths has 1 elements"), (torch.tensor([8, 9]), r"key_lengths\[1\] = 9")):
+        with pytest.raises(ValueError, match=match):
+            _C.attention_forward(view(q), view(k), view(v), 2, 2, 1, 8, 4, 0.5, view(out.transpose(1, 2)),
+                                 lse.data_ptr(), lse.numel(), lens.data_ptr(), lens.numel(), 1)
 
 
 @pytest.mark.parametrize("path", [p for p in BACKEND_PATHS if p[0] == "cpu"], ids=lambda p: p[1])
@@ -132,13 +197,13 @@ def test_native_side_checks_every_index():
     q = q.contiguous()
     with pytest.raises(ValueError, match="k: its strides reach element"):
         _C.attention_forward(view(q), view(k, k.numel() - 1), view(v), 1, 2, 1, 8, 4, 0.5,
-                             view(out.transpose(1, 2), out.numel()), lse.data_ptr(), lse.numel(), 1)
+                             view(out.transpose(1, 2), out.numel()), lse.data_ptr(), lse.numel(), 0, 0, 1)
     with pytest.raises(ValueError, match="lse has"):
         _C.attention_forward(view(q), view(k), view(v), 1, 2, 1, 8, 4, 0.5, view(out.transpose(1, 2), out.numel()),
-                             lse.data_ptr(), lse.numel() - 1, 1)
+                             lse.data_ptr(), lse.numel() - 1, 0, 0, 1)
     with pytest.raises(ValueError, match="multiple"):
         _C.attention_forward(view(q), view(k), view(v), 1, 3, 2, 8, 4, 0.5, view(out.transpose(1, 2), out.numel()),
-                             lse.data_ptr(), lse.numel(), 1)
+                             lse.data_ptr(), lse.numel(), 0, 0, 1)
 
 
 def test_native_side_refuses_overflow_and_overlap():
@@ -152,7 +217,7 @@ def test_native_side_refuses_overflow_and_overlap():
         return (t.data_ptr(), t.numel() if span is None else span, t.stride(0), t.stride(1), t.stride(2))
 
     def fwd(qv, kv, vv, ov, B=1, H=2, Hk=2, S=64, D=16, lse_numel=lse.numel()):
-        _C.attention_forward(qv, kv, vv, B, H, Hk, S, D, 0.25, ov, lse.data_ptr(), lse_numel, 2)
+        _C.attention_forward(qv, kv, vv, B, H, Hk, S, D, 0.25, ov, lse.data_ptr(), lse_numel, 0, 0, 2)
 
     o = view(out.transpose(1, 2))
     fwd(view(q), view(k), view(v), o)  # the well-formed call
@@ -168,13 +233,13 @@ def test_native_side_refuses_overflow_and_overlap():
     with pytest.raises(ValueError, match="out: its elements overlap"):
         fwd(view(q), view(k), view(v), (out.data_ptr(), 16, 0, 0, 0))
     with pytest.raises(ValueError, match="lse overlaps"):
-        _C.attention_forward(view(q), view(k), view(v), 1, 2, 2, 64, 16, 0.25, o, k.data_ptr(), lse.numel(), 1)
+        _C.attention_forward(view(q), view(k), view(v), 1, 2, 2, 64, 16, 0.25, o, k.data_ptr(), lse.numel(), 0, 0, 1)
     dout = torch.randn(1, 64, 2, 16)
     dq, dk = torch.empty(1, 2, 64, 16), torch.empty(1, 2, 64, 16)
 
     def bwd(dqv, dkv, dvv):
         _C.attention_backward(view(dout.transpose(1, 2)), view(q), view(k), view(v), o, lse.data_ptr(),
-                              lse.numel(), 1, 2, 2, 64, 16, 0.25, dqv, dkv, dvv, 1)
+                              lse.numel(), 1, 2, 2, 64, 16, 0.25, dqv, dkv, dvv, 0, 0, 1)
     with pytest.raises(ValueError, match="dk overlaps dv"):
         bwd(view(dq), view(dk), view(dk))
     with pytest.raises(ValueError, match="dq overlaps k"):
@@ -230,7 +295,7 @@ def test_padding_cache_and_dropout_fall_back_to_sdpa():
         ids = b["input_ids"][:1, :6]
         assert torch.equal(fused.generate(input_ids=ids, **kw), plain.generate(input_ids=ids, **kw))
     counts = hf_attention.fallbacks()
-    assert counts["an attention mask (padding or a non-causal pattern)"] >= 2
+    assert counts["an attention mask other than right padding"] >= 2
     assert counts["queries and keys differ in number (a KV cache)"] >= 3
     assert counts.get("fused", 0) >= 2  # the prompt of generate
     inner = fused.get_base_model()
@@ -241,6 +306,53 @@ def test_padding_cache_and_dropout_fall_back_to_sdpa():
     hf_attention.reset_counts()
     fused(**batch())
     assert hf_attention.fallbacks() == {"attention dropout": inner.config.num_hidden_layers}
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_right_padded_batch_is_fused_and_matches_sdpa(arch):
+    """What training collators write (sequences padded at the end, masked): the kernel takes
+    every layer, and the loss, the gradients and every position's logits equal sdpa's."""
+    fused, plain = _peft(arch, True), _peft(arch, False)
+    b = batch()
+    mask = torch.ones_like(b["input_ids"])
+    mask[1, 11:] = 0
+    labels = b["labels"].masked_fill(mask == 0, -100)
+    hf_attention.reset_counts()
+    results = []
+    for pm in (fused, plain):
+        out = pm(input_ids=b["input_ids"], attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}))
+    assert hf_attention.fallbacks() == {"fused (right padding)": fused.get_base_model().config.num_hidden_layers}
+    (lf, gf), (lp, gp) = results
+    torch.testing.assert_close(lf, lp, rtol=1e-5, atol=1e-6)
+    for n in gf:
+        torch.testing.assert_close(gf[n], gp[n], rtol=1e-4, atol=1e-6, msg=n)
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused.get_base_model().model(input_ids=b["input_ids"], attention_mask=mask)[0],
+                                   plain.get_base_model().model(input_ids=b["input_ids"], attention_mask=mask)[0],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_right_padding_pattern_is_taken():
+    """The mask is compared with the pattern in full: a hole in it, a fully padded row, a
+    float mask or a broadcast batch run sdpa; the analysis of one mask is reused across layers."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v, _ = _inputs(2, 2, 1, 6, 8)
+    good = _padding_mask(torch.tensor([6, 4]), 6)
+    hole = good.clone()
+    hole[1, 0, 5, 2] = False
+    empty = _padding_mask(torch.tensor([6, 0]), 6)
+    hf_attention.reset_counts()
+    for mask in (good, good, hole, empty, good.float(), good[:1]):
+        out, _ = hf_attention.attention_forward(module, q, k, v, mask)
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                             attn_mask=mask).transpose(1, 2)
+        if mask is not empty:  # sdpa's output for a row that sees no key is not defined
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert hf_attention.fallbacks() == {"fused (right padding)": 2, "an attention mask other than right padding": 4}
 
 
 def test_unfuse_and_models_left_alone():
@@ -317,3 +429,14 @@ def test_models_whose_results_depend_on_the_name_sdpa_are_left_alone():
     dsa.set_attn_implementation(hf_attention.NAME)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="indices"):
         dsa(input_ids=batch()["input_ids"], use_cache=False)
+
+
+@pytest.mark.parametrize("lengths", [None, torch.tensor([5, 2])], ids=["causal", "right-padded"])
+def test_opcheck(lengths):
+    """Schemas, fake (meta) implementations and autograd registration agree with the kernels."""
+    q, k, v, do = _inputs(2, 4, 2, 5, 8)
+    q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.qlora_kernels.causal_attention, (q, k, v, 0.3, lengths))
+    out, lse = torch.ops.qlora_kernels.causal_attention(q, k, v, 0.3, lengths)
+    torch.library.opcheck(torch.ops.qlora_kernels.causal_attention_backward,
+                          (torch.randn(2, 5, 4, 8), q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.3, lengths))

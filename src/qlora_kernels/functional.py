@@ -226,12 +226,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.ops.qlora_kernels.swiglu(gate, up)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     key_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)``
     for q [B, H, S, D] and k, v [B, Hk, S, D] (H a multiple of Hk), with its backward, on the
-    fused kernels (ops/attention.py); ``scale`` defaults to D ** -0.5. Returns [B, H, S, D]
-    (a view of a [B, S, H, D] buffer: ``.transpose(1, 2)`` of it is contiguous)."""
+    fused kernels (ops/attention.py); ``scale`` defaults to D ** -0.5. ``key_lengths`` (integer
+    [B], values in [1, S]) masks right padding: batch row b's queries see only its first
+    key_lengths[b] keys, as sdpa with transformers' padding mask (causal and key < length).
+    Returns [B, H, S, D] (a view of a [B, S, H, D] buffer: ``.transpose(1, 2)`` of it is
+    contiguous)."""
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # an empty head size fails the checks
-    checks.attention(q, k, v, scale)
-    return torch.ops.qlora_kernels.causal_attention(q, k, v, float(scale))[0].transpose(1, 2)
+    checks.attention(q, k, v, scale, key_lengths)
+    return torch.ops.qlora_kernels.causal_attention(q, k, v, float(scale), key_lengths)[0].transpose(1, 2)

@@ -329,23 +329,31 @@ def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     return t.data_ptr(), span, t.stride(0), t.stride(1), t.stride(2)
 
 
+def _key_lengths(key_lengths):
+    return None if key_lengths is None else key_lengths.to(torch.int64).contiguous()
+
+
 @register_kernel("causal_attention", "cpu")
-def causal_attention(q, k, v, scale):
+def causal_attention(q, k, v, scale, key_lengths=None):
     B, H, S, D = q.shape
     out = torch.empty((B, S, H, D), dtype=torch.float32)
     lse = torch.empty((B, H, S), dtype=torch.float32)
+    kl = _key_lengths(key_lengths)
     _C.attention_forward(_view(q), _view(k), _view(v), B, H, k.shape[1], S, D, scale, _view(out.transpose(1, 2)),
-                         lse.data_ptr(), lse.numel(), torch.get_num_threads())
+                         lse.data_ptr(), lse.numel(), 0 if kl is None else kl.data_ptr(), 0 if kl is None else kl.numel(),
+                         torch.get_num_threads())
     return out, lse
 
 
 @register_kernel("causal_attention_backward", "cpu")
-def causal_attention_backward(dout, q, k, v, out, lse, scale):
+def causal_attention_backward(dout, q, k, v, out, lse, scale, key_lengths=None):
     B, H, S, D = q.shape
+    kl = _key_lengths(key_lengths)
     dq = torch.empty((B, H, S, D), dtype=torch.float32)
     dk = torch.empty(k.shape, dtype=torch.float32)
     dv = torch.empty(v.shape, dtype=torch.float32)
     _C.attention_backward(_view(dout.transpose(1, 2)), _view(q), _view(k), _view(v), _view(out.transpose(1, 2)),
                           lse.data_ptr(), lse.numel(), B, H, k.shape[1], S, D, scale, _view(dq), _view(dk),
-                          _view(dv), torch.get_num_threads())
+                          _view(dv), 0 if kl is None else kl.data_ptr(), 0 if kl is None else kl.numel(),
+                          torch.get_num_threads())
     return dq, dk, dv

@@ -343,11 +343,15 @@ def softmax_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # q [B, H, S, D], k, v [B, Hk, S, D] fp32; out and dout [B, S, H, D]; lse [B, H, S]. The
 # textbook formulas with the [S, S] probabilities materialized: the oracle of the kernels.
 
-def _attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, lse: Optional[torch.Tensor] = None):
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, lse: Optional[torch.Tensor] = None,
+                     key_lengths: Optional[torch.Tensor] = None):
     kk = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
     s = (q @ kk.transpose(-1, -2)) * scale
     S = q.shape[2]
-    s.masked_fill_(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    masked = torch.ones(S, S, dtype=torch.bool).triu(1)
+    if key_lengths is not None:  # [B, 1, S, S]: keys at or past a row's length
+        masked = masked | (torch.arange(S) >= key_lengths.reshape(-1, 1, 1, 1))
+    s.masked_fill_(masked, float("-inf"))
     if lse is None:
         lse = torch.logsumexp(s, -1)
     return torch.exp(s - lse.unsqueeze(-1)), lse
@@ -360,16 +364,16 @@ def _per_kv_head(t: torch.Tensor, Hk: int) -> torch.Tensor:
 
 
 @register_kernel("causal_attention", "reference")
-def causal_attention(q, k, v, scale):
-    p, lse = _attention_probs(q, k, scale)
+def causal_attention(q, k, v, scale, key_lengths=None):
+    p, lse = _attention_probs(q, k, scale, key_lengths=key_lengths)
     out = p @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
     return out.transpose(1, 2).contiguous(), lse
 
 
 @register_kernel("causal_attention_backward", "reference")
-def causal_attention_backward(dout, q, k, v, out, lse, scale):
+def causal_attention_backward(dout, q, k, v, out, lse, scale, key_lengths=None):
     G = q.shape[1] // k.shape[1]
-    p, _ = _attention_probs(q, k, scale, lse)
+    p, _ = _attention_probs(q, k, scale, lse, key_lengths)
     do, o = dout.transpose(1, 2), out.transpose(1, 2)
     vv, kk = v.repeat_interleave(G, 1), k.repeat_interleave(G, 1)
     dv = _per_kv_head(p.transpose(-1, -2) @ do, k.shape[1])

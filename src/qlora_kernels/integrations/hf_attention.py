@@ -6,10 +6,12 @@ transformers' decoders (Llama, Mistral, Qwen2, Phi-3, ...) call their attention 
 ``"qlora_kernels"`` there (and sdpa's mask function under the same name in
 ``AttentionMaskInterface``, so an unpadded batch reaches the attention with no mask, as
 with sdpa) and switches the model to it with ``set_attn_implementation``. A call takes the
-fused kernels when it is plain causal self-attention: CPU fp32 tensors, no mask, as many
-queries as keys, no dropout, softcap, attention sinks or position bias, weights not asked
-for. Anything else (padding masks, a KV cache during generation, ...) runs transformers'
-own sdpa attention, counted by reason in ``fallbacks()``."""
+fused kernels when it is causal self-attention: CPU fp32 tensors, as many queries as keys,
+no mask or the mask of a right-padded batch (sequences padded at the end, what training
+collators write: the kernel masks the keys past each sequence's length exactly as the mask
+does), no dropout, softcap, attention sinks or position bias, weights not asked for.
+Anything else (left padding, other mask patterns, a KV cache during generation, ...) runs
+transformers' own sdpa attention, counted by reason in ``fallbacks()``."""
 from __future__ import annotations
 
 import collections
@@ -54,14 +56,52 @@ def reset_counts() -> None:
         _counts.clear()
 
 
-def _why_not(module, query, key, value, attention_mask, dropout, is_causal, kwargs) -> str | None:
+# The last mask analysed and its key lengths: every layer of a forward is handed the same
+# mask tensor, so it is compared once per forward, not once per layer.
+_last_mask: tuple = (None, -1, None)
+
+
+def _right_padding_lengths(mask: torch.Tensor, B: int, S: int) -> torch.Tensor | None:
+    """Each sequence's length when ``mask`` is the sdpa mask of a right-padded causal batch
+    (boolean [B, 1, S, S], True where query i may see key j: j <= i and j < length[b], every
+    length >= 1); None for any other mask."""
+    global _last_mask
+    if mask.dtype != torch.bool or tuple(mask.shape) != (B, 1, S, S) or mask.device.type != "cpu":
+        return None
+    cached, version, lengths = _last_mask
+    if cached is mask and version == mask._version:
+        return lengths
+    lengths = mask[:, 0, -1, :].sum(-1)  # the last query sees exactly the first length[b] keys
+    if int(lengths.min()) < 1:
+        lengths = None  # a fully padded row: sdpa's output there is not what the kernel would give
+    else:
+        pos = torch.arange(S)
+        expected = (pos[:, None] >= pos[None, :]) & (pos < lengths[:, None, None])
+        if not torch.equal(mask[:, 0], expected):
+            lengths = None
+    _last_mask = (mask, mask._version, lengths)
+    return lengths
+
+
+def _why_not(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+    """(None, key lengths or None) when the kernel takes the call, else (reason, None)."""
     for name in _SPARSE_SELECTION:
         if kwargs.get(name) is not None:
             raise NotImplementedError(
                 f"attention {NAME!r} was handed {name}= (sparse attention's selected keys), which neither it nor "
                 f"sdpa applies: keep this model on 'sdpa' (fuse_attention leaves such models alone)")
-    if attention_mask is not None:
-        return "an attention mask (padding or a non-causal pattern)"
+    why = _why_not_shapes(module, query, key, value, dropout, is_causal, kwargs)
+    if why is not None or attention_mask is None:
+        return why, None
+    if torch.compiler.is_compiling():  # the comparison below is data-dependent control flow
+        return "an attention mask under torch.compile", None
+    lengths = _right_padding_lengths(attention_mask, query.shape[0], query.shape[2])
+    if lengths is None:
+        return "an attention mask other than right padding", None
+    return None, lengths
+
+
+def _why_not_shapes(module, query, key, value, dropout, is_causal, kwargs) -> str | None:
     if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
         return "not causal"
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (query, key, value)):
@@ -87,11 +127,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature: q [B, H, S, D], k, v [B, Hk, S, D] ->
     (output [B, S, H, D], None)."""
-    why = _why_not(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    why, lengths = _why_not(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
     if why is None:
-        _count("fused")
+        _count("fused" if lengths is None else "fused (right padding)")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return torch.ops.qlora_kernels.causal_attention(query, key, value, float(scale))[0], None
+        return torch.ops.qlora_kernels.causal_attention(query, key, value, float(scale), lengths)[0], None
     _count(why)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

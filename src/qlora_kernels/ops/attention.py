@@ -14,6 +14,8 @@ functions return, so the decoder's reshape to [batch, positions, hidden] costs n
 Arithmetic is fp32: bf16/fp16 inputs are widened on entry and the output rounded once."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..backends import run
@@ -29,19 +31,20 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("qlora_kernels::causal_attention", mutates_args=())
 @no_autocast
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     key_lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, S, H, D] in q's dtype, lse [B, H, S] fp32) of causal attention of q [B, H, S, D]
-    over k, v [B, Hk, S, D] (H a multiple of Hk): out[b, i, h] = sum_{j <= i} softmax_j(scale *
-    q[b, h, i] . k[b, h // (H / Hk), j]) v[b, h // (H / Hk), j]."""
-    checks.attention(q, k, v, scale)
-    out, lse = run("causal_attention", _f32(q), _f32(k), _f32(v), float(scale))
+    over k, v [B, Hk, S, D] (H a multiple of Hk): out[b, i, h] = sum_{j <= i, j < L_b}
+    softmax_j(scale * q[b, h, i] . k[b, h // (H / Hk), j]) v[b, h // (H / Hk), j], where L_b is
+    key_lengths[b] (right padding masked as transformers' sdpa mask does; S when None)."""
+    checks.attention(q, k, v, scale, key_lengths)
+    out, lse = run("causal_attention", _f32(q), _f32(k), _f32(v), float(scale), key_lengths)
     return out.to(q.dtype), lse
 
 
 @causal_attention.register_fake
-def _(q, k, v, scale):
-    checks.attention(q, k, v, scale)
+def _(q, k, v, scale, key_lengths=None):
+    checks.attention(q, k, v, scale, key_lengths, values=False)
     B, H, S, D = q.shape
     return q.new_empty((B, S, H, D)), q.new_empty((B, H, S), dtype=torch.float32)
 
@@ -49,34 +52,35 @@ def _(q, k, v, scale):
 @torch.library.custom_op("qlora_kernels::causal_attention_backward", mutates_args=())
 @no_autocast
 def causal_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              out: torch.Tensor, lse: torch.Tensor,
-                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              out: torch.Tensor, lse: torch.Tensor, scale: float,
+                              key_lengths: Optional[torch.Tensor] = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of causal_attention from its output and lse (the probabilities are
-    recomputed)."""
-    checks.attention_backward(dout, q, k, v, out, lse, scale)
+    recomputed); keys past key_lengths get zero gradients."""
+    checks.attention_backward(dout, q, k, v, out, lse, scale, key_lengths)
     dq, dk, dv = run("causal_attention_backward", _f32(dout), _f32(q), _f32(k), _f32(v), _f32(out),
-                     lse.contiguous(), float(scale))
+                     lse.contiguous(), float(scale), key_lengths)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @causal_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, scale):
-    checks.attention_backward(dout, q, k, v, out, lse, scale)
+def _(dout, q, k, v, out, lse, scale, key_lengths=None):
+    checks.attention_backward(dout, q, k, v, out, lse, scale, key_lengths, values=False)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, key_lengths = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(q, k, v, *output)
+    ctx.save_for_backward(q, k, v, *output, key_lengths)
     ctx.scale = scale
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.qlora_kernels.causal_attention_backward(dout, q, k, v, out, lse, ctx.scale)
+    q, k, v, out, lse, key_lengths = ctx.saved_tensors
+    dq, dk, dv = torch.ops.qlora_kernels.causal_attention_backward(dout, q, k, v, out, lse, ctx.scale, key_lengths)
     need = ctx.needs_input_grad
-    return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None), None
+    return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None), None, None
 
 
 causal_attention.register_autograd(_backward, setup_context=_setup)

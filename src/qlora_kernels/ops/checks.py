@@ -263,7 +263,8 @@ def _scale(scale) -> None:
         raise ValueError(f"scale must be finite and > 0, got {scale}")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> None:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, key_lengths=None, values: bool = True) -> None:
+    """values=False (fake implementations): key_lengths' shape and dtype only, not its entries."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         tensor(name, t, FLOATS, dim=4)
     same_device(q=q, k=k, v=v)
@@ -278,11 +279,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> None:
     if H % k.shape[1]:
         raise ValueError(f"q has {H} heads, k has {k.shape[1]}: query heads must be a multiple of key/value heads")
     _scale(scale)
+    if key_lengths is not None:
+        tensor("key_lengths", key_lengths, (torch.int32, torch.int64), dim=1)
+        same_device(q=q, key_lengths=key_lengths)
+        if key_lengths.shape[0] != B:
+            raise ValueError(f"key_lengths has {key_lengths.shape[0]} entries, q a batch of {B}")
+        if values and key_lengths.device.type != "meta" and not torch.compiler.is_compiling():
+            lo, hi = int(key_lengths.min()), int(key_lengths.max())
+            if lo < 1 or hi > S:
+                raise ValueError(f"key_lengths must lie in [1, {S}] (the positions of q), got values in [{lo}, {hi}]")
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, scale) -> None:
-    attention(q, k, v, scale)
+                       lse: torch.Tensor, scale, key_lengths=None, values: bool = True) -> None:
+    attention(q, k, v, scale, key_lengths, values)
     B, H, S, D = q.shape
     tensor("dout", dout, FLOATS, dim=4)
     tensor("out", out, FLOATS, dim=4)
