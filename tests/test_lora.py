@@ -32,7 +32,8 @@ CASES = [  # (leading, K, N, r)
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("base", ["4bit", "dense"])
-def test_lora_matches_reference(path, lead, K, N, r, dropout, bias, base):
+def test_lora_matches_reference(path, lead, K, N, r, dropout, bias, base, monkeypatch):
+    monkeypatch.setenv("QLORA_KERNELS_DROPOUT", "torch")  # F.dropout's masks, as the reference draws them
     packed, state, Wd = make_weight(N, K, seed=r)
     g = torch.Generator().manual_seed(K + N + r)
     x0 = torch.randn(*lead, K, generator=g)
@@ -66,7 +67,9 @@ def test_lora_matches_reference(path, lead, K, N, r, dropout, bias, base):
             assert err <= 1e-4 * scale, f"{name}: max error {err:.3g} vs magnitude {scale:.3g} (scaling {scaling})"
 
 
-def test_dropout_mask_is_torchs_and_reproducible(path):
+def test_dropout_mask_is_torchs_and_reproducible(path, monkeypatch):
+    """QLORA_KERNELS_DROPOUT=torch: the very mask F.dropout (PEFT's nn.Dropout) draws."""
+    monkeypatch.setenv("QLORA_KERNELS_DROPOUT", "torch")
     packed, state, Wd = make_weight(16, 32)
     x = torch.randn(64, 32)
     A, B = torch.randn(4, 32), torch.randn(16, 4)
@@ -83,6 +86,77 @@ def test_dropout_mask_is_torchs_and_reproducible(path):
     y3 = qk.lora_linear_4bit(x, packed, state, A, B, 1.0, dropout_p=0.5, training=False)
     assert torch.equal(torch.get_rng_state(), state_before)
     torch.testing.assert_close(y3, x @ Wd.t() + (x @ A.t()) @ B.t(), rtol=1e-5, atol=1e-5)
+
+
+def _native_mask(shape, p, seed):
+    """The native mask of csrc/dropout.cpp for a generator state: one int64 seed drawn from
+    torch's generator, then element i a function of (seed, i)."""
+    from qlora_kernels import _C
+
+    torch.manual_seed(seed)
+    s = int(torch.empty((), dtype=torch.int64).random_())
+    m = torch.empty(shape)
+    _C.dropout_mask(m.data_ptr(), m.numel(), p, s, 1)
+    return m
+
+
+def test_native_dropout_mask_is_used_and_reproducible(path):
+    """The default: the native mask, from one seed of torch's generator (manual_seed
+    reproduces it); the op's output and gradients equal the reference with that mask."""
+    packed, state, Wd = make_weight(24, 80)
+    g = torch.Generator().manual_seed(1)
+    x0, A, B = torch.randn(300, 80, generator=g), torch.randn(8, 80, generator=g), torch.randn(24, 8, generator=g)
+    outs = []
+    for _ in range(2):
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(7)
+        y = qk.lora_linear_4bit(x, packed, state, A, B, 0.5, dropout_p=0.3, training=True)
+        y.square().sum().backward()
+        outs.append((y.detach(), x.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    mask = _native_mask((300, 80), 0.3, 7)
+    xr = x0.clone().requires_grad_()
+    yr = xr @ Wd.t() + 0.5 * ((xr * mask) @ A.t()) @ B.t()
+    yr.square().sum().backward()
+    torch.testing.assert_close(outs[0][0], yr.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(outs[0][1], xr.grad, rtol=1e-4, atol=1e-3)
+    torch.manual_seed(8)
+    y8 = qk.lora_linear_4bit(x0, packed, state, A, B, 0.5, dropout_p=0.3, training=True)
+    assert not torch.equal(y8, outs[0][0])  # another seed, another mask
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+def test_native_dropout_mask_statistics_and_thread_count(p):
+    """Values are exactly 0 or torch's 1 / (1 - p); the kept fraction lies within 6 standard
+    deviations of 1 - p; neighbouring elements and rows are uncorrelated; the same mask for
+    1, 2 or 3 threads (element i depends only on the seed and i)."""
+    from qlora_kernels import _C
+
+    n = 1 << 20
+    masks = []
+    for threads in (1, 2, 3):
+        m = torch.empty(n)
+        _C.dropout_mask(m.data_ptr(), n, p, 0x1234_5678_9ABC, threads)
+        masks.append(m)
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+    m = masks[0]
+    keep = torch.ones(1).bernoulli_(1.0).div_(1 - p).item()  # torch's kept value
+    assert set(m.unique().tolist()) <= {0.0, keep}
+    kept = (m != 0).double()
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(kept.mean().item() - (1 - p)) < 6 * sd
+    for lag in (1, 2, 64, 576):
+        c = torch.corrcoef(torch.stack([kept[:-lag], kept[lag:]]))[0, 1].item()
+        assert abs(c) < 6 / n ** 0.5, f"lag {lag}: correlation {c:.4g}"
+
+
+def test_native_dropout_mask_refuses_bad_p():
+    from qlora_kernels import _C
+
+    m = torch.empty(4)
+    for p in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="dropout p must be in"):
+            _C.dropout_mask(m.data_ptr(), 4, p, 1, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -162,6 +162,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
     ("QLORA_KERNELS_INT8_REPACK", "yes", "0, 1"),
     ("QLORA_KERNELS_OPENCL_STYLE", "pipelined", "ndrange, fpga"),
     ("QLORA_KERNELS_OPENCL_CACHE_MB", "-5", "whole number"),
+    ("QLORA_KERNELS_DROPOUT", "fast", "native, torch"),
 ])
 def test_unknown_environment_value_fails_at_import_naming_the_variable(var, value, valid):
     if var == "QLORA_KERNELS_ISA":  # the library raises (one variable is enough to show it)

@@ -17,8 +17,10 @@ OPENCL_CACHE_MB = "QLORA_KERNELS_OPENCL_CACHE_MB"
 BNB = "QLORA_KERNELS_BNB"  # the bitsandbytes backend plugin (integrations/bitsandbytes.py)
 TUNE = "QLORA_KERNELS_TUNE"  # per-machine calibration of the CPU kernels (tuning.py)
 CACHE = "QLORA_KERNELS_CACHE"  # the cache folder (tuning, converted models)
+DROPOUT = "QLORA_KERNELS_DROPOUT"  # how LoRA dropout masks are drawn (functional.py)
 
 OPENCL_STYLES = ("ndrange", "fpga")
+DROPOUT_RNGS = ("native", "torch")
 _SWITCHES = ("0", "1")
 
 
@@ -62,6 +64,12 @@ def _style_name(raw: str) -> str:
     return raw.strip().lower()
 
 
+def dropout_rng() -> str:
+    """'native' (default: counter-based masks drawn by the extension) or 'torch' (torch's
+    bernoulli_, the very masks PEFT's nn.Dropout draws under the same seed)."""
+    return os.environ.get(DROPOUT) or "native"
+
+
 def opencl_style() -> str:
     return _style_name(os.environ.get(OPENCL_STYLE) or "ndrange")
 
@@ -83,6 +91,7 @@ def check() -> None:
     _choice(INT8_REPACK, _SWITCHES)
     _choice(BNB, _SWITCHES)
     _choice(TUNE, _SWITCHES)
+    _choice(DROPOUT, DROPOUT_RNGS)
     _choice(OPENCL_STYLE, OPENCL_STYLES, _style_name)
     _count(OPENCL_CACHE_MB)
 
