@@ -2,7 +2,8 @@
 Phi-3-architecture model and on SmolLM2-135M-Instruct, beside PEFT + bitsandbytes; our
 DoRA step beside our LoRA step; the fused output head + loss alone beside transformers'
 way; the fused RMSNorm and SwiGLU alone beside transformers' and torch's; the fused causal
-attention beside torch's scaled_dot_product_attention. Each group timed
+attention beside torch's scaled_dot_product_attention (causal, and a right-padded batch with
+transformers' mask); LoRA's dropout mask beside torch's bernoulli_. Each group timed
 in interleaved rounds (bench.interleave). Peak memory per configuration:
 benches/train_memory.py."""
 import pytest
@@ -11,6 +12,7 @@ from qlora_kernels import bench
 from qlora_kernels.bench import train as bench_train
 
 GROUPS = bench.groups_of(bench_train.loss_cases() + bench_train.norm_act_cases() + bench_train.attention_cases()
+                         + bench_train.dropout_cases()
                          + bench_train.train_cases("phi3")
                          + bench_train.train_cases("smollm2"))
 

@@ -107,7 +107,59 @@ def attention_cases() -> list[Case]:
                        "GFLOP/s"),
                   Case(group, "torch scaled_dot_product_attention", lambda run=run: run(sdpa), False, flops,
                        "GFLOP/s")]
+    # A right-padded batch as the finetune collator writes it (4 examples padded to the longest,
+    # SmolLM2's heads): the kernel with key_lengths beside sdpa with transformers' boolean mask.
+    B, S, D, H, Hk = 4, 128, 64, 9, 3
+    lengths = torch.tensor([128, 97, 64, 41])
+    pos = torch.arange(S)
+    mask = ((pos[:, None] >= pos[None, :]) & (pos < lengths[:, None, None]))[:, None]
+    q = torch.randn(B, S, H, D, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, Hk, S, D, generator=g).requires_grad_()
+    v = torch.randn(B, Hk, S, D, generator=g).requires_grad_()
+    do = torch.randn(B, H, S, D, generator=g)
+
+    def run_padded(f):
+        q.grad = k.grad = v.grad = None
+        f().backward(do)
+
+    group = f"causal attention fwd+bwd smollm2 right-padded {B}x{S}, lengths {'/'.join(map(str, lengths.tolist()))}"
+    flops = 7 * B * H * S * S * D
+    cases += [Case(group, "qlora-kernels causal_attention (key_lengths)",
+                   lambda: run_padded(lambda: causal_attention(q, k, v, key_lengths=lengths)), True, flops, "GFLOP/s"),
+              Case(group, "torch scaled_dot_product_attention (boolean mask)",
+                   lambda: run_padded(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)),
+                   False, flops, "GFLOP/s")]
     return cases
+
+
+def dropout_cases() -> list[Case]:
+    """LoRA's dropout mask at a finetune micro-batch's projection (256 x 576, p = 0.05): the
+    same lora_linear call (an 8-output base, r = 1, so the mask dominates) with the native
+    counter-based mask (the default) and with torch's bernoulli_(1 - p).div_(1 - p)
+    (QLORA_KERNELS_DROPOUT=torch: what F.dropout and PEFT's nn.Dropout draw). Work: elements."""
+    import os
+
+    from .._env import DROPOUT
+    from ..functional import lora_linear
+
+    x = torch.randn(256, 576)
+    W, A, B = torch.randn(8, 576), torch.zeros(1, 576), torch.zeros(8, 1)
+    group = "LoRA dropout mask 256x576 p=0.05 (lora_linear, 8 outputs, r=1)"
+
+    def call(rng):
+        before = os.environ.get(DROPOUT)
+        os.environ[DROPOUT] = rng
+        try:
+            lora_linear(x, W, A, B, 1.0, dropout_p=0.05, training=True)
+        finally:
+            if before is None:
+                del os.environ[DROPOUT]
+            else:
+                os.environ[DROPOUT] = before
+
+    return [Case(group, "qlora-kernels native mask", lambda: call("native"), True, x.numel(), "elem/s"),
+            Case(group, "torch bernoulli_ mask (QLORA_KERNELS_DROPOUT=torch)", lambda: call("torch"), False,
+                 x.numel(), "elem/s")]
 
 
 def train_cases(which: str = "phi3") -> list[Case]:
