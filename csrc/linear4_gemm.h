@@ -55,8 +55,8 @@ void pack_a(const float* a, int64_t lda, int64_t mc, int64_t kc, float* ap) {
 // bl: the cache blocking (tuning.h): kc and nc multiples of 64, mc rounded up to MR here.
 // unit: the column granularity of the thread and NC splits (a multiple of NR): 32 for the
 //   4-bit backward, whose panel decoder keeps its fast path on 32-aligned column offsets
-//   (in units of 64, 576 columns split 320/256 over two threads; in 32s, 288/288), NR
-//   otherwise.
+//   (576 columns split 288/288 over two threads; in units of 64 only 320/256, which lost
+//   to a row split that decodes every panel on both threads), NR otherwise.
 // pack_rows: what filling one panel costs, in rows of micro-kernel work on it; weighs
 //   splitting the columns (each thread fills its own panels but copies all of A) against
 //   splitting the rows (each thread copies its rows of A but fills every panel).

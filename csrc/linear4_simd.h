@@ -245,9 +245,9 @@ inline void decode64_ordered(__m256i raw, __m256 lo, __m256 hi, float a0, float 
 // Backward B panel (dx = dy Wd): reduction rows n = p0 .. p0+kc, output columns
 // k0 .. k0+nc in micro-panels of NR: bp[q*ps + r*NR + t] = Wd[p0 + r, k0 + q*NR + t].
 // Column ranges on 32-element boundaries keep the dword decoder: a panel may start or end
-// half-way through a 64-element chunk (the thread split of 576 columns is 288 + 288 in
-// units of 32; in units of 64 it was 320 + 256, a tenth of the step's backward GEMMs lost
-// to imbalance on SmolLM2's shapes).
+// half-way through a 64-element chunk. In units of 64, 576 columns (SmolLM2's K) could
+// only split 320 + 256 over two threads, so at M = 512 the grid choice split the rows
+// instead and each thread decoded every panel; in units of 32 the columns split 288 + 288.
 template <int NR>
 void pack_backward_panel(const Weight4& w, int64_t k0, int64_t nc, int64_t p0, int64_t kc, float* bp) {
   static_assert(32 % NR == 0, "a 32-element half chunk fills whole micro-panel rows");

@@ -355,6 +355,53 @@ def test_only_the_right_padding_pattern_is_taken():
     assert hf_attention.fallbacks() == {"fused (right padding)": 2, "an attention mask other than right padding": 4}
 
 
+def test_mask_analysis_cache_follows_edits_and_inference_tensors():
+    """The analysis of a mask is reused for the same tensor at the same version only: an
+    in-place edit is seen; inference-mode masks (no version counter) are compared each time;
+    an expanded (stride-0) mask is read correctly."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v, _ = _inputs(2, 2, 1, 6, 8)
+    mask = _padding_mask(torch.tensor([6, 4]), 6)
+    hf_attention.reset_counts()
+    hf_attention.attention_forward(module, q, k, v, mask)
+    mask[1, 0, 5, 2] = False  # a hole now: the cached verdict must not be reused
+    hf_attention.attention_forward(module, q, k, v, mask)
+    assert hf_attention.fallbacks() == {"fused (right padding)": 1, "an attention mask other than right padding": 1}
+    hf_attention.reset_counts()
+    with torch.inference_mode():
+        for lengths in ([6, 4], [6, 4], [2, 6]):
+            m = _padding_mask(torch.tensor(lengths), 6)
+            out, _ = hf_attention.attention_forward(module, q, k, v, m)
+            ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=m)
+            torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
+        left = _padding_mask(torch.tensor([6, 6]), 6).clone()
+        left[1, 0, :, :2] = False  # left padding
+        hf_attention.attention_forward(module, q, k, v, left)
+    assert hf_attention.fallbacks() == {"fused (right padding)": 3, "an attention mask other than right padding": 1}
+    hf_attention.reset_counts()
+    expanded = _padding_mask(torch.tensor([5]), 6).expand(2, 1, 6, 6)
+    out, _ = hf_attention.attention_forward(module, q, k, v, expanded)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=expanded)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    assert hf_attention.fallbacks() == {"fused (right padding)": 1}
+
+
+def test_key_lengths_under_fake_tensors_and_compile():
+    """The op's checks read key_lengths' values only from a plain tensor: fake tensors (shape
+    propagation) and a fullgraph compile take it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v, _ = _inputs(2, 4, 2, 9, 8)
+    lengths = torch.tensor([9, 4])
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fq, fk, fv, fl = (mode.from_tensor(t) for t in (q, k, v, lengths))
+        assert qk.causal_attention(fq, fk, fv, key_lengths=fl).shape == (2, 4, 9, 8)
+    compiled = torch.compile(lambda *a: qk.causal_attention(*a, key_lengths=lengths), fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), qk.causal_attention(q, k, v, key_lengths=lengths))
+
+
 def test_unfuse_and_models_left_alone():
     model = tiny_model("llama")
     assert hf_attention.fuse_attention(torch.nn.Linear(2, 2)) == "no transformers model inside"

@@ -155,6 +155,14 @@ def test_resume_refuses_changed_options(reference_runs, capsys):
     assert rc != 0 and "--lr 0.5 differs" in err and err.count("\n") == 1
 
 
+def test_resume_refuses_other_dropout_masks(reference_runs, capsys, monkeypatch):
+    """A run drew its masks one way (the native default); resuming it with torch's masks would
+    not continue it bit for bit."""
+    monkeypatch.setenv("QLORA_KERNELS_DROPOUT", "torch")
+    rc, _, err = run_inproc(["--output", str(reference_runs["qlora"]), "--resume"], capsys)
+    assert rc != 0 and "QLORA_KERNELS_DROPOUT=native" in err and err.count("\n") == 1, err
+
+
 def test_reply_only_labels_for_every_record_kind(tiny_dir):
     """Labels cover exactly the assistant turns (template end-of-turn included), never the
     system/user part; plain text is labelled throughout."""

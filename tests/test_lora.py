@@ -150,6 +150,23 @@ def test_native_dropout_mask_statistics_and_thread_count(p):
         assert abs(c) < 6 / n ** 0.5, f"lag {lag}: correlation {c:.4g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_native_dropout_with_half_precision_x(dtype):
+    """The native mask stays fp32 for a 16-bit x (the kernels widen x; 1/(1-p) is not rounded
+    to the 16-bit type); the output is x's dtype and equals the fp32 computation rounded once."""
+    packed, state, Wd = make_weight(24, 80)
+    g = torch.Generator().manual_seed(2)
+    x, A, B = torch.randn(40, 80, generator=g), torch.randn(4, 80, generator=g), torch.randn(24, 4, generator=g)
+    xh = x.to(dtype)
+    torch.manual_seed(3)
+    y = qk.lora_linear_4bit(xh, packed, state, A, B, 0.5, dropout_p=0.2, training=True)
+    assert y.dtype == dtype
+    mask = _native_mask((40, 80), 0.2, 3)
+    xf = xh.float()
+    ref = xf @ Wd.t() + 0.5 * ((xf * mask) @ A.t()) @ B.t()
+    torch.testing.assert_close(y.float(), ref, rtol=torch.finfo(dtype).eps * 2, atol=torch.finfo(dtype).eps * 4)
+
+
 def test_native_dropout_mask_refuses_bad_p():
     from qlora_kernels import _C
 

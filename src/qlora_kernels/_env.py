@@ -67,6 +67,7 @@ def _style_name(raw: str) -> str:
 def dropout_rng() -> str:
     """'native' (default: counter-based masks drawn by the extension) or 'torch' (torch's
     bernoulli_, the very masks PEFT's nn.Dropout draws under the same seed)."""
+    _choice(DROPOUT, DROPOUT_RNGS)  # read per call, so a value set after import is checked too
     return os.environ.get(DROPOUT) or "native"
 
 

@@ -148,8 +148,9 @@ def _dropout_noise(x: torch.Tensor, dropout_p: float, training: bool) -> torch.T
     """A dropout mask for x: Bernoulli(1-p) values divided by 1-p, as F.dropout multiplies.
 
     By default drawn by the extension (csrc/dropout.cpp: counter-based, from one seed taken
-    from torch's generator, so torch.manual_seed reproduces a run; ~8x faster than torch's
-    serial bernoulli_, which was 16% of a default finetune micro-batch).
+    from torch's generator, so torch.manual_seed reproduces a run; fp32 whatever x's dtype).
+    On the AMD Zen 4 of docs/benchmarks.md torch's bernoulli_ took ~0.8 ms for 256 x 576
+    values against ~0.1 ms here: 16% of a default finetune micro-batch.
     QLORA_KERNELS_DROPOUT=torch draws with torch's bernoulli_ instead: the very masks PEFT's
     nn.Dropout draws under the same seed. Traced code (torch.compile), other devices and a
     missing extension take torch's way."""
@@ -158,10 +159,11 @@ def _dropout_noise(x: torch.Tensor, dropout_p: float, training: bool) -> torch.T
     if (x.device.type != "cpu" or _env.dropout_rng() == "torch" or torch.compiler.is_compiling()
             or not _native_dropout_available()):
         return torch.empty_like(x).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
-    seed = int(torch.empty((), dtype=torch.int64).random_())
-    noise = torch.empty(x.shape, dtype=torch.float32)
+    seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_())
+    # fp32 whatever x's dtype: the kernels widen it anyway, and 1/(1-p) stays exact to fp32
+    noise = torch.empty(x.shape, dtype=torch.float32, device="cpu")
     _C.dropout_mask(noise.data_ptr(), noise.numel(), float(dropout_p), seed, torch.get_num_threads())
-    return noise if x.dtype == torch.float32 else noise.to(x.dtype)
+    return noise
 
 
 def _native_dropout_available() -> bool:

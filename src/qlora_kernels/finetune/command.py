@@ -201,6 +201,7 @@ def _check_options_and_data(r: _Run) -> None:
         r.saved_state = checkpoint.read_state(r.ckpt)
         checkpoint.check_engine(r.ckpt, r.saved_state, session)
         r.cfg = RunConfig.from_args(args, r.saved_state["config"])
+        _check_dropout_masks(r.ckpt, r.saved_state, r.cfg)
     else:
         r.cfg = RunConfig.from_args(args)
     r.records, r.data_name, r.dups = data.load_records(r.cfg.data)  # bad data fails before the slow load
@@ -211,6 +212,19 @@ def _check_options_and_data(r: _Run) -> None:
         session.check_batch(r.cfg.batch_size)
         r.ckpt = _prepare_output(r.out, False) if session.main else None
         session.barrier()
+
+
+def _check_dropout_masks(ckpt, state: dict, cfg: RunConfig) -> None:
+    """A resumed run must draw the dropout masks the way the interrupted one did, or it
+    would not continue it bit for bit. Checkpoints from before the native masks (no entry)
+    drew torch's."""
+    from .. import _env
+
+    was, now = state.get("dropout_rng", "torch"), _env.dropout_rng()
+    if cfg.dropout > 0 and was != now:
+        raise FinetuneError(f"--resume: the checkpoint {ckpt} drew its LoRA dropout masks with "
+                            f"{_env.DROPOUT}={was} and this process would use {now}; set {_env.DROPOUT}={was} "
+                            f"to continue it")
 
 
 def _select_backend(cfg: RunConfig) -> None:
@@ -292,6 +306,7 @@ def _announce(r: _Run) -> None:
 
 def _begin(r: _Run) -> None:
     """The resumed state, or a fresh one with the held-out loss and samples before training."""
+    from .. import _env
     from . import checkpoint, report, train as T
 
     cfg, show = r.cfg, r.eval_ex[:r.cfg.samples]
@@ -305,7 +320,7 @@ def _begin(r: _Run) -> None:
         print(f"held-out loss before: {state['eval_before']['loss']:.4f} (from the checkpoint)")
     else:
         state = {"format": 1, "step": 0, "losses": [], "tokens_trained": 0, "train_seconds": 0.0,
-                 "config": cfg.as_dict(), "engine": checkpoint.engine_of(r.session)}
+                 "config": cfg.as_dict(), "engine": checkpoint.engine_of(r.session), "dropout_rng": _env.dropout_rng()}
         state["eval_before"] = T.heldout_loss(r.pm, r.eval_ex, cfg.batch_size, r.tok.pad_token_id)
         print(f"held-out loss before: {state['eval_before']['loss']:.4f} "
               f"({state['eval_before']['tokens']} reply tokens)")

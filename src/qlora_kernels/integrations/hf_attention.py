@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -56,9 +57,13 @@ def reset_counts() -> None:
         _counts.clear()
 
 
-# The last mask analysed and its key lengths: every layer of a forward is handed the same
-# mask tensor, so it is compared once per forward, not once per layer.
+# The last mask analysed (a weak reference, its version) and its key lengths: every layer of
+# a forward is handed the same mask tensor, so it is compared once per forward, not once per
+# layer. Inference tensors have no version counter: their masks are compared every time.
 _last_mask: tuple = (None, -1, None)
+# Query rows of the mask compared per piece: the expected pattern is built a block at a time
+# (a whole [B, S, S] copy would be 134 MB at B=8, S=4096).
+_ROWS_PER_PIECE_ELEMENTS = 1 << 22
 
 
 def _right_padding_lengths(mask: torch.Tensor, B: int, S: int) -> torch.Tensor | None:
@@ -68,18 +73,24 @@ def _right_padding_lengths(mask: torch.Tensor, B: int, S: int) -> torch.Tensor |
     global _last_mask
     if mask.dtype != torch.bool or tuple(mask.shape) != (B, 1, S, S) or mask.device.type != "cpu":
         return None
-    cached, version, lengths = _last_mask
-    if cached is mask and version == mask._version:
+    versioned = not mask.is_inference()
+    ref, version, lengths = _last_mask
+    if versioned and ref is not None and ref() is mask and version == mask._version:
         return lengths
     lengths = mask[:, 0, -1, :].sum(-1)  # the last query sees exactly the first length[b] keys
     if int(lengths.min()) < 1:
         lengths = None  # a fully padded row: sdpa's output there is not what the kernel would give
     else:
         pos = torch.arange(S)
-        expected = (pos[:, None] >= pos[None, :]) & (pos < lengths[:, None, None])
-        if not torch.equal(mask[:, 0], expected):
-            lengths = None
-    _last_mask = (mask, mask._version, lengths)
+        valid_keys = pos < lengths[:, None, None]  # [B, 1, S]
+        step = max(1, _ROWS_PER_PIECE_ELEMENTS // max(1, B * S))
+        for r0 in range(0, S, step):
+            rows = pos[r0:r0 + step, None]
+            if not torch.equal(mask[:, 0, r0:r0 + step], (rows >= pos) & valid_keys):
+                lengths = None
+                break
+    if versioned:
+        _last_mask = (weakref.ref(mask), mask._version, lengths)
     return lengths
 
 

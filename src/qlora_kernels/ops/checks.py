@@ -284,7 +284,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale, key_leng
         same_device(q=q, key_lengths=key_lengths)
         if key_lengths.shape[0] != B:
             raise ValueError(f"key_lengths has {key_lengths.shape[0]} entries, q a batch of {B}")
-        if values and key_lengths.device.type != "meta" and not torch.compiler.is_compiling():
+        # values only of a plain CPU tensor: a fake one (FakeTensorMode, tracing) has none to read
+        if (values and type(key_lengths) is torch.Tensor and key_lengths.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
             lo, hi = int(key_lengths.min()), int(key_lengths.max())
             if lo < 1 or hi > S:
                 raise ValueError(f"key_lengths must lie in [1, {S}] (the positions of q), got values in [{lo}, {hi}]")
