@@ -95,6 +95,33 @@ def test_right_padding_against_sdpa_with_the_mask(path, case):
         assert not grads[1][b, :, n:].any() and not grads[2][b, :, n:].any()
 
 
+def test_right_padding_long_rows_threads_and_dtypes():
+    """1100 positions (query blocks of 59 rows, lengths inside and on block edges): within the
+    bound of sdpa with the mask; the same bits for 1, 2, 3 threads; int32 lengths as int64;
+    bf16 inputs widened and the output rounded once."""
+    q, k, v, do = _inputs(4, 2, 1, 1100, 8, seed=11)
+    lengths = torch.tensor([1100, 700, 59, 60])
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+            o = qk.causal_attention(qs, ks, vs, key_lengths=lengths)
+            runs.append((o, *torch.autograd.grad(o, (qs, ks, vs), do)))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    _check(runs[0], q, k, v, do, lengths)
+    assert torch.equal(qk.causal_attention(q, k, v, key_lengths=lengths.int()), runs[0][0])
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    ob = qk.causal_attention(qb, kb, vb, key_lengths=lengths)
+    assert ob.dtype == torch.bfloat16
+    assert torch.equal(ob, qk.causal_attention(qb.float(), kb.float(), vb.float(), key_lengths=lengths).bfloat16())
+
+
 def test_full_lengths_give_the_unpadded_bits():
     q, k, v, _ = _inputs(2, 4, 2, 70, 16)
     assert torch.equal(qk.causal_attention(q, k, v, key_lengths=torch.tensor([70, 70])), qk.causal_attention(q, k, v))
