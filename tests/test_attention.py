@@ -50,6 +50,21 @@ def _sdpa(q, k, v, do, dtype, lengths=None):
     return (o, *torch.autograd.grad(o, ts, do.to(dtype)))
 
 
+def _runs_per_thread_count(q, k, v, do, **kw):
+    """(out, dq, dk, dv) of causal_attention at 1, 2 and 3 threads."""
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+            o = qk.causal_attention(qs, ks, vs, **kw)
+            runs.append((o, *torch.autograd.grad(o, (qs, ks, vs), do)))
+    finally:
+        torch.set_num_threads(before)
+    return runs
+
+
 def _check(ours, q, k, v, do, lengths=None):
     exact = _sdpa(q, k, v, do, torch.float64, lengths)
     torch32 = _sdpa(q, k, v, do, torch.float32, lengths)
@@ -101,16 +116,7 @@ def test_right_padding_long_rows_threads_and_dtypes():
     bf16 inputs widened and the output rounded once."""
     q, k, v, do = _inputs(4, 2, 1, 1100, 8, seed=11)
     lengths = torch.tensor([1100, 700, 59, 60])
-    runs = []
-    before = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-            o = qk.causal_attention(qs, ks, vs, key_lengths=lengths)
-            runs.append((o, *torch.autograd.grad(o, (qs, ks, vs), do)))
-    finally:
-        torch.set_num_threads(before)
+    runs = _runs_per_thread_count(q, k, v, do, key_lengths=lengths)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
@@ -173,16 +179,7 @@ def test_long_sequence(path):
 def test_same_bits_for_any_thread_count():
     """Every output element is summed by one thread in a fixed order."""
     q, k, v, do = _inputs(2, 4, 2, 130, 64)
-    runs = []
-    before = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-            o = qk.causal_attention(qs, ks, vs)
-            runs.append((o, *torch.autograd.grad(o, (qs, ks, vs), do)))
-    finally:
-        torch.set_num_threads(before)
+    runs = _runs_per_thread_count(q, k, v, do)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)

@@ -156,18 +156,13 @@ def _dropout_noise(x: torch.Tensor, dropout_p: float, training: bool) -> torch.T
     missing extension take torch's way."""
     if not _dropout_active(dropout_p, training):
         return None
-    if (x.device.type != "cpu" or _env.dropout_rng() == "torch" or torch.compiler.is_compiling()
-            or not _native_dropout_available()):
+    if x.device.type != "cpu" or _C is None or _env.dropout_rng() == "torch" or torch.compiler.is_compiling():
         return torch.empty_like(x).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
     seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_())
     # fp32 whatever x's dtype: the kernels widen it anyway, and 1/(1-p) stays exact to fp32
     noise = torch.empty(x.shape, dtype=torch.float32, device="cpu")
     _C.dropout_mask(noise.data_ptr(), noise.numel(), float(dropout_p), seed, torch.get_num_threads())
     return noise
-
-
-def _native_dropout_available() -> bool:
-    return _C is not None and hasattr(_C, "dropout_mask")
 
 
 def lora_linear_4bit(x: torch.Tensor, packed, state: QuantState | None, lora_A: torch.Tensor,
