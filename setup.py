@@ -24,6 +24,13 @@ ISA_FLAGS = {
     "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"] + _AVX512_QUIET,
 }
 
+# The scalar path is built without GCC's loop vectorizer: GCC 12.2 at -O3 vectorized the
+# scalar block product of attention_simd.h (cols_by_rows_acc on one-lane tiles) into code
+# that reads one row past its input, a fault when that input ends at a page boundary
+# (tests/test_guard_pages.py caught it; the sanitizer lane's -O1 build does not vectorize).
+# The scalar path is the correctness fallback for CPUs without AVX2, not a speed path.
+FILE_FLAGS = {**ISA_FLAGS, "_scalar.cpp": ["-fno-tree-loop-vectorize"]}
+
 sources = sorted(
     os.path.join("csrc", f)
     for f in os.listdir("csrc")
@@ -39,7 +46,7 @@ class BuildExt(build_ext):
 
         def compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts):
             extra = list(extra_postargs)
-            for suffix, flags in ISA_FLAGS.items():
+            for suffix, flags in FILE_FLAGS.items():
                 if src.endswith(suffix):
                     extra += flags
             return original(obj, src, ext, cc_args, extra, pp_opts)
