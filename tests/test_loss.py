@@ -107,6 +107,28 @@ def test_chunking_is_invisible(monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
 
 
+def test_chunks_are_equal(monkeypatch):
+    """The rows split into as few chunks as chunk_rows allows, of equal size (no short last
+    chunk, which would re-pack the whole weight for a few rows)."""
+    assert [ops_loss.row_step(m, 49152) for m in (1, 170, 171, 512, 1024)] == [170, 170, 86, 128, 147]
+    sizes = []
+    real = ops_loss.run
+
+    def spy(name, *args):
+        if name == "linear_dense":
+            sizes.append(args[0].shape[0])
+        return real(name, *args)
+
+    monkeypatch.setattr(ops_loss, "chunk_rows", lambda vocab: 17)
+    monkeypatch.setattr(ops_loss, "run", spy)
+    x, W, b, labels = _leaves(301, 24, 97, True)
+    qk.linear_cross_entropy(x, W, labels, bias=b)
+    assert sizes == [17] * 17 + [12]
+    sizes.clear()
+    qk.linear_cross_entropy(x[:35], W, labels[:35], bias=b)
+    assert sizes == [12, 12, 11]
+
+
 def test_frozen_weight_gets_no_gradient_work_and_3d_input():
     x, W, _, labels = _leaves(24, 16, 40, False)
     W.requires_grad_(False)
