@@ -75,6 +75,20 @@ def case_linear_4bit(where, M):
     F.linear_4bit(x.detach(), p, state, compute="int8")
 
 
+def case_double_quant_and_prepared(where, M):
+    """Nested absmax decoded (dequantize_8bit), and a prepared weight's direct calls: the
+    one-row int8 forward on its repacked copy among them."""
+    packed, state = F.quantize_4bit(_randn(40, 256, seed=7), "nf4", 64, double_quant=True)
+    state.absmax = guarded(state.absmax, where)
+    state.state2.absmax = guarded(state.state2.absmax, where)
+    w = F.prepare_4bit(guarded(packed, where), state)
+    x = guarded(_randn(M, 256), where)
+    for compute in ("fp32", "int8"):
+        F.linear_4bit(x, w, compute=compute)
+        F.linear_4bit(x[:1], w, compute=compute)
+    F.dequantize_4bit(guarded(packed, where), state)
+
+
 def case_lora_linear_4bit(where, M):
     packed, state = _weight(136, 72)
     x = guarded(_randn(M, 72, grad=True), where)
@@ -140,8 +154,9 @@ def case_adamw(where, M):
     opt.step()
 
 
-CASES = {f.__name__[5:]: f for f in (case_linear_4bit, case_lora_linear_4bit, case_lora_linear, case_quantize,
-                                     case_rms_norm_swiglu, case_attention, case_cross_entropy, case_adamw)}
+CASES = {f.__name__[5:]: f for f in (case_linear_4bit, case_double_quant_and_prepared, case_lora_linear_4bit,
+                                     case_lora_linear, case_quantize, case_rms_norm_swiglu, case_attention,
+                                     case_cross_entropy, case_adamw)}
 
 
 RUNS = [(case, where, M) for case in CASES for where in ("end", "start") for M in (1, 3, 37)]
