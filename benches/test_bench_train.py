@@ -1,7 +1,7 @@
 """One training step (AdamW, LoRA r=16 on every projection, batch 2 x 256) on a random
 Phi-3-architecture model and on SmolLM2-135M-Instruct, beside PEFT + bitsandbytes; our
 DoRA step beside our LoRA step; the fused output head + loss alone beside transformers'
-way; the fused RMSNorm and SwiGLU alone beside transformers' and torch's; the fused causal
+way; the fused RMSNorm, SwiGLU and RoPE alone beside transformers' and torch's; the fused causal
 attention beside torch's scaled_dot_product_attention (causal, and a right-padded batch with
 transformers' mask); LoRA's dropout mask beside torch's bernoulli_. Each group timed
 in interleaved rounds (bench.interleave). Peak memory per configuration:

@@ -27,6 +27,7 @@ void register_attention(py::module_& m);
 void register_lora_rows(py::module_& m);
 void register_decode(py::module_& m);
 void register_dropout(py::module_& m);
+void register_rope(py::module_& m);
 
 namespace {
 
@@ -144,6 +145,7 @@ PYBIND11_MODULE(_C, m) {
   register_lora_rows(m);
   register_decode(m);
   register_dropout(m);
+  register_rope(m);
   m.def("compiled_isas", &qk::compiled_isas, "ISA paths compiled into this build.");
   m.def("supported_isas", &qk::supported_isas, "ISA paths this CPU can run.");
   m.def("best_isa", &qk::best_isa, "The path cpuid selects.");

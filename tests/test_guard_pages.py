@@ -135,6 +135,18 @@ def case_attention(where, M):
         _grads(F.causal_attention(q.transpose(1, 2), k, v, key_lengths=kl), [q, k, v], where)
 
 
+def case_rope(where, M):
+    S = M + 2
+    q = guarded(_randn(2, S, 3 * 14, grad=True), where)
+    k = guarded(_randn(2, S, 14, seed=2, grad=True), where)
+    for Bc in (2, 1):
+        cos, sin = guarded(_randn(Bc, S, 14, seed=3), where), guarded(_randn(Bc, S, 14, seed=4), where)
+        qe, ke = F.rope(q.view(2, S, 3, 14).transpose(1, 2), k.view(2, S, 1, 14).transpose(1, 2), cos, sin)
+        # output gradients as autograd hands them over: [B, S, heads, D] buffers
+        dq, dk = (guarded(_randn(2, S, h, 14, seed=5), where).transpose(1, 2) for h in (3, 1))
+        torch.autograd.grad([qe, ke], [q, k], [dq, dk])
+
+
 def case_cross_entropy(where, M):
     x = guarded(_randn(M, 40, grad=True), where)
     W = guarded(_randn(301, 40, seed=2, grad=True), where)
@@ -155,7 +167,7 @@ def case_adamw(where, M):
 
 
 CASES = {f.__name__[5:]: f for f in (case_linear_4bit, case_double_quant_and_prepared, case_lora_linear_4bit,
-                                     case_lora_linear, case_quantize, case_rms_norm_swiglu, case_attention,
+                                     case_lora_linear, case_quantize, case_rms_norm_swiglu, case_attention, case_rope,
                                      case_cross_entropy, case_adamw)}
 
 

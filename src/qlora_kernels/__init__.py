@@ -38,6 +38,7 @@ _API = {
     "lora_linear_4bit": "functional",
     "quantize_4bit": "functional",
     "rms_norm": "functional",
+    "rope": "functional",
     "swiglu": "functional",
     "prepare_4bit": "prepared",
     "patch_peft_model": "integrations.peft",

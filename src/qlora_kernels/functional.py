@@ -16,7 +16,7 @@ except ImportError:  # no compiled extension: the reference backend, and torch's
 
 __all__ = ["Prepared4bit", "absmax_fp32", "check_compute", "dequantize_4bit", "int8_repack", "linear_4bit",
            "linear_cross_entropy", "lora_linear", "lora_linear_4bit", "prepare_4bit", "quantize_4bit", "rms_norm",
-           "swiglu"]
+           "rope", "swiglu"]
 
 
 def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
@@ -257,3 +257,25 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # an empty head size fails the checks
     checks.attention(q, k, v, scale, key_lengths)
     return torch.ops.qlora_kernels.causal_attention(q, k, v, float(scale), key_lengths)[0].transpose(1, 2)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)``: ``x * cos +
+    rotate_half(x) * sin`` for q and k, with ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``,
+    in one pass each way (ops/rope.py; fp32 arithmetic, each product rounded as torch rounds
+    it). q [B, H, S, D] and k [B, Hk, S, D] with cos, sin [B or 1, S, D] (unsqueeze_dim=1), or
+    q [B, S, H, D], k [B, S, Hk, D] (unsqueeze_dim=2). Differentiable in q and k."""
+    if unsqueeze_dim not in (1, 2):
+        raise ValueError(f"unsqueeze_dim must be 1 ([B, H, S, D] inputs) or 2 ([B, S, H, D]), got {unsqueeze_dim!r}")
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D torch.Tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if unsqueeze_dim == 2:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    checks.rope(q, k, cos, sin)
+    qo, ko = torch.ops.qlora_kernels.rope(q, k, cos, sin)
+    # the op's [B, S, heads, D] buffers: as [B, heads, S, D] views, or as they are
+    return (qo, ko) if unsqueeze_dim == 2 else (qo.transpose(1, 2), ko.transpose(1, 2))
+

@@ -357,3 +357,17 @@ def causal_attention_backward(dout, q, k, v, out, lse, scale, key_lengths=None):
                           _view(dv), 0 if kl is None else kl.data_ptr(), 0 if kl is None else kl.numel(),
                           torch.get_num_threads())
     return dq, dk, dv
+
+
+@register_kernel("rope", "cpu")
+def rope(q, k, cos, sin, backward):
+    """csrc/rope.cpp on q and k (fp32, contiguous last dimension; cos and sin fp32 contiguous
+    [1 or B, S, D]): fresh [B, S, heads, D] outputs."""
+    outs = []
+    for x in (q, k):
+        B, H, S, D = x.shape
+        out = torch.empty((B, S, H, D), dtype=torch.float32)
+        _C.rope(*_view(x), B, H, S, D, cos.data_ptr(), sin.data_ptr(), cos.numel(), 0 if cos.shape[0] == 1 else S * D,
+                out.data_ptr(), out.numel(), backward, torch.get_num_threads())
+        outs.append(out)
+    return tuple(outs)

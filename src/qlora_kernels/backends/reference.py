@@ -381,3 +381,21 @@ def causal_attention_backward(dout, q, k, v, out, lse, scale, key_lengths=None):
     dq = ds @ kk
     dk = _per_kv_head(ds.transpose(-1, -2) @ q, k.shape[1])
     return dq, dk, dv
+
+
+@register_kernel("rope", "reference")
+def rope(q, k, cos, sin, backward):
+    """q [B, H, S, D], k [B, Hk, S, D], cos, sin [1 or B, S, D] -> ([B, S, H, D], [B, S, Hk, D]):
+    x * cos + rotate_half(x) * sin, or (backward) the transpose of that map applied to x."""
+    c, s = cos[:, None], sin[:, None]
+
+    def one(x):
+        h = x.shape[-1] // 2
+        if backward:
+            t = x * s
+            y = x * c + torch.cat((t[..., h:], -t[..., :h]), -1)
+        else:
+            y = x * c + torch.cat((-x[..., h:], x[..., :h]), -1) * s
+        return y.transpose(1, 2).contiguous()
+
+    return one(q), one(k)

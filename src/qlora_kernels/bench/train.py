@@ -266,4 +266,33 @@ def norm_act_cases() -> list[Case]:
     group = f"SwiGLU fwd+bwd [512, {N}]"
     cases += [Case(group, "qlora-kernels swiglu", fused, True, 512 * N, "elem/s"),
               Case(group, "torch F.silu(gate) * up", unfused, False, 512 * N, "elem/s")]
-    return cases
+    return cases + rope_cases()
+
+
+def rope_cases() -> list[Case]:
+    """The fused rotary embedding alone, forward + backward, on SmolLM2's queries and keys
+    (2 x 256 positions, 9 and 3 heads of 64) as its attention layers hand them over, beside
+    transformers' apply_rotary_pos_emb. Work is q and k elements per call."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from ..functional import rope
+
+    B, S, H, Hk, D = 2, 256, 9, 3, 64
+    g = torch.Generator().manual_seed(0)
+    q0 = torch.randn(B, S, H * D, generator=g).requires_grad_()
+    k0 = torch.randn(B, S, Hk * D, generator=g).requires_grad_()
+    freqs = torch.arange(S, dtype=torch.float32)[:, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+    emb = torch.cat((freqs, freqs), -1)[None].expand(B, S, D).contiguous()  # [B, S, D], as transformers makes it
+    cos, sin = emb.cos(), emb.sin()
+    dq, dk = torch.randn(B, H, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
+
+    def run(fn):
+        q, k = q0.view(B, S, H, D).transpose(1, 2), k0.view(B, S, Hk, D).transpose(1, 2)
+        qe, ke = fn(q, k, cos, sin)
+        torch.autograd.grad([qe, ke], [q0, k0], [dq, dk])
+
+    group = f"RoPE fwd+bwd smollm2 {B}x{S}, {H}/{Hk} heads of {D}"
+    work = B * S * (H + Hk) * D
+    return [Case(group, "qlora-kernels rope", lambda: run(rope), True, work, "elem/s"),
+            Case(group, "transformers apply_rotary_pos_emb", lambda: run(apply_rotary_pos_emb), False, work,
+                 "elem/s")]

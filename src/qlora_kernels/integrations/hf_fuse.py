@@ -5,6 +5,8 @@
   replaced in its parent by a :class:`qlora_kernels.nn.RMSNorm` holding the same weight
   Parameter and eps: same state-dict key, same optimizer parameter. Gemma's ``(1 + weight)
   * normed`` and anything else that computes otherwise is left alone.
+* The rotary embedding of queries and keys (hf_rope.py) and the causal attention
+  (hf_attention.py) of every transformers model inside.
 * Every Llama-style MLP (``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: Llama, Mistral,
   Qwen2) and Phi-3-style MLP (``gate_up_proj``, then the halves) with a SiLU activation
   gets its own ``forward`` (the instance's, as integrations.hf_loss does; no class is
@@ -27,6 +29,7 @@ from torch import nn
 
 from ..nn import RMSNorm
 from .hf_attention import fuse_attention
+from .hf_rope import fuse_rope
 
 log = logging.getLogger(__name__)
 
@@ -166,18 +169,22 @@ def mlp_reason(m: nn.Module, style) -> str | None:
     return None
 
 
-def fuse_layers(model: nn.Module, attention: bool = True) -> dict:
+def fuse_layers(model: nn.Module, attention: bool = True, rope: bool = True) -> dict:
     """Install the fused RMSNorm and SwiGLU MLP on ``model`` (a transformers model, a PEFT
-    model around one, or any module tree holding such layers), in place, and (``attention``)
-    switch its transformers models to the fused causal attention (hf_attention). Returns a
-    summary: ``{"rms_norm": count, "mlp": count, "attention": bool, "skipped": [(name,
-    reason), ...]}``."""
-    summary = {"rms_norm": 0, "mlp": 0, "attention": False, "skipped": []}
+    model around one, or any module tree holding such layers), in place, (``attention``)
+    switch its transformers models to the fused causal attention (hf_attention) and
+    (``rope``) let their attention layers apply the fused rotary embedding (hf_rope).
+    Returns a summary: ``{"rms_norm": count, "mlp": count, "attention": bool, "rope": count,
+    "skipped": [(name, reason), ...]}``."""
+    summary = {"rms_norm": 0, "mlp": 0, "attention": False, "rope": 0, "skipped": []}
     if attention:
         why = fuse_attention(model)
         summary["attention"] = why is None
         if why is not None and why != "no transformers model inside":
             summary["skipped"].append(("attention", why))
+    if rope:
+        summary["rope"], skipped = fuse_rope(model)
+        summary["skipped"] += skipped
     for name, m in list(model.named_modules()):
         if type(m).__name__.endswith("RMSNorm") and type(m) is not RMSNorm:
             try:

@@ -7,5 +7,6 @@ them all; the kernels behind them come from the selected backend (``..backends``
     loss.py    linear_cross_entropy (fused output head + loss)
     norm_act.py  rms_norm, swiglu (fused RMSNorm and SiLU-gated product) and their backward
     attention.py causal_attention (a decoder's training attention) and its backward
+    rope.py    rope (rotary position embedding of queries and keys) and its backward
 """
-from . import attention, linear, loss, norm_act, quant  # noqa: F401  (declaring is the import's purpose)
+from . import attention, linear, loss, norm_act, quant, rope  # noqa: F401  (declaring is the import's purpose)

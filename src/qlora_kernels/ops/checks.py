@@ -306,3 +306,24 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                              f"head size])")
     if tuple(lse.shape) != (B, H, S):
         raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {(B, H, S)}")
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """q [B, H, S, D], k [B, Hk, S, D], cos and sin [1 or B, S, D], D even."""
+    for name, t in (("q", q), ("k", k)):
+        tensor(name, t, FLOATS, dim=4)
+    for name, t in (("cos", cos), ("sin", sin)):
+        tensor(name, t, FLOATS, dim=3)
+    same_device(q=q, k=k, cos=cos, sin=sin)
+    B, H, S, D = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, S, D):
+        raise ValueError(f"k has shape {tuple(k.shape)}, q has {tuple(q.shape)}: batch, positions and head size "
+                         f"(dimensions 0, 2, 3) must match")
+    if D < 2 or D % 2:
+        raise ValueError(f"the head size (q's last dimension) must be even and >= 2, got {D}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos has shape {tuple(cos.shape)}, sin has {tuple(sin.shape)}: they must match")
+    if cos.shape[0] not in (1, B) or tuple(cos.shape[1:]) != (S, D):
+        raise ValueError(f"cos and sin have shape {tuple(cos.shape)}, expected {(B, S, D)} or {(1, S, D)} "
+                         f"([batch or 1, positions, head size])")
+

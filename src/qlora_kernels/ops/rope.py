@@ -1,0 +1,74 @@
+"""Rotary position embedding of queries and keys, with its backward: ``rope``.
+
+The "rotate half" layout of transformers' ``apply_rotary_pos_emb`` (Llama, Mistral, Qwen2,
+Phi-3, SmolLM2): ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``.
+As PyTorch ops that is ten passes over q and k each way with a fresh tensor per pass; here
+one pass each way (csrc/rope.cpp). Each product is rounded before the add, as torch
+rounds them, so fp32 results are torch's. cos and sin get no gradient (transformers computes
+them from a buffer without one).
+
+The outputs are laid out [batch, positions, heads, head size] (the projections' layout,
+which the fused attention reads and whose gradient reshapes to the projection's for free),
+returned as [batch, heads, positions, head size] views by ``functional.rope``."""
+from __future__ import annotations
+
+import torch
+
+from ..backends import run
+from . import checks
+from .linear import no_autocast
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("qlora_kernels::rope", mutates_args=())
+@no_autocast
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_out [B, S, H, D], k_out [B, S, Hk, D]) in q's and k's dtypes, for q [B, H, S, D],
+    k [B, Hk, S, D] and cos, sin [1 or B, S, D] (broadcast over heads)."""
+    checks.rope(q, k, cos, sin)
+    qo, ko = run("rope", _f32(q), _f32(k), cos.float().contiguous(), sin.float().contiguous(), False)
+    return qo.to(q.dtype), ko.to(k.dtype)
+
+
+@rope.register_fake
+def _(q, k, cos, sin):
+    checks.rope(q, k, cos, sin)
+    B, H, S, D = q.shape
+    return q.new_empty((B, S, H, D)), k.new_empty((B, S, k.shape[1], D))
+
+
+@torch.library.custom_op("qlora_kernels::rope_backward", mutates_args=())
+@no_autocast
+def rope_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input gradients of rope, laid out [B, S, H, D], from the output gradients dq
+    [B, S, H, D] and dk [B, S, Hk, D]."""
+    checks.rope(dq.transpose(1, 2), dk.transpose(1, 2), cos, sin)
+    gq, gk = run("rope", _f32(dq).transpose(1, 2), _f32(dk).transpose(1, 2), cos.float().contiguous(),
+                 sin.float().contiguous(), True)
+    return gq.to(dq.dtype), gk.to(dk.dtype)
+
+
+@rope_backward.register_fake
+def _(dq, dk, cos, sin):
+    checks.rope(dq.transpose(1, 2), dk.transpose(1, 2), cos, sin)
+    return dq.new_empty(dq.shape), dk.new_empty(dk.shape)
+
+
+def _setup(ctx, inputs, output):
+    _q, _k, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gq, gk = torch.ops.qlora_kernels.rope_backward(dq, dk, cos, sin)
+    return (gq.transpose(1, 2) if need[0] else None), (gk.transpose(1, 2) if need[1] else None), None, None
+
+
+rope.register_autograd(_backward, setup_context=_setup)
