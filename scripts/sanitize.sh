@@ -59,6 +59,6 @@ if [ "$#" -eq 0 ]; then
   set -- tests/test_reliability.py tests/test_bad_input.py tests/test_fuzz.py tests/test_linear.py \
     tests/test_linear_int8.py tests/test_loss.py tests/test_ops.py tests/test_optim_adamw.py tests/test_formats.py \
     tests/test_prepared.py tests/test_tuning.py tests/test_fused_layers.py tests/test_native_decode.py tests/test_attention.py \
-    tests/test_lora.py
+    tests/test_lora.py tests/test_rope.py
 fi
 exec "$PY" -m pytest -p no:cacheprovider -q "$@"
