@@ -45,7 +45,10 @@ void rope(uintptr_t x, int64_t x_span, int64_t sb, int64_t sh, int64_t ss, int64
   QK_REQUIRE(B >= 0 && H >= 0 && S >= 0, "B, H and S must be >= 0");
   QK_REQUIRE(D >= 2 && D % 2 == 0 && D <= (int64_t(1) << 20), "the head size D must be even and in [2, 2^20]");
   QK_REQUIRE(B <= (int64_t(1) << 24) && H <= (int64_t(1) << 24) && S <= (int64_t(1) << 24), "shape out of range");
-  QK_REQUIRE(out_numel == B * H * S * D, "out has " + std::to_string(out_numel) + " elements, expected B*H*S*D");
+  int64_t numel = 0;
+  QK_REQUIRE(!__builtin_mul_overflow(B * H, S, &numel) && !__builtin_mul_overflow(numel, D, &numel) &&
+                 out_numel == numel,
+             "out has " + std::to_string(out_numel) + " elements, expected B*H*S*D");
   if (out_numel == 0) return;
   QK_REQUIRE(sb >= 0 && sh >= 0 && ss >= 0, "x strides must be >= 0");
   // the last element x is read at must lie inside the span the caller vouches for

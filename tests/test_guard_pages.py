@@ -1,6 +1,7 @@
-"""No kernel reads or writes outside its tensors, checked with guard pages, on every native
-path. Each input is copied so that it ends right before (or starts right after) a page
-mapped PROT_NONE, as electric-fence places allocations: one element too far faults at once,
+"""No kernel reads outside its input tensors (nor writes outside the ones it updates in
+place, AdamW's), checked with guard pages, on every native path. Each input is copied so
+that it ends right before (or starts right after) a page mapped PROT_NONE, as electric-fence
+places allocations: one element too far faults at once,
 where the sanitizer lane's redzones only see what its -O1 build does. This is the test that
 caught GCC 12's -O3 loop vectorizer reading one row past a block product's input in the
 scalar path (csrc/attention_simd.h, setup.py: the scalar files are built without it).

@@ -108,8 +108,8 @@ def test_chunking_is_invisible(monkeypatch):
 
 
 def test_chunks_are_equal(monkeypatch):
-    """The rows split into as few chunks as chunk_rows allows, of equal size (no short last
-    chunk, which would re-pack the whole weight for a few rows)."""
+    """The rows split into as few chunks as chunk_rows allows, of near-equal size (no short
+    last chunk, which would stream the whole weight again for a few rows)."""
     assert [ops_loss.row_step(m, 49152) for m in (1, 170, 171, 512, 1024)] == [170, 170, 86, 128, 147]
     sizes = []
     real = ops_loss.run

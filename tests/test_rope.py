@@ -209,3 +209,41 @@ def test_probe_accepts_transformers_and_refuses_other_rotations():
 
     for fn in (interleaved, fused_add):
         assert "rotate_half" in hf_rope._probe(fn)
+
+
+def test_other_signatures_are_left_alone_with_the_reason(monkeypatch):
+    """Functions that do not take (q, k, cos, sin) as Llama's does make the probe report, not
+    raise: GPT-J's (x, sin, cos), Gemma 4's one tensor with (cos, sin), GPT-OSS's half-width
+    cos; fuse_layers then leaves such a model's rotary embedding alone."""
+    def gptj(x, sin, cos):
+        return x * cos + x * sin
+
+    def one_tensor(x, cos, sin, unsqueeze_dim=1):
+        return x * cos.unsqueeze(unsqueeze_dim) + x * sin.unsqueeze(unsqueeze_dim)
+
+    def half_width(q, k, cos, sin, unsqueeze_dim=1):
+        h = q.shape[-1] // 2
+        c, s = cos.unsqueeze(unsqueeze_dim)[..., :h], sin.unsqueeze(unsqueeze_dim)[..., :h]
+        return tuple(torch.cat((x[..., :h] * c - x[..., h:] * s, x[..., h:] * c + x[..., :h] * s), -1) for x in (q, k))
+
+    for fn in (gptj, one_tensor, half_width):
+        assert "does not take" in hf_rope._probe(fn) or "rotate_half" in hf_rope._probe(fn), fn.__name__
+    import transformers.models.phi3.modeling_phi3 as phi3
+
+    monkeypatch.setattr(phi3, "apply_rotary_pos_emb", gptj)
+    model = qk.quantize_model(tiny_model("phi3"), fuse_loss=True)
+    summary = fuse_layers(model)
+    assert summary["rope"] == 0
+    assert any("does not take (q, k, cos, sin)" in why for _, why in summary["skipped"]), summary["skipped"]
+    assert phi3.apply_rotary_pos_emb is gptj
+
+
+def test_cos_with_a_gradient_is_refused_and_not_taken():
+    q0, k0, cos, sin, dq, dk = _inputs(1, 2, 1, 5, 8, 1)
+    q = q0.view(1, 5, 2, 8).transpose(1, 2)
+    k = k0.view(1, 5, 1, 8).transpose(1, 2)
+    with pytest.raises(ValueError, match="cos and sin require a gradient"):
+        qk.rope(q, k, cos.requires_grad_(), sin)
+    assert not hf_rope._takes(q, k, cos, sin, (), {})
+    with torch.no_grad():
+        qk.rope(q, k, cos, sin)  # no autograd: nothing to refuse

@@ -265,7 +265,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     rotate_half(x) * sin`` for q and k, with ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``,
     in one pass each way (ops/rope.py; fp32 arithmetic, each product rounded as torch rounds
     it). q [B, H, S, D] and k [B, Hk, S, D] with cos, sin [B or 1, S, D] (unsqueeze_dim=1), or
-    q [B, S, H, D], k [B, S, Hk, D] (unsqueeze_dim=2). Differentiable in q and k."""
+    q [B, S, H, D], k [B, S, Hk, D] (unsqueeze_dim=2). Differentiable in q and k; cos and sin
+    get no gradient (transformers makes them without one), so they must not require one.
+    The results keep q's and k's dtypes (transformers would promote 16-bit q with fp32 cos to
+    fp32)."""
     if unsqueeze_dim not in (1, 2):
         raise ValueError(f"unsqueeze_dim must be 1 ([B, H, S, D] inputs) or 2 ([B, S, H, D]), got {unsqueeze_dim!r}")
     for name, t in (("q", q), ("k", k)):
@@ -275,6 +278,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if unsqueeze_dim == 2:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
     checks.rope(q, k, cos, sin)
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError("cos and sin require a gradient, which rope does not compute: detach them")
     qo, ko = torch.ops.qlora_kernels.rope(q, k, cos, sin)
     # the op's [B, S, heads, D] buffers: as [B, heads, S, D] views, or as they are
     return (qo, ko) if unsqueeze_dim == 2 else (qo.transpose(1, 2), ko.transpose(1, 2))

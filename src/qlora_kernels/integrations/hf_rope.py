@@ -52,8 +52,9 @@ def _takes(q, k, cos, sin, args, kwargs) -> bool:
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
         return False
     B, _, S, D = q.shape
-    return (q.requires_grad or k.requires_grad) and D % 2 == 0 and cos.shape[0] in (1, B) and \
-        tuple(cos.shape[1:]) == (S, D) and (k.shape[0], k.shape[2], k.shape[3]) == (B, S, D)
+    return (q.requires_grad or k.requires_grad) and not (cos.requires_grad or sin.requires_grad) and \
+        D % 2 == 0 and cos.shape[0] in (1, B) and tuple(cos.shape[1:]) == (S, D) and \
+        (k.shape[0], k.shape[2], k.shape[3]) == (B, S, D)
 
 
 def _replacement(original):
@@ -100,17 +101,20 @@ def _probe(fn) -> str | None:
     tables = [(torch.cat((freqs.cos(), freqs.cos()), -1), torch.cat((freqs.sin(), freqs.sin()), -1)),
               (torch.randn(1, 7, 16, generator=g), torch.randn(1, 7, 16, generator=g))]
     why = "its apply_rotary_pos_emb does not compute x * cos + rotate_half(x) * sin over the whole head"
-    with torch.no_grad():
-        for cos, sin in tables:
-            want = fn(q, k, cos, sin)
-            if not (_same(want, rope(q, k, cos, sin)) and _same(want, _formula(q, k, cos, sin))):
-                return why
-            qb, kb, cb, sb = (t.to(torch.bfloat16) for t in (q, k, cos, sin))
-            if not _same(fn(qb, kb, cb, sb), _formula(qb, kb, cb, sb)):
-                return why
-            qt, kt = q.transpose(1, 2), k.transpose(1, 2)
-            if not _same(fn(qt, kt, cos, sin, unsqueeze_dim=2), _formula(qt, kt, cos, sin, unsqueeze_dim=2)):
-                return why
+    try:
+        with torch.no_grad():
+            for cos, sin in tables:
+                want = fn(q, k, cos, sin)
+                if not (_same(want, rope(q, k, cos, sin)) and _same(want, _formula(q, k, cos, sin))):
+                    return why
+                qb, kb, cb, sb = (t.to(torch.bfloat16) for t in (q, k, cos, sin))
+                if not _same(fn(qb, kb, cb, sb), _formula(qb, kb, cb, sb)):
+                    return why
+                qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+                if not _same(fn(qt, kt, cos, sin, unsqueeze_dim=2), _formula(qt, kt, cos, sin, unsqueeze_dim=2)):
+                    return why
+    except Exception as e:  # another signature (Gemma 4's one tensor, GPT-J's (x, sin, cos)), a half-width cos
+        return f"its apply_rotary_pos_emb does not take (q, k, cos, sin) as Llama's does ({type(e).__name__}: {e})"
     return None
 
 

@@ -32,7 +32,8 @@ def chunk_rows(vocab: int) -> int:
 
 
 def row_step(rows: int, vocab: int) -> int:
-    """Rows per chunk: as few chunks as chunk_rows allows, of equal size. A short last chunk
+    """Rows per chunk: as few chunks as chunk_rows allows, of near-equal size (all but the last
+    of ceil(rows / chunks) rows, the last at most chunks - 1 rows shorter). A short last chunk
     (512 rows at SmolLM2's 49152 entries were 170 + 170 + 170 + 2) streams the whole weight
     twice for a few rows; 4 x 128 took 4-6% less time for the loss (docs/benchmarks.md)."""
     cap = chunk_rows(vocab)
