@@ -148,6 +148,31 @@ def case_rope(where, M):
         torch.autograd.grad([qe, ke], [q, k], [dq, dk])
 
 
+def case_native_decode(where, M):
+    """transformers' generate with the native decode step (csrc/decode_*: one plan over every
+    layer) on a model whose parameters and buffers all live at guard pages: LoRA on a 4-bit
+    Llama with its own 4-bit head, and on a Phi-3 (fused qkv and gate/up projections)."""
+    if M != 1:  # one run per placement: the step's shapes come from the model, not from M
+        return
+    from qlora_kernels.integrations import hf_decode
+
+    from .test_native_decode import LLAMA, PROMPT, generate, random_lora, tiny
+
+    models = [random_lora(tiny(tie=False, skip=()), LLAMA, r=4, std=0.1),
+              random_lora(tiny("phi3"), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], r=4, std=0.1)]
+    for m in models:
+        for mod in m.modules():
+            for _, p in mod.named_parameters(recurse=False):
+                p.data = guarded(p.data, where)
+            for name, b in list(mod.named_buffers(recurse=False)):
+                if b is not None:
+                    setattr(mod, name, guarded(b, where))
+        want = generate(m, PROMPT, 5)[0]
+        hf_decode.enable_native_decode(m)
+        assert generate(m, PROMPT, 5)[0] == want
+        assert hf_decode.status(m)["steps"] == 4
+
+
 def case_cross_entropy(where, M):
     x = guarded(_randn(M, 40, grad=True), where)
     W = guarded(_randn(301, 40, seed=2, grad=True), where)
@@ -169,7 +194,7 @@ def case_adamw(where, M):
 
 CASES = {f.__name__[5:]: f for f in (case_linear_4bit, case_double_quant_and_prepared, case_lora_linear_4bit,
                                      case_lora_linear, case_quantize, case_rms_norm_swiglu, case_attention, case_rope,
-                                     case_cross_entropy, case_adamw)}
+                                     case_native_decode, case_cross_entropy, case_adamw)}
 
 
 RUNS = [(case, where, M) for case in CASES for where in ("end", "start") for M in (1, 3, 37)]
