@@ -383,19 +383,30 @@ def causal_attention_backward(dout, q, k, v, out, lse, scale, key_lengths=None):
     return dq, dk, dv
 
 
-@register_kernel("rope", "reference")
-def rope(q, k, cos, sin, backward):
-    """q [B, H, S, D], k [B, Hk, S, D], cos, sin [1 or B, S, D] -> ([B, S, H, D], [B, S, Hk, D]):
-    x * cos + rotate_half(x) * sin, or (backward) the transpose of that map applied to x."""
-    c, s = cos[:, None], sin[:, None]
+def rope_formula(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' apply_rotary_pos_emb op for op (the same bits in any dtype): x * cos +
+    rotate_half(x) * sin for q and k, rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])."""
+    c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
 
     def one(x):
         h = x.shape[-1] // 2
-        if backward:
-            t = x * s
-            y = x * c + torch.cat((t[..., h:], -t[..., :h]), -1)
-        else:
-            y = x * c + torch.cat((-x[..., h:], x[..., :h]), -1) * s
-        return y.transpose(1, 2).contiguous()
+        return (x * c) + (torch.cat((-x[..., h:], x[..., :h]), dim=-1) * s)
 
     return one(q), one(k)
+
+
+@register_kernel("rope", "reference")
+def rope(q, k, cos, sin, backward):
+    """q [B, H, S, D], k [B, Hk, S, D], cos, sin [1 or B, S, D] -> ([B, S, H, D], [B, S, Hk, D]):
+    rope_formula, or (backward) the transpose of that map applied to x."""
+    if backward:
+        c, s = cos[:, None], sin[:, None]
+
+        def transposed(x):
+            h, t = x.shape[-1] // 2, x * s
+            return x * c + torch.cat((t[..., h:], -t[..., :h]), -1)
+
+        outs = transposed(q), transposed(k)
+    else:
+        outs = rope_formula(q, k, cos, sin)
+    return tuple(y.transpose(1, 2).contiguous() for y in outs)

@@ -33,6 +33,8 @@ from types import MethodType
 import torch
 from torch import nn
 
+from ..backends.reference import rope_formula
+
 log = logging.getLogger(__name__)
 
 _MARK = "_qlora_kernels_rope"  # on the cos tensors of a fused model's rotary embedding
@@ -72,17 +74,6 @@ def _replacement(original):
     return apply_rotary_pos_emb
 
 
-def _formula(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' apply_rotary_pos_emb, op for op (so the same bits in any dtype)."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-
-    def rotate_half(x):
-        h = x.shape[-1] // 2
-        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
-
-
 def _same(want, got) -> bool:
     return isinstance(want, tuple) and len(want) == 2 and all(
         isinstance(w, torch.Tensor) and w.dtype == o.dtype and w.shape == o.shape and torch.equal(w, o)
@@ -90,7 +81,7 @@ def _same(want, got) -> bool:
 
 
 def _probe(fn) -> str | None:
-    """None when ``fn(q, k, cos, sin[, unsqueeze_dim])`` equals the fused op and _formula bit
+    """None when ``fn(q, k, cos, sin[, unsqueeze_dim])`` equals the fused op and rope_formula bit
     for bit on random inputs: transformers' cos/sin layout and arbitrary values, grouped
     query heads, fp32 and bf16, [B, H, S, D] and [B, S, H, D] inputs."""
     from ..functional import rope
@@ -105,13 +96,13 @@ def _probe(fn) -> str | None:
         with torch.no_grad():
             for cos, sin in tables:
                 want = fn(q, k, cos, sin)
-                if not (_same(want, rope(q, k, cos, sin)) and _same(want, _formula(q, k, cos, sin))):
+                if not (_same(want, rope(q, k, cos, sin)) and _same(want, rope_formula(q, k, cos, sin))):
                     return why
                 qb, kb, cb, sb = (t.to(torch.bfloat16) for t in (q, k, cos, sin))
-                if not _same(fn(qb, kb, cb, sb), _formula(qb, kb, cb, sb)):
+                if not _same(fn(qb, kb, cb, sb), rope_formula(qb, kb, cb, sb)):
                     return why
                 qt, kt = q.transpose(1, 2), k.transpose(1, 2)
-                if not _same(fn(qt, kt, cos, sin, unsqueeze_dim=2), _formula(qt, kt, cos, sin, unsqueeze_dim=2)):
+                if not _same(fn(qt, kt, cos, sin, unsqueeze_dim=2), rope_formula(qt, kt, cos, sin, unsqueeze_dim=2)):
                     return why
     except Exception as e:  # another signature (Gemma 4's one tensor, GPT-J's (x, sin, cos)), a half-width cos
         return f"its apply_rotary_pos_emb does not take (q, k, cos, sin) as Llama's does ({type(e).__name__}: {e})"
@@ -125,7 +116,7 @@ def _private_forward(self, q, k, cos, sin, *args, **kwargs):
         from ..functional import rope
 
         return rope(q, k, cos, sin)
-    return _formula(q, k, cos, sin, *args, **kwargs)
+    return rope_formula(q, k, cos, sin, *args, **kwargs)
 
 
 def _rotary_forward(self, *args, **kwargs):

@@ -20,13 +20,7 @@ import torch
 
 from ..backends import run
 from . import checks
-from .linear import no_autocast
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 with a contiguous last dimension (what the kernels index)."""
-    t = t.float()
-    return t if t.stride(-1) == 1 else t.contiguous()
+from .linear import fp32_rows, no_autocast
 
 
 @torch.library.custom_op("qlora_kernels::causal_attention", mutates_args=())
@@ -38,7 +32,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     softmax_j(scale * q[b, h, i] . k[b, h // (H / Hk), j]) v[b, h // (H / Hk), j], where L_b is
     key_lengths[b] (right padding masked as transformers' sdpa mask does; S when None)."""
     checks.attention(q, k, v, scale, key_lengths)
-    out, lse = run("causal_attention", _f32(q), _f32(k), _f32(v), float(scale), key_lengths)
+    out, lse = run("causal_attention", fp32_rows(q), fp32_rows(k), fp32_rows(v), float(scale), key_lengths)
     return out.to(q.dtype), lse
 
 
@@ -58,8 +52,8 @@ def causal_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     """(dq, dk, dv) of causal_attention from its output and lse (the probabilities are
     recomputed); keys past key_lengths get zero gradients."""
     checks.attention_backward(dout, q, k, v, out, lse, scale, key_lengths)
-    dq, dk, dv = run("causal_attention_backward", _f32(dout), _f32(q), _f32(k), _f32(v), _f32(out),
-                     lse.contiguous(), float(scale), key_lengths)
+    dq, dk, dv = run("causal_attention_backward", *(fp32_rows(t) for t in (dout, q, k, v, out)), lse.contiguous(),
+                     float(scale), key_lengths)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

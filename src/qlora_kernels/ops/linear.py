@@ -30,6 +30,12 @@ def no_autocast(fn):
     return wrapper
 
 
+def fp32_rows(t: torch.Tensor) -> torch.Tensor:
+    """fp32 with a contiguous last dimension (what the row kernels index; other strides kept)."""
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _shaped(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
     """``t`` (a fresh contiguous 2-D result) in ``dtype`` and ``shape`` without returning a
     view: autograd forbids in-place updates of custom-op outputs that are views, and PEFT's

@@ -16,12 +16,14 @@ import torch
 
 from ..backends import run
 from . import checks
-from .linear import no_autocast
+from .linear import fp32_rows, no_autocast
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    t = t.float()
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _run(q, k, cos, sin, backward: bool):
+    """The backend's rope kernel on q, k [B, heads, S, D] (any strides): [B, S, heads, D]
+    outputs in q's and k's dtypes."""
+    qo, ko = run("rope", fp32_rows(q), fp32_rows(k), cos.float().contiguous(), sin.float().contiguous(), backward)
+    return qo.to(q.dtype), ko.to(k.dtype)
 
 
 @torch.library.custom_op("qlora_kernels::rope", mutates_args=())
@@ -30,8 +32,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     """(q_out [B, S, H, D], k_out [B, S, Hk, D]) in q's and k's dtypes, for q [B, H, S, D],
     k [B, Hk, S, D] and cos, sin [1 or B, S, D] (broadcast over heads)."""
     checks.rope(q, k, cos, sin)
-    qo, ko = run("rope", _f32(q), _f32(k), cos.float().contiguous(), sin.float().contiguous(), False)
-    return qo.to(q.dtype), ko.to(k.dtype)
+    return _run(q, k, cos, sin, False)
 
 
 @rope.register_fake
@@ -48,9 +49,7 @@ def rope_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor,
     """The input gradients of rope, laid out [B, S, H, D], from the output gradients dq
     [B, S, H, D] and dk [B, S, Hk, D]."""
     checks.rope(dq.transpose(1, 2), dk.transpose(1, 2), cos, sin)
-    gq, gk = run("rope", _f32(dq).transpose(1, 2), _f32(dk).transpose(1, 2), cos.float().contiguous(),
-                 sin.float().contiguous(), True)
-    return gq.to(dq.dtype), gk.to(dk.dtype)
+    return _run(dq.transpose(1, 2), dk.transpose(1, 2), cos, sin, True)
 
 
 @rope_backward.register_fake
