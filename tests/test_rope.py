@@ -189,6 +189,37 @@ def test_only_the_fused_model_and_only_training(arch):
     assert _rope_calls(lambda: back(**batch()).loss.backward()) == layers
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_fusion_survives_kernelize_on_train_and_eval(arch):
+    """transformers 5 loads models with ``use_kernels`` on and re-runs ``kernels.kernelize``
+    on every train() / eval() that changes the mode; with no kernel mapped for the CPU it
+    resets each wrapper to its class's forward. A fusion held as an instance attribute was
+    undone by the first ``model.train()`` of every ``from_pretrained`` model (the benchmarks'
+    SmolLM2 and ``qlora-kernels finetune`` ran transformers' function)."""
+    model = tiny_model(arch)
+    model.set_use_kernels(True)  # from_pretrained's default
+    assert model.use_kernels
+    model = qk.quantize_model(model, fuse_loss=True)
+    layers = model.config.num_hidden_layers
+    assert fuse_layers(model)["rope"] == (layers if arch == "llama" else 1)
+    pm = lora_peft(model, arch)
+    for mode in ("eval", "train", "eval", "train"):
+        getattr(pm, mode)()
+    assert model.kernels_mode is not None  # kernelize did run
+    assert _rope_calls(lambda: _step(pm)) == layers
+    buf = io.BytesIO()
+    torch.save(pm, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    back.eval()
+    back.train()
+    assert _rope_calls(lambda: _step(back)) == layers
+    hf_rope.unfuse_rope(pm)
+    pm.eval()
+    pm.train()
+    assert _rope_calls(lambda: _step(pm)) == 0
+
+
 def test_probe_accepts_transformers_and_refuses_other_rotations():
     assert hf_rope._probe(apply_rotary_pos_emb) is None
 

@@ -26,6 +26,7 @@ transformers' formula: their function, or in the first case the same torch ops."
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sys
 from types import MethodType
@@ -38,6 +39,7 @@ from ..backends.reference import rope_formula
 log = logging.getLogger(__name__)
 
 _MARK = "_qlora_kernels_rope"  # on the cos tensors of a fused model's rotary embedding
+_MODULE = "_qlora_kernels_rope_module"  # on fused wrapper classes: the modeling module
 _ORIGINAL = "_qlora_kernels_original"  # on the replacement: transformers' function
 _FUNC = "apply_rotary_pos_emb"
 
@@ -146,18 +148,60 @@ def is_rotary(m: nn.Module) -> bool:
 
 
 def _private_wrapper(m: nn.Module):
-    """m's own wrapper of its modeling module's apply_rotary_pos_emb (kernels keeps one per
-    instance, under the layer name, of the global wrapper's class), or None."""
+    """(m's dict of kernels wrappers, the key of its wrapper of its modeling module's
+    apply_rotary_pos_emb), or None: kernels keeps one wrapper per instance, of the global
+    wrapper's class (or of our subclass of it, once fused)."""
     funcs = m.__dict__.get("_kernel_funcs")
     fn = getattr(sys.modules.get(type(m).__module__), _FUNC, None)
     if not isinstance(funcs, dict) or not isinstance(fn, nn.Module):
         return None
-    return next((w for w in funcs.values() if type(w) is type(fn)), None)
+    key = next((k for k, w in funcs.items() if isinstance(w, type(fn))), None)
+    return None if key is None else (funcs, key)
 
 
 def _is_ours(w: nn.Module) -> bool:
-    f = w.__dict__.get("forward")
-    return isinstance(f, MethodType) and f.__func__ is _private_forward
+    return getattr(type(w), _MODULE, None) is not None
+
+
+_FUSED_TYPES: dict[type, type] = {}
+
+
+def _fused_type(base: type, module_name: str) -> type:
+    """kernels' wrapper class with the fused forward as its class's own. An instance
+    attribute (what ``kernelize`` itself sets) would not last: transformers re-runs
+    ``kernelize`` on every ``train()`` / ``eval()`` that changes the mode of a model loaded
+    with ``from_pretrained`` (``use_kernels`` is on by default in transformers 5), and with no
+    kernel mapped for the device it resets each wrapper to its class's forward."""
+    t = _FUSED_TYPES.get(base)
+    if t is None:
+        t = type(base.__name__, (base,), {"forward": _private_forward, "__reduce__": _fused_reduce,
+                                          _MODULE: module_name, "__module__": __name__,
+                                          "__qualname__": f"fused_rope({base.__qualname__})"})
+        _FUSED_TYPES[base] = t
+    return t
+
+
+def _fused_reduce(self):
+    # kernels' __reduce__ rebuilds its own class, which would drop the fusion on torch.load;
+    # the state is kept in the form its __setstate__ takes: (dict, forward set by kernelize)
+    state, forward_func = self.__dict__.copy(), None
+    f = state.get("forward")
+    if isinstance(f, MethodType) and f.__self__ is self:
+        forward_func = f.__func__
+        del state["forward"]
+    return _rebuild_fused, (getattr(type(self), _MODULE),), (state, forward_func)
+
+
+def _rebuild_fused(module_name: str):
+    fn = getattr(importlib.import_module(module_name), _FUNC)
+    return _fused_type(type(fn), module_name)()
+
+
+def _swap(funcs: dict, key, cls: type) -> None:
+    old = funcs[key]
+    new = cls()
+    new.train(old.training)
+    funcs[key] = new
 
 
 def fuse_rope(model: nn.Module) -> tuple[int, list]:
@@ -166,12 +210,13 @@ def fuse_rope(model: nn.Module) -> tuple[int, list]:
     rotary embedding modules, [(name, reason), ...] of the ones left alone)."""
     fused, skipped = 0, []
     for name, m in model.named_modules():
-        w = _private_wrapper(m)
-        if w is not None and not _is_ours(w):
+        found = _private_wrapper(m)
+        if found is not None and not _is_ours(found[0][found[1]]):
+            w = found[0][found[1]]
             # called outside its attention layer, the wrapper runs transformers' function
             why = "kernelize replaced its apply_rotary_pos_emb already" if "forward" in w.__dict__ else _probe(w)
             if why is None:
-                w.forward = MethodType(_private_forward, w)  # as kernels.kernelize sets it; pickles by name
+                _swap(*found, _fused_type(type(w), type(m).__module__))
                 fused += 1
             else:
                 skipped.append((name, why))
@@ -197,9 +242,9 @@ def unfuse_rope(model: nn.Module) -> None:
     """Back to transformers' rotary embedding (a replaced module-level function stays:
     without the mark it calls transformers' own)."""
     for m in model.modules():
-        w = _private_wrapper(m)
-        if w is not None and _is_ours(w):
-            del w.forward
+        found = _private_wrapper(m)
+        if found is not None and _is_ours(found[0][found[1]]):
+            _swap(*found, type(getattr(sys.modules[type(m).__module__], _FUNC)))
         f = m.__dict__.get("forward")
         if is_rotary(m) and isinstance(f, functools.partial) and f.func is _rotary_forward:
             del m.forward
