@@ -8,5 +8,6 @@ them all; the kernels behind them come from the selected backend (``..backends``
     norm_act.py  rms_norm, swiglu (fused RMSNorm and SiLU-gated product) and their backward
     attention.py causal_attention (a decoder's training attention) and its backward
     rope.py    rope (rotary position embedding of queries and keys) and its backward
+    eager.py   each op's autograd as an autograd.Function, for plain eager calls (no dispatcher)
 """
 from . import attention, linear, loss, norm_act, quant, rope  # noqa: F401  (declaring is the import's purpose)

@@ -19,13 +19,12 @@ from typing import Optional
 import torch
 
 from ..backends import run
-from . import checks
+from . import checks, eager
 from .linear import fp32_rows, no_autocast
 
 
-@torch.library.custom_op("qlora_kernels::causal_attention", mutates_args=())
 @no_autocast
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+def causal_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      key_lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, S, H, D] in q's dtype, lse [B, H, S] fp32) of causal attention of q [B, H, S, D]
     over k, v [B, Hk, S, D] (H a multiple of Hk): out[b, i, h] = sum_{j <= i, j < L_b}
@@ -36,6 +35,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.to(q.dtype), lse
 
 
+causal_attention = torch.library.custom_op("qlora_kernels::causal_attention", mutates_args=())(causal_attention_impl)
+
+
 @causal_attention.register_fake
 def _(q, k, v, scale, key_lengths=None):
     checks.attention(q, k, v, scale, key_lengths, values=False)
@@ -43,9 +45,8 @@ def _(q, k, v, scale, key_lengths=None):
     return q.new_empty((B, S, H, D)), q.new_empty((B, H, S), dtype=torch.float32)
 
 
-@torch.library.custom_op("qlora_kernels::causal_attention_backward", mutates_args=())
 @no_autocast
-def causal_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def causal_attention_backward_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, scale: float,
                               key_lengths: Optional[torch.Tensor] = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,6 +56,10 @@ def causal_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tens
     dq, dk, dv = run("causal_attention_backward", *(fp32_rows(t) for t in (dout, q, k, v, out)), lse.contiguous(),
                      float(scale), key_lengths)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+causal_attention_backward = torch.library.custom_op("qlora_kernels::causal_attention_backward",
+                                                    mutates_args=())(causal_attention_backward_impl)
 
 
 @causal_attention_backward.register_fake
@@ -72,9 +77,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_lengths = ctx.saved_tensors
-    dq, dk, dv = torch.ops.qlora_kernels.causal_attention_backward(dout, q, k, v, out, lse, ctx.scale, key_lengths)
+    backward = eager.backward_op(ctx, causal_attention_backward, causal_attention_backward_impl)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, ctx.scale, key_lengths)
     need = ctx.needs_input_grad
     return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None), None, None
 
 
 causal_attention.register_autograd(_backward, setup_context=_setup)
+causal_attention_eager = eager.function("qlora_kernels::causal_attention", causal_attention_impl, _setup, _backward)

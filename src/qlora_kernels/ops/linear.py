@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from . import checks
+from . import checks, eager
 from ..backends import run
 
 
@@ -108,9 +108,8 @@ def _linear_fake(x, packed, absmax, blocksize, quant_type, out_features, bias):
 linear_4bit_int8.register_fake(_linear_fake)
 
 
-@torch.library.custom_op("qlora_kernels::linear_4bit_grad_input", mutates_args=())
 @no_autocast
-def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+def linear_4bit_grad_input_impl(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                            quant_type: str, in_features: int) -> torch.Tensor:
     """dx = dy @ dequantize(W), W [dy.shape[-1], in_features]: the input gradient of
     linear_4bit (the frozen 4-bit weight itself gets none)."""
@@ -119,6 +118,10 @@ def linear_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch
     dx = run("linear_4bit_grad_input", dy2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
              in_features)
     return _shaped(dx, dy.dtype, (*dy.shape[:-1], in_features))
+
+
+linear_4bit_grad_input = torch.library.custom_op("qlora_kernels::linear_4bit_grad_input",
+                                                 mutates_args=())(linear_4bit_grad_input_impl)
 
 
 @linear_4bit_grad_input.register_fake
@@ -143,7 +146,8 @@ def _linear_backward(ctx, dy):
     blocksize, quant_type, in_features, x_dtype, has_bias = ctx.meta
     dx = db = None
     if ctx.needs_input_grad[0]:
-        dx = linear_4bit_grad_input(dy.contiguous(), packed, absmax, blocksize, quant_type, in_features).to(x_dtype)
+        grad_input = eager.backward_op(ctx, linear_4bit_grad_input, linear_4bit_grad_input_impl)
+        dx = grad_input(dy.contiguous(), packed, absmax, blocksize, quant_type, in_features).to(x_dtype)
     if has_bias and ctx.needs_input_grad[6]:
         db = _sum_leading(dy)
     return dx, None, None, None, None, None, db
@@ -151,6 +155,9 @@ def _linear_backward(ctx, dy):
 
 linear_4bit.register_autograd(_linear_backward, setup_context=_linear_setup)
 linear_4bit_int8.register_autograd(_linear_backward, setup_context=_linear_setup)
+linear_4bit_eager = eager.function("qlora_kernels::linear_4bit", linear_4bit_impl, _linear_setup, _linear_backward)
+linear_4bit_int8_eager = eager.function("qlora_kernels::linear_4bit_int8", linear_4bit_int8_impl, _linear_setup,
+                                        _linear_backward)
 
 
 # ------------------------------------------------------------------- LoRA ops ----
@@ -193,9 +200,8 @@ def _lora4_setup(ctx, inputs, output):
     ctx.meta = (blocksize, quant_type, scaling, bias is not None)
 
 
-@torch.library.custom_op("qlora_kernels::lora_linear_4bit_backward", mutates_args=())
 @no_autocast
-def lora_linear_4bit_backward(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+def lora_linear_4bit_backward_impl(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                               blocksize: int, quant_type: str, lora_A: torch.Tensor, lora_B: torch.Tensor,
                               scaling: float, noise: Optional[torch.Tensor], u: torch.Tensor,
                               need_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,6 +222,10 @@ def lora_linear_4bit_backward(dy: torch.Tensor, x: torch.Tensor, packed: torch.T
     return dx, dA, dB
 
 
+lora_linear_4bit_backward = torch.library.custom_op("qlora_kernels::lora_linear_4bit_backward",
+                                                    mutates_args=())(lora_linear_4bit_backward_impl)
+
+
 @lora_linear_4bit_backward.register_fake
 def _(dy, x, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling, noise, u, need_x):
     N = dy.shape[-1]
@@ -231,19 +241,20 @@ def _lora4_backward(ctx, dy, _du_unused):
     x, packed, absmax, lora_A, lora_B, noise, u = ctx.saved_tensors
     blocksize, quant_type, scaling, has_bias = ctx.meta
     need_x = ctx.needs_input_grad[0]
-    dx, dA, dB = lora_linear_4bit_backward(dy, x, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling,
-                                           noise, u, need_x)
+    backward = eager.backward_op(ctx, lora_linear_4bit_backward, lora_linear_4bit_backward_impl)
+    dx, dA, dB = backward(dy, x, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling, noise, u, need_x)
     db = _sum_leading(dy) if has_bias and ctx.needs_input_grad[9] else None
     return (dx if need_x else None, None, None, None, None, None, dA.to(lora_A.dtype), dB.to(lora_B.dtype), None, db,
             None)
 
 
 lora_linear_4bit.register_autograd(_lora4_backward, setup_context=_lora4_setup)
+lora_linear_4bit_eager = eager.function("qlora_kernels::lora_linear_4bit", lora_linear_4bit_impl, _lora4_setup,
+                                        _lora4_backward)
 
 
-@torch.library.custom_op("qlora_kernels::lora_linear", mutates_args=())
 @no_autocast
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+def lora_linear_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                 bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u) for a dense base: y = x @ weight.T (+ bias) + scaling * (u @ B.T)."""
     checks.dense(x, weight)
@@ -255,6 +266,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         y += bias.float()
     u = run("lora_forward_tail", x2, y, lora_A, lora_B, scaling, n2)
     return _shaped(y, x.dtype, (*x.shape[:-1], weight.shape[0])), u
+
+
+lora_linear = torch.library.custom_op("qlora_kernels::lora_linear", mutates_args=())(lora_linear_impl)
 
 
 @lora_linear.register_fake
@@ -290,3 +304,5 @@ def _lora_dense_backward(ctx, dy, _du_unused):
 
 
 lora_linear.register_autograd(_lora_dense_backward, setup_context=_lora_dense_setup)
+lora_linear_eager = eager.function("qlora_kernels::lora_linear", lora_linear_impl, _lora_dense_setup,
+                                   _lora_dense_backward)

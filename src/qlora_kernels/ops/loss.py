@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import checks
+from . import checks, eager
 from ..backends import run
 from .linear import no_autocast
 
@@ -40,9 +40,8 @@ def row_step(rows: int, vocab: int) -> int:
     return -(-rows // -(-rows // cap)) if rows > cap else cap
 
 
-@torch.library.custom_op("qlora_kernels::linear_cross_entropy", mutates_args=())
 @no_autocast
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+def linear_cross_entropy_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                          ignore_index: int, grad_x: bool, grad_weight: bool,
                          grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dx, dweight, dbias): loss = sum over rows whose label != ignore_index of
@@ -86,6 +85,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return total, dx, dw, db
 
 
+linear_cross_entropy = torch.library.custom_op("qlora_kernels::linear_cross_entropy",
+                                               mutates_args=())(linear_cross_entropy_impl)
+
+
 @linear_cross_entropy.register_fake
 def _(x, weight, bias, labels, ignore_index, grad_x, grad_weight, grad_bias):
     checks.loss(x, weight, bias, labels)
@@ -123,3 +126,5 @@ def _backward(ctx, g, *_unused):
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup)
+linear_cross_entropy_eager = eager.function("qlora_kernels::linear_cross_entropy", linear_cross_entropy_impl, _setup,
+                                            _backward)

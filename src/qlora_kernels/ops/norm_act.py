@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..backends import run
-from . import checks
+from . import checks, eager
 from .linear import no_autocast
 
 
@@ -62,9 +62,8 @@ def _(x, weight, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("qlora_kernels::rms_norm_backward", mutates_args=())
 @no_autocast
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+def rms_norm_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                       need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight) of rms_norm given its rstd; dweight (summed over rows, weight's dtype)
     is an empty tensor unless need_dweight."""
@@ -74,6 +73,9 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
                  weight.float().contiguous(), rstd.reshape(-1).contiguous(), bool(need_dweight))
     dw = dw.to(weight.dtype) if need_dweight else x.new_empty((0,), dtype=weight.dtype)
     return _fresh(dx, x.dtype, x.shape), dw
+
+
+rms_norm_backward = torch.library.custom_op("qlora_kernels::rms_norm_backward", mutates_args=())(rms_norm_backward_impl)
 
 
 @rms_norm_backward.register_fake
@@ -91,21 +93,24 @@ def _rms_setup(ctx, inputs, output):
 def _rms_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need_dx, need_dw = ctx.needs_input_grad[:2]
-    dx, dw = torch.ops.qlora_kernels.rms_norm_backward(dy, x, weight, rstd, need_dw)
+    dx, dw = eager.backward_op(ctx, rms_norm_backward, rms_norm_backward_impl)(dy, x, weight, rstd, need_dw)
     return (dx if need_dx else None), (dw if need_dw else None), None
 
 
 rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
+rms_norm_eager = eager.function("qlora_kernels::rms_norm", rms_norm_impl, _rms_setup, _rms_backward)
 
 
 # --------------------------------------------------------------------- swiglu ----
 
-@torch.library.custom_op("qlora_kernels::swiglu", mutates_args=())
 @no_autocast
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, in gate's dtype."""
     checks.swiglu(gate, up)
     return _fresh(run("swiglu", _rows(gate), _rows(up)), gate.dtype, gate.shape)
+
+
+swiglu = torch.library.custom_op("qlora_kernels::swiglu", mutates_args=())(swiglu_impl)
 
 
 @swiglu.register_fake
@@ -114,13 +119,15 @@ def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("qlora_kernels::swiglu_backward", mutates_args=())
 @no_autocast
-def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward_impl(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup) of swiglu, the sigmoid recomputed from gate."""
     checks.swiglu(gate, up, dh)
     dg, du = run("swiglu_backward", _rows(dh).contiguous(), _rows(gate), _rows(up))
     return _fresh(dg, gate.dtype, gate.shape), _fresh(du, up.dtype, up.shape)
+
+
+swiglu_backward = torch.library.custom_op("qlora_kernels::swiglu_backward", mutates_args=())(swiglu_backward_impl)
 
 
 @swiglu_backward.register_fake
@@ -135,8 +142,9 @@ def _swiglu_setup(ctx, inputs, output):
 
 def _swiglu_backward(ctx, dh):
     gate, up = ctx.saved_tensors
-    dg, du = torch.ops.qlora_kernels.swiglu_backward(dh, gate, up)
+    dg, du = eager.backward_op(ctx, swiglu_backward, swiglu_backward_impl)(dh, gate, up)
     return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
 
 
 swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+swiglu_eager = eager.function("qlora_kernels::swiglu", swiglu_impl, _swiglu_setup, _swiglu_backward)

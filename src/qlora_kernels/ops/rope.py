@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import run
-from . import checks
+from . import checks, eager
 from .linear import fp32_rows, no_autocast
 
 
@@ -26,13 +26,15 @@ def _run(q, k, cos, sin, backward: bool):
     return qo.to(q.dtype), ko.to(k.dtype)
 
 
-@torch.library.custom_op("qlora_kernels::rope", mutates_args=())
 @no_autocast
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_impl(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q_out [B, S, H, D], k_out [B, S, Hk, D]) in q's and k's dtypes, for q [B, H, S, D],
     k [B, Hk, S, D] and cos, sin [1 or B, S, D] (broadcast over heads)."""
     checks.rope(q, k, cos, sin)
     return _run(q, k, cos, sin, False)
+
+
+rope = torch.library.custom_op("qlora_kernels::rope", mutates_args=())(rope_impl)
 
 
 @rope.register_fake
@@ -42,14 +44,16 @@ def _(q, k, cos, sin):
     return q.new_empty((B, S, H, D)), k.new_empty((B, S, k.shape[1], D))
 
 
-@torch.library.custom_op("qlora_kernels::rope_backward", mutates_args=())
 @no_autocast
-def rope_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor,
+def rope_backward_impl(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The input gradients of rope, laid out [B, S, H, D], from the output gradients dq
     [B, S, H, D] and dk [B, S, Hk, D]."""
     checks.rope(dq.transpose(1, 2), dk.transpose(1, 2), cos, sin)
     return _run(dq.transpose(1, 2), dk.transpose(1, 2), cos, sin, True)
+
+
+rope_backward = torch.library.custom_op("qlora_kernels::rope_backward", mutates_args=())(rope_backward_impl)
 
 
 @rope_backward.register_fake
@@ -66,8 +70,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gq, gk = torch.ops.qlora_kernels.rope_backward(dq, dk, cos, sin)
+    gq, gk = eager.backward_op(ctx, rope_backward, rope_backward_impl)(dq, dk, cos, sin)
     return (gq.transpose(1, 2) if need[0] else None), (gk.transpose(1, 2) if need[1] else None), None, None
 
 
 rope.register_autograd(_backward, setup_context=_setup)
+rope_eager = eager.function("qlora_kernels::rope", rope_impl, _setup, _backward)
