@@ -21,7 +21,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..ops import attention as _ops  # noqa: F401  (declares torch.ops.qlora_kernels.causal_attention)
+from .. import ops
 
 NAME = "qlora_kernels"
 
@@ -142,7 +142,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if why is None:
         _count("fused" if lengths is None else "fused (right padding)")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return torch.ops.qlora_kernels.causal_attention(query, key, value, float(scale), lengths)[0], None
+        return ops.eager.call(ops.attention.causal_attention_eager, torch.ops.qlora_kernels.causal_attention, query,
+                              key, value, float(scale), lengths)[0], None
     _count(why)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
