@@ -81,30 +81,64 @@ def _op_node(t: torch.Tensor) -> str:
     return "" if node is None else node.name()
 
 
-def _run(case, monkeypatch, use_eager: bool):
+def _run(case, monkeypatch, use_eager: bool, frozen=()):
+    """(outputs, gradients of the leaves that require one) on one path; ``frozen``: indices of
+    leaves that do not require a gradient (a frozen input, a bias that does not train)."""
     leaves, fn = _case(case)
+    for i in frozen:
+        leaves[i].requires_grad_(False)
     with monkeypatch.context() as m:
         if not use_eager:
             m.setattr(eager, "ok", lambda *args: False)
         outs = fn(*leaves)
         g = torch.Generator().manual_seed(9)
-        grads = torch.autograd.grad(outs, leaves, [torch.randn(o.shape, generator=g) for o in outs])
+        grads = torch.autograd.grad(outs, [t for t in leaves if t.requires_grad],
+                                    [torch.randn(o.shape, generator=g) for o in outs])
     return outs, grads
 
 
+@pytest.mark.parametrize("frozen", ["none", "first", "last"])
 @pytest.mark.parametrize("case", OPS)
-def test_eager_function_gives_the_ops_bits(path, case, monkeypatch):
+def test_eager_function_gives_the_ops_bits(path, case, frozen, monkeypatch):
     """On every CPU path (and the reference backend): outputs and every input's gradient
-    equal bit for bit, and each call took the path it says it took."""
+    equal bit for bit, and each call took the path it says it took; also with the first
+    input (x, q, gate) or the last (bias, v, k) frozen, so the needs_input_grad branches run."""
+    n = len(_case(case)[0])
+    idx = {"none": (), "first": (0,), "last": (n - 1,)}[frozen]
     with on_path(*path):
-        (oe, ge), (oo, go) = _run(case, monkeypatch, True), _run(case, monkeypatch, False)
+        (oe, ge), (oo, go) = _run(case, monkeypatch, True, idx), _run(case, monkeypatch, False, idx)
     name = _op_name(case)
     for e, o in zip(oe, oo):
         assert _op_node(e) == f"qlora_kernels::{name}Backward"
         assert f"qlora_kernels_{name}" in _op_node(o)
         assert torch.equal(e, o)
+    assert len(ge) == len(go) == n - len(idx)
     for i, (e, o) in enumerate(zip(ge, go)):
         assert torch.equal(e, o), f"{case}: gradient of input {i}"
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_layers_give_the_ops_bits(reentrant, monkeypatch):
+    """Activation checkpointing (transformers' gradient_checkpointing) re-runs the forward in
+    the backward: both paths still give the same gradients."""
+    packed, state = _w(33, 70)
+    leaves = [_leaf(5, 70, seed=1), _leaf(4, 70, seed=2), _leaf(33, 4, seed=3), _leaf(70, seed=4)]
+
+    def block(x, A, B, w):
+        return qk.rms_norm(qk.lora_linear_4bit(qk.rms_norm(x, w), packed, state, A, B, 2.0), torch.ones(33))
+
+    grads = []
+    for use_eager in (True, False):
+        with monkeypatch.context() as m:
+            if not use_eager:
+                m.setattr(eager, "ok", lambda *args: False)
+            for t in leaves:
+                t.grad = None
+            y = torch.utils.checkpoint.checkpoint(block, *leaves, use_reentrant=reentrant)
+            y.square().sum().backward()  # (reentrant checkpointing refuses autograd.grad)
+            grads.append([t.grad for t in leaves])
+    for e, o in zip(*grads):
+        assert torch.equal(e, o)
 
 
 class _Passthrough(TorchDispatchMode):
@@ -152,23 +186,61 @@ def test_compiled_calls_take_the_op():
 
 
 @pytest.mark.parametrize("use_eager", [True, False])
-def test_double_backward_is_refused_on_both_paths(use_eager, monkeypatch):
+def test_second_order_gradients_are_refused_on_both_paths(use_eager, monkeypatch):
+    """A gradient penalty (create_graph, then a backward through the gradient): the backward
+    ops have no autograd, so it must raise on both paths, never drop the term silently."""
     leaves, fn = _case("rms_norm")
     with monkeypatch.context() as m:
         if not use_eager:
             m.setattr(eager, "ok", lambda *args: False)
         (y,) = fn(*leaves)
-        (gx, _) = torch.autograd.grad(y.sum(), leaves, create_graph=True)
-        with pytest.raises(RuntimeError):
-            torch.autograd.grad(gx.sum(), leaves[0])
+        gx, _ = torch.autograd.grad(y.sum(), leaves, create_graph=True)
+        assert gx.requires_grad
+        with pytest.raises(RuntimeError, match="rms_norm_backward"):
+            (gx.pow(2).sum() + leaves[0].pow(2).sum()).backward()
+
+
+def test_compiled_autograd_calls_the_backward_op():
+    """A backward traced by compiled autograd must see the op, not the native call."""
+    leaves, fn = _case("rms_norm")
+    (y,) = fn(*leaves)
+    seen = []
+    real = eager.backward_op
+
+    def spy(ctx, op, impl):
+        got = real(ctx, op, impl)
+        seen.append(got is op)
+        return got
+
+    from torch._dynamo import compiled_autograd
+
+    eager.backward_op = spy
+    try:
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            y.sum().backward()
+    finally:
+        eager.backward_op = real
+    assert seen == [True]
 
 
 def test_profiles_name_the_op_on_both_paths(monkeypatch):
+    """The forward and the backward op are recorded under the ops' names on either path."""
     leaves, fn = _case("rope")
     for use_eager in (True, False):
         with monkeypatch.context() as m:
             if not use_eager:
                 m.setattr(eager, "ok", lambda *args: False)
             with torch.profiler.profile() as prof:
-                fn(*leaves)
-        assert "qlora_kernels::rope" in {e.name for e in prof.events()}
+                outs = fn(*leaves)
+                torch.autograd.grad([o.sum() for o in outs], leaves)
+        names = {e.name for e in prof.events()}
+        assert {"qlora_kernels::rope", "qlora_kernels::rope_backward"} <= names, use_eager
+
+
+def test_forward_mode_ad_takes_the_op():
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(3, 8)
+    assert eager.ok(x)
+    with fwAD.dual_level():
+        assert not eager.ok(fwAD.make_dual(x, torch.ones_like(x)))

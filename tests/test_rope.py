@@ -203,9 +203,15 @@ def test_fusion_survives_kernelize_on_train_and_eval(arch):
     layers = model.config.num_hidden_layers
     assert fuse_layers(model)["rope"] == (layers if arch == "llama" else 1)
     pm = lora_peft(model, arch)
-    for mode in ("eval", "train", "eval", "train"):
-        getattr(pm, mode)()
-    assert model.kernels_mode is not None  # kernelize did run
+    from transformers import PreTrainedModel
+
+    runs = []
+    real = PreTrainedModel.set_use_kernels  # what train() / eval() call to re-kernelize
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(PreTrainedModel, "set_use_kernels", lambda self, *a, **k: (runs.append(a), real(self, *a, **k))[1])
+        for mode in ("eval", "train", "eval", "train"):
+            getattr(pm, mode)()
+    assert len(runs) == 4 and all(a[0] for a in runs)  # kernelize re-ran on every mode change
     assert _rope_calls(lambda: _step(pm)) == layers
     buf = io.BytesIO()
     torch.save(pm, buf)

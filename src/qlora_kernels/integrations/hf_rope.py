@@ -198,9 +198,15 @@ def _rebuild_fused(module_name: str):
 
 
 def _swap(funcs: dict, key, cls: type) -> None:
+    """Replace the wrapper funcs[key] by an instance of ``cls`` with the same state (hooks,
+    mode, and a forward kernelize set, rebound to the new instance as kernels' copy does)."""
     old = funcs[key]
     new = cls()
-    new.train(old.training)
+    state = dict(old.__dict__)
+    f = state.get("forward")
+    if isinstance(f, MethodType) and f.__self__ is old:
+        state["forward"] = MethodType(f.__func__, new)
+    new.__dict__.update(state)
     funcs[key] = new
 
 
