@@ -89,8 +89,8 @@ def _check_x(x) -> None:
         raise ValueError(f"x must be on the CPU for the cpu/reference backends, got device {x.device}")
 
 
-_COMPUTE = {"fp32": ("linear_4bit", ops.linear.linear_4bit_impl, ops.linear.linear_4bit_eager),
-            "int8": ("linear_4bit_int8", ops.linear.linear_4bit_int8_impl, ops.linear.linear_4bit_int8_eager)}
+_COMPUTE = {"fp32": (ops.linear.linear_4bit_call, ops.linear.linear_4bit_impl),
+            "int8": (ops.linear.linear_4bit_int8_call, ops.linear.linear_4bit_int8_impl)}
 
 
 def check_compute(compute: str) -> str:
@@ -125,7 +125,7 @@ def linear_4bit(x: torch.Tensor, packed, state: QuantState | None = None, bias: 
         y = packed.forward_direct(x, bias, compute)
         if y is not None:
             return y
-    op, impl, eager_fn = _COMPUTE[check_compute(compute)]
+    call, impl = _COMPUTE[check_compute(compute)]
     _check_x(x)
     w = _weight(x, packed, state)
     y = w.forward_direct(x, bias, compute)
@@ -134,7 +134,7 @@ def linear_4bit(x: torch.Tensor, packed, state: QuantState | None = None, bias: 
     args = w.args()
     if ops.linear.plain_call_ok(x, bias, args[0], args[1]):  # inference: skip the dispatcher
         return impl(x, *args, bias)
-    return ops.eager.call(eager_fn, getattr(torch.ops.qlora_kernels, op), x, *args, bias)
+    return call(x, *args, bias)
 
 
 def _dropout_active(dropout_p: float, training: bool) -> bool:
@@ -188,8 +188,7 @@ def lora_linear_4bit(x: torch.Tensor, packed, state: QuantState | None, lora_A: 
         # inference on another backend or layout: the dispatcher and the autograd wrapper
         # cost more than the kernel on a one-row SmolLM2 projection
         return ops.linear.lora_linear_4bit_impl(x, *args, lora_A, lora_B, checks.scaling(scaling), bias, None)[0]
-    return ops.eager.call(ops.linear.lora_linear_4bit_eager, torch.ops.qlora_kernels.lora_linear_4bit, x, *args, lora_A,
-                          lora_B, checks.scaling(scaling), bias, noise)[0]
+    return ops.linear.lora_linear_4bit_call(x, *args, lora_A, lora_B, checks.scaling(scaling), bias, noise)[0]
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -199,8 +198,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     noise = _dropout_noise(x, dropout_p, training)
-    return ops.eager.call(ops.linear.lora_linear_eager, torch.ops.qlora_kernels.lora_linear, x, weight, lora_A, lora_B,
-                          checks.scaling(scaling), bias, noise)[0]
+    return ops.linear.lora_linear_call(x, weight, lora_A, lora_B, checks.scaling(scaling), bias, noise)[0]
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -219,8 +217,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     grad = torch.is_grad_enabled()
-    loss = ops.eager.call(
-        ops.loss.linear_cross_entropy_eager, torch.ops.qlora_kernels.linear_cross_entropy, x, weight, bias, labels, int(ignore_index), grad and x.requires_grad, grad and weight.requires_grad,
+    loss = ops.loss.linear_cross_entropy_call(
+        x, weight, bias, labels, int(ignore_index), grad and x.requires_grad, grad and weight.requires_grad,
         grad and bias is not None and bias.requires_grad)[0]
     if num_items_in_batch is not None:
         return loss / num_items_in_batch
@@ -236,14 +234,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     ``nn.RMSNorm`` keeps that behaviour for other dtypes); the backward is one pass too
     (ops/norm_act.py)."""
     checks.rms_norm(x, weight, eps)
-    return ops.eager.call(ops.norm_act.rms_norm_eager, torch.ops.qlora_kernels.rms_norm, x, weight, float(eps))[0]
+    return ops.norm_act.rms_norm_call(x, weight, float(eps))[0]
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up`` in one pass (fp32 arithmetic, gate's dtype); its backward
     recomputes the sigmoid from gate instead of keeping silu(gate)."""
     checks.swiglu(gate, up)
-    return ops.eager.call(ops.norm_act.swiglu_eager, torch.ops.qlora_kernels.swiglu, gate, up)
+    return ops.norm_act.swiglu_call(gate, up)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -258,8 +256,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # an empty head size fails the checks
     checks.attention(q, k, v, scale, key_lengths)
-    return ops.eager.call(ops.attention.causal_attention_eager, torch.ops.qlora_kernels.causal_attention, q, k, v,
-                          float(scale), key_lengths)[0].transpose(1, 2)
+    return ops.attention.causal_attention_call(q, k, v, float(scale), key_lengths)[0].transpose(1, 2)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -283,7 +280,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     checks.rope(q, k, cos, sin)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("cos and sin require a gradient, which rope does not compute: detach them")
-    qo, ko = ops.eager.call(ops.rope.rope_eager, torch.ops.qlora_kernels.rope, q, k, cos, sin)
+    qo, ko = ops.rope.rope_call(q, k, cos, sin)
     # the op's [B, S, heads, D] buffers: as [B, heads, S, D] views, or as they are
     return (qo, ko) if unsqueeze_dim == 2 else (qo.transpose(1, 2), ko.transpose(1, 2))
 

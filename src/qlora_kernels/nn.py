@@ -194,8 +194,7 @@ class RMSNorm(nn.Module):
             if (w.dim() == 1 and x.dim() >= 1 and x.shape[-1] == w.shape[0] > 0
                     and ops.linear.plain_call_ok(x, w)):
                 return ops.norm_act.rms_norm_run(x, w, self.variance_epsilon)[0]
-            return ops.eager.call(ops.norm_act.rms_norm_eager, torch.ops.qlora_kernels.rms_norm, x, w,
-                                  self.variance_epsilon)[0]
+            return ops.norm_act.rms_norm_call(x, w, self.variance_epsilon)[0]
         input_dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)

@@ -142,8 +142,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if why is None:
         _count("fused" if lengths is None else "fused (right padding)")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return ops.eager.call(ops.attention.causal_attention_eager, torch.ops.qlora_kernels.causal_attention, query,
-                              key, value, float(scale), lengths)[0], None
+        return ops.attention.causal_attention_call(query, key, value, float(scale), lengths)[0], None
     _count(why)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -181,13 +181,17 @@ def _fused_type(base: type, module_name: str) -> type:
     return t
 
 
+def _own_forward(w: nn.Module):
+    """The function of a forward bound to w itself (what kernelize sets), or None."""
+    f = w.__dict__.get("forward")
+    return f.__func__ if isinstance(f, MethodType) and f.__self__ is w else None
+
+
 def _fused_reduce(self):
     # kernels' __reduce__ rebuilds its own class, which would drop the fusion on torch.load;
     # the state is kept in the form its __setstate__ takes: (dict, forward set by kernelize)
-    state, forward_func = self.__dict__.copy(), None
-    f = state.get("forward")
-    if isinstance(f, MethodType) and f.__self__ is self:
-        forward_func = f.__func__
+    state, forward_func = self.__dict__.copy(), _own_forward(self)
+    if forward_func is not None:
         del state["forward"]
     return _rebuild_fused, (getattr(type(self), _MODULE),), (state, forward_func)
 
@@ -203,9 +207,8 @@ def _swap(funcs: dict, key, cls: type) -> None:
     old = funcs[key]
     new = cls()
     state = dict(old.__dict__)
-    f = state.get("forward")
-    if isinstance(f, MethodType) and f.__self__ is old:
-        state["forward"] = MethodType(f.__func__, new)
+    if (f := _own_forward(old)) is not None:
+        state["forward"] = MethodType(f, new)
     new.__dict__.update(state)
     funcs[key] = new
 

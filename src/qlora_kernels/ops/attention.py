@@ -84,4 +84,5 @@ def _backward(ctx, dout, _dlse):
 
 
 causal_attention.register_autograd(_backward, setup_context=_setup)
-causal_attention_eager = eager.function("qlora_kernels::causal_attention", causal_attention_impl, _setup, _backward)
+causal_attention_call = eager.function("qlora_kernels::causal_attention", causal_attention,
+                                       causal_attention_impl, _setup, _backward)

@@ -45,9 +45,10 @@ def ok(*args) -> bool:
     return True
 
 
-def function(name: str, impl, setup_context, backward) -> type[torch.autograd.Function]:
-    """The ``autograd.Function`` equivalent of the custom op ``name`` (registered with
-    ``setup_context`` and ``backward``), running ``impl``, the op's implementation."""
+def function(name: str, op, impl, setup_context, backward):
+    """``op`` (the custom op ``name``, registered with ``setup_context`` and ``backward``) as a
+    callable that runs an ``autograd.Function`` equivalent of it, on ``impl`` (the op's
+    implementation), where :func:`ok` holds, and the op itself elsewhere."""
 
     def forward(ctx, *inputs):
         out = impl(*inputs)
@@ -55,8 +56,13 @@ def function(name: str, impl, setup_context, backward) -> type[torch.autograd.Fu
         setup_context(ctx, inputs, out)
         return out
 
-    return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward), "__module__": __name__})
+    fn = type(name, (torch.autograd.Function,),
+              {"forward": staticmethod(forward), "backward": staticmethod(backward), "__module__": __name__})
+
+    def call(*args):
+        return fn.apply(*args) if ok(*args) else op(*args)
+
+    return call
 
 
 def backward_op(ctx, op, impl):
@@ -81,8 +87,3 @@ def _recorded(impl):
             return impl(*args)
 
     return run
-
-
-def call(fn: type[torch.autograd.Function], op, *args):
-    """``op(*args)``, as ``fn`` (the op's eager Function) where :func:`ok` holds."""
-    return fn.apply(*args) if ok(*args) else op(*args)

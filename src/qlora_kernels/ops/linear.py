@@ -155,9 +155,10 @@ def _linear_backward(ctx, dy):
 
 linear_4bit.register_autograd(_linear_backward, setup_context=_linear_setup)
 linear_4bit_int8.register_autograd(_linear_backward, setup_context=_linear_setup)
-linear_4bit_eager = eager.function("qlora_kernels::linear_4bit", linear_4bit_impl, _linear_setup, _linear_backward)
-linear_4bit_int8_eager = eager.function("qlora_kernels::linear_4bit_int8", linear_4bit_int8_impl, _linear_setup,
-                                        _linear_backward)
+linear_4bit_call = eager.function("qlora_kernels::linear_4bit", linear_4bit, linear_4bit_impl, _linear_setup,
+                                  _linear_backward)
+linear_4bit_int8_call = eager.function("qlora_kernels::linear_4bit_int8", linear_4bit_int8, linear_4bit_int8_impl,
+                                       _linear_setup, _linear_backward)
 
 
 # ------------------------------------------------------------------- LoRA ops ----
@@ -249,8 +250,8 @@ def _lora4_backward(ctx, dy, _du_unused):
 
 
 lora_linear_4bit.register_autograd(_lora4_backward, setup_context=_lora4_setup)
-lora_linear_4bit_eager = eager.function("qlora_kernels::lora_linear_4bit", lora_linear_4bit_impl, _lora4_setup,
-                                        _lora4_backward)
+lora_linear_4bit_call = eager.function("qlora_kernels::lora_linear_4bit", lora_linear_4bit, lora_linear_4bit_impl,
+                                       _lora4_setup, _lora4_backward)
 
 
 @no_autocast
@@ -304,5 +305,5 @@ def _lora_dense_backward(ctx, dy, _du_unused):
 
 
 lora_linear.register_autograd(_lora_dense_backward, setup_context=_lora_dense_setup)
-lora_linear_eager = eager.function("qlora_kernels::lora_linear", lora_linear_impl, _lora_dense_setup,
-                                   _lora_dense_backward)
+lora_linear_call = eager.function("qlora_kernels::lora_linear", lora_linear, lora_linear_impl, _lora_dense_setup,
+                                  _lora_dense_backward)

@@ -98,7 +98,7 @@ def _rms_backward(ctx, dy, _drstd):
 
 
 rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
-rms_norm_eager = eager.function("qlora_kernels::rms_norm", rms_norm_impl, _rms_setup, _rms_backward)
+rms_norm_call = eager.function("qlora_kernels::rms_norm", rms_norm, rms_norm_impl, _rms_setup, _rms_backward)
 
 
 # --------------------------------------------------------------------- swiglu ----
@@ -147,4 +147,4 @@ def _swiglu_backward(ctx, dh):
 
 
 swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
-swiglu_eager = eager.function("qlora_kernels::swiglu", swiglu_impl, _swiglu_setup, _swiglu_backward)
+swiglu_call = eager.function("qlora_kernels::swiglu", swiglu, swiglu_impl, _swiglu_setup, _swiglu_backward)

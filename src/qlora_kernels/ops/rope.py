@@ -75,4 +75,4 @@ def _backward(ctx, dq, dk):
 
 
 rope.register_autograd(_backward, setup_context=_setup)
-rope_eager = eager.function("qlora_kernels::rope", rope_impl, _setup, _backward)
+rope_call = eager.function("qlora_kernels::rope", rope, rope_impl, _setup, _backward)
