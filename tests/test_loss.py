@@ -40,6 +40,53 @@ def test_dense_kernels_match_fp64(path, M, K, N, bias):
     assert ((dx.double() - dy.double() @ W.double()).abs() <= bound_dx).all()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_kernels_write_into_out(path, bias):
+    """out= (the fused loss's one logits buffer) gives the bits of a fresh result, in out's
+    own storage; a wrong out is refused naming it."""
+    x, W, dy = torch.randn(9, 70), torch.randn(4097, 70), torch.randn(9, 4097)
+    b = torch.randn(4097) if bias else None
+    with qk.use_backend(path[0]):
+        y, dx = run("linear_dense", x, W, b), run("linear_dense_grad_input", dy, W)
+        buf, dbuf = torch.full((12, 4097), float("nan")), torch.full((12, 70), float("nan"))
+        y2 = run("linear_dense", x, W, b, buf[:9])
+        dx2 = run("linear_dense_grad_input", dy, W, dbuf[2:11])
+        assert y2.data_ptr() == buf.data_ptr() and dx2.data_ptr() == dbuf[2:].data_ptr()
+        assert torch.equal(y2, y) and torch.equal(dx2, dx)
+        assert buf[9:].isnan().all() and dbuf[:2].isnan().all() and dbuf[11:].isnan().all()
+        for bad in (torch.empty(9, 4096), torch.empty(9, 4097, dtype=torch.float64), torch.empty(4097, 9).t()):
+            with pytest.raises(ValueError, match="out must be a contiguous float32 tensor of shape \\(9, 4097\\)"):
+                run("linear_dense", x, W, b, bad)
+        with pytest.raises(ValueError, match="out must be"):
+            run("linear_dense_grad_input", dy, W, torch.empty(9, 71))
+
+
+def test_loss_chunks_share_one_logits_buffer(monkeypatch):
+    """Every chunk's logits go to one buffer and every chunk's input gradient straight into
+    the result: no per-chunk [rows, vocab] allocation (each was thousands of page faults)."""
+    outs = []
+    real = ops_loss.run
+
+    def spy(name, *args):
+        if name in ("linear_dense", "linear_dense_grad_input"):
+            outs.append((name, args[-1].data_ptr(), args[-1].shape[0]))
+        return real(name, *args)
+
+    monkeypatch.setattr(ops_loss, "chunk_rows", lambda vocab: 17)
+    monkeypatch.setattr(ops_loss, "run", spy)
+    x, W, b, labels = _leaves(40, 24, 97, True)
+    loss = qk.linear_cross_entropy(x, W, labels, bias=b)
+    loss.backward()
+    fwd = [o for o in outs if o[0] == "linear_dense"]
+    assert [o[2] for o in fwd] == [14, 14, 12] and len({o[1] for o in fwd}) == 1
+    gi = [o for o in outs if o[0] == "linear_dense_grad_input"]
+    assert [o[1] - gi[0][1] for o in gi] == [0, 14 * 24 * 4, 28 * 24 * 4]
+    x2 = x.detach().clone().requires_grad_()
+    monkeypatch.setattr(ops_loss, "run", real)
+    _ref_loss(x2, W.detach(), labels, b.detach(), reduction="mean").backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_dense_native_strided_and_checked():
     x = torch.randn(9, 40)[:, :33]  # row stride 40
     W = torch.randn(70, 48)[:, :33]

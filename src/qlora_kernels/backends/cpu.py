@@ -14,6 +14,7 @@ from .. import _C, formats, tuning
 from .._errors import nonfinite_error
 from ..formats import dtype_code
 from . import register_dequantize_from_out, register_kernel
+from .reference import dense_out
 from .reference import lora_linear_4bit_backward as _reference_lora_backward
 
 
@@ -227,24 +228,24 @@ if hasattr(_C, "linear4_forward"):
 if hasattr(_C, "dense_forward"):
 
     @register_kernel("linear_dense", "cpu")
-    def linear_dense(x2, weight, bias):
+    def linear_dense(x2, weight, bias, out=None):
         if not tuning.ready:
             tuning.ensure()
         M, K = x2.shape
         N = weight.shape[0]
-        y = torch.empty((M, N), dtype=torch.float32)
+        y = dense_out(out, M, N)
         _C.dense_forward(x2.data_ptr(), M, K, max(K, 1), weight.data_ptr(), N, max(K, 1),
                          bias.data_ptr() if bias is not None else 0, bias.numel() if bias is not None else 0,
                          y.data_ptr(), max(N, 1), torch.get_num_threads())
         return y
 
     @register_kernel("linear_dense_grad_input", "cpu")
-    def linear_dense_grad_input(dy2, weight):
+    def linear_dense_grad_input(dy2, weight, out=None):
         if not tuning.ready:
             tuning.ensure()
         M, N = dy2.shape
         K = weight.shape[1]
-        dx = torch.empty((M, K), dtype=torch.float32)
+        dx = dense_out(out, M, K)
         _C.dense_backward_input(dy2.data_ptr(), M, N, max(N, 1), weight.data_ptr(), K, max(K, 1), dx.data_ptr(),
                                 max(K, 1), torch.get_num_threads())
         return dx

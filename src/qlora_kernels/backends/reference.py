@@ -183,14 +183,28 @@ def linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, in_featur
     return dy2 @ _dense_weight(packed, absmax, blocksize, quant_type, dy2.shape[1], in_features)
 
 
+def dense_out(out, rows: int, cols: int) -> torch.Tensor:
+    """The result tensor of the dense kernels: ``out`` when given (a contiguous fp32
+    [rows, cols] the caller reuses, e.g. one logits buffer for every chunk of the fused
+    loss: a fresh 25 MB tensor per chunk was thousands of page faults per call), else a new one."""
+    if out is None:
+        return torch.empty((rows, cols), dtype=torch.float32)
+    if out.dtype != torch.float32 or tuple(out.shape) != (rows, cols) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape ({rows}, {cols}), got {out.dtype} "
+                         f"{tuple(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
+    return out
+
+
 @register_kernel("linear_dense", "reference")
-def linear_dense(x2, weight, bias):
-    return torch.nn.functional.linear(x2, weight, bias)
+def linear_dense(x2, weight, bias, out=None):
+    y = dense_out(out, x2.shape[0], weight.shape[0])
+    # addmm is what F.linear runs with a bias, so both spellings give the same bits
+    return torch.mm(x2, weight.t(), out=y) if bias is None else torch.addmm(bias, x2, weight.t(), out=y)
 
 
 @register_kernel("linear_dense_grad_input", "reference")
-def linear_dense_grad_input(dy2, weight):
-    return dy2 @ weight
+def linear_dense_grad_input(dy2, weight, out=None):
+    return torch.mm(dy2, weight, out=dense_out(out, dy2.shape[0], weight.shape[1]))
 
 
 # ------------------------------------------------------------------- adapters ----

@@ -65,15 +65,17 @@ def linear_cross_entropy_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optio
     db = torch.zeros((V,) if grad_bias else (0,), dtype=torch.float32)
     any_grad = grad_x or grad_weight or grad_bias
     step = row_step(M, V)
+    # one logits buffer for every chunk
+    logits = torch.empty((min(step, M), V), dtype=torch.float32)
     for i in range(0, M, step):
         xc, vc = x2[i:i + step], valid[i:i + step]
         # the chunk's logits become their gradient softmax - onehot in place (ignored rows: 0)
-        g = run("linear_dense", xc, w, b)
+        g = run("linear_dense", xc, w, b, logits[:xc.shape[0]])
         total += run("softmax_xent", g, torch.where(vc, lab[i:i + step], -1)).sum()
         if not any_grad:
             continue
         if grad_x:
-            dx[i:i + step] = run("linear_dense_grad_input", g, w)
+            run("linear_dense_grad_input", g, w, dx[i:i + step])
         if grad_weight:
             dw.addmm_(g.t(), xc)
         if grad_bias:
