@@ -129,5 +129,4 @@ def _backward(ctx, g, *_unused):
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup)
 linear_cross_entropy_call = eager.function("qlora_kernels::linear_cross_entropy", linear_cross_entropy,
-                                           linear_cross_entropy_impl, _setup,
-                                            _backward)
+                                           linear_cross_entropy_impl, _setup, _backward)
