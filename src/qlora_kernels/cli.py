@@ -35,6 +35,14 @@ def _info(args) -> int:
         d = opencl.device_info()
         print(f"OpenCL device: {d['selector']} {d['platform']} / {d['device']} ({d['opencl_c_version']}), "
               f"kernel style {d['style']} ({opencl.ENV_DEVICE}, {opencl.ENV_STYLE} override)")
+    from qlora_kernels.integrations.onnx import ortops
+
+    lib = ortops.library_path()
+    if lib is None:
+        print("ONNX Runtime operator library: not built (scripts/ort_headers.sh fetches the headers it needs)")
+    else:
+        print(f"ONNX Runtime operator library: {ortops.DOMAIN}.{ortops.OP}, CPU path {ortops.isa()}, "
+              f"no OpenMP (ONNX Runtime's threads) ({lib})")
     if args.peak:
         from qlora_kernels import peak
 

@@ -2,9 +2,11 @@
 ways on the same prompt (128 token ids) and the same length (128 new tokens, greedy, EOS
 not allowed to end early):
 
-- ONNX Runtime GenAI on our ``export_genai`` folders: ``bnb4`` (MatMulBnb4 on our very
-  bytes) and ``nbits`` (MatMulNBits int4, accuracy_level 4 = int8 compute, head included,
-  as the builder does on CPU);
+- ONNX Runtime GenAI on our ``export_genai`` folders: ``bnb4`` (our very bytes, computed by
+  our operator library's MatMul4bit with the dense head, by its MatMul4bitInt8 with an int4
+  head as the builder makes them, and by ONNX Runtime's own MatMulBnb4) and ``nbits``
+  (MatMulNBits int4, accuracy_level 4 = int8 compute, head included, as the builder does
+  on CPU);
 - ONNX Runtime GenAI on its own model builder's folder (``-p int4 -e cpu``) from the same
   base weights, the peer to beat;
 - our torch path: transformers' Llama with our Linear4bit layers and its DynamicCache;
@@ -28,6 +30,11 @@ import torch
 PROMPT, NEW = 128, 128
 # the torch path the native decode step is measured against (issue 18: >= 3x its rate)
 OLD_TORCH = "qlora-kernels torch + LoRA r16 (KV cache)"
+BNB4_OURS = "ORT GenAI, our bnb4 export (our MatMul4bit, fp32 head)"
+BNB4_OURS_INT8 = "ORT GenAI, our bnb4 export (our MatMul4bitInt8, int4 head, as the builder)"
+BNB4_ORT = "ORT GenAI, our bnb4 export (ORT's MatMulBnb4, fp32 head)"
+NBITS = "ORT GenAI, our nbits export"
+BUILDER = "ORT GenAI builder int4"
 
 
 def _og_runner(folder: Path):
@@ -102,11 +109,18 @@ def contenders(workdir: str | None = None, peers: bool = True) -> dict:
     d = Path(workdir or tempfile.mkdtemp(prefix="qk-bench-genai-"))
     ours = quantize_model(load_smollm2(), skip=("lm_head",)).eval()
     run = {}
-    for fmt, acc in (("bnb4", 0), ("nbits", 4)):
-        folder = d / f"ours-{fmt}"
+    # (name, folder, export_genai arguments); the builder's int4 quantizes the head and
+    # computes in int8: the second bnb4 folder makes the same two choices on our exact bytes
+    folders = ((BNB4_OURS, "ours-bnb4-ops", dict(weight_format="bnb4", custom_ops=True)),
+               (BNB4_OURS_INT8, "ours-bnb4-ops-int8", dict(weight_format="bnb4", custom_ops=True, accuracy_level=4,
+                                                             quantize_head=True)),
+               (BNB4_ORT, "ours-bnb4", dict(weight_format="bnb4", custom_ops=False)),
+               (NBITS, "ours-nbits", dict(weight_format="nbits", accuracy_level=4)))
+    for name, sub, kw in folders:
+        folder = d / sub
         if not (folder / "genai_config.json").is_file():
-            export_genai(ours, folder, weight_format=fmt, accuracy_level=acc, verify_output=False, log=None)
-        run[f"ORT GenAI, our {fmt} export"] = _og_runner(folder)
+            export_genai(ours, folder, verify_output=False, log=None, **kw)
+        run[name] = _og_runner(folder)
     run["qlora-kernels torch (KV cache)"] = torch_runner(ours)
     from .onnx import LLAMA, random_lora
 
@@ -122,7 +136,7 @@ def contenders(workdir: str | None = None, peers: bool = True) -> dict:
     lora = random_lora(quantize_model(load_smollm2(), skip=("lm_head",)), LLAMA, r=16)
     run["qlora-kernels torch + LoRA r16, native step"] = torch_runner(lora, native=True)
     if peers:
-        run["ORT GenAI builder int4"] = _og_runner(builder_folder(smollm2_hf_dir(), d / "builder-int4"))
+        run[BUILDER] = _og_runner(builder_folder(smollm2_hf_dir(), d / "builder-int4"))
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         bnb = AutoModelForCausalLM.from_pretrained(
@@ -153,7 +167,7 @@ def measure(runners: dict, rounds: int = 3, prompt_len: int = PROMPT, new: int =
     return out
 
 
-def table(results: dict, ours: str = "ORT GenAI, our nbits export", prompt_len: int = PROMPT, new: int = NEW) -> str:
+def table(results: dict, ours: str = NBITS, prompt_len: int = PROMPT, new: int = NEW) -> str:
     """Markdown: tokens/s (median, spread) per contender and its per-round ratio to ``ours``."""
     lines = ["| contender | prompt tokens/s (median, min-max) | decode tokens/s (median, min-max) | "
              f"decode vs {ours} (per-round ratio of tokens/s) |", "|---|---|---|---|"]

@@ -14,7 +14,8 @@ BASES = ("nf4", "fp4", "dense")
 
 def add_parser(sub):
     e = sub.add_parser("export", help="export a model (and its adapter) to ONNX for ONNX Runtime",
-                       description="Exports a causal LM to ONNX: 4-bit weights as MatMulBnb4 (exact), MatMulNBits "
+                       description="Exports a causal LM to ONNX: 4-bit weights as MatMulBnb4 or, with --genai, our "
+                                   "MatMul4bit (both exact), MatMulNBits "
                                    "(re-quantized) or fp32; adapters as swappable branches or merged. Verifies the "
                                    "file in ONNX Runtime against torch unless --no-verify.")
     a = e.add_argument
@@ -28,12 +29,20 @@ def add_parser(sub):
            "qlora-kernels finetune. With --genai, repeat it for several adapters: each becomes a switchable "
            "adapter file named after its folder (or merged, with --merge-adapters and one adapter)")
     a("--accuracy-level", type=int, default=0, choices=range(5), metavar="0..4",
-      help="MatMulNBits compute precision with --weight-format nbits (0 fp32, 4 int8 as ONNX Runtime GenAI's "
-           "builder uses on CPU; default 0)")
+      help="with --genai: compute precision, 0 fp32 or 4 int8 activations (as ONNX Runtime GenAI's builder uses "
+           "on CPU), of MatMulNBits (--weight-format nbits, --quantize-head) and of our bnb4 operators "
+           "(MatMul4bitInt8); default 0")
     a("--weight-format", choices=FORMATS, default="bnb4", help="bnb4 (default), nbits or fp32")
     a("--base", choices=BASES, help="how the base model's linear layers are held before export: nf4/fp4 4-bit "
                                     "(blocksize 64) or dense; default: what the adapter was trained on "
                                     "(finetune's metrics.json: lora -> dense, qlora/dora -> nf4), else nf4")
+    a("--portable", action="store_true",
+      help="with --genai and bnb4: write ONNX Runtime's own MatMulBnb4 nodes, which any ONNX Runtime runs, instead "
+           "of our operator library's MatMul4bit (the same bytes; the default where the library is built, and "
+           "several times faster on CPU: docs/onnx.md)")
+    a("--quantize-head", action="store_true",
+      help="with --genai: write a dense output head as MatMulNBits int4 too, as ONNX Runtime GenAI's builder does "
+           "(re-quantized: the error is reported; default with --weight-format nbits)")
     a("--merge-adapters", action="store_true", help="merge the adapter into the base weights")
     a("--overwrite", action="store_true", help="replace an existing OUT")
     a("--no-verify", action="store_true", help="skip the ONNX Runtime check against torch")
@@ -77,12 +86,17 @@ def run(args) -> int:
             raise ExportError(f"--merge-adapters takes exactly one --adapter, got {len(adapters)}")
         if args.opset is not None:
             raise ExportError("--opset applies to --onnx only (the GenAI decoder is written at opset 17)")
+        if args.portable and args.weight_format != "bnb4":
+            raise ExportError("--portable applies to --weight-format bnb4")
     else:
         check_path(args.onnx, args.overwrite)  # before the slow load
         if len(adapters) > 1:
             raise ExportError("--onnx takes one --adapter (several switchable adapters need --genai)")
         if args.accuracy_level:
             raise ExportError("--accuracy-level applies to --genai with --weight-format nbits")
+        for flag in ("portable", "quantize_head"):
+            if getattr(args, flag):
+                raise ExportError(f"--{flag.replace('_', '-')} applies to --genai only")
     adapter = adapters[0] if adapters else None
     if args.base is None and len(adapters) > 1:
         # the default base is what each adapter was trained on; adapters that disagree (lora
@@ -119,7 +133,8 @@ def run(args) -> int:
                 raise ExportError("--adapter: two adapter folders have the same name; the name names the adapter")
         export_genai(model.eval(), args.genai, weight_format=args.weight_format, adapters=given,
                      merge_adapters=args.merge_adapters, tokenizer=model_dir, overwrite=args.overwrite,
-                     accuracy_level=args.accuracy_level, verify_output=not args.no_verify)
+                     accuracy_level=args.accuracy_level, verify_output=not args.no_verify,
+                     quantize_head=True if args.quantize_head else None, custom_ops=False if args.portable else None)
         return 0
     if adapter is not None:
         from ..peft import from_pretrained

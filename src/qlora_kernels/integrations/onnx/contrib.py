@@ -135,18 +135,22 @@ def ort_quantized_model(W: torch.Tensor, kind: str, accuracy_level: int = 0):
     return qm
 
 
-def session(model, threads: int | None = None, spinning: bool = False, quiet: bool = False):
+def session(model, threads: int | None = None, spinning: bool = False, quiet: bool = False,
+            custom_ops: str | None = None):
     """A CPU InferenceSession on an in-memory ModelProto or a file path, with torch's thread
     count (so side-by-side timings use the same cores). ORT's pool threads spin after each
     run unless told not to; interleaved with torch (whose OpenMP threads spin too) or with
     other sessions alive, the spinning threads take the cores from the work (docs/design.md,
-    "OpenMP wait policy"), so spinning is off unless a benchmark asks."""
+    "OpenMP wait policy"), so spinning is off unless a benchmark asks. ``custom_ops``: the
+    path of an operator library to register (ours: ortops.library_path())."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if custom_ops:
+        opts.register_custom_ops_library(custom_ops)
     if quiet:  # errors only: a GenAI decoder's adapter inputs draw one warning each (genai/config.py)
         opts.log_severity_level = 3
     src = model if isinstance(model, str) else model.SerializeToString()

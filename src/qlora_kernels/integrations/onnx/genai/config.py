@@ -12,26 +12,31 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
-def genai_config(arch: Arch, filename: str, search: dict | None = None) -> dict:
+def genai_config(arch: Arch, filename: str, search: dict | None = None, custom_ops_library: str | None = None) -> dict:
     """The folder's configuration, in the layout ONNX Runtime GenAI's model builder writes.
     Greedy search by default (``do_sample`` false), as transformers' generate without a
     generation config; ``past_present_share_buffer`` lets GroupQueryAttention write each
     new key/value into one buffer of the full context instead of copying the cache per token.
     ONNX Runtime logs errors only (``log_severity_level`` 3): each adapter input has an
     initializer as its default (the empty adapter), and ONNX Runtime warns once per such
-    input at load — hundreds of lines that say nothing wrong."""
+    input at load — hundreds of lines that say nothing wrong. ``custom_ops_library``: a file
+    in the folder (GenAI accepts only paths inside the model's folder) that ONNX Runtime
+    loads for the decoder's custom operators."""
     s = {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
          "max_length": arch.context_length, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
          "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
          "temperature": 1.0, "top_k": 50, "top_p": 1.0}
     s.update(search or {})
     eos = arch.eos_token_id
+    session = {"log_id": "onnxruntime-genai", "log_severity_level": 3, "provider_options": []}
+    if custom_ops_library:
+        session["custom_ops_library"] = custom_ops_library
     return {
         "model": {
             "bos_token_id": arch.bos_token_id,
             "context_length": arch.context_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "log_severity_level": 3, "provider_options": []},
+                "session_options": session,
                 "filename": filename,
                 "head_size": arch.head_size,
                 "hidden_size": arch.hidden,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import layers
+from .. import layers, ortops
 from ..errors import FORMATS, ExportError
 from . import adapters as adapter_files
 from . import arch as arch_mod
@@ -39,11 +39,15 @@ class GenaiExportResult:
     tokenizer_files: list = field(default_factory=list)
     node_counts: dict = field(default_factory=dict)
     seconds: float = 0.0
+    custom_ops_library: str | None = None  # our operator library's file in out_dir, if the graph uses it
 
     def summary(self) -> str:
         lines = [f"wrote {self.out_dir} for ONNX Runtime GenAI ({self.family}, {self.weight_format}; "
                  f"{self.layers} 4-bit layers, {self.dense} dense, {self.merged} adapters merged, "
                  f"{len(self.adapters)} switchable: {', '.join(self.adapters) or '-'}) in {self.seconds:.1f} s"]
+        if self.custom_ops_library:
+            lines.append(f"4-bit layers as {ortops.DOMAIN}.{ortops.OP} (exact bytes, our kernels), "
+                         f"library {self.custom_ops_library}")
         if self.weight_error:
             lines.append(f"re-quantization error: weights max rel {self.weight_error:.3g}")
         if not self.tokenizer_files:
@@ -132,7 +136,7 @@ def _save(proto, path: Path) -> None:
         onnx.save_model(proto, str(path))
 
 
-def _verify(folder: Path, model, arch, active: dict | None) -> dict:
+def _verify(folder: Path, model, arch, active: dict | None, custom_ops: bool) -> dict:
     """The decoder, with an empty cache, on a short prompt against the torch model."""
     import numpy as np
 
@@ -147,7 +151,8 @@ def _verify(folder: Path, model, arch, active: dict | None) -> dict:
             feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, arch.kv_heads, 0, arch.head_size), dtype=np.float32)
     for k, v in (active or {}).items():
         feeds[k] = v.numpy()
-    sess = contrib.session(str(folder / MODEL_FILE), quiet=True)
+    sess = contrib.session(str(folder / MODEL_FILE), quiet=True,
+                           custom_ops=str(folder / ortops.FOLDER_FILE) if custom_ops else None)
     got = torch.from_numpy(sess.run(["logits"], feeds)[0])
     return verify.errors(verify.torch_logits(model, ids, mask), got)
 
@@ -166,7 +171,7 @@ def _active_adapter(model) -> str | None:
 def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", adapters=None,
                  merge_adapters: bool = False, tokenizer=None, overwrite: bool = False, accuracy_level: int = 0,
                  quantize_head: bool | None = None, search: dict | None = None, verify_output: bool = True,
-                 log=print) -> GenaiExportResult:
+                 custom_ops: bool | None = None, log=print) -> GenaiExportResult:
     """Write ``model`` (a Llama-family or Phi-3 causal LM with our 4-bit layers, dense, or a
     PEFT model on either) as an ONNX Runtime GenAI model folder ``out_dir`` (docs/onnx.md).
 
@@ -178,7 +183,12 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
     ``tokenizer``: a transformers tokenizer or a folder; default: the model's own folder.
     ``quantize_head``: write a dense output head as MatMulNBits too (default: with "nbits",
     as ONNX Runtime GenAI's builder does for int4); the re-quantization error is reported.
-    ``search``: overrides of genai_config.json's search options (max_length, do_sample, ...)."""
+    ``search``: overrides of genai_config.json's search options (max_length, do_sample, ...).
+    ``custom_ops``: with "bnb4", write the 4-bit layers as our ``qlora_kernels.MatMul4bit``
+    (the same bytes, computed by our kernels: ONNX Runtime's MatMulBnb4 dequantizes its whole
+    weight per call; ``accuracy_level=4``: MatMul4bitInt8, int8 activations as our
+    ``compute="int8"``) and copy our operator library into the folder; None (default): when
+    this build has the library; False: ONNX Runtime's own MatMulBnb4, which any ONNX Runtime runs."""
     t0 = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
         raise ExportError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -186,10 +196,16 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
         raise ExportError(f"weight_format must be one of {FORMATS}, got {weight_format!r}")
     if accuracy_level not in (0, 1, 2, 3, 4) or isinstance(accuracy_level, bool):
         raise ExportError(f"accuracy_level must be 0..4 (ONNX Runtime's MatMulNBits levels), got {accuracy_level!r}")
-    if accuracy_level and weight_format != "nbits" and not quantize_head:
-        raise ExportError("accuracy_level applies to MatMulNBits: weight_format='nbits' or quantize_head=True")
     if quantize_head is not None and not isinstance(quantize_head, bool):
         raise ExportError(f"quantize_head must be True, False or None, got {quantize_head!r}")
+    use_ops = ortops.resolve(custom_ops, weight_format)
+    # accuracy_level as ONNX Runtime defines it for MatMulNBits; our operators have two of
+    # its levels: 0 (fp32, MatMul4bit) and 4 (int8 activations, MatMul4bitInt8)
+    if use_ops and accuracy_level not in (0, 4):
+        raise ExportError(f"accuracy_level with our operators (bnb4) is 0 (fp32) or 4 (int8), got {accuracy_level}")
+    if accuracy_level and weight_format != "nbits" and not quantize_head and not use_ops:
+        raise ExportError("accuracy_level applies to MatMulNBits (weight_format='nbits' or quantize_head=True) "
+                          "and to our operators (weight_format='bnb4' with custom_ops)")
     target = check_out_dir(out_dir, overwrite, _input_folders(model, tokenizer, adapters))
     arch = arch_mod.read(model)
     tables = arch_mod.rotary_tables(model, arch)
@@ -229,6 +245,8 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
         proto = b.model(f"qlora-kernels {__version__}",
                         {"weight_format": weight_format, "merge_adapters": merge_adapters,
                          "switchable_adapters": ",".join(sorted(checked))})
+        if use_ops:
+            ortops.use_library(proto, int8=accuracy_level == 4)
         counts: dict = {}
         for node in proto.graph.node:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -249,7 +267,9 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
                     rel = f"adapters/{name}{adapter_files.ADAPTER_SUFFIX}"
                     adapter_files.write(params, tmp / rel)
                     written[name] = rel
-            cfg = config.genai_config(arch, MODEL_FILE, search)
+            if use_ops:
+                shutil.copyfile(ortops.require(), tmp / ortops.FOLDER_FILE)
+            cfg = config.genai_config(arch, MODEL_FILE, search, ortops.FOLDER_FILE if use_ops else None)
             (tmp / "genai_config.json").write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
             tok_files = config.write_tokenizer(config.tokenizer_source(model, tokenizer), tmp)
             ort_error = None
@@ -258,7 +278,7 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
                 # only an adapter of the model itself is what torch runs: a given folder that
                 # happens to share the name (e.g. "default" on a model without adapters) is not
                 own = not merge_adapters and active in files and files[active][1] == "the model"
-                ort_error = _verify(tmp, model, arch, checked[active] if own else None)
+                ort_error = _verify(tmp, model, arch, checked[active] if own else None, use_ops)
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent or "."))
                 os.replace(target, old / "x")
@@ -272,7 +292,8 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
     finally:
         model.train(was_training)
     result = GenaiExportResult(str(target), weight_format, arch.family, report.layers, report.dense, report.merged,
-                               written, report.weight_error, ort_error, tok_files, counts)
+                               written, report.weight_error, ort_error, tok_files, counts,
+                               custom_ops_library=ortops.FOLDER_FILE if use_ops else None)
     result.seconds = time.perf_counter() - t0
     if log is not None:
         log(result.summary())
