@@ -31,6 +31,7 @@ PROMPT, NEW = 128, 128
 # the torch path the native decode step is measured against (issue 18: >= 3x its rate)
 OLD_TORCH = "qlora-kernels torch + LoRA r16 (KV cache)"
 BNB4_OURS = "ORT GenAI, our bnb4 export (our MatMul4bit, fp32 head)"
+BNB4_OURS_HEAD = "ORT GenAI, our bnb4 export (our MatMul4bit, int4 head, fp32 compute)"
 BNB4_OURS_INT8 = "ORT GenAI, our bnb4 export (our MatMul4bitInt8, int4 head, as the builder)"
 BNB4_ORT = "ORT GenAI, our bnb4 export (ORT's MatMulBnb4, fp32 head)"
 NBITS = "ORT GenAI, our nbits export"
@@ -112,6 +113,7 @@ def contenders(workdir: str | None = None, peers: bool = True) -> dict:
     # (name, folder, export_genai arguments); the builder's int4 quantizes the head and
     # computes in int8: the second bnb4 folder makes the same two choices on our exact bytes
     folders = ((BNB4_OURS, "ours-bnb4-ops", dict(weight_format="bnb4", custom_ops=True)),
+               (BNB4_OURS_HEAD, "ours-bnb4-ops-head", dict(weight_format="bnb4", custom_ops=True, quantize_head=True)),
                (BNB4_OURS_INT8, "ours-bnb4-ops-int8", dict(weight_format="bnb4", custom_ops=True, accuracy_level=4,
                                                              quantize_head=True)),
                (BNB4_ORT, "ours-bnb4", dict(weight_format="bnb4", custom_ops=False)),
