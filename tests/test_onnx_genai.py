@@ -214,22 +214,32 @@ def test_smollm2_merged_adapter_generates_as_torch(smollm2, tmp_path):
     assert_same_generation(og_greedy(tmp_path / "merged", prompt), torch_greedy(ref.eval(), prompt))
 
 
-def test_smollm2_bnb4_initializers_are_our_bytes(smollm2, smollm2_folder):
+@pytest.mark.parametrize("encoding", ["ours", "portable"])
+def test_smollm2_bnb4_initializers_are_our_bytes(smollm2, smollm2_folder, tmp_path, encoding):
+    """The default export where the operator library is built (CI builds it): our
+    MatMul4bit with the NF4 codebook of formats.py; ``custom_ops=False``: ONNX Runtime's
+    MatMulBnb4. Both hold the model's very bytes."""
     import onnx
     from onnx import numpy_helper
 
     pm, _ = smollm2
-    folder, _ = smollm2_folder
+    if encoding == "ours":
+        folder, _ = smollm2_folder
+    else:
+        folder = tmp_path / "portable"
+        export_genai(pm, folder, weight_format="bnb4", custom_ops=False, verify_output=False, log=None)
     proto = onnx.load(str(folder / "model.onnx"))
     inits = {i.name: i for i in proto.graph.initializer}
     lm = pm.get_base_model()
-    # the default export where the operator library is built (CI builds it): our MatMul4bit
-    # on the bytes MatMulBnb4 would hold, and the NF4 codebook of formats.py
-    assert not [n for n in proto.graph.node if n.op_type == "MatMulBnb4"]
-    nodes = [n for n in proto.graph.node if n.op_type == ortops.OP and n.domain == ortops.DOMAIN]
-    code = numpy_helper.to_array(inits["qlora_kernels.codebook.nf4"])
-    assert np.array_equal(code, qk.formats.codebook_cpu("nf4").numpy())
-    assert {n.input[3] for n in nodes} == {"qlora_kernels.codebook.nf4"}
+    if encoding == "ours":
+        assert not [n for n in proto.graph.node if n.op_type == "MatMulBnb4"]
+        nodes = [n for n in proto.graph.node if n.op_type == ortops.OP and n.domain == ortops.DOMAIN]
+        code = numpy_helper.to_array(inits["qlora_kernels.codebook.nf4"])
+        assert np.array_equal(code, qk.formats.codebook_cpu("nf4").numpy())
+        assert {n.input[3] for n in nodes} == {"qlora_kernels.codebook.nf4"}
+    else:
+        assert not [n for n in proto.graph.node if n.domain == ortops.DOMAIN]
+        nodes = [n for n in proto.graph.node if n.op_type == "MatMulBnb4"]
     # every projection has a switchable adapter, so q/k/v stay three nodes (packing them
     # would need the three adapter branches concatenated)
     assert len(nodes) == 30 * 7

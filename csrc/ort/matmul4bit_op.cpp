@@ -20,8 +20,8 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <exception>
 #include <memory>
 #include <new>
@@ -45,10 +45,10 @@ int64_t gcd(int64_t a, int64_t b) {
 }
 
 const char* const kDomain = "qlora_kernels";
-// Row slices per call: one per core (ONNX Runtime's default intra-op pool; a smaller pool
-// takes several slices per thread), at most 16, none thinner than 64 rows. A kernel cannot
-// ask ONNX Runtime for its pool's size; with a slice per thread the 8-thread split cost
-// ~7% of a SmolLM2 decode step on 2 threads against 2 slices (docs/onnx.md).
+// Row slices per call: one per logical CPU (ONNX Runtime's default pool has a thread per
+// core; a smaller pool takes several slices per thread), at most 16, none thinner than 64
+// rows. A kernel cannot ask ONNX Runtime for its pool's size, and more slices than threads
+// cost: 8 slices on 2 threads ran a SmolLM2 decode step 7% slower than 2 (docs/onnx.md).
 constexpr int64_t kMaxTasks = 16;
 constexpr int64_t kMinRowsPerTask = 64;
 
@@ -56,6 +56,8 @@ int64_t slices_per_call() {
   static const int64_t n = std::max<int64_t>(1, std::min<int64_t>(kMaxTasks, std::thread::hardware_concurrency()));
   return n;
 }
+
+// Set by RegisterCustomOps (the same table for every session of the process).
 const OrtApi* g_api = nullptr;
 
 std::string s(int64_t v) { return std::to_string(v); }

@@ -14,6 +14,7 @@ The library is optional: it needs ONNX Runtime's C API headers at build time
 (scripts/ort_headers.sh). Without it, exports keep ONNX Runtime's MatMulBnb4."""
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import os
 
@@ -100,6 +101,7 @@ def uses_library(proto) -> bool:
     return any(node.domain == DOMAIN for node in proto.graph.node)
 
 
+@functools.lru_cache(maxsize=1)
 def _lib():
     import ctypes
 
