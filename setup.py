@@ -139,8 +139,8 @@ hls_ext = Pybind11Extension(
 # compiled again without -fopenmp, through one-line wrappers in the build folder (the same
 # source compiled for two extensions would otherwise share one object file).
 ORT_SHARED = ["linear4_scalar", "linear4_avx2", "linear4_avx512", "linear4_scratch", "linear4_q8_scalar",
-              "linear4_q8_avx2", "linear4_q8_avx512vnni", "linear4_q8_repack", "dispatch", "tuning", "quant4_scalar",
-              "quant4_avx2", "quant4_avx512"]
+              "linear4_q8_avx2", "linear4_q8_avx512vnni", "linear4_q8_repack", "dense_scalar", "dense_avx2",
+              "dense_avx512", "dispatch", "tuning", "quant4_scalar", "quant4_avx2", "quant4_avx512"]
 ORT_INCLUDE = os.environ.get("QLORA_KERNELS_ORT_INCLUDE", os.path.join("build", "onnxruntime-headers"))
 ext_modules = [ext, hls_ext]
 if os.path.isfile(os.path.join(ORT_INCLUDE, "onnxruntime_c_api.h")) and not SANITIZE:

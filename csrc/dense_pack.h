@@ -80,7 +80,7 @@ void dense_gemv(const float* x, int64_t M, int64_t ldx, const DenseWeight& w, co
                 int64_t ldy, int nthreads) {
   const int64_t N = w.N, K = w.K;
   // Below ~64K multiply-adds a parallel region costs more than it saves.
-  const int T = N * K * M >= (int64_t(1) << 16) ? nthreads : 1;
+  [[maybe_unused]] const int T = N * K * M >= (int64_t(1) << 16) ? nthreads : 1;
 #pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
   for (int64_t n = 0; n < N; ++n) {
     const float* row = w.w + n * w.ld;

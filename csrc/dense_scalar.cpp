@@ -11,7 +11,7 @@ void dense_forward_scalar(const float* x, int64_t M, int64_t ldx, const DenseWei
                           int64_t ldy, int nthreads) {
   const int64_t N = w.N, K = w.K;
   if (M == 0 || N == 0) return;
-  const int T = threads_for(N, nthreads);
+  [[maybe_unused]] const int T = threads_for(N, nthreads);
 #pragma omp parallel for num_threads(T) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const float* row = w.w + n * w.ld;
@@ -31,7 +31,7 @@ void dense_backward_input_scalar(const float* dy, int64_t M, int64_t lddy, const
   // Threads own column strips of dx: no two write the same element.
   constexpr int64_t kStrip = 256;
   const int64_t nstrips = ceil_div(K, kStrip);
-  const int T = threads_for(nstrips, nthreads);
+  [[maybe_unused]] const int T = threads_for(nstrips, nthreads);
 #pragma omp parallel for num_threads(T) schedule(static)
   for (int64_t s = 0; s < nstrips; ++s) {
     const int64_t k0 = s * kStrip, kw = imin(kStrip, K - k0);

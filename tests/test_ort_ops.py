@@ -111,6 +111,41 @@ def test_matmul4bit_int8_gives_the_bits_of_compute_int8(library, isa):
         _C.set_isa(previous)
 
 
+def dense_node(N, K, W):
+    node = helper.make_node(ortops.OP_DENSE, ["X", "W"], ["Y"], domain=ortops.DOMAIN, name="/lm_head/LinearDense")
+    graph = helper.make_graph([node], "dense", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", "k"])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
+                              [numpy_helper.from_array(W, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ortops.DOMAIN, 1)])
+
+
+@pytest.mark.parametrize("isa", kernel_paths())
+def test_linear_dense_gives_the_bits_of_our_dense_kernel(library, isa):
+    """LinearDense (a tied output head) against the cpu backend's linear_dense, the kernel
+    of the fused loss and of the native decode step's head."""
+    from qlora_kernels.backends import run
+
+    ortops.set_isa(isa)
+    previous = _C.get_isa()
+    _C.set_isa(isa)
+    try:
+        for N, K, rows in ((1, 1, (1,)), (7, 9, (1, 3)), (4097, 33, (1, 5)), (1000, 576, (1, 130))):
+            W = torch.randn(N, K, generator=torch.Generator().manual_seed(N))
+            sess = session(dense_node(N, K, W.numpy()), library)
+            for M in rows:
+                x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+                got = torch.from_numpy(sess.run(None, {"X": x.numpy()})[0])
+                with qk.use_backend("cpu"):
+                    want = run("linear_dense", x, W, None)
+                assert torch.equal(got, want), (isa, N, K, M, float((got - want).abs().max()))
+        with pytest.raises(Exception, match=r"qlora_kernels\.LinearDense /lm_head/LinearDense: input A must be "
+                                            r"\[\.\.\., K=9\], got \[1, 8\]"):
+            session(dense_node(7, 9, np.zeros((7, 9), np.float32)), library).run(None, {"X": np.zeros((1, 8),
+                                                                                                      np.float32)})
+    finally:
+        _C.set_isa(previous)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_leading_dimensions_and_every_thread_count(library, threads):
     """A [batch, seq, K] input (the decoder's layout), on pools smaller and larger than the
@@ -176,11 +211,23 @@ def test_rewrite_keeps_the_initializers_and_adds_one_codebook_per_type(library):
         assert node.input[3] == f"qlora_kernels.codebook.{kind}"
         assert np.array_equal(numpy_helper.to_array(inits[node.input[3]]), formats.codebook_cpu(kind).numpy())
         assert sorted(a.name for a in node.attribute) == ["K", "N", "block_size"]
+    # a tied head's Gemm(transB=1) on an fp32 initializer becomes LinearDense; any other Gemm stays
+    W = torch.randn(10, 64)
+    model.graph.initializer.append(numpy_helper.from_array(W.numpy(), "head"))
+    model.graph.node.append(helper.make_node("Gemm", ["Z", "head"], ["logits"], transB=1, name="/lm_head/Gemm"))
+    model.graph.node.append(helper.make_node("Gemm", ["Z", "head"], ["scaled"], transB=1, alpha=2.0, name="/s/Gemm"))
+    model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, ["M", 10])
+                               for n in ("logits", "scaled")])
+    assert ortops.use_library(model) == 1
+    assert [(n.op_type, n.name) for n in model.graph.node[2:]] == [(ortops.OP_DENSE, "/lm_head/LinearDense"),
+                                                                   ("Gemm", "/s/Gemm")]
     x = torch.randn(3, 64)
-    got = session(model, library).run(None, {"X": x.numpy()})[0]
+    got, logits, scaled = session(model, library).run(None, {"X": x.numpy()})
     y = torch.ops.qlora_kernels.linear_4bit(x, packed.reshape(-1), absmax.reshape(-1), 64, "nf4", 64, None)
     want = torch.ops.qlora_kernels.linear_4bit(y, packed.reshape(-1), absmax.reshape(-1), 64, "fp4", 64, None)
     assert torch.equal(torch.from_numpy(got), want)
+    assert torch.allclose(torch.from_numpy(logits), want @ W.T, rtol=1e-5, atol=1e-4)
+    assert np.allclose(scaled, 2 * logits, rtol=1e-5, atol=1e-3)
 
 
 def test_custom_ops_argument(monkeypatch):

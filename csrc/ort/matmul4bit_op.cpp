@@ -23,12 +23,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <initializer_list>
 #include <memory>
 #include <new>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "../dense.h"
 #include "../dispatch.h"
 #include "../linear4.h"
 #include "../linear4_q8.h"
@@ -315,10 +317,105 @@ struct MatMul4bitOp : Ort::CustomOpBase<MatMul4bitOp, MatMul4bitKernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// qlora_kernels.LinearDense: Y[..., N] = A[..., K] @ W^T for a dense fp32 W [N, K] (a
+// decoder's tied output head: ONNX Runtime's Gemm(transB=1) on the embedding table). Our
+// dense kernel (dense.h) streams W once at one row; rows are split as above, at any row.
+struct LinearDenseKernel {
+  std::string node;
+
+  LinearDenseKernel(const OrtApi& api, const OrtKernelInfo* info) {
+    size_t len = 0;
+    if (OrtStatus* st = api.KernelInfo_GetNodeName(info, nullptr, &len)) {
+      api.ReleaseStatus(st);
+    } else if (len > 1) {
+      node.resize(len);
+      if (OrtStatus* st2 = api.KernelInfo_GetNodeName(info, node.data(), &len)) api.ReleaseStatus(st2);
+      node.resize(len > 0 ? len - 1 : 0);
+    }
+  }
+
+  void compute(OrtKernelContext* ctx) const {
+    const OrtApi& api = *g_api;
+    const OrtValue* in[2] = {};
+    size_t count = 0;
+    ok(api, api.KernelContext_GetInputCount(ctx, &count), "could not count the inputs");
+    if (count != 2) throw OpError{"expects 2 inputs (A, W), got " + s(int64_t(count))};
+    for (size_t i = 0; i < 2; ++i) {
+      ok(api, api.KernelContext_GetInput(ctx, i, &in[i]), "could not read input " + s(int64_t(i)));
+      if (in[i] == nullptr) throw OpError{"input " + s(int64_t(i)) + " is missing"};
+    }
+    const TensorView a = view(api, in[0], "A"), w = view(api, in[1], "W");
+    if (a.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw OpError{"input A must be float"};
+    if (w.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || w.shape.size() != 2)
+      throw OpError{"input W must be a float matrix [N, K], got " + shape_str(w.shape)};
+    const int64_t N = w.shape[0], K = w.shape[1];
+    if (a.shape.empty() || a.shape.back() != K)
+      throw OpError{"input A must be [..., K=" + s(K) + "], got " + shape_str(a.shape)};
+    std::vector<int64_t> out_shape(a.shape);
+    out_shape.back() = N;
+    OrtValue* out = nullptr;
+    ok(api, api.KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out),
+       "could not allocate the output " + shape_str(out_shape));
+    void* y = nullptr;
+    ok(api, api.GetTensorMutableData(out, &y), "could not write the output");
+    const int64_t M = K > 0 ? a.numel / K : 0;
+    if (M == 0 || N == 0) return;
+    struct Task {
+      const float *x, *w;
+      int64_t M, K, N, tasks;
+      float* y;
+      int64_t bound(int64_t t) const { return t == tasks ? N : N * t / tasks; }
+    };
+    Task task{data<float>(api, in[0]), data<float>(api, in[1]), M, K, N, 1, static_cast<float*>(y)};
+    task.tasks = std::max<int64_t>(1, std::min<int64_t>(slices_per_call(), N / kMinRowsPerTask));
+    auto run = [](void* p, size_t t) {
+      const Task& k = *static_cast<const Task*>(p);
+      const int64_t n0 = k.bound(static_cast<int64_t>(t)), n1 = k.bound(static_cast<int64_t>(t) + 1);
+      if (n1 <= n0) return;
+      const qk::DenseWeight w{k.w + n0 * k.K, n1 - n0, k.K, k.K};
+      qk::dense_kernels().forward(k.x, k.M, k.K, w, nullptr, k.y + n0, k.N, 1);
+    };
+    if (task.tasks == 1 || M == 0) {
+      run(&task, 0);
+    } else {
+      ok(api, api.KernelContext_ParallelFor(ctx, run, static_cast<size_t>(task.tasks), 0, &task),
+         "could not run on ONNX Runtime's threads");
+    }
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    try {
+      compute(ctx);
+      return nullptr;
+    } catch (const OpError& e) {
+      return g_api->CreateStatus(ORT_INVALID_ARGUMENT, ("qlora_kernels.LinearDense " + node + ": " + e.msg).c_str());
+    } catch (const std::exception& e) {
+      return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, ("qlora_kernels.LinearDense " + node + ": " + e.what()).c_str());
+    }
+  }
+};
+
+struct LinearDenseOp : Ort::CustomOpBase<LinearDenseOp, LinearDenseKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new LinearDenseKernel(api, info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_RUNTIME_EXCEPTION, ("qlora_kernels.LinearDense: " + std::string(e.what())).c_str());
+    }
+  }
+  const char* GetName() const { return "LinearDense"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 // Sessions keep pointers to the op and the domain for as long as they live, and ONNX
 // Runtime never says when the last one is gone: both stay for the life of the process.
 const MatMul4bitOp g_op(Compute::Fp32);
 const MatMul4bitOp g_op_int8(Compute::Int8);
+const LinearDenseOp g_op_dense;
 
 }  // namespace
 
@@ -335,7 +432,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       api->ReleaseStatus(st);
       return nullptr;
     }
-    for (const MatMul4bitOp* op : {&g_op, &g_op_int8}) {
+    for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{&g_op, &g_op_int8, &g_op_dense}) {
       if (OrtStatus* st = api->CustomOpDomain_Add(d, op)) {
         api->ReleaseStatus(st);
         return nullptr;
