@@ -146,7 +146,8 @@ ext_modules = [ext, hls_ext]
 if os.path.isfile(os.path.join(ORT_INCLUDE, "onnxruntime_c_api.h")) and not SANITIZE:
     wrap_dir = os.path.join("build", "ort_ops_src")
     os.makedirs(wrap_dir, exist_ok=True)
-    ort_sources = [os.path.join("csrc", "ort", "matmul4bit_op.cpp")]
+    ort_sources = sorted(os.path.join("csrc", "ort", f) for f in os.listdir(os.path.join("csrc", "ort"))
+                         if f.endswith(".cpp"))
     for name in ORT_SHARED:
         if not IS_X86 and any((name + ".cpp").endswith(s) for s in ISA_FLAGS):
             continue
