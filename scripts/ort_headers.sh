@@ -7,7 +7,7 @@
 # private sources list and verifies the download against Debian's archive key.
 # The library needs API version 21 (ONNX Runtime 1.21) or newer headers; ONNX Runtime
 # serves every older API version, so it loads into any newer runtime.
-#   bash scripts/ort_headers.sh [DEST]     # prints DEST on success
+#   bash scripts/ort_headers.sh [DEST]     # prints DEST's absolute path on success
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-build/onnxruntime-headers}
@@ -16,7 +16,7 @@ MIRROR=${QLORA_KERNELS_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 if [ -f "$DEST/onnxruntime_c_api.h" ]; then
-  echo "$DEST"
+  (cd "$DEST" && pwd)
   exit 0
 fi
 command -v apt-get >/dev/null || { echo "ort_headers: needs apt-get (Debian or Ubuntu)" >&2; exit 1; }
@@ -43,4 +43,4 @@ rm -rf "$DEST.tmp" && cp -r "$SRC" "$DEST.tmp"
 cp "$WORK/root/usr/share/doc/libonnxruntime-dev/copyright" "$DEST.tmp/"
 rm -rf "$DEST" && mv "$DEST.tmp" "$DEST"
 echo "ort_headers: ONNX Runtime C API version $VERSION headers in $DEST" >&2
-echo "$DEST"
+(cd "$DEST" && pwd)

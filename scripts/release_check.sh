@@ -28,8 +28,7 @@ echo "release: sdist, then the wheel built from it"
 # --no-isolation: the build tools of the environment (setuptools >= 77, pybind11), no download.
 # The wheel is built from the unpacked sdist, elsewhere: the ONNX Runtime headers that
 # scripts/setup.sh fetched are named by absolute path (the release ships the operator library).
-ORT_INCLUDE=$(bash scripts/ort_headers.sh)
-export QLORA_KERNELS_ORT_INCLUDE="$ROOT/$ORT_INCLUDE"
+export QLORA_KERNELS_ORT_INCLUDE="${QLORA_KERNELS_ORT_INCLUDE:-$(bash scripts/ort_headers.sh)}"
 "$PY" -m build --no-isolation --outdir "$OUT/dist" . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 SDIST=$(ls "$OUT"/dist/*.tar.gz)
 WHEEL=$(ls "$OUT"/dist/*.whl)

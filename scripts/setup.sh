@@ -37,8 +37,11 @@ fi
 # ONNX Runtime's C API headers, for our ONNX Runtime operator library (csrc/ort): from
 # Debian's libonnxruntime-dev, unpacked into build/ (scripts/ort_headers.sh). Without them
 # the package builds without that library (tests/test_ort_ops.py then fails, saying so).
-if ORT_INCLUDE=$(bash scripts/ort_headers.sh); then
-  export QLORA_KERNELS_ORT_INCLUDE="$PWD/$ORT_INCLUDE"
+# QLORA_KERNELS_ORT_INCLUDE set beforehand names headers of one's own.
+if [ -n "${QLORA_KERNELS_ORT_INCLUDE:-}" ]; then
+  :
+elif ORT_INCLUDE=$(bash scripts/ort_headers.sh); then
+  export QLORA_KERNELS_ORT_INCLUDE="$ORT_INCLUDE"
 else
   echo "setup: warning: could not fetch ONNX Runtime's C API headers: building without the operator library" >&2
 fi

@@ -41,8 +41,8 @@ def _info(args) -> int:
     if lib is None:
         print("ONNX Runtime operator library: not built (scripts/ort_headers.sh fetches the headers it needs)")
     else:
-        print(f"ONNX Runtime operator library: {ortops.DOMAIN}.{ortops.OP}, CPU path {ortops.isa()}, "
-              f"no OpenMP (ONNX Runtime's threads) ({lib})")
+        print(f"ONNX Runtime operator library: {ortops.DOMAIN}.{{{ortops.OP}, {ortops.OP_INT8}, {ortops.OP_DENSE}}}, "
+              f"CPU path {ortops.isa()}, on ONNX Runtime's threads ({lib})")
     if args.peak:
         from qlora_kernels import peak
 

@@ -5,11 +5,11 @@ compute: the bits of ``qlora_kernels::linear_4bit``) and ``qlora_kernels.MatMul4
 ONNX Runtime's MatMulNBits accuracy_level 4), and ``qlora_kernels.LinearDense`` (a dense
 fp32 ``A @ W^T``: a tied output head on our dense kernel).
 
-The 4-bit two read exactly the inputs of com.microsoft.MatMulBnb4 (our packed bytes and fp32 absmax,
-attributes K, N, block_size) plus the 16-entry codebook as a fourth input (fp32, or the
-int8 one), written from ``formats`` so that no copy of a codebook lives in C++. ONNX
-Runtime's own MatMulBnb4 dequantizes its whole weight on every call; these decode panels
-inside the kernel, as our torch path does.
+The two 4-bit operators read exactly the inputs of com.microsoft.MatMulBnb4 (our packed
+bytes and fp32 absmax, attributes K, N, block_size) plus the 16-entry codebook as a fourth
+input (fp32, or the int8 one), written from ``formats`` so that no copy of a codebook lives
+in C++. ONNX Runtime's own MatMulBnb4 dequantizes its whole weight on every call; these
+decode panels inside the kernel, as our torch path does.
 
 The library is optional: it needs ONNX Runtime's C API headers at build time
 (scripts/ort_headers.sh). Without it, exports keep ONNX Runtime's MatMulBnb4."""

@@ -46,8 +46,9 @@ class GenaiExportResult:
                  f"{self.layers} 4-bit layers, {self.dense} dense, {self.merged} adapters merged, "
                  f"{len(self.adapters)} switchable: {', '.join(self.adapters) or '-'}) in {self.seconds:.1f} s"]
         if self.custom_ops_library:
-            lines.append(f"4-bit layers as {ortops.DOMAIN}.{ortops.OP} (exact bytes, our kernels), "
-                         f"library {self.custom_ops_library}")
+            ours = sorted(op for op in (ortops.OP, ortops.OP_INT8, ortops.OP_DENSE) if op in self.node_counts)
+            lines.append(f"our operators {', '.join(ours)} (the exact bytes, our kernels) from the folder's "
+                         f"{self.custom_ops_library}")
         if self.weight_error:
             lines.append(f"re-quantization error: weights max rel {self.weight_error:.3g}")
         if not self.tokenizer_files:
