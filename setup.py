@@ -130,7 +130,7 @@ hls_ext = Pybind11Extension(
 )
 
 # qlora_kernels._ort_ops: the ONNX Runtime custom operator library (csrc/ort; docs/onnx.md,
-# "The custom operator library"). A plain shared library that ONNX Runtime dlopens, not a
+# "The operator library"). A plain shared library that ONNX Runtime dlopens, not a
 # Python module (the extension machinery only builds and places it). It needs ONNX
 # Runtime's C API headers, which no PyPI wheel ships: scripts/ort_headers.sh fetches them
 # (Debian's libonnxruntime-dev) and QLORA_KERNELS_ORT_INCLUDE points here; without them

@@ -61,8 +61,8 @@ int64_t quantize_4bit(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, ui
                       uintptr_t absmax, int64_t absmax_numel, int nthreads) {
   check_blocksize(blocksize);
   QK_REQUIRE(n >= 0, "n must be >= 0");
-  QK_REQUIRE(packed_numel == (n + 1) / 2, "packed has " + std::to_string(packed_numel) + " bytes, expected " + std::to_string((n + 1) / 2));
-  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize, "absmax has " + std::to_string(absmax_numel) + " entries, expected " + std::to_string((n + blocksize - 1) / blocksize));
+  QK_REQUIRE(packed_numel == qk::packed_bytes(n), "packed has " + std::to_string(packed_numel) + " bytes, expected " + std::to_string(qk::packed_bytes(n)));
+  QK_REQUIRE(absmax_numel == qk::block_count(n, blocksize), "absmax has " + std::to_string(absmax_numel) + " entries, expected " + std::to_string(qk::block_count(n, blocksize)));
   if (n == 0) return -1;
   QK_REQUIRE(x && code && bounds && order && packed && absmax, "null data pointer");
   const qk::Quant4Tables t{ptr<const float>(code), ptr<const float>(bounds), ptr<const uint8_t>(order)};
@@ -74,8 +74,8 @@ void dequantize_4bit(uintptr_t packed, int64_t packed_numel, uintptr_t absmax, i
                      uintptr_t code, int64_t n, int64_t blocksize, uintptr_t out, int out_dtype, int nthreads) {
   check_blocksize(blocksize);
   QK_REQUIRE(n >= 0, "n must be >= 0");
-  QK_REQUIRE(packed_numel == (n + 1) / 2, "packed has " + std::to_string(packed_numel) + " bytes, but the state's shape needs " + std::to_string((n + 1) / 2));
-  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize, "absmax has " + std::to_string(absmax_numel) + " entries, but the state needs " + std::to_string((n + blocksize - 1) / blocksize));
+  QK_REQUIRE(packed_numel == qk::packed_bytes(n), "packed has " + std::to_string(packed_numel) + " bytes, but the state's shape needs " + std::to_string(qk::packed_bytes(n)));
+  QK_REQUIRE(absmax_numel == qk::block_count(n, blocksize), "absmax has " + std::to_string(absmax_numel) + " entries, but the state needs " + std::to_string(qk::block_count(n, blocksize)));
   if (n == 0) return;
   QK_REQUIRE(packed && absmax && code && out, "null data pointer");
   const qk::DType ot = dtype_of(out_dtype, "dtype");
@@ -90,10 +90,10 @@ void check_8bit(int64_t n, int64_t blocksize, int64_t code_numel, int64_t absmax
   QK_REQUIRE(blocksize >= 1, "blocksize must be positive, got " + std::to_string(blocksize));
   QK_REQUIRE(n >= 0, "n must be >= 0");
   QK_REQUIRE(code_numel == 256, "code has " + std::to_string(code_numel) + " entries; the 8-bit map needs 256");
-  QK_REQUIRE(absmax_numel == (n + blocksize - 1) / blocksize,
+  QK_REQUIRE(absmax_numel == qk::block_count(n, blocksize),
              "absmax has " + std::to_string(absmax_numel) + " entries, but " + std::to_string(n) +
                  " values with blocksize " + std::to_string(blocksize) + " need " +
-                 std::to_string((n + blocksize - 1) / blocksize));
+                 std::to_string(qk::block_count(n, blocksize)));
 }
 
 void quantize_8bit(uintptr_t x, int64_t n, int64_t blocksize, uintptr_t code, int64_t code_numel, uintptr_t out,

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "decode.h"
+#include "quant4.h"
 #include "require.h"
 
 namespace py = pybind11;
@@ -73,8 +74,8 @@ class DecodePlan {
     qk::DecodeProj p{};
     if (packed) {
       QK_REQUIRE(blocksize >= 1, what + ": blocksize must be >= 1");
-      numel_is(what + "'s packed bytes", packed_numel, (N * K + 1) / 2);
-      numel_is(what + "'s absmax", absmax_numel, (N * K + blocksize - 1) / blocksize);
+      numel_is(what + "'s packed bytes", packed_numel, qk::packed_bytes(N * K));
+      numel_is(what + "'s absmax", absmax_numel, qk::block_count(N * K, blocksize));
       numel_is(what + "'s code", code_numel, 16);
       QK_REQUIRE(absmax && code, "null data pointer");
       p.w4 = qk::Weight4{ptr<const uint8_t>(packed), ptr<const float>(absmax), ptr<const float>(code), N, K, blocksize};

@@ -61,9 +61,9 @@ CheckedWeight check_weight(uintptr_t packed, int64_t packed_numel, uintptr_t abs
   QK_REQUIRE(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= (int64_t(1) << 30),
           "blocksize must be a positive even number, got " + s(blocksize));
   const int64_t n = mul_checked(N, K, "N*K");
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  QK_REQUIRE(packed_numel == (n + 1) / 2, "packed has " + s(packed_numel) + " bytes, but a [" + s(N) + ", " + s(K) +
-                                           "] weight needs " + s((n + 1) / 2));
+  const int64_t nblocks = qk::block_count(n, blocksize);
+  QK_REQUIRE(packed_numel == qk::packed_bytes(n), "packed has " + s(packed_numel) + " bytes, but a [" + s(N) + ", " +
+                                                      s(K) + "] weight needs " + s(qk::packed_bytes(n)));
   QK_REQUIRE(absmax_numel == nblocks, "absmax has " + s(absmax_numel) + " entries, but a [" + s(N) + ", " + s(K) +
                                        "] weight with blocksize " + s(blocksize) + " needs " + s(nblocks));
   CheckedWeight c{{reinterpret_cast<const uint8_t*>(packed), reinterpret_cast<const float*>(absmax),

@@ -27,6 +27,12 @@ struct Quant4Tables {
   const uint8_t* order;  // [16] sorted bucket -> nibble
 };
 
+// Sizes of the layout for n elements: bytes of codes, and blocks (absmax entries). Internal
+// linkage: this header is compiled into ISA-flagged files too, and an inline function with
+// external linkage could let the linker keep an AVX-512 copy for every path.
+static inline constexpr int64_t packed_bytes(int64_t n) { return (n + 1) / 2; }
+static inline constexpr int64_t block_count(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
+
 // Smallest absmax used as a divisor: bitsandbytes clamps with 1e-38 (an fp32
 // subnormal), so all-zero blocks encode as the code of 0.0 instead of NaN.
 constexpr float kAbsmaxFloor = 1e-38f;

@@ -19,6 +19,7 @@
 
 #include "../linear4.h"
 #include "../linear4_q8.h"
+#include "../quant4.h"
 #include "ort_common.h"
 
 namespace qk_ort {
@@ -111,7 +112,7 @@ struct MatMul4bitKernel {
       OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &b);
       if (st != nullptr) {
         api.ReleaseStatus(st);
-      } else if (is_constant && b != nullptr && view(api, b, "B").numel == (N * K + 1) / 2) {
+      } else if (is_constant && b != nullptr && view(api, b, "B").numel == qk::packed_bytes(N * K)) {
         const int64_t bytes = qk::linear4_q8_repacked_bytes(N, K, block_size);
         repacked = std::make_unique<AlignedBytes>(bytes);
         repacked_from = data<uint8_t>(api, b);
@@ -137,10 +138,10 @@ struct MatMul4bitKernel {
     if (a.shape.empty() || a.shape.back() != K)
       throw OpError{"input A must be [..., K=" + s(K) + "], got " + shape_str(a.shape)};
     const int64_t n = N * K;
-    if (b.numel != (n + 1) / 2)
+    if (b.numel != qk::packed_bytes(n))
       throw OpError{"input B has " + s(b.numel) + " bytes, a [" + s(N) + ", " + s(K) + "] weight needs " +
-                    s((n + 1) / 2)};
-    const int64_t blocks = (n + block_size - 1) / block_size;
+                    s(qk::packed_bytes(n))};
+    const int64_t blocks = qk::block_count(n, block_size);
     if (am.numel != blocks)
       throw OpError{"input absmax has " + s(am.numel) + " entries, a [" + s(N) + ", " + s(K) +
                     "] weight with block_size " + s(block_size) + " needs " + s(blocks)};
