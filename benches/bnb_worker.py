@@ -121,6 +121,10 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    import bnb_isa
+
+    if bnb_isa.requested():  # the AVX2 pairing: before bitsandbytes is imported
+        print(bnb_isa.hold_to_avx2(), file=sys.stderr)
     built = {}
     for line in sys.stdin:
         req = json.loads(line)

@@ -10,6 +10,13 @@ import torch
 # process (test_bench_bnb.py measures the plugin against stock in two worker processes).
 os.environ["QLORA_KERNELS_BNB"] = "0"
 
+# The AVX2 pairing (benches/avx2_pairing.sh) holds bitsandbytes to its AVX2 kernels too;
+# that has to happen before anything imports it.
+import bnb_isa  # noqa: E402 - benches/ is on sys.path (rootdir-relative import)
+
+if bnb_isa.requested():
+    print(bnb_isa.hold_to_avx2())
+
 
 def pytest_configure(config):
     # Speed is reported at 2 threads (the project's reference machine) unless overridden.

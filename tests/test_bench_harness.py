@@ -38,3 +38,41 @@ def test_fractions_of_the_machine_limits():
     gemv = bench.Case("g", "peer", lambda: None, False, 1e9, "GFLOP/s", {"stream_bytes": 5 << 20})
     f = bench.harness.limit_fraction(gemv, 1e-3, p)
     assert f["limit"] == "L3 bandwidth" and f["fraction"] == pytest.approx((5 << 20) / 1e-3 * 1e-9 / 50.0)
+
+
+_HOLD = """
+import json, sys
+sys.path.insert(0, {benches!r})
+import bnb_isa
+summary = bnb_isa.hold_to_avx2()
+import torch
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
+layer = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32).to("cpu").eval()
+print(json.dumps({{"summary": summary, "bf16": bool(F.has_avx512bf16()),
+                  "repacks": bool(layer.support_avx512bf16_for_cpu)}}))
+"""
+
+
+def test_bitsandbytes_held_to_avx2(tmp_path):
+    """benches/bnb_isa.py (the AVX2 pairing's switch for bitsandbytes): in a fresh process,
+    bitsandbytes' library answers "no AVX-512" to its own queries, Linear4bit stops choosing
+    its AVX512-BF16 repacking, and its native FP4 decode shows the AVX2 kernel's -0.0 (the
+    helper raises otherwise). Holding after bitsandbytes was imported is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    benches = str(Path(__file__).resolve().parents[1] / "benches")
+    env = dict(os.environ, QLORA_KERNELS_BNB="0")
+    out = subprocess.run([sys.executable, "-c", _HOLD.format(benches=benches)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "-0.0 for all 512 zero codes" in got["summary"]
+    assert got["bf16"] is False and got["repacks"] is False
+    late = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {benches!r}); import bitsandbytes, "
+                           "bnb_isa; bnb_isa.hold_to_avx2()"], capture_output=True, text=True, env=env, timeout=300)
+    assert late.returncode != 0 and "before importing it" in late.stderr

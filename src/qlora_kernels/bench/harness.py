@@ -4,6 +4,7 @@ rounds and reported as per-round ratios with their spread and fractions of the m
 measured limits."""
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -117,4 +118,6 @@ def machine_summary() -> str:
         pass
     return (f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
             f"CPU path {_C.get_isa()} (supported: {', '.join(_C.supported_isas())}); "
-            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+            + ("; bitsandbytes held to its AVX2 kernels (benches/bnb_isa.py)"
+               if os.environ.get("QLORA_KERNELS_BENCH_BNB_AVX2") == "1" else ""))
