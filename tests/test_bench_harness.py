@@ -1,5 +1,12 @@
 """The benchmark harness: interleaved rounds with a rotating order, ratios taken round by
-round, fractions of the machine's limits (on synthetic timings; no speed is judged here)."""
+round, fractions of the machine's limits (on synthetic timings; no speed is judged here);
+the AVX2 pairing's hold on bitsandbytes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from qlora_kernels import bench, peak
@@ -54,17 +61,11 @@ print(json.dumps({{"summary": summary, "bf16": bool(F.has_avx512bf16()),
 """
 
 
-def test_bitsandbytes_held_to_avx2(tmp_path):
+def test_bitsandbytes_held_to_avx2():
     """benches/bnb_isa.py (the AVX2 pairing's switch for bitsandbytes): in a fresh process,
     bitsandbytes' library answers "no AVX-512" to its own queries, Linear4bit stops choosing
     its AVX512-BF16 repacking, and its native FP4 decode shows the AVX2 kernel's -0.0 (the
     helper raises otherwise). Holding after bitsandbytes was imported is refused."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     benches = str(Path(__file__).resolve().parents[1] / "benches")
     env = dict(os.environ, QLORA_KERNELS_BNB="0")
     out = subprocess.run([sys.executable, "-c", _HOLD.format(benches=benches)], capture_output=True, text=True,
