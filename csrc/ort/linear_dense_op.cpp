@@ -21,7 +21,7 @@ struct Task {
 
 void run(void* p, size_t t) {
   const Task& k = *static_cast<const Task*>(p);
-  const int64_t n0 = k.slices.bound(static_cast<int64_t>(t)), n1 = k.slices.bound(static_cast<int64_t>(t) + 1);
+  const auto [n0, n1] = k.slices.rows(t);
   if (n1 <= n0) return;
   const qk::DenseWeight w{k.w + n0 * k.K, n1 - n0, k.K, k.K};
   qk::dense_kernels().forward(k.x, k.M, k.K, w, nullptr, k.y + n0, k.N, 1);

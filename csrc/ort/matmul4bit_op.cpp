@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <numeric>
 #include <string>
 
 #include "../linear4.h"
@@ -24,15 +25,6 @@
 
 namespace qk_ort {
 namespace {
-
-int64_t gcd(int64_t a, int64_t b) {
-  while (b != 0) {
-    const int64_t r = a % b;
-    a = b;
-    b = r;
-  }
-  return a;
-}
 
 // fp32 compute, or int8 activations (ONNX Runtime's MatMulNBits accuracy_level 4 is the
 // same idea), whose codebook input is the int8 one.
@@ -66,7 +58,7 @@ struct Task {
 
 void run_fp32(void* p, size_t t) {
   const Task& k = *static_cast<const Task*>(p);
-  const int64_t n0 = k.slices.bound(static_cast<int64_t>(t)), n1 = k.slices.bound(static_cast<int64_t>(t) + 1);
+  const auto [n0, n1] = k.slices.rows(t);
   if (n1 <= n0) return;
   const int64_t i0 = n0 * k.K;  // a multiple of block_size, so even
   const qk::Weight4 w{k.packed + i0 / 2, k.absmax + i0 / k.block_size, static_cast<const float*>(k.code), n1 - n0,
@@ -76,7 +68,7 @@ void run_fp32(void* p, size_t t) {
 
 void run_int8(void* p, size_t t) {
   const Task& k = *static_cast<const Task*>(p);
-  const int64_t n0 = k.slices.bound(static_cast<int64_t>(t)), n1 = k.slices.bound(static_cast<int64_t>(t) + 1);
+  const auto [n0, n1] = k.slices.rows(t);
   if (n1 <= n0) return;
   const int64_t i0 = n0 * k.K;
   const qk::Weight4Q8 w{k.packed + i0 / 2, k.absmax + i0 / k.block_size, static_cast<const int8_t*>(k.code),
@@ -164,7 +156,7 @@ struct MatMul4bitKernel {
               y,
               use_repacked ? repacked->p : nullptr,
               repacked_row,
-              Slices(N, block_size / gcd(K, block_size))};
+              Slices(N, block_size / std::gcd(K, block_size))};
     run_slices(api, ctx, task.slices, int8 ? run_int8 : run_fp32, &task);
   }
 

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace qk_ort {
@@ -58,6 +59,10 @@ struct Slices {
   int64_t N, unit, count;
   Slices(int64_t N, int64_t unit);
   int64_t bound(int64_t t) const { return t == count ? N : (N * t / count) / unit * unit; }
+  // Slice t's rows [first, second): what the run(task, t) callbacks below compute.
+  std::pair<int64_t, int64_t> rows(size_t t) const {
+    return {bound(static_cast<int64_t>(t)), bound(static_cast<int64_t>(t) + 1)};
+  }
 };
 // run(task, t) for every slice t, on ONNX Runtime's intra-op threads: the library has no
 // pool of its own (one pool in the process, no two pools spinning on the same cores).
