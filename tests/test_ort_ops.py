@@ -16,6 +16,7 @@ from qlora_kernels import _C, formats
 from qlora_kernels.integrations.onnx import ExportError, contrib, ortops
 
 from .conftest import kernel_paths
+from .test_linear import assert_within, dot_bound
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ def test_rewrite_keeps_the_initializers_and_adds_one_codebook_per_type(library):
         assert np.array_equal(numpy_helper.to_array(inits[node.input[3]]), formats.codebook_cpu(kind).numpy())
         assert sorted(a.name for a in node.attribute) == ["K", "N", "block_size"]
     # a tied head's Gemm(transB=1) on an fp32 initializer becomes LinearDense; any other Gemm stays
-    W = torch.randn(10, 64)
+    W = torch.randn(10, 64, generator=torch.Generator().manual_seed(3))
     model.graph.initializer.append(numpy_helper.from_array(W.numpy(), "head"))
     model.graph.node.append(helper.make_node("Gemm", ["Z", "head"], ["logits"], transB=1, name="/lm_head/Gemm"))
     model.graph.node.append(helper.make_node("Gemm", ["Z", "head"], ["scaled"], transB=1, alpha=2.0, name="/s/Gemm"))
@@ -226,8 +227,10 @@ def test_rewrite_keeps_the_initializers_and_adds_one_codebook_per_type(library):
     y = torch.ops.qlora_kernels.linear_4bit(x, packed.reshape(-1), absmax.reshape(-1), 64, "nf4", 64, None)
     want = torch.ops.qlora_kernels.linear_4bit(y, packed.reshape(-1), absmax.reshape(-1), 64, "fp4", 64, None)
     assert torch.equal(torch.from_numpy(got), want)
-    assert torch.allclose(torch.from_numpy(logits), want @ W.T, rtol=1e-5, atol=1e-4)
-    assert np.allclose(scaled, 2 * logits, rtol=1e-5, atol=1e-3)
+    # within the fp32 dot-product bound (the outputs reach ~1e3 over 64 terms of ~1e2: a
+    # fixed atol failed 1 run in 11 with an unseeded W)
+    assert_within(torch.from_numpy(logits), want @ W.T, dot_bound(want, W), "LinearDense")
+    assert_within(torch.from_numpy(scaled), 2 * (want @ W.T), 2 * dot_bound(want, W), "Gemm alpha=2")
 
 
 def test_custom_ops_argument(monkeypatch):
