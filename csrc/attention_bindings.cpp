@@ -26,8 +26,7 @@ namespace qk {
 
 const AttnKernels& attention_kernels() {
 #if defined(QK_X86)
-  static const AttnKernels scalar = attention_scalar(), avx2 = attention_avx2(), avx512 = attention_avx512();
-  return for_current_isa(scalar, avx2, avx512);
+  return table_for_current_isa<AttnKernels, attention_scalar, attention_avx2, attention_avx512>();
 #else
   static const AttnKernels scalar = attention_scalar();
   return scalar;

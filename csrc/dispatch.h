@@ -47,4 +47,28 @@ const T& for_current_isa(const T& scalar, const T& avx2, const T& avx512) {
   }
 }
 
+// The table a per-ISA factory builds, for the current path, built on the first use of that
+// path. The avx2/avx512 factories are compiled for their ISA, and the compiler uses its
+// instructions even to fill a table of pointers (vinserti128 in attention_avx2(): SIGILL
+// on an emulated IvyBridge when all three tables were built at once): so a factory runs
+// only once its path is selected, never on a CPU without that ISA.
+template <class T, T (*Scalar)(), T (*Avx2)(), T (*Avx512)()>
+const T& table_for_current_isa() {
+  switch (current_isa()) {
+    case Isa::Avx2: {
+      static const T avx2 = Avx2();
+      return avx2;
+    }
+    case Isa::Avx512:
+    case Isa::Avx512Vnni: {
+      static const T avx512 = Avx512();
+      return avx512;
+    }
+    default: {
+      static const T scalar = Scalar();
+      return scalar;
+    }
+  }
+}
+
 }  // namespace qk

@@ -19,8 +19,7 @@ namespace qk {
 
 const NormActKernels& norm_act_kernels() {
 #if defined(QK_X86)
-  static const NormActKernels scalar = norm_act_scalar(), avx2 = norm_act_avx2(), avx512 = norm_act_avx512();
-  return for_current_isa(scalar, avx2, avx512);
+  return table_for_current_isa<NormActKernels, norm_act_scalar, norm_act_avx2, norm_act_avx512>();
 #else
   static const NormActKernels scalar = norm_act_scalar();
   return scalar;
