@@ -30,13 +30,23 @@ def interleave(cases: list[Case], rounds: int = 7, calls: int = 1) -> dict[str, 
     times every case once (``calls`` back-to-back calls), the order rotating from round to
     round (A B C, B C A, C A B, ...). A shared machine's drift then lands on all cases of a
     round alike, and the per-round ratios (``group_rows``) cancel it; a sequential run of
-    one case after another drifted by up to 40% between rows."""
+    one case after another drifted by up to 40% between rows.
+
+    Short calls (``calls`` > 1) are timed after an untimed batch of the same case: timed
+    right after another implementation, a ~0.25 ms call paid for its predecessor (its
+    weights out of cache, the OpenMP threads of torch and ours still spinning beside ONNX
+    Runtime's pool), and the rotation puts the same predecessor before a case in most
+    rounds: ONNX Runtime's one-row int8 product took 0.30-0.32 ms after torch's or ours and
+    0.27 ms after itself, ours 0.27-0.28 ms either way (AMD EPYC Zen 5, AVX2 code, 2
+    threads, 25 shuffled rounds; docs/benchmarks.md)."""
     for c in cases:  # warm-up: first-call allocations, thread pools, lazily built sessions
         c.fn()
     times: dict[str, list[float]] = {c.name: [] for c in cases}
     n = len(cases)
     for r in range(rounds):
         for c in cases[r % n:] + cases[:r % n]:
+            for _ in range(calls if calls > 1 else 0):
+                c.fn()
             t0 = time.perf_counter()
             for _ in range(calls):
                 c.fn()
@@ -120,4 +130,6 @@ def machine_summary() -> str:
             f"CPU path {_C.get_isa()} (supported: {', '.join(_C.supported_isas())}); "
             f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
             + ("; bitsandbytes held to its AVX2 kernels (benches/bnb_isa.py)"
-               if os.environ.get("QLORA_KERNELS_BENCH_BNB_AVX2") == "1" else ""))
+               if os.environ.get("QLORA_KERNELS_BENCH_BNB_AVX2") == "1" else "")
+            + ("; cpuid masked to an AVX2-only CPU for every library (scripts/masked_cpu.sh)"
+               if "cpuid_mask" in os.environ.get("LD_PRELOAD", "") else ""))
