@@ -19,11 +19,20 @@ def _cases(log):
 
 def test_rounds_interleave_with_a_rotating_order():
     log = []
-    times = bench.interleave(_cases(log), rounds=3, calls=2)
+    times = bench.interleave(_cases(log), rounds=3, calls=1)
     assert log[:3] == ["ours", "p1", "p2"]  # warm-up
-    assert log[3:] == ["ours"] * 2 + ["p1"] * 2 + ["p2"] * 2 + ["p1"] * 2 + ["p2"] * 2 + ["ours"] * 2 \
-        + ["p2"] * 2 + ["ours"] * 2 + ["p1"] * 2
+    assert log[3:] == ["ours", "p1", "p2", "p1", "p2", "ours", "p2", "ours", "p1"]
     assert all(len(v) == 3 for v in times.values())
+
+
+def test_short_calls_are_timed_after_an_untimed_batch_of_their_own(monkeypatch):
+    log = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(bench.harness.time, "perf_counter", lambda: (log.append("clock"), next(clock))[1])
+    times = bench.interleave(_cases(log), rounds=2, calls=2)
+    one = lambda n: [n, n, "clock", n, n, "clock"]  # noqa: E731 - untimed batch, then the timed one
+    assert log[3:] == one("ours") + one("p1") + one("p2") + one("p1") + one("p2") + one("ours")
+    assert all(v == [0.5, 0.5] for v in times.values())  # each timed batch: 1 clock tick over 2 calls
 
 
 def test_ratios_are_taken_round_by_round():
