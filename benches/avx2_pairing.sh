@@ -4,7 +4,8 @@
 # Where the CPU has cpuid faulting (Intel; AMD Zen 4 and later), the run goes through
 # scripts/masked_cpu.sh: cpuid answers without AVX-512 in every process, and every library
 # picks its AVX2 kernels itself, ONNX Runtime's MLAS included (it has no switch).
-# Elsewhere, the peers that have a switch are held to AVX2 and MLAS runs its AVX-512 code:
+# Elsewhere (or with QLORA_KERNELS_PAIRING=switches), the peers that have a switch are held
+# to AVX2 and MLAS runs its AVX-512 code:
 #   ours: QLORA_KERNELS_ISA=avx2 (caps the extension); torch: ATEN_CPU_CAPABILITY=avx2;
 #   MKL: MKL_ENABLE_INSTRUCTIONS=AVX2; oneDNN: ONEDNN_MAX_CPU_ISA=AVX2; bitsandbytes, which
 #   has no switch: QLORA_KERNELS_BENCH_BNB_AVX2=1 (benches/bnb_isa.py sets its library's
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 mkdir -p bench-results
 [ "$#" -gt 0 ] || set -- benches/test_bench_linear.py --benchmark-json=bench-results/linear-avx2-pairing.json
-if grep -qw cpuid_fault /proc/cpuinfo && [ "${QLORA_KERNELS_PAIRING:-mask}" = mask ]; then
+if grep -qw cpuid_fault /proc/cpuinfo && [ "${QLORA_KERNELS_PAIRING:-mask}" != switches ]; then
   echo "avx2_pairing: every library on its AVX2 code by a masked cpuid (scripts/masked_cpu.sh)"
   exec bash scripts/masked_cpu.sh avx2 "$PY" -m pytest -q -p no:cacheprovider "$@"
 fi
