@@ -14,6 +14,10 @@
 // The program's own SIGSEGV handlers (Python's faulthandler, pytest's) are kept: sigaction()
 // and signal() for SIGSEGV record them without replacing ours, and ours passes every fault
 // that is not a cpuid on to them.
+// Limits: a thread that blocks SIGSEGV, or a program that installs its SIGSEGV handler by
+// other calls (sigset, sysv_signal, a raw rt_sigaction), dies at its next cpuid; libraries
+// linked into an executable (not dlopen()ed, as Python's extensions are) run their
+// constructors before this library's, unmasked; static binaries are not masked at all.
 // Set QK_CPUID_MASK_REPORT=1 for a count of the answered cpuid instructions at exit;
 // qk_cpuid_mask_count() returns it (for ctypes).
 #define _GNU_SOURCE
@@ -21,6 +25,7 @@
 #include <cpuid.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -35,6 +40,7 @@ static sigaction_fn real_sigaction;
 static struct sigaction program_segv;  // what the program asked for SIGSEGV to do
 static volatile int active;
 static volatile long answered;
+static volatile pid_t owner;  // the process whose handler table program_segv describes
 
 long qk_cpuid_mask_count(void) { return answered; }
 // This copy's own address of it: a reference by name would be interposed by a first copy.
@@ -45,7 +51,10 @@ static int set_cpuid(int enabled) { return (int)syscall(SYS_arch_prctl, ARCH_SET
 #define BIT(n) (1u << (n))
 
 // The features an AVX2-only CPU lacks, by (leaf, subleaf, register); Intel SDM vol. 2,
-// CPUID, and AMD APM vol. 3, appendix E.
+// CPUID, and AMD APM vol. 3, appendix E. AMX too: ONNX Runtime's MLAS enables its AMX GEMM
+// outside its AVX-512 check. Leaf 0xD (XSAVE state sizes) is left alone: XCR0 cannot be
+// masked, and sizes that disagree with it could undersize an XSAVE buffer; dispatchers
+// require the feature bits below as well as XCR0.
 static void mask_avx512(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
   enum { A, B, C, D };
   if (leaf == 7 && sub == 0) {
@@ -53,29 +62,41 @@ static void mask_avx512(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
     r[B] &= ~(BIT(16) | BIT(17) | BIT(21) | BIT(26) | BIT(27) | BIT(28) | BIT(30) | BIT(31));
     // VBMI, VBMI2, GFNI (Zen 2/3 have none), VNNI, BITALG, VPOPCNTDQ
     r[C] &= ~(BIT(1) | BIT(6) | BIT(8) | BIT(11) | BIT(12) | BIT(14));
-    // 4VNNIW, 4FMAPS, VP2INTERSECT, FP16
-    r[D] &= ~(BIT(2) | BIT(3) | BIT(8) | BIT(23));
+    // 4VNNIW, 4FMAPS, VP2INTERSECT, AMX-BF16, FP16, AMX-TILE, AMX-INT8
+    r[D] &= ~(BIT(2) | BIT(3) | BIT(8) | BIT(22) | BIT(23) | BIT(24) | BIT(25));
   } else if (leaf == 7 && sub == 1) {
-    r[A] &= ~(BIT(4) | BIT(5) | BIT(23));            // AVX-VNNI, AVX512_BF16, AVX-IFMA
-    r[D] &= ~(BIT(4) | BIT(5) | BIT(10) | BIT(19));  // AVX-VNNI-INT8, AVX-NE-CONVERT, -INT16, AVX10
-  } else if (leaf == 0xD && sub == 0) {
-    r[A] &= ~(BIT(5) | BIT(6) | BIT(7));  // opmask and ZMM state: not supported in XCR0
-  } else if ((leaf == 0xD && sub >= 5 && sub <= 7) || leaf == 0x24) {
-    r[A] = r[B] = r[C] = r[D] = 0;  // sizes of the AVX-512 state components; AVX10
+    r[A] &= ~(BIT(4) | BIT(5) | BIT(21) | BIT(23));  // AVX-VNNI, AVX512_BF16, AMX-FP16, AVX-IFMA
+    // AVX-VNNI-INT8, AVX-NE-CONVERT, AMX-COMPLEX, AVX-VNNI-INT16, AVX10
+    r[D] &= ~(BIT(4) | BIT(5) | BIT(8) | BIT(10) | BIT(19));
+  } else if (leaf == 0x1D || leaf == 0x1E || leaf == 0x24) {
+    r[A] = r[B] = r[C] = r[D] = 0;  // AMX tile and TMUL information; AVX10
   }
 }
 
+static void to_default(void) {
+  struct sigaction d;
+  memset(&d, 0, sizeof d);
+  d.sa_handler = SIG_DFL;
+  real_sigaction(SIGSEGV, &d, NULL);
+}
+
+// What the kernel would have done with this SIGSEGV under the program's own disposition.
 static void pass_on(int sig, siginfo_t* si, void* ctx) {
   const struct sigaction p = program_segv;
-  if (p.sa_flags & SA_SIGINFO) {
+  const int sent = si->si_code <= 0;  // kill(), raise(), tgkill(): nothing re-executes
+  if (p.sa_flags & SA_RESETHAND) {
+    program_segv.sa_handler = SIG_DFL;
+    program_segv.sa_flags = 0;
+  }
+  if (p.sa_handler == SIG_IGN) {
+    if (!sent) to_default();  // the kernel does not let a fault be ignored: the re-fault kills
+  } else if (p.sa_handler == SIG_DFL) {
+    to_default();  // a fault re-executes and kills; a sent signal is sent again
+    if (sent) raise(SIGSEGV);
+  } else if (p.sa_flags & SA_SIGINFO) {
     p.sa_sigaction(sig, si, ctx);
-  } else if (p.sa_handler != SIG_DFL && p.sa_handler != SIG_IGN) {
+  } else {
     p.sa_handler(sig);
-  } else {  // the default action: returning re-executes the faulting instruction, which kills
-    struct sigaction d;
-    memset(&d, 0, sizeof d);
-    d.sa_handler = SIG_DFL;
-    real_sigaction(SIGSEGV, &d, NULL);
   }
 }
 
@@ -101,9 +122,13 @@ static void on_segv(int sig, siginfo_t* si, void* ctx) {
   errno = saved;
 }
 
+// A vfork()ed child (Python's subprocess) shares this memory but not the handler table, and
+// resets its handlers before exec: those calls must not rewrite the parent's record.
+static void after_fork(void) { owner = getpid(); }
+
 int sigaction(int sig, const struct sigaction* act, struct sigaction* old) {
   if (!real_sigaction) real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
-  if (sig != SIGSEGV || !active) return real_sigaction(sig, act, old);
+  if (sig != SIGSEGV || !active || getpid() != owner) return real_sigaction(sig, act, old);
   if (old) *old = program_segv;
   if (act) program_segv = *act;
   return 0;
@@ -132,13 +157,20 @@ __attribute__((constructor)) static void install(void) {
   memset(&sa, 0, sizeof sa);
   sa.sa_sigaction = on_segv;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;  // ONSTACK: a stack overflow still reaches faulthandler
-  sigemptyset(&sa.sa_mask);
+  // Other signals wait while cpuid faulting is briefly off inside the handler.
+  sigfillset(&sa.sa_mask);
+  sigdelset(&sa.sa_mask, SIGSEGV);
+  sigdelset(&sa.sa_mask, SIGBUS);
+  sigdelset(&sa.sa_mask, SIGILL);
+  sigdelset(&sa.sa_mask, SIGFPE);
   real_sigaction(SIGSEGV, &sa, &program_segv);
   if (set_cpuid(0) != 0) {
     fprintf(stderr, "cpuid_mask: this kernel or CPU has no cpuid faulting (arch_prctl ARCH_SET_CPUID: %s)\n",
             strerror(errno));
     _exit(97);
   }
+  owner = getpid();
+  pthread_atfork(NULL, NULL, after_fork);
   active = 1;
 }
 

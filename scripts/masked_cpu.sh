@@ -35,10 +35,11 @@ esac
 # the cache that native (AVX-512) runs had filled, tests/test_linear_ops.py's torch.compile
 # test computed garbage under the mask (1e33 for values near 1); with an empty one it passes.
 export TORCHINDUCTOR_CACHE_DIR="$scratch/inductor"
+# Last, because glibc takes the last hwcaps entry.
 case "${GLIBC_TUNABLES:-}" in
-  *hwcaps=-AVX512F,*) ;;
+  *hwcaps=-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL) ;;
   *) hwcaps="glibc.cpu.hwcaps=-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL"
-     export GLIBC_TUNABLES="$hwcaps${GLIBC_TUNABLES:+:$GLIBC_TUNABLES}" ;;
+     export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}$hwcaps" ;;
 esac
 # The run proves nothing unless the libraries see an AVX2-only CPU: check that first (ours,
 # torch, bitsandbytes, and that ONNX Runtime asked cpuid and was answered by the mask).

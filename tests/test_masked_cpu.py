@@ -35,6 +35,7 @@ def test_every_library_and_child_process_sees_an_avx2_only_cpu():
 
 
 def test_a_real_segfault_still_reaches_faulthandler():
-    r = _masked("import ctypes; ctypes.string_at(0)", "-X", "faulthandler")
+    # after a subprocess: its vfork()ed child resets its handlers, which must stay its own
+    r = _masked("import ctypes, subprocess; subprocess.run(['true']); ctypes.string_at(0)", "-X", "faulthandler")
     assert r.returncode == -11 or r.returncode == 139, (r.returncode, r.stderr)
     assert "Fatal Python error: Segmentation fault" in r.stderr
