@@ -35,6 +35,35 @@ def test_short_calls_are_timed_after_an_untimed_batch_of_their_own(monkeypatch):
     assert all(v == [0.5, 0.5] for v in times.values())  # each timed batch: 1 clock tick over 2 calls
 
 
+def test_timed_batches():
+    log = []
+    assert bench.timed(lambda: log.append(1), 1) > 0 and len(log) == 1  # a long call: no untimed batch
+    assert bench.timed(lambda: log.append(2), 3) > 0 and log[1:] == [2] * 6
+
+
+_WORKER = """
+import json, sys
+sys.path.insert(0, {benches!r})
+import bnb_worker
+bnb_worker.CASES["probe"] = lambda: (lambda: print("call", file=sys.stderr))
+bnb_worker._warm_up = lambda fn: None
+sys.argv = ["bnb_worker", "1"]
+sys.exit(bnb_worker.main())
+"""
+
+
+def test_bnb_worker_times_as_the_harness_does():
+    """benches/bnb_worker.py (the bitsandbytes plugin's benchmark side): short calls after an
+    untimed batch of their own, as in interleave; replies on the protocol's stdout only."""
+    benches = str(Path(__file__).resolve().parents[1] / "benches")
+    out = subprocess.run([sys.executable, "-c", _WORKER.format(benches=benches)], capture_output=True, text=True,
+                         timeout=300, input='{"case": "probe", "calls": 1}\n{"case": "probe", "calls": 3}\n')
+    assert out.returncode == 0, out.stderr[-2000:]
+    replies = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(replies) == 2 and all(r["seconds"] > 0 for r in replies)
+    assert out.stderr.count("call\n") == 1 + 6
+
+
 def test_ratios_are_taken_round_by_round():
     cases = _cases([])
     # a machine that slows down 3x in round 2 for everyone: per-round ratios stay 0.5

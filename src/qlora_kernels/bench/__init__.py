@@ -9,7 +9,7 @@ can state ratios measured side by side in one process (harness.py times them).
 """
 from __future__ import annotations
 
-from .harness import Case, calls_per_round, group_rows, groups_of, interleave, machine_summary
+from .harness import Case, calls_per_round, group_rows, groups_of, interleave, machine_summary, timed
 from .quant import quant_cases
 
 
@@ -114,4 +114,4 @@ def format_table(rows: list[dict]) -> str:
 
 
 __all__ = ["Case", "all_cases", "calls_per_round", "format_table", "group_rows", "groups_of", "interleave",
-           "machine_summary", "plot", "quant_cases", "run"]
+           "machine_summary", "plot", "quant_cases", "run", "timed"]

@@ -45,13 +45,19 @@ def interleave(cases: list[Case], rounds: int = 7, calls: int = 1) -> dict[str, 
     n = len(cases)
     for r in range(rounds):
         for c in cases[r % n:] + cases[:r % n]:
-            for _ in range(calls if calls > 1 else 0):
-                c.fn()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                c.fn()
-            times[c.name].append((time.perf_counter() - t0) / calls)
+            times[c.name].append(timed(c.fn, calls))
     return times
+
+
+def timed(fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call of ``calls`` back-to-back calls of fn; short calls (``calls`` > 1)
+    after an untimed batch of the same calls (why: ``interleave``)."""
+    for _ in range(calls if calls > 1 else 0):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
 
 
 def _spread(values: list[float]) -> tuple[float, float, float]:
