@@ -52,17 +52,7 @@ printf '#!/bin/sh\nexec qemu-x86_64 -cpu %s -0 "$0" %s "$@"\n' "$cpu" "$PWD/.ven
 chmod +x "$scratch/venv/bin/python"
 echo "emulated_cpu: $(qemu-x86_64 --version | head -1), -cpu $cpu"
 # The lane proves nothing unless every library sees the emulated CPU: check that first.
-QLORA_KERNELS_BNB=0 "$scratch/venv/bin/python" - "$ours" "$torch_cap" <<'EOF'
-import sys
-import torch
-from qlora_kernels import _C
-from bitsandbytes.cextension import lib
-seen = (_C.best_isa(), torch.backends.cpu.get_cpu_capability(), lib.has_avx512f_cpu())
-if seen != (sys.argv[1], sys.argv[2], 0):
-    sys.exit(f"emulated_cpu: expected cpuid to pick our {sys.argv[1]} path, torch {sys.argv[2]}, bitsandbytes "
-             f"without AVX-512; saw {seen}")
-print(f"emulated_cpu: cpuid picks our {seen[0]} path, torch {seen[1]}, bitsandbytes' non-AVX-512 kernels")
-EOF
+"$scratch/venv/bin/python" scripts/cpu_view.py emulated_cpu "$ours" "$torch_cap"
 ATEN_CPU_CAPABILITY=$aten TORCHINDUCTOR_CPP_MARCH=$march TORCHINDUCTOR_CACHE_DIR="$scratch/inductor" \
   QLORA_KERNELS_TUNE=0 QLORA_KERNELS_CACHE="$scratch/cache" \
   "$scratch/venv/bin/python" -m pytest -p no:cacheprovider "$@"

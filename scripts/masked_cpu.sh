@@ -43,33 +43,5 @@ case "${GLIBC_TUNABLES:-}" in
 esac
 # The run proves nothing unless the libraries see an AVX2-only CPU: check that first (ours,
 # torch, bitsandbytes, and that ONNX Runtime asked cpuid and was answered by the mask).
-"$PY" - <<'EOF'
-import ctypes
-import os
-import sys
-
-mask = ctypes.CDLL(next(p for p in os.environ["LD_PRELOAD"].split(":") if p.endswith("cpuid_mask.so")))
-mask.qk_cpuid_mask_count.restype = ctypes.c_long
-os.environ["QLORA_KERNELS_BNB"] = "0"
-import numpy as np
-import torch
-from bitsandbytes.cextension import lib
-from onnx import TensorProto, helper
-
-from qlora_kernels import _C
-
-seen = (_C.best_isa(), torch.backends.cpu.get_cpu_capability(), bool(lib.has_avx512f_cpu()))
-before = mask.qk_cpuid_mask_count()
-import onnxruntime as ort  # noqa: E402 - its cpuid queries are counted from here
-t = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 4]) for n in "abc"]
-model = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "g", t[:2], t[2:]),
-                          opset_imports=[helper.make_opsetid("", 17)])
-x = np.ones((4, 4), np.float32)
-ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"a": x, "b": x})
-ort_asked = mask.qk_cpuid_mask_count() - before
-print(f"masked_cpu: ours {seen[0]}, torch {seen[1]}, bitsandbytes AVX-512 {seen[2]}, "
-      f"ONNX Runtime's cpuid answered by the mask {ort_asked}x")
-if seen != ("avx2", "AVX2", False) or ort_asked == 0:
-    sys.exit("masked_cpu: a library does not see the AVX2-only CPU; not running")
-EOF
+"$PY" scripts/cpu_view.py masked_cpu avx2 AVX2 --mask
 "$@"

@@ -30,7 +30,7 @@ def test_every_library_and_child_process_sees_an_avx2_only_cpu():
     r = _masked(code)
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
-    assert out[0].startswith("masked_cpu: ours avx2, torch AVX2, bitsandbytes AVX-512 False")
+    assert out[0].startswith("masked_cpu: cpuid picks our avx2 path, torch AVX2, bitsandbytes AVX-512 False")
     assert out[1:] == ["avx2 AVX2", "avx2", "[disabled]"]
 
 
