@@ -152,6 +152,43 @@ def test_linear4bit_outputs_within_bitsandbytes_tolerance_and_run_our_kernels():
                 torch.testing.assert_close(a, ref, atol=tol[0], rtol=tol[1], msg=lambda m: f"{name} {key}: {m}")
 
 
+TRAIN_AFTER_EVAL = """
+out = {}
+for bias in (True, False):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64, bias=bias)
+    def make():
+        layer = bnb.nn.Linear4bit(256, 64, bias=bias, quant_type="nf4", compute_dtype=torch.float32)
+        layer.load_state_dict(lin.state_dict())
+        return layer.to("cpu")
+    x = torch.randn(4, 256)
+    fresh = make().train()
+    xf = x.clone().requires_grad_(True)
+    fresh(xf).sum().backward()
+    layer = make().eval()
+    with torch.no_grad():
+        layer(x)  # an evaluation pass, as the HF Trainer's eval_strategy runs between training steps
+    layer.train()
+    xg = x.clone().requires_grad_(True)
+    try:
+        layer(xg).sum().backward()
+        out[str(bias)] = None if xg.grad is None else float((xg.grad - xf.grad).abs().max())
+    except RuntimeError as e:
+        out[str(bias)] = type(e).__name__
+emit({"out": out, "status": plugin.status()})
+"""
+
+
+def test_a_layer_trains_after_an_eval_pass():
+    """On an AVX512-BF16 CPU stock bitsandbytes 0.50.2 repacks a Linear4bit's weight at its
+    first eval forward without grad and keeps that layout in train mode, where its forward
+    then skips autograd: the input gradient is lost (no bias) or the forward raises (bias;
+    docs/bitsandbytes.md). With the plugin the layer keeps the plain layout, so it trains
+    after evaluation exactly as before it, on every CPU."""
+    ours = run(TRAIN_AFTER_EVAL)
+    assert ours["out"] == {"True": 0.0, "False": 0.0}, ours["out"]
+
+
 def test_non_finite_weights_quantize_as_bitsandbytes_does():
     code = """
     W = torch.randn(8, 64)
