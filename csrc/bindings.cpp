@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -158,4 +159,12 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "Whether the extension was built with OpenMP.");
+  // The bitsandbytes plugin's check that a cached decode still matches its inputs, at every
+  // one-row call: torch.equal and numpy took 7-60 us for a 4096 x 4096 weight's 8-bit absmax.
+  m.def("same_bytes", [](uintptr_t a, uintptr_t b, int64_t nbytes) {
+    QK_REQUIRE(nbytes >= 0, "nbytes must be >= 0");
+    QK_REQUIRE(nbytes == 0 || (a && b), "null data pointer");
+    return nbytes == 0 || std::memcmp(reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
+                                      static_cast<size_t>(nbytes)) == 0;
+  }, py::arg("a_ptr"), py::arg("b_ptr"), py::arg("nbytes"), "Whether two buffers hold the same bytes.");
 }

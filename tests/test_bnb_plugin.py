@@ -249,15 +249,75 @@ def test_nested_absmax_is_decoded_again_after_an_edit():
         return bnb.matmul_4bit(x, q.t(), quant_state=st)
     def ref():
         return x @ F.dequantize_4bit(q, st).t()
-    a = torch.allclose(y(), ref(), atol=1e-5)
+    ok = [torch.allclose(y(), ref(), atol=1e-5)]
     st.state2.absmax.mul_(2)
-    b = torch.allclose(y(), ref(), atol=1e-5)
+    ok.append(torch.allclose(y(), ref(), atol=1e-5))
     st.absmax[0] = st.absmax[0] // 2
-    c = torch.allclose(y(), ref(), atol=1e-5)
-    emit({"ok": [a, b, c], "calls": plugin.status()["calls"]})
+    ok.append(torch.allclose(y(), ref(), atol=1e-5))
+    # writes that bump no version counter: through .data and through a numpy view
+    st.absmax.data[:5] = 3
+    ok.append(torch.allclose(y(), ref(), atol=1e-5))
+    st.state2.absmax.numpy()[0] *= 3
+    ok.append(torch.allclose(y(), ref(), atol=1e-5))
+    st.offset.data.add_(0.5)
+    ok.append(torch.allclose(y(), ref(), atol=1e-5))
+    # inference tensors (no version counter at all), inside and outside inference mode
+    with torch.inference_mode():
+        qi, sti = F.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+        ok.append(torch.allclose(bnb.matmul_4bit(x, qi.t(), quant_state=sti), x @ F.dequantize_4bit(qi, sti).t(),
+                                 atol=1e-5))
+    ok.append(torch.allclose(bnb.matmul_4bit(x, qi.t(), quant_state=sti), x @ F.dequantize_4bit(qi, sti).t(),
+                             atol=1e-5))
+    emit({"ok": ok, "calls": plugin.status()["calls"]})
     """
     r = run(code)
-    assert r["ok"] == [True, True, True] and r["calls"].get("gemm_4bit", 0) == 3
+    assert r["ok"] == [True] * 8 and r["calls"].get("gemm_4bit", 0) == 8
+
+
+EDGES = """
+def outcome(call):
+    try:
+        y = call()
+        return ["ok", list(y.shape), y.float().flatten().tolist()]
+    except Exception as e:
+        return ["error", type(e).__name__]
+ops = torch.ops.bitsandbytes
+q, st = F.quantize_4bit(torch.randn(16, 64), blocksize=64, quant_type="nf4")
+A = torch.randn(3, 64)
+q2, st2 = F.quantize_4bit(torch.randn(64, 128), blocksize=64, quant_type="nf4")
+qe, ste = F.quantize_4bit(torch.empty(0, 64), blocksize=64, quant_type="nf4")
+q8 = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+cases = {
+    "bias of another dtype": lambda: bnb.matmul_4bit(A, q.t(), st, bias=torch.ones(16, dtype=torch.float16)),
+    "bias [1, N]": lambda: bnb.matmul_4bit(A, q.t(), st, bias=torch.ones(1, 16)),
+    "bias 0-d": lambda: bnb.matmul_4bit(A, q.t(), st, bias=torch.tensor(2.0)),
+    "bias of another length": lambda: ops.gemm_4bit(A, q, [16, 64], st.absmax, 64, "nf4", bias=torch.randn(17)),
+    "N = 0": lambda: bnb.matmul_4bit(A, qe.t(), ste),
+    "absmax longer than the shape": lambda: ops.dequantize_4bit(q2, torch.cat([st2.absmax] * 2), 64, "nf4",
+                                                                [64, 128], torch.float32),
+    "packed longer than the shape": lambda: ops.dequantize_4bit(q2, st2.absmax[:64], 64, "nf4", [32, 128],
+                                                                torch.float32),
+    "gemm absmax longer": lambda: ops.gemm_4bit(A, q, [16, 64], torch.cat([st.absmax] * 2), 64, "nf4"),
+    "blockwise absmax longer": lambda: F.dequantize_blockwise(q8, absmax=torch.linspace(0.5, 2, 8), blocksize=256),
+    "quant_type unknown (dequantize)": lambda: ops.dequantize_4bit(q, st.absmax, 64, "xx", [16, 64], torch.float32),
+    "quant_type unknown (gemm)": lambda: ops.gemm_4bit(A, q, [16, 64], st.absmax, 64, "xx"),
+}
+emit({"out": {k: outcome(c) for k, c in cases.items()}})
+"""
+
+
+def test_edge_calls_end_as_in_stock():
+    """Calls at the edges of what bitsandbytes takes (found by a red-team pass): the same
+    result (within float tolerance) or the same exception type as stock bitsandbytes."""
+    import torch
+
+    ours, stock = run(EDGES)["out"], run(EDGES, plugin=False)["out"]
+    assert ours.keys() == stock.keys()
+    for k in stock:
+        assert ours[k][:2] == stock[k][:2], (k, ours[k][:2], stock[k][:2])
+        if stock[k][0] == "ok":
+            torch.testing.assert_close(torch.tensor(ours[k][2]), torch.tensor(stock[k][2]), atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.slow

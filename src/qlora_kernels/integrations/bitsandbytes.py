@@ -28,14 +28,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import threading
 import warnings
-import weakref
 from typing import Callable, Optional
 
 import torch
 
-from .. import formats
+from .. import _C, formats
 from .._errors import NonFiniteError
 from ..ops.linear import linear_4bit_impl
 
@@ -126,8 +126,8 @@ def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _check_4bit(blocksize: int, quant_type: str) -> None:
-    if quant_type not in formats.QUANT_TYPES:
-        raise _Fallback(f"quant_type {quant_type!r}")
+    if quant_type not in formats.QUANT_TYPES:  # stock's CPU kernels raise ValueError here (its default, another type)
+        raise ValueError(f"quant_type must be one of {formats.QUANT_TYPES}, got {quant_type!r}")
     if blocksize not in formats.BLOCKSIZES:
         raise _Fallback(f"blocksize {blocksize}")
 
@@ -136,6 +136,14 @@ def _cpu(*tensors: Optional[torch.Tensor]) -> None:
     for t in tensors:
         if t is not None and t.device.type != "cpu":
             raise _Fallback("not a CPU tensor")
+
+
+def _plain_layout(absmax: torch.Tensor) -> None:
+    """bitsandbytes' plain 4-bit layout has a 1-D absmax; its AVX512-BF16 repacked one (Linear4bit
+    in eval on such CPUs, which the plugin keeps from happening) a 2-D, transposed one: never
+    read as if it were plain."""
+    if absmax.dim() != 1:
+        raise _Fallback("an absmax that is not 1-D (not the plain layout)")
 
 
 def _plain(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -151,32 +159,41 @@ def _quant_type_of(code: torch.Tensor) -> str:
     raise _Fallback("a codebook that is neither NF4 nor FP4")
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two CPU tensors hold the same bits (a memcmp: torch.equal took ~60 µs for the
+    256K bytes of a 4096 x 4096 weight's 8-bit absmax)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.stride() != b.stride() or not a.is_contiguous():
+        return False
+    return _C.same_bytes(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size())
+
+
 class _NestedAbsmax:
     """The fp32 absmax decoded from the nested 8-bit one (absmax_code[absmax_8bit[i]] *
     absmax[i // 256] + absmax_offset), kept with the 8-bit tensor's own lifetime (a weak
     key: an entry dies with its tensor, so a new tensor at a freed address never meets an
-    old entry) and made again when any of the four tensors is edited or replaced."""
+    old entry) and used only while all four tensors still hold what it was decoded from,
+    compared byte for byte at every call. Version counters were not enough: writes
+    through ``.data`` or a numpy view do not bump them (the decode went stale), and inference
+    tensors have none. The comparison reads the 8-bit absmax (one byte per block, 1/32 of
+    the packed weight): ~2 µs for a 4096 x 4096 weight, where decoding it again took ~500."""
 
     def __init__(self):
         from torch.utils.weak import WeakIdKeyDictionary  # tensors compare elementwise: keyed by the object
 
         self._cache = WeakIdKeyDictionary()
 
-    @staticmethod
-    def _marks(*ts: torch.Tensor) -> tuple:
-        return tuple((t._version, t.data_ptr(), tuple(t.shape)) for t in ts)
-
     def get(self, absmax_8bit, absmax, code, offset) -> torch.Tensor:
-        marks = self._marks(absmax_8bit, absmax, code, offset)
+        now = (absmax_8bit, absmax, code, offset)
         with _LOCK:
             hit = self._cache.get(absmax_8bit)
-        if hit is not None and hit[0] == marks and all(r() is t for r, t in zip(hit[1], (absmax, code, offset))):
-            return hit[2]
+        if hit is not None and all(_same_bits(a, b) for a, b in zip(now, hit[0])):
+            return hit[1]
+        seen = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in now)
         decoded = torch.ops.qlora_kernels.dequantize_blockwise_8bit(
-            absmax_8bit.contiguous(), _f32(absmax, "nested absmax"), _f32(code, "absmax_code"), 256)
-        decoded = decoded.reshape(-1).add_(offset.float())
+            seen[0].contiguous(), _f32(seen[1], "nested absmax"), _f32(seen[2], "absmax_code"), 256)
+        decoded = decoded.reshape(-1).add_(seen[3].float())
         with _LOCK:
-            self._cache[absmax_8bit] = (marks, tuple(weakref.ref(t) for t in (absmax, code, offset)), decoded)
+            self._cache[absmax_8bit] = (seen, decoded)
         return decoded
 
 
@@ -206,12 +223,18 @@ def _quantize_4bit(A, blocksize, quant_type, quant_storage):
 def _dequantize_4bit_into(A, absmax, blocksize, quant_type, shape, out):
     _cpu(A, absmax, out)
     _check_4bit(blocksize, quant_type)
+    _plain_layout(absmax)
     packed = _bytes(A)
     nbytes, blocks = formats.packed_numel(out.numel()), formats.num_blocks(out.numel(), blocksize)
-    if packed.numel() < nbytes or absmax.numel() < blocks:
-        raise _Fallback("packed data or absmax too short for the shape")
-    torch.ops.qlora_kernels.dequantize_4bit_out(packed[:nbytes], _f32(absmax, "absmax")[:blocks], blocksize,
-                                                quant_type, out)
+    if packed.numel() != nbytes:
+        if len(shape) and shape[-1] % 2 == 0:
+            # bitsandbytes' CPU kernel reshapes the data to [rows, cols / 2]: its error, raised the same way
+            packed.reshape(math.prod(shape[:-1]), shape[-1] // 2)
+        raise _Fallback("packed data of another size than the shape")
+    if absmax.numel() < blocks:
+        raise _Fallback("absmax too short for the shape")
+    # a longer absmax: bitsandbytes' CPU kernel reads the blocks it needs, so do we
+    torch.ops.qlora_kernels.dequantize_4bit_out(packed, _f32(absmax, "absmax")[:blocks], blocksize, quant_type, out)
 
 
 def _dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
@@ -237,9 +260,18 @@ def _linear(A, B, shapeB, absmax, blocksize, quant_type, bias):
     N, K = int(shapeB[0]), int(shapeB[1])
     if A.dtype not in formats.INPUT_DTYPES:
         raise _Fallback(f"A dtype {A.dtype}")
+    if N == 0 or K == 0 or A.numel() == 0:
+        raise _Fallback("an empty product")
+    # F.linear's rules, which bitsandbytes' kernel follows: a bias of A's dtype that
+    # broadcasts; ours takes the plain [N] one, and the kernel raises or broadcasts the rest
+    if bias is not None and (bias.dtype != A.dtype or tuple(bias.shape) != (N,)):
+        raise _Fallback("a bias of another dtype than A or another shape than [N]")
+    _plain_layout(absmax)
     packed = _bytes(B)
-    if packed.numel() != formats.packed_numel(N * K) or absmax.numel() != formats.num_blocks(N * K, blocksize):
-        raise _Fallback("packed weight or absmax of another size than shapeB")
+    blocks = formats.num_blocks(N * K, blocksize)
+    if packed.numel() != formats.packed_numel(N * K) or absmax.numel() < blocks:
+        raise _Fallback("packed weight of another size than shapeB or a short absmax")
+    absmax = absmax[:blocks]  # a longer one: bitsandbytes' dequantization reads the blocks it needs
     b = None if bias is None else _f32(bias, "bias")
     x = A.reshape(-1, K)
     # The op's implementation, not the op: this runs inside bitsandbytes' op already, and a
@@ -284,10 +316,12 @@ def _quantize_blockwise(A, code, blocksize):
 
 def _dequantize_blockwise_f32(A, absmax, code, blocksize):
     _cpu(A, absmax, code)
-    if A.dtype != torch.uint8 or code.numel() != 256 or absmax.numel() < formats.num_blocks(A.numel(), blocksize):
+    blocks = formats.num_blocks(A.numel(), blocksize)
+    if A.dtype != torch.uint8 or code.numel() != 256 or absmax.numel() < blocks:
         raise _Fallback("A not uint8, a code of another size than 256 or a short absmax")
-    return torch.ops.qlora_kernels.dequantize_blockwise_8bit(A.contiguous(), _f32(absmax, "absmax"),
-                                                             _f32(code, "code"), blocksize)
+    # a longer absmax: bitsandbytes' CPU kernel reads the blocks it needs, so do we
+    absmax = _f32(absmax, "absmax").reshape(-1)[:blocks]
+    return torch.ops.qlora_kernels.dequantize_blockwise_8bit(A.contiguous(), absmax, _f32(code, "code"), blocksize)
 
 
 def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
