@@ -108,6 +108,19 @@ def test_native_side_checks_sizes_itself():
         _C.dequantize_4bit(0, 8, absmax.data_ptr(), 1, code.data_ptr(), 16, 64, out.data_ptr(), 0, 1)
 
 
+def test_same_bytes():
+    """_C.same_bytes (the bitsandbytes plugin's check of its cached nested-absmax decode)."""
+    a = torch.arange(37, dtype=torch.uint8)
+    b = a.clone()
+    assert _C.same_bytes(a.data_ptr(), b.data_ptr(), 37) and _C.same_bytes(0, 0, 0)
+    b[36] ^= 1
+    assert not _C.same_bytes(a.data_ptr(), b.data_ptr(), 37) and _C.same_bytes(a.data_ptr(), b.data_ptr(), 36)
+    with pytest.raises(ValueError, match="null data pointer"):
+        _C.same_bytes(0, b.data_ptr(), 1)
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        _C.same_bytes(a.data_ptr(), b.data_ptr(), -1)
+
+
 def test_backend_selection_errors():
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
         qk.set_backend("gpu")
