@@ -48,14 +48,17 @@ def run_group(benchmark, cases, rounds: int = 7, calls: int = 1):
     alone, timed after the rounds."""
     from qlora_kernels import bench, peak
 
-    times = bench.interleave(cases, rounds, calls)
-    rows = bench.group_rows(cases, times, peak.measure())
-    ours = next(c for c in cases if c.ours)
-    benchmark.group = ours.group
-    benchmark.name = ours.name
-    benchmark.extra_info.update(ours=True, work=ours.work, unit=ours.unit, machine=bench.machine_summary(),
-                                interleaved=rows, rounds=rounds, calls=calls, peak=peak.measure().table())
-    benchmark.pedantic(ours.fn, rounds=3, warmup_rounds=0, iterations=calls)
+    try:
+        times = bench.interleave(cases, rounds, calls)
+        rows = bench.group_rows(cases, times, peak.measure())
+        ours = next(c for c in cases if c.ours)
+        benchmark.group = ours.group
+        benchmark.name = ours.name
+        benchmark.extra_info.update(ours=True, work=ours.work, unit=ours.unit, machine=bench.machine_summary(),
+                                    interleaved=rows, rounds=rounds, calls=calls, peak=peak.measure().table())
+        benchmark.pedantic(ours.fn, rounds=3, warmup_rounds=0, iterations=calls)
+    finally:
+        bench.release(cases)  # worker processes of cases that run in their own (training steps)
 
 
 @pytest.fixture

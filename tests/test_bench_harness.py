@@ -64,6 +64,30 @@ def test_bnb_worker_times_as_the_harness_does():
     assert out.stderr.count("call\n") == 1 + 6
 
 
+def test_a_step_worker_reports_its_failure_and_release_ends_workers():
+    """bench.train.StepWorker (a training-step case in a process of its own): a worker that
+    cannot build its case fails the first call with the worker's own error; release() closes
+    every case that holds a process."""
+    from qlora_kernels.bench.train import StepWorker
+
+    w = StepWorker("no-such-model", "ours")
+    with pytest.raises(RuntimeError, match="no-such-model ours 0: error ValueError: unknown model 'no-such-model'"):
+        w()
+    assert w.p is None  # closed after the failure
+    closed = []
+
+    class Held:
+        def __call__(self):
+            pass
+
+        def close(self):
+            closed.append(self)
+
+    cases = [bench.Case("g", "a", Held(), True), bench.Case("g", "b", lambda: None, False)]
+    bench.release(cases)
+    assert closed == [cases[0].fn]
+
+
 def test_ratios_are_taken_round_by_round():
     cases = _cases([])
     # a machine that slows down 3x in round 2 for everyone: per-round ratios stay 0.5

@@ -9,7 +9,7 @@ can state ratios measured side by side in one process (harness.py times them).
 """
 from __future__ import annotations
 
-from .harness import Case, calls_per_round, group_rows, groups_of, interleave, machine_summary, timed
+from .harness import Case, calls_per_round, group_rows, groups_of, interleave, machine_summary, release, timed
 from .quant import quant_cases
 
 
@@ -70,7 +70,10 @@ def run(quick: bool = False, progress: bool = True, with_peak: bool = True) -> l
             pass
     rows = []
     for g in it:
-        times = interleave(g, rounds=3 if quick else 7, calls=calls_per_round(g))
+        try:
+            times = interleave(g, rounds=3 if quick else 7, calls=calls_per_round(g))
+        finally:
+            release(g)
         rows += group_rows(g, times, peak)
     return rows
 
@@ -92,7 +95,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_yticks(range(len(vals)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("our speedup (peer time / our time), log scale")
-    ax.set_title("qlora-kernels vs peers, same inputs, same process")
+    ax.set_title("qlora-kernels vs peers, same inputs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -114,4 +117,4 @@ def format_table(rows: list[dict]) -> str:
 
 
 __all__ = ["Case", "all_cases", "calls_per_round", "format_table", "group_rows", "groups_of", "interleave",
-           "machine_summary", "plot", "quant_cases", "run", "timed"]
+           "machine_summary", "plot", "quant_cases", "release", "run", "timed"]

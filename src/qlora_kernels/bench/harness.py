@@ -49,6 +49,15 @@ def interleave(cases: list[Case], rounds: int = 7, calls: int = 1) -> dict[str, 
     return times
 
 
+def release(cases: list[Case]) -> None:
+    """Ends what a group's cases hold past the group: the processes of cases that run in one
+    of their own (train.StepWorker)."""
+    for c in cases:
+        close = getattr(c.fn, "close", None)
+        if callable(close):
+            close()
+
+
 def timed(fn: Callable[[], object], calls: int) -> float:
     """Seconds per call of ``calls`` back-to-back calls of fn; short calls (``calls`` > 1)
     after an untimed batch of the same calls (why: ``interleave``)."""
