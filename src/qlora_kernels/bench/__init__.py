@@ -1,6 +1,7 @@
 """Benchmark cases shared by ``qlora-kernels bench`` and the pytest-benchmark suites in
 benches/: each case is our kernel or a peer on the same inputs, grouped so that a report
-can state ratios measured side by side in one process (harness.py times them).
+can state ratios measured side by side in one process (harness.py times them); training
+steps run each case in a process of its own (train.StepWorker), as a user's training does.
 
     harness   Case, interleaved timing, per-round ratios, fractions of the machine's peak
     quant     quantize/dequantize cases          linear   fused linear, int8, LoRA layer
