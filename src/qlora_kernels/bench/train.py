@@ -222,9 +222,10 @@ def _serve(which: str, kind: str, dora: str, threads: str) -> int:
     sys.stdout = sys.stderr
     torch.set_num_threads(int(threads))
     try:
-        base, arch = random_phi3() if which == "phi3" else smollm2() if which == "smollm2" else (None, None)
-        if base is None:
+        loaders = {"phi3": random_phi3, "smollm2": smollm2}
+        if which not in loaders:
             raise ValueError(f"unknown model {which!r} (phi3 or smollm2)")
+        base, arch = loaders[which]()
         step = step_fn(build(kind, base, arch, dora == "1"), vocab=base.config.vocab_size)
         del base
     except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the benchmark

@@ -125,6 +125,14 @@ def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.float().contiguous()
 
 
+def _absmax_blocks(absmax: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The first ``blocks`` entries of absmax, fp32: bitsandbytes' CPU kernels read the blocks
+    they need from a longer absmax, so do we; a short one is bitsandbytes' to handle."""
+    if absmax.numel() < blocks:
+        raise _Fallback("absmax too short for the shape")
+    return _f32(absmax.reshape(-1)[:blocks], "absmax")
+
+
 def _check_4bit(blocksize: int, quant_type: str) -> None:
     if quant_type not in formats.QUANT_TYPES:  # stock's CPU kernels raise ValueError here (its default, another type)
         raise ValueError(f"quant_type must be one of {formats.QUANT_TYPES}, got {quant_type!r}")
@@ -160,9 +168,9 @@ def _quant_type_of(code: torch.Tensor) -> str:
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two CPU tensors hold the same bits (a memcmp: torch.equal took ~60 µs for the
-    256K bytes of a 4096 x 4096 weight's 8-bit absmax)."""
-    if a.shape != b.shape or a.dtype != b.dtype or a.stride() != b.stride() or not a.is_contiguous():
+    """Whether tensor a holds the bits of b, b contiguous (a memcmp: torch.equal took ~60 µs for
+    the 256K bytes of a 4096 x 4096 weight's 8-bit absmax)."""
+    if a.shape != b.shape or a.dtype != b.dtype or not a.is_contiguous():
         return False
     return _C.same_bytes(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size())
 
@@ -175,7 +183,8 @@ class _NestedAbsmax:
     compared byte for byte at every call. Version counters were not enough: writes
     through ``.data`` or a numpy view do not bump them (the decode went stale), and inference
     tensors have none. The comparison reads the 8-bit absmax (one byte per block, 1/32 of
-    the packed weight): ~2 µs for a 4096 x 4096 weight, where decoding it again took ~500."""
+    the packed weight): ~3 µs, ~8 µs for all four, for a 4096 x 4096 weight, where decoding
+    it again took ~500."""
 
     def __init__(self):
         from torch.utils.weak import WeakIdKeyDictionary  # tensors compare elementwise: keyed by the object
@@ -190,7 +199,7 @@ class _NestedAbsmax:
             return hit[1]
         seen = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in now)
         decoded = torch.ops.qlora_kernels.dequantize_blockwise_8bit(
-            seen[0].contiguous(), _f32(seen[1], "nested absmax"), _f32(seen[2], "absmax_code"), 256)
+            seen[0], _f32(seen[1], "nested absmax"), _f32(seen[2], "absmax_code"), 256)
         decoded = decoded.reshape(-1).add_(seen[3].float())
         with _LOCK:
             self._cache[absmax_8bit] = (seen, decoded)
@@ -231,10 +240,7 @@ def _dequantize_4bit_into(A, absmax, blocksize, quant_type, shape, out):
             # bitsandbytes' CPU kernel reshapes the data to [rows, cols / 2]: its error, raised the same way
             packed.reshape(math.prod(shape[:-1]), shape[-1] // 2)
         raise _Fallback("packed data of another size than the shape")
-    if absmax.numel() < blocks:
-        raise _Fallback("absmax too short for the shape")
-    # a longer absmax: bitsandbytes' CPU kernel reads the blocks it needs, so do we
-    torch.ops.qlora_kernels.dequantize_4bit_out(packed, _f32(absmax, "absmax")[:blocks], blocksize, quant_type, out)
+    torch.ops.qlora_kernels.dequantize_4bit_out(packed, _absmax_blocks(absmax, blocks), blocksize, quant_type, out)
 
 
 def _dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
@@ -268,16 +274,15 @@ def _linear(A, B, shapeB, absmax, blocksize, quant_type, bias):
         raise _Fallback("a bias of another dtype than A or another shape than [N]")
     _plain_layout(absmax)
     packed = _bytes(B)
-    blocks = formats.num_blocks(N * K, blocksize)
-    if packed.numel() != formats.packed_numel(N * K) or absmax.numel() < blocks:
-        raise _Fallback("packed weight of another size than shapeB or a short absmax")
-    absmax = absmax[:blocks]  # a longer one: bitsandbytes' dequantization reads the blocks it needs
+    if packed.numel() != formats.packed_numel(N * K):
+        raise _Fallback("packed weight of another size than shapeB")
+    absmax = _absmax_blocks(absmax, formats.num_blocks(N * K, blocksize))
     b = None if bias is None else _f32(bias, "bias")
     x = A.reshape(-1, K)
     # The op's implementation, not the op: this runs inside bitsandbytes' op already, and a
     # second trip through the dispatcher is a sizeable part of a one-row product.
     y = linear_4bit_impl(x if x.dtype == torch.float32 else x.float(), packed.reshape(-1, 1),
-                         _f32(absmax, "absmax"), blocksize, quant_type, N, b)
+                         absmax, blocksize, quant_type, N, b)
     return y.to(A.dtype).reshape(*A.shape[:-1], N)
 
 
@@ -316,11 +321,9 @@ def _quantize_blockwise(A, code, blocksize):
 
 def _dequantize_blockwise_f32(A, absmax, code, blocksize):
     _cpu(A, absmax, code)
-    blocks = formats.num_blocks(A.numel(), blocksize)
-    if A.dtype != torch.uint8 or code.numel() != 256 or absmax.numel() < blocks:
-        raise _Fallback("A not uint8, a code of another size than 256 or a short absmax")
-    # a longer absmax: bitsandbytes' CPU kernel reads the blocks it needs, so do we
-    absmax = _f32(absmax, "absmax").reshape(-1)[:blocks]
+    if A.dtype != torch.uint8 or code.numel() != 256:
+        raise _Fallback("A not uint8 or a code of another size than 256")
+    absmax = _absmax_blocks(absmax, formats.num_blocks(A.numel(), blocksize))
     return torch.ops.qlora_kernels.dequantize_blockwise_8bit(A.contiguous(), absmax, _f32(code, "code"), blocksize)
 
 
