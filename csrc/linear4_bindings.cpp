@@ -344,6 +344,14 @@ void register_linear4(py::module_& m) {
         "'scalar'.");
   m.def("linear4_q8_repacked_fits", &linear4_q8_repacked_fits_ok, py::arg("N"), py::arg("K"), py::arg("blocksize"),
         "Whether this CPU has the one-row int8 kernel on a repacked weight for these sizes (linear4_q8.h).");
+  m.def(
+      "linear4_q8_repacked_plan",
+      [](int64_t N, int64_t K, int64_t blocksize) {
+        return linear4_q8_repacked_fits_ok(N, K, blocksize) ? qk::linear4_q8_repacked_plan(N, K, blocksize) : "";
+      },
+      py::arg("N"), py::arg("K"), py::arg("blocksize"),
+      "Which one-row int8 kernel on a repacked weight runs for these sizes on the current ISA: "
+      "'avx512-vnni-repacked', 'avx2-repacked', or '' (none).");
   m.def("linear4_q8_repacked_bytes", &linear4_q8_repacked_bytes, py::arg("N"), py::arg("K"),
         py::arg("blocksize"), "Size in bytes of the repacked weight (rows padded to panels of 16 blocks); K must "
         "be a multiple of blocksize, blocksize a multiple of 16.");

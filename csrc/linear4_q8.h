@@ -42,7 +42,7 @@ void linear4_q8_forward_avx512vnni(const float* x, int64_t M, int64_t ldx, const
                                    float* y, int64_t ldy, int nthreads);
 #endif
 
-// Repacked weight of the one-row AVX-512 VNNI kernel (compute="int8" at M=1, built once
+// Repacked weight of the one-row kernels (compute="int8" at M=1, built once
 // per weight and cached by qlora_kernels.functional, as ONNX Runtime prepacks MatMulNBits
 // weights). Rows of whole blocks (K % blocksize == 0) are cut into panels of 16 blocks;
 // panel p of row n is blocksize / 8 vectors of 64 bytes, and byte 4j + i of vector v is
@@ -54,10 +54,15 @@ bool linear4_q8_repack_shape_ok(int64_t K, int64_t blocksize);  // K % blocksize
 int64_t linear4_q8_repacked_bytes(int64_t N, int64_t K, int64_t blocksize);
 void linear4_q8_repack(const uint8_t* packed, int64_t N, int64_t K, int64_t blocksize, uint8_t* out, int nthreads);
 // Whether the current ISA has the repacked kernel for this shape (else callers keep to
-// linear4_q8_forward), and the kernel (only when it fits): rows of x one at a time, each
-// streaming the repacked weight (meant for M = 1). Same definition, same bound.
+// linear4_q8_forward), which kernel that is ("avx512-vnni-repacked", "avx2-repacked" or ""
+// for none), and the kernel (only when it fits): rows of x one at a time, each streaming
+// the repacked weight (meant for M = 1). Same definition, same bound. On AVX2 a 64-byte
+// vector is read as two halves (blocks 16p + 0..7 and 16p + 8..15): one layout for both.
 bool linear4_q8_repacked_fits(int64_t N, int64_t K, int64_t blocksize);
+const char* linear4_q8_repacked_plan(int64_t N, int64_t K, int64_t blocksize);
 #if defined(QK_X86)
+void linear4_q8_forward_repacked_avx2(const float* x, int64_t M, int64_t ldx, const uint8_t* repacked,
+                                      const Weight4Q8& w, const float* bias, float* y, int64_t ldy, int nthreads);
 void linear4_q8_forward_repacked_avx512vnni(const float* x, int64_t M, int64_t ldx, const uint8_t* repacked,
                                             const Weight4Q8& w, const float* bias, float* y, int64_t ldy,
                                             int nthreads);

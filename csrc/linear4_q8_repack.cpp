@@ -43,26 +43,49 @@ void linear4_q8_repack(const uint8_t* packed, int64_t N, int64_t K, int64_t bloc
   }
 }
 
-bool linear4_q8_repacked_fits(int64_t N, int64_t K, int64_t blocksize) {
+namespace {
+enum class RepackedPath { None, Avx2, Avx512Vnni };
+
+RepackedPath repacked_path(int64_t N, int64_t K, int64_t blocksize) {
 #if defined(QK_X86)
-  // The kernel quantizes x with the chunked VNNI kernel's prepare_row: that shape must fit too.
+  if (!linear4_q8_repack_shape_ok(K, blocksize)) return RepackedPath::None;
+  // The VNNI kernel quantizes x with the chunked VNNI kernel's prepare_row: that shape must fit too.
   const Weight4Q8 w{nullptr, nullptr, nullptr, N, K, blocksize};
-  return current_isa() == Isa::Avx512Vnni && linear4_q8_repack_shape_ok(K, blocksize) && linear4_q8_avx512vnni_fits(w);
+  if (current_isa() == Isa::Avx512Vnni && linear4_q8_avx512vnni_fits(w)) return RepackedPath::Avx512Vnni;
+  // The AVX2 kernel quantizes x with the portable quantizer: any shape of the layout.
+  if (current_isa() != Isa::Scalar) return RepackedPath::Avx2;
 #else
   (void)N, (void)K, (void)blocksize;
-  return false;
 #endif
+  return RepackedPath::None;
+}
+}  // namespace
+
+bool linear4_q8_repacked_fits(int64_t N, int64_t K, int64_t blocksize) {
+  return repacked_path(N, K, blocksize) != RepackedPath::None;
+}
+
+const char* linear4_q8_repacked_plan(int64_t N, int64_t K, int64_t blocksize) {
+  switch (repacked_path(N, K, blocksize)) {
+    case RepackedPath::Avx512Vnni: return "avx512-vnni-repacked";
+    case RepackedPath::Avx2: return "avx2-repacked";
+    default: return "";
+  }
 }
 
 void linear4_q8_forward_repacked(const float* x, int64_t M, int64_t ldx, const uint8_t* repacked, const Weight4Q8& w,
                                  const float* bias, float* y, int64_t ldy, int nthreads) {
   // Callers check linear4_q8_repacked_fits first (the bindings refuse the call otherwise).
+  switch (repacked_path(w.N, w.K, w.blocksize)) {
 #if defined(QK_X86)
-  linear4_q8_forward_repacked_avx512vnni(x, M, ldx, repacked, w, bias, y, ldy, nthreads);
-#else
-  (void)x, (void)M, (void)ldx, (void)repacked, (void)w, (void)bias, (void)y, (void)ldy, (void)nthreads;
-  throw std::logic_error("linear4_q8_forward_repacked: no repacked int8 kernel on this ISA");
+    case RepackedPath::Avx512Vnni:
+      return linear4_q8_forward_repacked_avx512vnni(x, M, ldx, repacked, w, bias, y, ldy, nthreads);
+    case RepackedPath::Avx2: return linear4_q8_forward_repacked_avx2(x, M, ldx, repacked, w, bias, y, ldy, nthreads);
 #endif
+    default:
+      (void)x, (void)M, (void)ldx, (void)repacked, (void)bias, (void)y, (void)ldy, (void)nthreads;
+      throw std::logic_error("linear4_q8_forward_repacked: no repacked int8 kernel on this ISA");
+  }
 }
 
 }  // namespace qk

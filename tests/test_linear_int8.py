@@ -57,7 +57,7 @@ def int8_cases():
     """(variant, isa, M, N, K, blocksize) for every int8 kernel variant this CPU runs on each
     shape, the variant read from the plan the extension reports for the forced ISA (never
     from the CPU's name): 'avx512-vnni', 'avx2', 'scalar', and 'avx512-vnni-repacked' (the
-    one-row kernel on the repacked weight) where the CPU has it. A shape that a SIMD kernel
+    one-row kernel on the repacked weight) and 'avx2-repacked' where the CPU has them. A shape that a SIMD kernel
     hands to another one appears once, under the kernel that runs it."""
     cases = {}
     for isa in native_paths():
@@ -65,7 +65,7 @@ def int8_cases():
             for M, N, K, bs in SHAPES:
                 cases.setdefault((_C.linear4_q8_plan(N, K, bs), M, N, K, bs), isa)
                 if _C.linear4_q8_repacked_fits(N, K, bs):
-                    cases.setdefault(("avx512-vnni-repacked", M, N, K, bs), isa)
+                    cases.setdefault((_C.linear4_q8_repacked_plan(N, K, bs), M, N, K, bs), isa)
     return [pytest.param(v, isa, M, N, K, bs, id=f"{v}-{M}x{N}x{K}-bs{bs}")
             for (v, M, N, K, bs), isa in sorted(cases.items())]
 
@@ -94,7 +94,7 @@ def test_int8_variants_cover_every_kernel_the_cpu_runs():
         with on_path("cpu", isa):
             assert _C.linear4_q8_plan(4096, 4096, 64) in variants
             if _C.linear4_q8_repacked_fits(4096, 4096, 64):
-                assert "avx512-vnni-repacked" in variants
+                assert _C.linear4_q8_repacked_plan(4096, 4096, 64) in variants
 
 
 def test_int8_reaches_each_kernel_where_the_cpu_has_it():
@@ -103,9 +103,13 @@ def test_int8_reaches_each_kernel_where_the_cpu_has_it():
     # cpuid's best path (QLORA_KERNELS_ISA may cap the runnable ones below it)
     assert (_C.best_isa() == "avx512vnni") == (vnni and _C.best_isa() in ("avx512", "avx512vnni"))
     expected = {"scalar": "scalar", "avx2": "avx2", "avx512": "avx2", "avx512vnni": "avx512-vnni"}
+    repacked = {"scalar": "", "avx2": "avx2-repacked", "avx512": "avx2-repacked", "avx512vnni": "avx512-vnni-repacked"}
     for isa in native_paths():
         with on_path("cpu", isa):
             assert _C.linear4_q8_plan(4096, 4096, 64) == expected[isa], isa
+            assert _C.linear4_q8_repacked_plan(4096, 4096, 64) == repacked[isa], isa
+            assert _C.linear4_q8_repacked_fits(4096, 4096, 64) == (isa != "scalar")
+            assert _C.linear4_q8_repacked_plan(4096, 4100, 64) == ""  # K not whole blocks: no repacked layout
             assert _C.linear4_q8_plan(4096, 192, 64) == ("scalar" if isa == "scalar" else "avx2")
             assert _C.linear4_q8_plan(4096, 4100, 64) == "scalar"  # K not whole 64-element chunks
 
@@ -235,11 +239,6 @@ def repacked_by_torch(packed, N, K, bs):
     return rows.view(N, P, 16, bs // 8, 4).permute(0, 1, 3, 2, 4).reshape(-1)
 
 
-def vnni_cpu() -> bool:
-    flags = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
-    return "avx512_vnni" in flags and "avx512vbmi" in flags and "avx512vnni" in native_paths()
-
-
 REPACK_SHAPES = [  # (N, K, blocksize): whole panels, a short last panel, one block a row, awkward N
     (1, 128, 64), (7, 384, 64), (33, 1152, 32), (5, 4096, 128), (3, 2048, 256), (300, 1024, 64), (9, 4096, 4096),
     (2, 2048, 64),
@@ -269,26 +268,40 @@ def run_repacked(x, packed, state, bias=None):
     return y
 
 
-@pytest.mark.parametrize("N,K,blocksize", REPACK_SHAPES)
+def repacked_cases():
+    """(N, K, blocksize, isa) for each native path, named by the repacked kernel that path
+    runs ('avx512-vnni-repacked', 'avx2-repacked'; 'none' where it has none), as the
+    extension reports it for the forced ISA."""
+    cases = []
+    for isa in native_paths():
+        with on_path("cpu", isa):
+            for N, K, bs in REPACK_SHAPES:
+                variant = _C.linear4_q8_repacked_plan(N, K, bs) or "none"
+                cases.append(pytest.param(N, K, bs, isa, id=f"{variant}-{isa}-{N}x{K}-bs{bs}"))
+    return cases
+
+
+@pytest.mark.parametrize("N,K,blocksize,isa", repacked_cases())
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_repacked_kernel_matches_its_definition(N, K, blocksize, quant_type):
+def test_repacked_kernel_matches_its_definition(N, K, blocksize, isa, quant_type):
     x, packed, state = make(2, N, K, blocksize, quant_type)
     bias = torch.randn(N)
-    assert _C.linear4_q8_repacked_fits(N, K, blocksize) == vnni_cpu()
-    if not vnni_cpu():  # no such kernel here: the bindings refuse it, the fast path keeps to the others
-        with pytest.raises(ValueError, match="no repacked int8 kernel"):
-            run_repacked(x, packed, state, bias)
-        return
-    ref = reference.linear_4bit_int8(x, packed, state.absmax, blocksize, quant_type, N, bias)
-    y = run_repacked(x, packed, state, bias)
-    assert_int8_close(y - bias, ref - bias, magnitude(x, packed, state), K, f"repacked {N}x{K} bs{blocksize}")
-    # A prepared weight's direct path runs it for one row, and gives the same bits.
-    w = qk.functional.prepare_4bit(packed, state)
-    with torch.no_grad():
-        for _ in range(2):  # the first call makes the repacked copy
-            y1 = qk.linear_4bit(x[:1], w, compute="int8")
-    assert torch.equal(y1, run_repacked(x[:1], packed, state))
-    assert w.has_int8_copy()
+    with on_path("cpu", isa):
+        if not _C.linear4_q8_repacked_fits(N, K, blocksize):
+            # no such kernel on this path: the bindings refuse it, the fast path keeps to the others
+            with pytest.raises(ValueError, match="no repacked int8 kernel"):
+                run_repacked(x, packed, state, bias)
+            return
+        ref = reference.linear_4bit_int8(x, packed, state.absmax, blocksize, quant_type, N, bias)
+        y = run_repacked(x, packed, state, bias)
+        assert_int8_close(y - bias, ref - bias, magnitude(x, packed, state), K, f"repacked {N}x{K} bs{blocksize}")
+        # A prepared weight's direct path runs it for one row, and gives the same bits.
+        w = qk.functional.prepare_4bit(packed, state)
+        with torch.no_grad():
+            for _ in range(2):  # the first call makes the repacked copy
+                y1 = qk.linear_4bit(x[:1], w, compute="int8")
+        assert torch.equal(y1, run_repacked(x[:1], packed, state))
+        assert w.has_int8_copy()
 
 
 def test_repacked_zero_and_nonfinite_rows_and_forced_isas():
@@ -322,7 +335,7 @@ def test_repacked_bad_input():
         _C.linear4_q8_repack(packed.data_ptr(), packed.numel() - 2, 4, 256, 64, out.data_ptr(), out.numel(), 1)
     with pytest.raises(ValueError, match="overlap"):
         _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, 256, 64, packed.data_ptr(), out.numel(), 1)
-    if vnni_cpu():
+    if _C.linear4_q8_repacked_fits(4, 256, 64):
         x, y, code8 = torch.randn(1, 256), torch.empty(1, 4), formats.int8_codebook("nf4")
         with pytest.raises(ValueError, match="repacked has"):
             _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel() + 64,
@@ -343,7 +356,7 @@ def test_int8_repack_switch_frees_and_remakes_the_copy():
     try:
         assert functional.int8_repack() is True
         qk.linear_4bit(x, w, compute="int8")
-        assert w.has_int8_copy() == vnni_cpu()
+        assert w.has_int8_copy() == _C.linear4_q8_repacked_fits(12, 1024, 64)
         assert functional.int8_repack(False) is False
         y = qk.linear_4bit(x, w, compute="int8")  # the general kernel: the op's bits
         assert not w.has_int8_copy()  # freed at the weight's next call
@@ -351,7 +364,7 @@ def test_int8_repack_switch_frees_and_remakes_the_copy():
         assert_int8_close(y, general, magnitude(x, packed, state), 1024, "repack off")
         functional.int8_repack(True)
         qk.linear_4bit(x, w, compute="int8")
-        assert w.has_int8_copy() == vnni_cpu()
+        assert w.has_int8_copy() == _C.linear4_q8_repacked_fits(12, 1024, 64)
         # Without a prepared weight there is nothing to keep a copy in: the general kernel.
         y = qk.linear_4bit(x, packed, state, compute="int8")
         assert torch.equal(y, torch.ops.qlora_kernels.linear_4bit_int8(x, packed, state.absmax, 64, "nf4", 12, None))

@@ -78,8 +78,9 @@ def test_matmul4bit_gives_the_bits_of_linear_4bit(library, isa, quant_type):
         _C.set_isa(previous)
 
 
-# the int8 kernels' shapes: K a multiple of 128 (the VNNI kernels, the repacked one-row
-# kernel), of 64 (AVX2), anything else (scalar); blocks straddling rows
+# the int8 kernels' shapes: K a multiple of 128 (the VNNI kernels, the VNNI repacked
+# one-row kernel), of 64 (AVX2), whole blocks (the AVX2 repacked one), anything else
+# (scalar); blocks straddling rows
 INT8_SHAPES = [(7, 9, 64, (1, 3)), (300, 128, 64, (1, 5)), (96, 640, 128, (1, 2)), (65, 192, 32, (1, 4)),
                (4097, 33, 32, (1,))]
 

@@ -16,7 +16,8 @@ def _info(args) -> int:
     print(f"CPU paths compiled: {', '.join(_C.compiled_isas())}")
     print(f"CPU paths this CPU runs: {', '.join(_C.supported_isas())}")
     print(f"CPU path selected: {_C.get_isa()} (cpuid best: {_C.best_isa()}; QLORA_KERNELS_ISA overrides)")
-    print(f"int8-compute kernel (compute=\"int8\", K a multiple of 128): {_C.linear4_q8_plan(4096, 4096, 64)}")
+    print(f"int8-compute kernel (compute=\"int8\", K a multiple of 128): {_C.linear4_q8_plan(4096, 4096, 64)}"
+          f"; one row: {_C.linear4_q8_repacked_plan(4096, 4096, 64) or 'the same'}")
     print(f"OpenMP: {'yes' if _C.openmp() else 'no'}")
     from qlora_kernels import tuning
 

@@ -40,7 +40,7 @@ _INT8_REPACK = {"on": _env.switch(_env.INT8_REPACK, True), "generation": 0}
 
 def int8_repack(enabled: bool | None = None) -> bool:
     """Whether ``linear_4bit(..., compute="int8")`` on one row of x may run on a repacked
-    copy of a prepared weight (faster on AVX-512 VNNI CPUs, ~0.6x of the time of the
+    copy of a prepared weight (on AVX2 and AVX-512 VNNI CPUs, ~0.6x of the time of the
     bitsandbytes layout's kernel at 4096x4096; the copy is the size of ``packed`` and lives
     with the prepared weight). ``int8_repack(False)`` turns it off; each weight's copy is
     dropped at its next call. ``QLORA_KERNELS_INT8_REPACK=0`` starts with it off. Returns
