@@ -163,7 +163,8 @@ void linear4_q8_forward_repacked_avx2(const float* x, int64_t M, int64_t ldx, co
     float* ym = y + m * ldy;
 #pragma omp parallel for num_threads(T) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-      const float d = row_dot_repacked(repacked + n * row_bytes, w.absmax + n * nb, nb, V, rlo, rhi, alo, ahi, rsx, tab);
+      const float d =
+          row_dot_repacked(repacked + n * row_bytes, w.absmax + n * nb, nb, V, rlo, rhi, alo, ahi, rsx, tab);
       ym[n] = bias ? d + bias[n] : d;
     }
   }
