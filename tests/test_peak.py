@@ -31,8 +31,13 @@ def test_levels_follow_the_cache_sizes():
     assert p.level_of(256 << 10) == "L2"          # within half of the two cores' L2
     assert p.level_of(4 << 20) == "L3"
     assert p.level_of(64 << 20) == "DRAM"
-    frac, level = peak.stream_fraction(2 << 20, 1e-3, p)
-    assert level == "L3" and frac == pytest.approx((2 << 20) / 1e-3 * 1e-9 / 2.0)
+    frac, level = peak.stream_fraction(2 << 20, 2e-3, p)
+    assert level == "L3" and frac == pytest.approx((2 << 20) / 2e-3 * 1e-9 / 2.0)
+    # faster than DRAM can deliver: they were (partly) still in a cache, set against the next level up
+    assert peak.stream_fraction(64 << 20, 0.1, p)[1] == "DRAM"   # 0.67 GB/s
+    assert peak.stream_fraction(64 << 20, 0.04, p)[1] == "L3"    # 1.7 GB/s > DRAM's 1.0
+    assert peak.stream_fraction(64 << 20, 0.01, p)[1] == "L2"    # 6.7 GB/s: above every level, the fastest
+    assert peak.stream_fraction(64 << 20, 0.01, p)[0] == pytest.approx((64 << 20) / 0.01 * 1e-9 / 3.0)
     assert peak.gemm_fraction(0.5, "scalar", p) == 0.5 and peak.gemm_fraction(1.0, "avx2", p) is None
     assert "fp32 FMA peak" in p.table() and "DRAM" in p.table()
 

@@ -103,8 +103,10 @@ def limit_fraction(c: Case, seconds: float, peak) -> dict:
     peer's library picks its own)."""
     nbytes = c.extra.get("stream_bytes")
     if nbytes:
-        level = peak.level_of(nbytes)
-        return {"fraction": nbytes / seconds * 1e-9 / peak.bandwidth_gbs[level], "limit": f"{level} bandwidth"}
+        from ..peak import stream_fraction
+
+        fraction, level = stream_fraction(nbytes, seconds, peak)
+        return {"fraction": fraction, "limit": f"{level} bandwidth"}
     if c.unit == "GFLOP/s" and c.work:
         from .. import _C
 
