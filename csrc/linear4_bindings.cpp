@@ -165,11 +165,21 @@ void linear4_backward_input(uintptr_t dy, int64_t M, int64_t N, int64_t lddy, ui
                                        lddx, nthreads < 1 ? 1 : nthreads);
 }
 
+// The int8 definition's limits (linear4_q8.h) on a caller's own table and blocksize.
+void check_q8(uintptr_t code8, int64_t blocksize, bool has_weight) {
+  QK_REQUIRE(blocksize <= qk::kQ8MaxBlocksize,
+             "blocksize must be at most 65536 for int8 compute (the exact integer sums of a block are int32), got " +
+                 s(blocksize));
+  QK_REQUIRE(!has_weight || qk::linear4_q8_code_ok(reinterpret_cast<const int8_t*>(code8)),
+             "code8 must hold values in [-127, 127] (rint(code * 127)), got -128");
+}
+
 // The int8-compute forward (linear4_q8.h): the same checks; code8 is 16 int8 entries.
 void linear4_q8_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_t packed, int64_t packed_numel,
                         uintptr_t absmax, int64_t absmax_numel, uintptr_t code8, int64_t N, int64_t blocksize,
                         uintptr_t bias, int64_t bias_numel, uintptr_t y, int64_t ldy, int nthreads) {
   const CheckedWeight cw = check_weight(packed, packed_numel, absmax, absmax_numel, code8, N, K, blocksize, 4);
+  check_q8(code8, blocksize, N * K > 0);
   check_forward_io(x, M, K, ldx, bias, bias_numel, y, N, ldy, cw);
   if (M == 0 || N == 0) return;
   const qk::Weight4Q8 w{cw.w.packed, cw.w.absmax, reinterpret_cast<const int8_t*>(code8), N, K, blocksize};
@@ -180,7 +190,8 @@ void linear4_q8_forward(uintptr_t x, int64_t M, int64_t K, int64_t ldx, uintptr_
 
 void require_repack_shape(int64_t N, int64_t K, int64_t blocksize) {
   QK_REQUIRE(N >= 0 && K >= 0 && qk::linear4_q8_repack_shape_ok(K, blocksize),
-             "the repacked layout needs K a multiple of blocksize and blocksize a multiple of 16, got N=" + s(N) +
+             "the repacked layout needs K a multiple of blocksize and blocksize a multiple of 16 (at most 65536), "
+             "got N=" + s(N) +
                  ", K=" + s(K) + ", blocksize=" + s(blocksize));
 }
 
@@ -217,6 +228,7 @@ void linear4_q8_forward_repacked(uintptr_t x, int64_t M, int64_t K, int64_t ldx,
                                          "] weight needs " + s(need));
   // check_weight sizes packed as N*K / 2 bytes; the repacked extent replaces it.
   CheckedWeight cw = check_weight(repacked, N * K / 2, absmax, absmax_numel, code8, N, K, blocksize, 4);
+  check_q8(code8, blocksize, N * K > 0);
   if (N * K > 0) cw.packed = {repacked, repacked + static_cast<uintptr_t>(repacked_numel)};
   check_forward_io(x, M, K, ldx, bias, bias_numel, y, N, ldy, cw);
   if (M == 0 || N == 0) return;

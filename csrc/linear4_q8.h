@@ -21,6 +21,17 @@
 
 namespace qk {
 
+// Limits of that definition, checked where a caller hands in its own table and sizes (the
+// bindings, the ONNX Runtime operator): codes in [-127, 127] (rint(code * 127) of a codebook
+// within [-1, 1]; -128 would defeat the AVX2 kernels' sign transfer, which negates codes),
+// and blocks of at most 2^16 elements, whose exact integer sums (<= 2^16 * 127^2) fit int32.
+constexpr int64_t kQ8MaxBlocksize = int64_t(1) << 16;
+inline bool linear4_q8_code_ok(const int8_t* code8) {
+  for (int j = 0; j < 16; ++j)
+    if (code8[j] == -128) return false;
+  return true;
+}
+
 struct Weight4Q8 {
   const uint8_t* packed;
   const float* absmax;
@@ -50,14 +61,18 @@ void linear4_q8_forward_avx512vnni(const float* x, int64_t M, int64_t ldx, const
 // vpdpbusd over a panel then only meets block 16p + j, so the 16 block scales of a panel
 // apply once, to one vector, instead of per 128-element chunk (~4 of ~9 zmm operations per
 // chunk in the bitsandbytes layout).
-bool linear4_q8_repack_shape_ok(int64_t K, int64_t blocksize);  // K % blocksize == 0, blocksize % 16 == 0
+// K % blocksize == 0, blocksize % 16 == 0, blocksize <= kQ8MaxBlocksize
+bool linear4_q8_repack_shape_ok(int64_t K, int64_t blocksize);
 int64_t linear4_q8_repacked_bytes(int64_t N, int64_t K, int64_t blocksize);
 void linear4_q8_repack(const uint8_t* packed, int64_t N, int64_t K, int64_t blocksize, uint8_t* out, int nthreads);
 // Whether the current ISA has the repacked kernel for this shape (else callers keep to
 // linear4_q8_forward), which kernel that is ("avx512-vnni-repacked", "avx2-repacked" or ""
 // for none), and the kernel (only when it fits): rows of x one at a time, each streaming
 // the repacked weight (meant for M = 1). Same definition, same bound. On AVX2 a 64-byte
-// vector is read as two halves (blocks 16p + 0..7 and 16p + 8..15): one layout for both.
+// vector is read as two halves (blocks 16p + 0..7 and 16p + 8..15): one layout for both;
+// the AVX2 one is chosen only where a row's padding to whole panels is at most a quarter
+// of it (or the chunked AVX2 kernel does not take the shape), since it works through the
+// padding as through data.
 bool linear4_q8_repacked_fits(int64_t N, int64_t K, int64_t blocksize);
 const char* linear4_q8_repacked_plan(int64_t N, int64_t K, int64_t blocksize);
 #if defined(QK_X86)

@@ -77,14 +77,15 @@ constexpr int64_t kPanelBlocks = 16;  // the repacked layout's panel (linear4_q8
 // and 16p + 8..15, so the panel's 16 block scales meet two converted vectors once, not one
 // scale per 64 weights. The sign transfer runs the other way round from the chunked kernel
 // above: x is fixed for the whole row, so |xq| (vpmaddubsw's unsigned operand) is made once
-// per call and only the codes take x's signs. Per 64 weights: 3 operations split the
-// nibbles, 2 lookups, 2 vpsignb, 2 vpmaddubsw, 2 vpmaddwd, 2 adds: 13, against ~20 with
-// the chunked kernel's extra signs and per-chunk scale (0.24 -> 0.15 ms at M=1 4096x4096).
+// per row of x and only the codes take x's signs (codes are never -128: linear4_q8.h).
+// Per 64 weights: 3 operations split the nibbles, 2 lookups, 2 vpsignb, 2 vpmaddubsw,
+// 2 vpmaddwd, 2 adds: 13 (and 5 loads), against ~20 with the chunked kernel's extra signs
+// and per-chunk scale (and 3 loads): 0.24 -> 0.15 ms at M=1 4096x4096.
 float row_dot_repacked(const uint8_t* row, const float* absmax, int64_t nb, int64_t V, const int8_t* xlo,
                        const int8_t* xhi, const uint8_t* alo, const uint8_t* ahi, const float* sx, __m256i tab) {
   const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   const auto ld = [](const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
-  // int32 partial products of the 16 lanes of xq * code of one 32-byte half
+  // the 8 int32 lanes of xq * code over one 32-byte half (64 weights)
   const auto half = [&](__m256i raw, uint64_t o) {
     const __m256i cl = _mm256_shuffle_epi8(tab, _mm256_and_si256(raw, m4));
     const __m256i ch = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));

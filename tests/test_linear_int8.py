@@ -309,19 +309,99 @@ def test_repacked_zero_and_nonfinite_rows_and_forced_isas():
     x[0] = 0.0
     x[1, 1500] = float("nan")
     x[2, 3] = float("-inf")
-    w = qk.functional.prepare_4bit(packed, state)
     ref = reference.linear_4bit_int8(x[3:], packed, state.absmax, 64, "nf4", 40, None)
-    for isa in native_paths():  # each path's one-row kernel (its repacked one where it has one)
+    for isa in native_paths():  # each path's one-row kernel, on a weight prepared under it
+        w = qk.functional.prepare_4bit(packed, state)
         with on_path("cpu", isa):
             ys = [qk.linear_4bit(x[m:m + 1], w, compute="int8") for m in range(4) for _ in range(2)][1::2]
+            assert w.has_int8_copy() == _C.linear4_q8_repacked_fits(40, 2048, 64), isa
         assert torch.equal(ys[0], torch.zeros(1, 40)), isa
         assert ys[1].isnan().all() and ys[2].isnan().all(), isa
         assert_int8_close(ys[3], ref, magnitude(x[3:], packed, state), 2048, f"fast path {isa}")
-    # Forcing another ISA after the repacked kernel was made: the call takes that ISA's path.
+    # A copy made under one path serves the others (same layout); a weight first called where
+    # there is no repacked kernel gets one on the first path that has it.
+    for first in native_paths():
+        w = qk.functional.prepare_4bit(packed, state)
+        with on_path("cpu", first):
+            qk.linear_4bit(x[3:], w, compute="int8")
+        for isa in native_paths():
+            with on_path("cpu", isa):
+                y = qk.linear_4bit(x[3:], w, compute="int8")
+                if _C.linear4_q8_repacked_fits(40, 2048, 64):
+                    assert w.has_int8_copy(), (first, isa)
+                    assert torch.equal(y, run_repacked(x[3:], packed, state)), (first, isa)
+            assert_int8_close(y, ref, magnitude(x[3:], packed, state), 2048, f"{first} then {isa}")
+
+
+def test_repacked_kernels_at_the_int16_edge():
+    """Every code +-127 against xq +-127 with matching signs: each vpmaddubsw pair sums to
+    2 * 127^2 = 32258, next to int16's limit (a kernel that saturated, or offset the codes
+    by 128 as the VNNI one does without its correction, would be off by percents)."""
+    N, K, bs = 5, 2048, 64
+    x = torch.ones(1, K)
+    x[0, 1::3] = -1.0
+    code8 = formats.int8_codebook("nf4")
+    top, bottom = int(code8.argmax()), int(code8.argmin())
+    assert code8[top] == 127 and code8[bottom] == -127
+    nib = torch.where(x[0] > 0, top, bottom).to(torch.uint8).repeat(N)  # code sign = x's sign
+    packed = (nib[0::2] << 4 | nib[1::2]).contiguous()
+    _, state = qk.quantize_4bit(torch.randn(N, K), "nf4", bs)
+    state.absmax = torch.full((N * K // bs,), 0.5)
+    ref = reference.linear_4bit_int8(x, packed, state.absmax, bs, "nf4", N, None)
+    assert torch.allclose(ref, torch.full((1, N), K * 0.5))
+    mag = magnitude(x, packed, state)
     for isa in native_paths():
         with on_path("cpu", isa):
-            y = qk.linear_4bit(x[3:], w, compute="int8")
-        assert_int8_close(y, ref, magnitude(x[3:], packed, state), 2048, isa)
+            assert_int8_close(qk.linear_4bit(x, packed, state, compute="int8"), ref, mag, K, isa)
+            if _C.linear4_q8_repacked_fits(N, K, bs):
+                assert_int8_close(run_repacked(x, packed, state), ref, mag, K, f"repacked {isa}")
+
+
+def test_int8_limits_are_refused_at_the_bindings():
+    """Codes in [-127, 127] and blocks of at most 2^16 elements (csrc/linear4_q8.h): a table
+    with -128 (which the AVX2 kernels' sign transfer cannot negate) or a larger block (whose
+    integer sums would overflow int32) is refused by name, never computed."""
+    _, packed, state = make(1, 4, 256, 64)
+    x, y = torch.randn(1, 256), torch.empty(1, 4)
+    bad = formats.int8_codebook("nf4").clone()
+    bad[0] = -128
+    with pytest.raises(ValueError, match=r"code8 must hold values in \[-127, 127\]"):
+        _C.linear4_q8_forward(x.data_ptr(), 1, 256, 256, packed.data_ptr(), packed.numel(), state.absmax.data_ptr(),
+                              state.absmax.numel(), bad.data_ptr(), 4, 64, 0, 0, y.data_ptr(), 4, 1)
+    big = 1 << 17
+    p2, a2 = torch.zeros(big // 2, dtype=torch.uint8), torch.ones(1)
+    x2, code8 = torch.randn(1, big), formats.int8_codebook("nf4")
+    with pytest.raises(ValueError, match="at most 65536"):
+        _C.linear4_q8_forward(x2.data_ptr(), 1, big, big, p2.data_ptr(), p2.numel(), a2.data_ptr(), 1,
+                              code8.data_ptr(), 1, big, 0, 0, y.data_ptr(), 1, 1)
+    with pytest.raises(ValueError, match="at most 65536"):
+        _C.linear4_q8_repacked_bytes(1, big, big)
+    assert not _C.linear4_q8_repacked_fits(1, big, big)
+    for isa in native_paths():
+        with on_path("cpu", isa):
+            if _C.linear4_q8_repacked_fits(4, 256, 64):
+                out = torch.empty(_C.linear4_q8_repacked_bytes(4, 256, 64), dtype=torch.uint8)
+                with pytest.raises(ValueError, match=r"code8 must hold values in \[-127, 127\]"):
+                    _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel(),
+                                                   state.absmax.data_ptr(), state.absmax.numel(), bad.data_ptr(), 4,
+                                                   64, 0, 0, y.data_ptr(), 4, 1)
+
+
+def test_avx2_repacked_kernel_skips_heavily_padded_rows():
+    """The AVX2 repacked kernel works through the padding of a row's last panel: it is
+    chosen where that padding is at most a quarter of the row or the chunked AVX2 kernel
+    does not take the shape."""
+    for isa in native_paths():
+        if isa == "scalar":
+            continue
+        with on_path("cpu", isa):
+            vnni = isa == "avx512vnni"
+            assert _C.linear4_q8_repacked_plan(8, 1024, 64) == ("avx512-vnni-repacked" if vnni else "avx2-repacked")
+            # 13 blocks a row (3 of padding); K not whole 128-element chunks: no VNNI kernel
+            assert _C.linear4_q8_repacked_plan(8, 832, 64) == "avx2-repacked"
+            assert _C.linear4_q8_repacked_plan(8, 576, 64) == ""  # 9 blocks a row: 16 with padding
+            assert _C.linear4_q8_repacked_plan(8, 96, 32) == "avx2-repacked"  # 3 blocks, but no chunked kernel
+            assert _C.linear4_q8_repacked_plan(8, 4096, 4096) == ("avx512-vnni-repacked" if vnni else "")
 
 
 def test_repacked_bad_input():

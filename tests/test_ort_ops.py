@@ -183,6 +183,14 @@ def test_bad_inputs_are_named(library):
                     op=ortops.OP_INT8)
     with pytest.raises(Exception, match=r"qlora_kernels\.MatMul4bitInt8.*input code must be 16 int8 values"):
         session(int8, library).run(None, {"X": np.zeros((1, K), np.float32)})
+    code8 = formats.int8_codebook_cpu("nf4").numpy().copy()
+    code8[3] = -128  # outside the int8 definition (csrc/linear4_q8.h): refused, never computed
+    with pytest.raises(Exception, match=r"qlora_kernels\.MatMul4bitInt8.*int8 values in \[-127, 127\]"):
+        session(one_node(K, N, bs, packed.numpy(), absmax.numpy(), code8, op=ortops.OP_INT8), library).run(
+            None, {"X": np.zeros((1, K), np.float32)})
+    with pytest.raises(Exception, match=r"qlora_kernels\.MatMul4bitInt8.*block_size must be at most 65536"):
+        session(one_node(K, N, 1 << 17, packed.numpy()[:4], np.ones(1, np.float32), code8, op=ortops.OP_INT8),
+                library)
     for name, (model, msg) in bad.items():
         sess = session(model, library)
         with pytest.raises(Exception, match=r"qlora_kernels\.MatMul4bit.*" + msg):

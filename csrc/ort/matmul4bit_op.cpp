@@ -83,7 +83,7 @@ struct MatMul4bitKernel {
   Compute compute_type;
   int64_t K, N, block_size;
   std::string who;  // "qlora_kernels.<op> <node>: ", the prefix of every error
-  // Int8 on a constant weight: the one-row VNNI kernel's layout of it, made once here (as
+  // Int8 on a constant weight: the one-row kernels' layout of it, made once here (as
   // ONNX Runtime prepacks MatMulNBits weights), where this CPU has that kernel.
   std::unique_ptr<AlignedBytes> repacked;
   const uint8_t* repacked_from = nullptr;  // the constant's data: used only while the input is that very tensor
@@ -96,6 +96,8 @@ struct MatMul4bitKernel {
     if (K < 1 || N < 1) throw OpError{"K and N must be >= 1, got K=" + s(K) + ", N=" + s(N)};
     if (block_size < 2 || block_size % 2 != 0 || block_size > (int64_t(1) << 30))
       throw OpError{"block_size must be a positive even number, got " + s(block_size)};
+    if (c == Compute::Int8 && block_size > qk::kQ8MaxBlocksize)
+      throw OpError{"block_size must be at most 65536 for int8 compute, got " + s(block_size)};
     if (K > (int64_t(1) << 40) / N) throw OpError{"N*K is too large"};
     who = std::string("qlora_kernels.") + op_name(c) + " " + node_name(api, info) + ": ";
     if (c == Compute::Int8 && qk::linear4_q8_repacked_fits(N, K, block_size)) {
@@ -127,6 +129,8 @@ struct MatMul4bitKernel {
         code.numel != 16)
       throw OpError{std::string("input code must be 16 ") + (int8 ? "int8" : "float") + " values, got " +
                     shape_str(code.shape)};
+    if (int8 && !qk::linear4_q8_code_ok(data<int8_t>(api, in[3])))
+      throw OpError{"input code must hold int8 values in [-127, 127] (rint(code * 127)), got -128"};
     if (a.shape.empty() || a.shape.back() != K)
       throw OpError{"input A must be [..., K=" + s(K) + "], got " + shape_str(a.shape)};
     const int64_t n = N * K;

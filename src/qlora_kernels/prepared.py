@@ -38,13 +38,22 @@ _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 _INT8_REPACK = {"on": _env.switch(_env.INT8_REPACK, True), "generation": 0}
 
 
+def _cpu_path() -> str | None:
+    """The cpu backend's ISA path in force (None without the extension)."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return _C.get_isa()
+
+
 def int8_repack(enabled: bool | None = None) -> bool:
     """Whether ``linear_4bit(..., compute="int8")`` on one row of x may run on a repacked
-    copy of a prepared weight (on AVX2 and AVX-512 VNNI CPUs, ~0.6x of the time of the
-    bitsandbytes layout's kernel at 4096x4096; the copy is the size of ``packed`` and lives
-    with the prepared weight). ``int8_repack(False)`` turns it off; each weight's copy is
-    dropped at its next call. ``QLORA_KERNELS_INT8_REPACK=0`` starts with it off. Returns
-    the setting in force."""
+    copy of a prepared weight (on AVX2 and AVX-512 CPUs, ~0.6x of the time of the
+    bitsandbytes layout's kernel at 4096x4096; the copy is about the size of ``packed``,
+    rows padded to whole panels of 16 blocks, and lives with the prepared weight).
+    ``int8_repack(False)`` turns it off; each weight's copy is dropped at its next call.
+    ``QLORA_KERNELS_INT8_REPACK=0`` starts with it off. Returns the setting in force."""
     if enabled is not None:
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool or None, got {type(enabled).__name__}")
@@ -244,11 +253,13 @@ class Prepared4bit:
         if not _INT8_REPACK["on"] or self._one_call:  # a one-call weight would repack per call
             self._int8 = None
             return None
-        gen = _INT8_REPACK["generation"]
-        if self._int8 is None or self._int8[0] != gen:
+        gen, isa = _INT8_REPACK["generation"], _cpu_path()
+        # A weight that had no such kernel on the path in force asks again on another one
+        # (QLORA_KERNELS_ISA, _C.set_isa); a copy once made serves every path that has one.
+        if self._int8 is None or self._int8[0] != gen or (self._int8[1] is None and self._int8[2] != isa):
             make = _backends.kernel_for("linear_4bit_int8_one_row", "cpu")[1]
             self._int8 = (gen, make(self.packed, self.absmax, self.blocksize, self.quant_type, self.out_features,
-                                    self.in_features))
+                                    self.in_features), isa)
         return self._int8[1]
 
     def has_int8_copy(self) -> bool:

@@ -121,7 +121,7 @@ if hasattr(_C, "linear4_forward"):
         """The one-row int8 forward on a repacked copy of this weight (csrc/linear4_q8.h):
         a callable ``f(x, bias=None) -> y`` for one row of contiguous fp32 ``x`` (and a
         contiguous fp32 ``bias``) that returns None while another ISA is forced; None
-        where this CPU has no such kernel. The copy (the size of ``packed``) is made here,
+        where this CPU has no such kernel. The copy (about the size of ``packed``) is made here,
         once: the caller keeps ``f`` only while the weight and absmax stay unchanged."""
         N, K = out_features, in_features
         if not _C.linear4_q8_repacked_fits(N, K, blocksize):
