@@ -79,10 +79,10 @@ def test_matmul4bit_gives_the_bits_of_linear_4bit(library, isa, quant_type):
 
 
 # the int8 kernels' shapes: K a multiple of 128 (the VNNI kernels, the VNNI repacked
-# one-row kernel), of 64 (AVX2), whole blocks (the AVX2 repacked one), anything else
-# (scalar); blocks straddling rows
+# one-row kernel), of 64 (AVX2), whole panels of 16 blocks (the AVX2 repacked one), anything
+# else (scalar); blocks straddling rows
 INT8_SHAPES = [(7, 9, 64, (1, 3)), (300, 128, 64, (1, 5)), (96, 640, 128, (1, 2)), (65, 192, 32, (1, 4)),
-               (4097, 33, 32, (1,))]
+               (4097, 33, 32, (1,)), (37, 1024, 64, (1, 2))]  # the last: whole panels, a repacked kernel on SIMD paths
 
 
 @pytest.mark.parametrize("isa", _C.supported_isas())
