@@ -26,7 +26,10 @@ def _ref(x, packed, state):
 
 
 def _close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # fp32 sums in another order than the reference's: up to ~2e-5 on these sizes for some
+    # random draws (at atol 1e-5 a suite run failed now and then); a stale weight or scale
+    # is off by O(1)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_no_identity_keyed_state_in_the_package():

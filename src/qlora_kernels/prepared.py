@@ -38,13 +38,15 @@ _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 _INT8_REPACK = {"on": _env.switch(_env.INT8_REPACK, True), "generation": 0}
 
 
+try:
+    from . import _C
+except ImportError:  # the reference backend alone
+    _C = None
+
+
 def _cpu_path() -> str | None:
     """The cpu backend's ISA path in force (None without the extension)."""
-    try:
-        from . import _C
-    except ImportError:
-        return None
-    return _C.get_isa()
+    return None if _C is None else _C.get_isa()
 
 
 def int8_repack(enabled: bool | None = None) -> bool:
@@ -253,13 +255,13 @@ class Prepared4bit:
         if not _INT8_REPACK["on"] or self._one_call:  # a one-call weight would repack per call
             self._int8 = None
             return None
-        gen, isa = _INT8_REPACK["generation"], _cpu_path()
+        gen, have = _INT8_REPACK["generation"], self._int8
         # A weight that had no such kernel on the path in force asks again on another one
         # (QLORA_KERNELS_ISA, _C.set_isa); a copy once made serves every path that has one.
-        if self._int8 is None or self._int8[0] != gen or (self._int8[1] is None and self._int8[2] != isa):
+        if have is None or have[0] != gen or (have[1] is None and have[2] != _cpu_path()):
             make = _backends.kernel_for("linear_4bit_int8_one_row", "cpu")[1]
             self._int8 = (gen, make(self.packed, self.absmax, self.blocksize, self.quant_type, self.out_features,
-                                    self.in_features), isa)
+                                    self.in_features), _cpu_path())
         return self._int8[1]
 
     def has_int8_copy(self) -> bool:
