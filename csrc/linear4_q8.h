@@ -62,6 +62,7 @@ void linear4_q8_forward_avx512vnni(const float* x, int64_t M, int64_t ldx, const
 // apply once, to one vector, instead of per 128-element chunk (~4 of ~9 zmm operations per
 // chunk in the bitsandbytes layout).
 // K % blocksize == 0, blocksize % 16 == 0, blocksize <= kQ8MaxBlocksize
+constexpr int64_t kQ8PanelBlocks = 16;  // blocks per panel of the repacked layout
 bool linear4_q8_repack_shape_ok(int64_t K, int64_t blocksize);
 int64_t linear4_q8_repacked_bytes(int64_t N, int64_t K, int64_t blocksize);
 void linear4_q8_repack(const uint8_t* packed, int64_t N, int64_t K, int64_t blocksize, uint8_t* out, int nthreads);

@@ -16,6 +16,21 @@ namespace {
 
 constexpr int64_t kChunk8 = 64;
 
+// The signed int8 codebook in both 128-bit lanes (vpshufb looks up within a lane).
+__m256i code_table(const Weight4Q8& w) {
+  alignas(32) int8_t t8[32];
+  for (int j = 0; j < 32; ++j) t8[j] = w.code8[j % 16];
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(t8));
+}
+
+// xq (K bytes) in the nibbles' order: hi[t] = xq[2t] (the high nibble of byte t), lo[t] = xq[2t + 1].
+void split_nibble_order(const int8_t* xq, int64_t K, int8_t* lo, int8_t* hi) {
+  for (int64_t t = 0; t < K / 2; ++t) {
+    hi[t] = xq[2 * t];
+    lo[t] = xq[2 * t + 1];
+  }
+}
+
 // Quantized rows of x: xlo/xhi K / 2 bytes per row, sx one float per group per row.
 struct XRows8 {
   const int8_t *lo, *hi;
@@ -70,7 +85,7 @@ void rows_dot_avx2_any(int rows, const Weight4Q8& w, int64_t n, const XRows8& xs
   for (; rows > 0; --rows, ++m0, ++out) rows_dot_avx2<NB, 1>(w, n, xs, m0, tab, out);
 }
 
-constexpr int64_t kPanelBlocks = 16;  // the repacked layout's panel (linear4_q8.h)
+constexpr int64_t kPanelBlocks = kQ8PanelBlocks;
 
 // One row of the repacked weight (linear4_q8.h) against x in the same byte order. Each
 // 64-byte vector of a panel is two ymm halves whose int32 lanes stay in blocks 16p + 0..7
@@ -129,9 +144,7 @@ void linear4_q8_forward_repacked_avx2(const float* x, int64_t M, int64_t ldx, co
                                       const Weight4Q8& w, const float* bias, float* y, int64_t ldy, int nthreads) {
   const int64_t N = w.N, K = w.K, bs = w.blocksize, nb = K / bs, V = bs / 8;
   const int64_t panels = ceil_div(nb, kPanelBlocks), row_bytes = panels * kPanelBlocks * (bs / 2);
-  alignas(32) int8_t t8[32];
-  for (int j = 0; j < 32; ++j) t8[j] = w.code8[j % 16];
-  const __m256i tab = _mm256_load_si256(reinterpret_cast<const __m256i*>(t8));
+  const __m256i tab = code_table(w);
   ScratchMeter meter;
   // xq (K bytes), its nibble-order halves (K / 2 each), their repacked copies and those
   // copies' magnitudes (row_bytes each), then the scales: nb per group, 16 per panel.
@@ -149,10 +162,7 @@ void linear4_q8_forward_repacked_avx2(const float* x, int64_t M, int64_t ldx, co
   [[maybe_unused]] const int T = threads_for(ceil_div(N, 16), nthreads);
   for (int64_t m = 0; m < M; ++m) {
     quantize_x_groups(x + m * ldx, K, bs, xq, sxg);
-    for (int64_t t = 0; t < K / 2; ++t) {
-      nhi[t] = xq[2 * t];
-      nlo[t] = xq[2 * t + 1];
-    }
+    split_nibble_order(xq, K, nlo, nhi);
     // x's bytes in the weight's repacked order (the same permutation, one row of K / 2 bytes)
     linear4_q8_repack(reinterpret_cast<const uint8_t*>(nlo), 1, K, bs, reinterpret_cast<uint8_t*>(rlo), 1);
     linear4_q8_repack(reinterpret_cast<const uint8_t*>(nhi), 1, K, bs, reinterpret_cast<uint8_t*>(rhi), 1);
@@ -193,19 +203,14 @@ void linear4_q8_forward_avx2(const float* x, int64_t M, int64_t ldx, const Weigh
   int8_t* xhi = xlo + mt_max * (K / 2);
   float* sx = buf.data() + mt_max * (K / 2);
   const XRows8 xs{xlo, xhi, sx, K / 2, ng};
-  alignas(32) int8_t t8[32];
-  for (int j = 0; j < 32; ++j) t8[j] = w.code8[j % 16];
-  const __m256i tab = _mm256_load_si256(reinterpret_cast<const __m256i*>(t8));
+  const __m256i tab = code_table(w);
   const int T = threads_for(ceil_div(N, 16), nthreads);
   for (int64_t m0 = 0; m0 < M; m0 += kTileRows8) {
     const int64_t mt = imin(kTileRows8, M - m0);
     for (int64_t r = 0; r < mt; ++r) {
       int8_t* q = xq + r * K;
       quantize_x_groups(x + (m0 + r) * ldx, K, bs, q, sx + r * ng);
-      for (int64_t t = 0; t < K / 2; ++t) {
-        xhi[r * (K / 2) + t] = q[2 * t];
-        xlo[r * (K / 2) + t] = q[2 * t + 1];
-      }
+      split_nibble_order(q, K, xlo + r * (K / 2), xhi + r * (K / 2));
     }
 #pragma omp parallel num_threads(T)
     {

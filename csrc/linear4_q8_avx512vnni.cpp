@@ -238,7 +238,7 @@ void forward_many_rows(const float* x, int64_t M, int64_t ldx, const Weight4Q8& 
   }
 }
 
-constexpr int64_t kPanelBlocks = 16;
+constexpr int64_t kPanelBlocks = kQ8PanelBlocks;
 
 // One row of the repacked weight (linear4_q8.h) against x in the same byte order: a panel
 // is bs / 8 vectors whose int32 lanes each stay in one block, so the panel's 16 block

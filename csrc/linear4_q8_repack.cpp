@@ -10,7 +10,7 @@
 namespace qk {
 
 namespace {
-constexpr int64_t kPanelBlocks = 16;
+constexpr int64_t kPanelBlocks = kQ8PanelBlocks;
 }
 
 bool linear4_q8_repack_shape_ok(int64_t K, int64_t blocksize) {
