@@ -70,9 +70,9 @@ void linear4_q8_repack(const uint8_t* packed, int64_t N, int64_t K, int64_t bloc
 // linear4_q8_forward), which kernel that is ("avx512-vnni-repacked", "avx2-repacked" or ""
 // for none), and the kernel (only when it fits): rows of x one at a time, each streaming
 // the repacked weight (meant for M = 1). Same definition, same bound. On AVX2 a 64-byte
-// vector is read as two halves (blocks 16p + 0..7 and 16p + 8..15): one layout for both;
-// the AVX2 one is chosen only where a row's padding to whole panels is at most a quarter
-// of it (or the chunked AVX2 kernel does not take the shape), since it works through the
+// vector is read as two halves (blocks 16p + 0..7 and 16p + 8..15): one layout for both.
+// Either is chosen only where a row's padding to whole panels is at most a quarter of it
+// (or, AVX2, the chunked kernel does not take the shape), since both work through the
 // padding as through data.
 bool linear4_q8_repacked_fits(int64_t N, int64_t K, int64_t blocksize);
 const char* linear4_q8_repacked_plan(int64_t N, int64_t K, int64_t blocksize);

@@ -49,15 +49,21 @@ enum class RepackedPath { None, Avx2, Avx512Vnni };
 RepackedPath repacked_path(int64_t N, int64_t K, int64_t blocksize) {
 #if defined(QK_X86)
   if (!linear4_q8_repack_shape_ok(K, blocksize)) return RepackedPath::None;
-  // The VNNI kernel quantizes x with the chunked VNNI kernel's prepare_row: that shape must fit too.
-  const Weight4Q8 w{nullptr, nullptr, nullptr, N, K, blocksize};
-  if (current_isa() == Isa::Avx512Vnni && linear4_q8_avx512vnni_fits(w)) return RepackedPath::Avx512Vnni;
-  // The AVX2 kernel quantizes x with the portable quantizer: any shape of the layout. It
-  // streams and multiplies the padding of a row's last panel too (16x the work at one block
-  // a row, 1.8x at 9 blocks), where the chunked kernel, ~1.5x its operations per weight,
-  // reads the row alone.
+  // Both repacked kernels stream and multiply the padding of a row's last panel too (16x the
+  // work at one block a row, 1.8x at 9 blocks), where the chunked kernels read the row
+  // alone: a repacked kernel runs where that padding is at most a quarter of the row, or
+  // (AVX2) where the chunked kernel does not take the shape. One row, AVX-512 VNNI, 2
+  // threads, repacked / chunked: 0.75x with no padding (4096x4096, blocks of 64), 1.06x at
+  // 24 -> 32 blocks, 1.39x at 8 -> 16, 60x at 1 -> 16 (blocks of 4096; docs/benchmarks.md).
   const int64_t nb = blocksize > 0 ? K / blocksize : 0, padded = ceil_div(nb, kPanelBlocks) * kPanelBlocks;
-  if (current_isa() != Isa::Scalar && (4 * padded <= 5 * nb || !linear4_q8_avx2_fits(w))) return RepackedPath::Avx2;
+  const bool little_padding = 4 * padded <= 5 * nb;
+  // The VNNI kernel quantizes x with the chunked VNNI kernel's prepare_row: that shape must
+  // fit too, and the chunked VNNI kernel then takes the padded shapes.
+  const Weight4Q8 w{nullptr, nullptr, nullptr, N, K, blocksize};
+  if (current_isa() == Isa::Avx512Vnni && linear4_q8_avx512vnni_fits(w))
+    return little_padding ? RepackedPath::Avx512Vnni : RepackedPath::None;
+  // The AVX2 kernel quantizes x with the portable quantizer: any shape of the layout.
+  if (current_isa() != Isa::Scalar && (little_padding || !linear4_q8_avx2_fits(w))) return RepackedPath::Avx2;
 #else
   (void)N, (void)K, (void)blocksize;
 #endif

@@ -50,6 +50,7 @@ SHAPES = [  # (M, N, K, blocksize)
     (1, 4, 4096, 4096), (4, 5, 96, 32), (1, 7, 4097, 64), (2, 3, 200, 128), (1, 300, 1024, 64),
     (2, 6, 192, 64), (3, 5, 320, 32),  # whole 64- but not 128-element chunks: the AVX2 kernel on every SIMD ISA
     (33, 20, 512, 64), (17, 9, 2304, 32), (70, 6, 256, 128),  # groups of 16 rows, K slices, 64-row tiles
+    (1, 6, 1664, 128),  # 13 blocks a row, 3 of padding in its last panel: the repacked kernels still take it
 ]
 
 
@@ -387,10 +388,10 @@ def test_int8_limits_are_refused_at_the_bindings():
                                                    64, 0, 0, y.data_ptr(), 4, 1)
 
 
-def test_avx2_repacked_kernel_skips_heavily_padded_rows():
-    """The AVX2 repacked kernel works through the padding of a row's last panel: it is
-    chosen where that padding is at most a quarter of the row or the chunked AVX2 kernel
-    does not take the shape."""
+def test_repacked_kernels_skip_heavily_padded_rows():
+    """The repacked kernels work through the padding of a row's last panel: they are chosen
+    where that padding is at most a quarter of the row, or (AVX2) where the chunked AVX2
+    kernel does not take the shape."""
     for isa in native_paths():
         if isa == "scalar":
             continue
@@ -401,7 +402,10 @@ def test_avx2_repacked_kernel_skips_heavily_padded_rows():
             assert _C.linear4_q8_repacked_plan(8, 832, 64) == "avx2-repacked"
             assert _C.linear4_q8_repacked_plan(8, 576, 64) == ""  # 9 blocks a row: 16 with padding
             assert _C.linear4_q8_repacked_plan(8, 96, 32) == "avx2-repacked"  # 3 blocks, but no chunked kernel
-            assert _C.linear4_q8_repacked_plan(8, 4096, 4096) == ("avx512-vnni-repacked" if vnni else "")
+            assert _C.linear4_q8_repacked_plan(8, 1664, 128) == ("avx512-vnni-repacked" if vnni else "avx2-repacked")
+            # one block a row (15 of padding), 8 blocks (8 of padding): the chunked kernels on every path
+            assert _C.linear4_q8_repacked_plan(8, 4096, 4096) == ""
+            assert _C.linear4_q8_repacked_plan(8, 4096, 512) == ""
 
 
 def test_repacked_bad_input():
