@@ -41,6 +41,42 @@ def test_timed_batches():
     assert bench.timed(lambda: log.append(2), 3) > 0 and log[1:] == [2] * 6
 
 
+def test_timed_takes_the_spans_a_case_reports():
+    """A case that times a part of its call (bench.Span: the head + loss inside a training
+    step) is timed by that part; a call without a span falls back to the wall time."""
+    assert bench.timed(lambda: bench.Span(0.25), 1) == 0.25
+    assert bench.timed(lambda: bench.Span(0.25), 3) == 0.25
+    spans = iter([bench.Span(100.0), None] * 2)  # the untimed batch, then the timed one
+    assert bench.timed(lambda: next(spans), 2) < 1.0  # one call without a span: the wall time
+
+
+def test_the_loss_span_of_a_training_step():
+    """bench.train.step_fn(loss_span=True): the seconds from the final norm's output to the
+    loss and back to that output's gradient, a part of the step, on the fused loss and on
+    transformers' loss (our layers in both); the step itself trains as without the span."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qlora_kernels.bench import train as bench_train
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    for kind in ("ours-no-norm-mlp", "ours-unfused"):
+        pm = bench_train.build(kind, base, "llama")
+        step = bench_train.step_fn(pm, seq=32, vocab=300, loss_span=True)
+        before = [p.detach().clone() for p in pm.parameters() if p.requires_grad]
+        t0 = time.perf_counter()
+        span = step()
+        wall = time.perf_counter() - t0
+        assert isinstance(span, bench.Span) and 0 < span < wall, kind
+        after = [p.detach() for p in pm.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(after, before)), kind  # the step trained
+
+
 _WORKER = """
 import json, sys
 sys.path.insert(0, {benches!r})
@@ -71,7 +107,7 @@ def test_a_step_worker_reports_its_failure_and_release_ends_workers():
     from qlora_kernels.bench.train import StepWorker
 
     w = StepWorker("no-such-model", "ours")
-    with pytest.raises(RuntimeError, match="no-such-model ours 0: error ValueError: unknown model 'no-such-model'"):
+    with pytest.raises(RuntimeError, match="no-such-model ours 0 0: error ValueError: unknown model 'no-such-model'"):
         w()
     assert w.p is None  # closed after the failure
     closed = []

@@ -10,7 +10,7 @@ steps run each case in a process of its own (train.StepWorker), as a user's trai
 """
 from __future__ import annotations
 
-from .harness import Case, calls_per_round, group_rows, groups_of, interleave, machine_summary, release, timed
+from .harness import Case, Span, calls_per_round, group_rows, groups_of, interleave, machine_summary, release, timed
 from .quant import quant_cases
 
 
@@ -117,5 +117,5 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Case", "all_cases", "calls_per_round", "format_table", "group_rows", "groups_of", "interleave",
+__all__ = ["Case", "Span", "all_cases", "calls_per_round", "format_table", "group_rows", "groups_of", "interleave",
            "machine_summary", "plot", "quant_cases", "release", "run", "timed"]

@@ -14,6 +14,12 @@ from typing import Callable, Optional
 import torch
 
 
+class Span(float):
+    """What a case's fn returns when it times a part of the work it runs (the output head +
+    loss inside a whole training step): that part's seconds, which ``timed`` takes instead of
+    the call's wall time."""
+
+
 @dataclass
 class Case:
     group: str             # cases in one group share inputs and are compared with each other
@@ -60,13 +66,20 @@ def release(cases: list[Case]) -> None:
 
 def timed(fn: Callable[[], object], calls: int) -> float:
     """Seconds per call of ``calls`` back-to-back calls of fn; short calls (``calls`` > 1)
-    after an untimed batch of the same calls (why: ``interleave``)."""
+    after an untimed batch of the same calls (why: ``interleave``). Where every call returns
+    a ``Span``, the spans' seconds instead of the wall time."""
     for _ in range(calls if calls > 1 else 0):
         fn()
+    spans, every = 0.0, True
     t0 = time.perf_counter()
     for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls
+        r = fn()
+        if isinstance(r, Span):
+            spans += r
+        else:
+            every = False
+    wall = time.perf_counter() - t0
+    return (spans if every else wall) / calls
 
 
 def _spread(values: list[float]) -> tuple[float, float, float]:

@@ -9,12 +9,13 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from .harness import Case
+from .harness import Case, Span
 from .peers import bnb_quantize_model
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -64,15 +65,32 @@ def build(kind: str, base, arch: str, use_dora: bool = False):
     return pm
 
 
-def step_fn(pm, batch_size: int = 2, seq: int = 256, vocab: int = 32064) -> Callable[[], None]:
+def step_fn(pm, batch_size: int = 2, seq: int = 256, vocab: int = 32064,
+            loss_span: bool = False) -> Callable[[], Optional[Span]]:
+    """One AdamW step of ``pm``; with ``loss_span`` the step returns the seconds it spent on
+    the output head + loss: in the forward from the final norm's output to the loss, in the
+    backward from ``backward()`` to the gradient reaching that output (nothing else runs in
+    between: the head and the loss are the last of the forward and the first of the
+    backward)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, vocab, (batch_size, seq), generator=g)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+    marks: dict[str, float] = {}
+    if loss_span:
+        def after_norm(_module, _inputs, out):
+            marks["forward"] = time.perf_counter()
+            out.register_hook(lambda _grad: marks.__setitem__("backward_end", time.perf_counter()))
 
-    def step():
+        pm.get_base_model().model.norm.register_forward_hook(after_norm)
+
+    def step() -> Optional[Span]:
         opt.zero_grad(set_to_none=True)
-        pm(input_ids=ids, labels=ids).loss.backward()
+        loss = pm(input_ids=ids, labels=ids).loss
+        t1 = time.perf_counter()
+        loss.backward()
         opt.step()
+        # the forward's part (t1 - marks["forward"]) and the backward's, which starts at t1
+        return Span(marks["backward_end"] - marks["forward"]) if loss_span else None
 
     return step
 
@@ -176,16 +194,18 @@ class StepWorker:
     rounds, 1.69 s and 2.42 s (1.42x). A user's training runs one model in its process, so the
     process-per-case number is the one that holds (docs/benchmarks.md)."""
 
-    def __init__(self, which: str, kind: str, use_dora: bool = False):
-        self.args = [which, kind, "1" if use_dora else "0"]
+    def __init__(self, which: str, kind: str, use_dora: bool = False, loss_span: bool = False):
+        self.args = [which, kind, "1" if use_dora else "0", "1" if loss_span else "0"]
         self.p: subprocess.Popen | None = None
 
-    def __call__(self) -> None:
+    def __call__(self) -> Optional[Span]:
+        """One step; with ``loss_span`` its head + loss seconds as the harness's Span."""
         if self.p is None:
             self._start()
         self.p.stdin.write("step\n")
         self.p.stdin.flush()
-        self._expect("ok")
+        reply = self._expect("ok")
+        return Span(float(reply.split()[1])) if self.args[3] == "1" else None
 
     def _start(self) -> None:
         # this package where the parent found it, and nothing else of the parent's path (its
@@ -198,11 +218,12 @@ class StepWorker:
                                   text=True, env=env)
         self._expect("ready")
 
-    def _expect(self, word: str) -> None:
+    def _expect(self, word: str) -> str:
         reply = self.p.stdout.readline().strip()
-        if reply != word:
+        if reply.split(" ", 1)[0] != word:
             self.close()
             raise RuntimeError(f"training-step worker {' '.join(self.args)}: {reply or 'exited without a reply'}")
+        return reply
 
     def close(self) -> None:
         """Ends the worker process (the next call starts a new one)."""
@@ -215,7 +236,7 @@ class StepWorker:
                 p.kill()
 
 
-def _serve(which: str, kind: str, dora: str, threads: str) -> int:
+def _serve(which: str, kind: str, dora: str, loss_span: str, threads: str) -> int:
     """A StepWorker's process: replies on the original stdout only (libraries' prints go to stderr)."""
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -226,7 +247,7 @@ def _serve(which: str, kind: str, dora: str, threads: str) -> int:
         if which not in loaders:
             raise ValueError(f"unknown model {which!r} (phi3 or smollm2)")
         base, arch = loaders[which]()
-        step = step_fn(build(kind, base, arch, dora == "1"), vocab=base.config.vocab_size)
+        step = step_fn(build(kind, base, arch, dora == "1"), vocab=base.config.vocab_size, loss_span=loss_span == "1")
         del base
     except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the benchmark
         print(f"error {type(e).__name__}: {e}", file=replies, flush=True)
@@ -234,8 +255,8 @@ def _serve(which: str, kind: str, dora: str, threads: str) -> int:
     print("ready", file=replies, flush=True)
     for _ in sys.stdin:
         try:
-            step()
-            print("ok", file=replies, flush=True)
+            span = step()
+            print("ok" if span is None else f"ok {float(span)!r}", file=replies, flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"error {type(e).__name__}: {e}", file=replies, flush=True)
     return 0
@@ -263,6 +284,16 @@ def train_cases(which: str = "phi3") -> list[Case]:
             logging.getLogger(__name__).warning("peer %s unavailable: bitsandbytes or peft not installed", name)
             continue
         cases.append(Case(g, name, StepWorker(which, kind), ours, tokens, "tokens/s"))
+    # The same steps, timed on the output head + loss alone (bench.Span): our layers in both,
+    # the fused head + loss against transformers' head and loss. Its share of the whole step
+    # bounds what the loss can do for the step's ratio (the group above).
+    gl = f"head + loss inside the train step {which} LoRA r=16 2x256"
+    cases.append(Case(gl, "qlora-kernels fused head + loss (in the step)", StepWorker(which, "ours-no-norm-mlp",
+                                                                                       loss_span=True),
+                      True, tokens, "tokens/s"))
+    cases.append(Case(gl, "transformers' head + loss (in the step, our layers)", StepWorker(which, "ours-unfused",
+                                                                                            loss_span=True),
+                      False, tokens, "tokens/s"))
     gd = f"train step {which} DoRA vs LoRA r=16 2x256"
     cases.append(Case(gd, "qlora-kernels QLoRA (NF4) LoRA", StepWorker(which, "ours"), True, tokens, "tokens/s"))
     cases.append(Case(gd, "qlora-kernels QLoRA (NF4) DoRA", StepWorker(which, "ours", True), False, tokens,
