@@ -65,14 +65,27 @@ def test_the_loss_span_of_a_training_step():
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
     base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    nap = 0.05
+
+    def sleep(*_args):
+        time.sleep(nap)
+
     for kind in ("ours-no-norm-mlp", "ours-unfused"):
         pm = bench_train.build(kind, base, "llama")
         step = bench_train.step_fn(pm, seq=32, vocab=300, loss_span=True)
+        model = pm.get_base_model()
+        # outside the span: a layer's forward and the last layer's backward (after the norm's)
+        model.model.layers[0].register_forward_pre_hook(sleep)
+        model.model.layers[-1].register_full_backward_pre_hook(sleep)
+        if kind == "ours-unfused":
+            model.lm_head.register_forward_pre_hook(sleep)  # inside: transformers' head (the fused loss has none)
         before = [p.detach().clone() for p in pm.parameters() if p.requires_grad]
         t0 = time.perf_counter()
         span = step()
         wall = time.perf_counter() - t0
-        assert isinstance(span, bench.Span) and 0 < span < wall, kind
+        assert isinstance(span, bench.Span) and 0 < span and wall - span >= 2 * nap, kind
+        if kind == "ours-unfused":
+            assert span >= nap
         after = [p.detach() for p in pm.parameters() if p.requires_grad]
         assert any(not torch.equal(a, b) for a, b in zip(after, before)), kind  # the step trained
 
