@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora_kernels import _C
 from qlora_kernels import functional as F
 
 from .conftest import kernel_paths, on_path
@@ -79,14 +80,16 @@ def case_linear_4bit(where, M):
 def case_double_quant_and_prepared(where, M):
     """Nested absmax decoded (dequantize_8bit), and a prepared weight's direct calls: the
     one-row int8 forward on its repacked copy among them."""
-    packed, state = F.quantize_4bit(_randn(40, 256, seed=7), "nf4", 64, double_quant=True)
+    # 13 blocks of 128 a row: a short last panel that the repacked kernels still take
+    packed, state = F.quantize_4bit(_randn(40, 1664, seed=7), "nf4", 128, double_quant=True)
     state.absmax = guarded(state.absmax, where)
     state.state2.absmax = guarded(state.state2.absmax, where)
     w = F.prepare_4bit(guarded(packed, where), state)
-    x = guarded(_randn(M, 256), where)
+    x = guarded(_randn(M, 1664), where)
     for compute in ("fp32", "int8"):
         F.linear_4bit(x, w, compute=compute)
         F.linear_4bit(x[:1], w, compute=compute)
+    assert w.has_int8_copy() == _C.linear4_q8_repacked_fits(40, 1664, 128)
     F.dequantize_4bit(guarded(packed, where), state)
 
 

@@ -240,13 +240,26 @@ def repacked_by_torch(packed, N, K, bs):
     return rows.view(N, P, 16, bs // 8, 4).permute(0, 1, 3, 2, 4).reshape(-1)
 
 
-REPACK_SHAPES = [  # (N, K, blocksize): whole panels, a short last panel, one block a row, awkward N
-    (1, 128, 64), (7, 384, 64), (33, 1152, 32), (5, 4096, 128), (3, 2048, 256), (300, 1024, 64), (9, 4096, 4096),
-    (2, 2048, 64), (4, 96, 32),  # K not whole 128-element chunks: no VNNI kernel (the AVX2 one on VNNI CPUs)
+REPACK_SHAPES = [  # (N, K, blocksize): whole panels, short last panels (padding <= a quarter), awkward N
+    (1, 1024, 64), (7, 1664, 128), (33, 1664, 32), (5, 4096, 128), (3, 3328, 256), (300, 1024, 64), (2, 2048, 64),
+    (4, 96, 32),  # K not whole 128-element chunks: no VNNI kernel (the AVX2 one on VNNI CPUs)
+    (9, 4096, 4096),  # one block a row (15 of padding): no repacked kernel on any path, the chunked ones run it
 ]
+HEAVILY_PADDED = {(9, 4096, 4096)}
 
 
-@pytest.mark.parametrize("N,K,blocksize", REPACK_SHAPES + [(3, 1536, 512)])
+def test_repack_shapes_reach_the_repacked_kernels():
+    """Every SIMD path has a repacked kernel for the shapes above that are meant to run one
+    (so the tests below cannot silently fall to the refusal branch)."""
+    for isa in native_paths():
+        with on_path("cpu", isa):
+            for shape in REPACK_SHAPES:
+                assert _C.linear4_q8_repacked_fits(*shape) == (isa != "scalar" and shape not in HEAVILY_PADDED), \
+                    (isa, shape)
+
+
+@pytest.mark.parametrize("N,K,blocksize", REPACK_SHAPES + [(3, 1536, 512), (1, 128, 64), (7, 384, 64),
+                                                           (33, 1152, 32), (3, 2048, 256)])
 def test_repacked_layout(N, K, blocksize):
     _, packed, _ = make(1, N, K, blocksize)
     nbytes = _C.linear4_q8_repacked_bytes(N, K, blocksize)
@@ -378,12 +391,15 @@ def test_int8_limits_are_refused_at_the_bindings():
     with pytest.raises(ValueError, match="at most 65536"):
         _C.linear4_q8_repacked_bytes(1, big, big)
     assert not _C.linear4_q8_repacked_fits(1, big, big)
+    _, packed, state = make(1, 4, 1024, 64)  # one whole panel a row: every SIMD path has a repacked kernel
+    x = torch.randn(1, 1024)
     for isa in native_paths():
         with on_path("cpu", isa):
-            if _C.linear4_q8_repacked_fits(4, 256, 64):
-                out = torch.empty(_C.linear4_q8_repacked_bytes(4, 256, 64), dtype=torch.uint8)
+            assert _C.linear4_q8_repacked_fits(4, 1024, 64) == (isa != "scalar"), isa
+            if isa != "scalar":
+                out = torch.empty(_C.linear4_q8_repacked_bytes(4, 1024, 64), dtype=torch.uint8)
                 with pytest.raises(ValueError, match=r"code8 must hold values in \[-127, 127\]"):
-                    _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel(),
+                    _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 1024, 1024, out.data_ptr(), out.numel(),
                                                    state.absmax.data_ptr(), state.absmax.numel(), bad.data_ptr(), 4,
                                                    64, 0, 0, y.data_ptr(), 4, 1)
 
@@ -409,28 +425,33 @@ def test_repacked_kernels_skip_heavily_padded_rows():
 
 
 def test_repacked_bad_input():
-    _, packed, state = make(1, 4, 256, 64)
-    out = torch.empty(_C.linear4_q8_repacked_bytes(4, 256, 64), dtype=torch.uint8)
+    K = 1024  # one whole panel a row: every SIMD path has a repacked kernel
+    _, packed, state = make(1, 4, K, 64)
+    out = torch.empty(_C.linear4_q8_repacked_bytes(4, K, 64), dtype=torch.uint8)
     with pytest.raises(ValueError, match="multiple of blocksize"):
-        _C.linear4_q8_repacked_bytes(4, 250, 64)
+        _C.linear4_q8_repacked_bytes(4, 1000, 64)
     with pytest.raises(ValueError, match="multiple of 16"):
-        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, 256, 8, out.data_ptr(), out.numel(), 1)
+        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, K, 8, out.data_ptr(), out.numel(), 1)
     with pytest.raises(ValueError, match="out has"):
-        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, 256, 64, out.data_ptr(), out.numel() - 1, 1)
+        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, K, 64, out.data_ptr(), out.numel() - 1, 1)
     with pytest.raises(ValueError, match="packed has"):
-        _C.linear4_q8_repack(packed.data_ptr(), packed.numel() - 2, 4, 256, 64, out.data_ptr(), out.numel(), 1)
+        _C.linear4_q8_repack(packed.data_ptr(), packed.numel() - 2, 4, K, 64, out.data_ptr(), out.numel(), 1)
     with pytest.raises(ValueError, match="overlap"):
-        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, 256, 64, packed.data_ptr(), out.numel(), 1)
-    if _C.linear4_q8_repacked_fits(4, 256, 64):
-        x, y, code8 = torch.randn(1, 256), torch.empty(1, 4), formats.int8_codebook("nf4")
-        with pytest.raises(ValueError, match="repacked has"):
-            _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel() + 64,
-                                           state.absmax.data_ptr(), state.absmax.numel(), code8.data_ptr(), 4, 64, 0, 0,
-                                           y.data_ptr(), 4, 1)
-        with pytest.raises(ValueError, match="absmax has"):
-            _C.linear4_q8_forward_repacked(x.data_ptr(), 1, 256, 256, out.data_ptr(), out.numel(),
-                                           state.absmax.data_ptr(), 3, code8.data_ptr(), 4, 64, 0, 0, y.data_ptr(), 4,
-                                           1)
+        _C.linear4_q8_repack(packed.data_ptr(), packed.numel(), 4, K, 64, packed.data_ptr(), out.numel(), 1)
+    x, y, code8 = torch.randn(1, K), torch.empty(1, 4), formats.int8_codebook("nf4")
+    for isa in native_paths():
+        with on_path("cpu", isa):
+            assert _C.linear4_q8_repacked_fits(4, K, 64) == (isa != "scalar"), isa
+            if isa == "scalar":
+                continue
+            with pytest.raises(ValueError, match="repacked has"):
+                _C.linear4_q8_forward_repacked(x.data_ptr(), 1, K, K, out.data_ptr(), out.numel() + 64,
+                                               state.absmax.data_ptr(), state.absmax.numel(), code8.data_ptr(), 4, 64,
+                                               0, 0, y.data_ptr(), 4, 1)
+            with pytest.raises(ValueError, match="absmax has"):
+                _C.linear4_q8_forward_repacked(x.data_ptr(), 1, K, K, out.data_ptr(), out.numel(),
+                                               state.absmax.data_ptr(), 3, code8.data_ptr(), 4, 64, 0, 0,
+                                               y.data_ptr(), 4, 1)
 
 
 def test_int8_repack_switch_frees_and_remakes_the_copy():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import qlora_kernels as qk
-from qlora_kernels import functional
+from qlora_kernels import _C, functional
 from qlora_kernels.backends import reference
 from qlora_kernels.nn import Linear4bit
 
@@ -89,11 +89,11 @@ def test_in_place_edits_reach_the_next_call(backend):
 
 
 def test_replaced_state_storage_and_int8_copy_are_noticed():
-    x = torch.randn(1, 128)
-    W1, W2 = torch.randn(8, 128), torch.randn(8, 128)
+    x = torch.randn(1, 1024)  # 16 blocks a row: one whole panel, so every SIMD path makes the int8 copy
+    W1, W2 = torch.randn(8, 1024), torch.randn(8, 1024)
     p1, s1 = qk.quantize_4bit(W1)
     p2, s2 = qk.quantize_4bit(W2)
-    layer = Linear4bit(128, 8, bias=False)
+    layer = Linear4bit(1024, 8, bias=False)
     layer.weight, layer.quant_state = torch.nn.Parameter(p1.clone(), requires_grad=False), s1
     with torch.no_grad():
         _close(layer(x), _ref(x, p1, s1))
@@ -105,6 +105,7 @@ def test_replaced_state_storage_and_int8_copy_are_noticed():
         assert layer.prepared() is not first
         w = functional.prepare_4bit(p1, s1)
         y8 = qk.linear_4bit(x, w, compute="int8")
+        assert w.has_int8_copy() == _C.linear4_q8_repacked_fits(8, 1024, 64)
         p1.copy_(p2)
         s1.absmax.copy_(s2.absmax)
         y8_after = qk.linear_4bit(x, w, compute="int8")
@@ -154,10 +155,12 @@ def test_prepared_layers_copy_and_pickle():
         assert torch.equal(twin(x), y) and torch.equal(loaded(x), y)
         assert twin.prepared().current(twin.weight, twin.quant_state)
         # a prepared weight of the functional API, after direct calls (fp32 and one-row int8)
-        packed, state = qk.quantize_4bit(torch.randn(8, 64))
+        packed, state = qk.quantize_4bit(torch.randn(8, 1024))  # one whole panel: the int8 copy is made
         w = functional.prepare_4bit(packed, state)
+        x = torch.randn(2, 1024)
         want = qk.linear_4bit(x, w)
         qk.linear_4bit(x[:1], w, compute="int8")
+        assert w.has_int8_copy() == _C.linear4_q8_repacked_fits(8, 1024, 64)
         buf = io.BytesIO()
         torch.save(w, buf)
         buf.seek(0)
