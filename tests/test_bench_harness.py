@@ -50,44 +50,81 @@ def test_timed_takes_the_spans_a_case_reports():
     assert bench.timed(lambda: next(spans), 2) < 1.0  # one call without a span: the wall time
 
 
-def test_the_loss_span_of_a_training_step():
+def test_the_loss_span_of_a_training_step(monkeypatch):
     """bench.train.step_fn(loss_span=True): the seconds from the final norm's output to the
     loss and back to that output's gradient, a part of the step, on the fused loss and on
-    transformers' loss (our layers in both); the step itself trains as without the span."""
+    transformers' loss (our layers in both); the step itself trains as without the span.
+    Sleeps placed in the head's forward and backward must land inside the span, sleeps in a
+    layer's forward and the last layer's backward outside it."""
     import time
 
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from qlora_kernels.bench import train as bench_train
+    from qlora_kernels.integrations import hf_loss
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
-    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     nap = 0.05
 
     def sleep(*_args):
         time.sleep(nap)
 
+    fused_loss = hf_loss.linear_cross_entropy
+
+    def slow_backward_loss(*args, **kwargs):
+        loss = fused_loss(*args, **kwargs)
+        loss.register_hook(lambda _grad: sleep())  # the first thing the backward runs
+        return loss
+
+    monkeypatch.setattr(hf_loss, "linear_cross_entropy", slow_backward_loss)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     for kind in ("ours-no-norm-mlp", "ours-unfused"):
         pm = bench_train.build(kind, base, "llama")
+        assert hf_loss.is_fused(pm) == (kind == "ours-no-norm-mlp")
         step = bench_train.step_fn(pm, seq=32, vocab=300, loss_span=True)
         model = pm.get_base_model()
-        # outside the span: a layer's forward and the last layer's backward (after the norm's)
-        model.model.layers[0].register_forward_pre_hook(sleep)
-        model.model.layers[-1].register_full_backward_pre_hook(sleep)
+        model.model.layers[0].register_forward_pre_hook(sleep)  # outside
+        model.model.layers[-1].register_full_backward_pre_hook(sleep)  # outside: after the norm's backward
+        model.lm_head.register_forward_pre_hook(sleep)  # inside (the fused model calls its head as an identity)
         if kind == "ours-unfused":
-            model.lm_head.register_forward_pre_hook(sleep)  # inside: transformers' head (the fused loss has none)
+            model.lm_head.register_full_backward_pre_hook(sleep)  # inside
         before = [p.detach().clone() for p in pm.parameters() if p.requires_grad]
         t0 = time.perf_counter()
         span = step()
         wall = time.perf_counter() - t0
-        assert isinstance(span, bench.Span) and 0 < span and wall - span >= 2 * nap, kind
-        if kind == "ours-unfused":
-            assert span >= nap
+        assert isinstance(span, bench.Span), kind
+        assert span >= 2 * nap and wall - span >= 2 * nap, (kind, span, wall)
         after = [p.detach() for p in pm.parameters() if p.requires_grad]
         assert any(not torch.equal(a, b) for a, b in zip(after, before)), kind  # the step trained
+
+
+def test_a_loss_span_worker_reply_is_read_as_a_span():
+    """StepWorker(loss_span=True) reads the worker's "ok <seconds>" as a bench.Span, and a
+    reply without the seconds as the worker's failure."""
+    import io
+
+    from qlora_kernels.bench.train import StepWorker
+
+    class FakeProcess:
+        def __init__(self, replies):
+            self.stdin, self.stdout = io.StringIO(), io.StringIO(replies)
+
+        def wait(self, timeout=None):
+            return 0
+
+    w = StepWorker("smollm2", "ours-unfused", loss_span=True)
+    w.p = FakeProcess("ok 0.25\nok\n")
+    span = w()
+    assert isinstance(span, bench.Span) and span == 0.25 and w.p.stdin.getvalue() == "step\n"
+    with pytest.raises(RuntimeError, match="no head \\+ loss seconds"):
+        w()
+    assert w.p is None
+    plain = StepWorker("smollm2", "ours")
+    plain.p = FakeProcess("ok\n")
+    assert plain() is None
 
 
 _WORKER = """

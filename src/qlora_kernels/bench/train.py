@@ -78,18 +78,18 @@ def step_fn(pm, batch_size: int = 2, seq: int = 256, vocab: int = 32064,
     marks: dict[str, float] = {}
     if loss_span:
         def after_norm(_module, _inputs, out):
-            marks["forward"] = time.perf_counter()
-            out.register_hook(lambda _grad: marks.__setitem__("backward_end", time.perf_counter()))
+            if out.requires_grad:  # a forward without autograd (evaluation) has no backward to time
+                marks["forward"] = time.perf_counter()
+                out.register_hook(lambda _grad: marks.__setitem__("backward_end", time.perf_counter()))
 
         pm.get_base_model().model.norm.register_forward_hook(after_norm)
 
     def step() -> Optional[Span]:
+        marks.clear()
         opt.zero_grad(set_to_none=True)
-        loss = pm(input_ids=ids, labels=ids).loss
-        t1 = time.perf_counter()
-        loss.backward()
+        # the backward starts where the forward's part ends: one interval holds both parts
+        pm(input_ids=ids, labels=ids).loss.backward()
         opt.step()
-        # the forward's part (t1 - marks["forward"]) and the backward's, which starts at t1
         return Span(marks["backward_end"] - marks["forward"]) if loss_span else None
 
     return step
@@ -204,8 +204,13 @@ class StepWorker:
             self._start()
         self.p.stdin.write("step\n")
         self.p.stdin.flush()
-        reply = self._expect("ok")
-        return Span(float(reply.split()[1])) if self.args[3] == "1" else None
+        reply = self._expect("ok").split()
+        if self.args[3] != "1":
+            return None
+        if len(reply) != 2:
+            self.close()
+            raise RuntimeError(f"training-step worker {' '.join(self.args)}: no head + loss seconds in {reply}")
+        return Span(float(reply[1]))
 
     def _start(self) -> None:
         # this package where the parent found it, and nothing else of the parent's path (its
@@ -288,12 +293,10 @@ def train_cases(which: str = "phi3") -> list[Case]:
     # the fused head + loss against transformers' head and loss. Its share of the whole step
     # bounds what the loss can do for the step's ratio (the group above).
     gl = f"head + loss inside the train step {which} LoRA r=16 2x256"
-    cases.append(Case(gl, "qlora-kernels fused head + loss (in the step)", StepWorker(which, "ours-no-norm-mlp",
-                                                                                       loss_span=True),
-                      True, tokens, "tokens/s"))
-    cases.append(Case(gl, "transformers' head + loss (in the step, our layers)", StepWorker(which, "ours-unfused",
-                                                                                            loss_span=True),
-                      False, tokens, "tokens/s"))
+    cases.append(Case(gl, "qlora-kernels fused head + loss (in the step)",
+                      StepWorker(which, "ours-no-norm-mlp", loss_span=True), True))
+    cases.append(Case(gl, "transformers' head + loss (in the step, our layers)",
+                      StepWorker(which, "ours-unfused", loss_span=True), False))
     gd = f"train step {which} DoRA vs LoRA r=16 2x256"
     cases.append(Case(gd, "qlora-kernels QLoRA (NF4) LoRA", StepWorker(which, "ours"), True, tokens, "tokens/s"))
     cases.append(Case(gd, "qlora-kernels QLoRA (NF4) DoRA", StepWorker(which, "ours", True), False, tokens,
