@@ -85,8 +85,6 @@ void rows_dot_avx2_any(int rows, const Weight4Q8& w, int64_t n, const XRows8& xs
   for (; rows > 0; --rows, ++m0, ++out) rows_dot_avx2<NB, 1>(w, n, xs, m0, tab, out);
 }
 
-constexpr int64_t kPanelBlocks = kQ8PanelBlocks;
-
 // One row of the repacked weight (linear4_q8.h) against x in the same byte order. Each
 // 64-byte vector of a panel is two ymm halves whose int32 lanes stay in blocks 16p + 0..7
 // and 16p + 8..15, so the panel's 16 block scales meet two converted vectors once, not one
@@ -109,7 +107,7 @@ float row_dot_repacked(const uint8_t* row, const float* absmax, int64_t nb, int6
     return _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones));
   };
   __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
-  const uint64_t panels = static_cast<uint64_t>(ceil_div(nb, kPanelBlocks)), step = static_cast<uint64_t>(V) * 64;
+  const uint64_t panels = static_cast<uint64_t>(ceil_div(nb, kQ8PanelBlocks)), step = static_cast<uint64_t>(V) * 64;
   for (uint64_t p = 0; p < panels; ++p) {
     __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
     const uint64_t base = p * step;
@@ -119,11 +117,11 @@ float row_dot_repacked(const uint8_t* row, const float* absmax, int64_t nb, int6
     }
     // The last panel of a row may hold fewer than 16 blocks: masked loads keep absmax reads
     // inside the row (the padded lanes have xq = 0 and sx = 0).
-    const int64_t left = nb - static_cast<int64_t>(p) * kPanelBlocks;
-    const float* am = absmax + p * kPanelBlocks;
-    const float* sp = sx + p * kPanelBlocks;
+    const int64_t left = nb - static_cast<int64_t>(p) * kQ8PanelBlocks;
+    const float* am = absmax + p * kQ8PanelBlocks;
+    const float* sp = sx + p * kQ8PanelBlocks;
     __m256 s0, s1;
-    if (left >= kPanelBlocks) {
+    if (left >= kQ8PanelBlocks) {
       s0 = _mm256_loadu_ps(am);
       s1 = _mm256_loadu_ps(am + 8);
     } else {
@@ -143,12 +141,12 @@ float row_dot_repacked(const uint8_t* row, const float* absmax, int64_t nb, int6
 void linear4_q8_forward_repacked_avx2(const float* x, int64_t M, int64_t ldx, const uint8_t* repacked,
                                       const Weight4Q8& w, const float* bias, float* y, int64_t ldy, int nthreads) {
   const int64_t N = w.N, K = w.K, bs = w.blocksize, nb = K / bs, V = bs / 8;
-  const int64_t panels = ceil_div(nb, kPanelBlocks), row_bytes = panels * kPanelBlocks * (bs / 2);
+  const int64_t panels = ceil_div(nb, kQ8PanelBlocks), row_bytes = panels * kQ8PanelBlocks * (bs / 2);
   const __m256i tab = code_table(w);
   ScratchMeter meter;
   // xq (K bytes), its nibble-order halves (K / 2 each), their repacked copies and those
   // copies' magnitudes (row_bytes each), then the scales: nb per group, 16 per panel.
-  ScratchBuf buf(meter, (2 * K + 4 * row_bytes) / 4 + 1 + nb + panels * kPanelBlocks);
+  ScratchBuf buf(meter, (2 * K + 4 * row_bytes) / 4 + 1 + nb + panels * kQ8PanelBlocks);
   int8_t* xq = reinterpret_cast<int8_t*>(buf.data());
   int8_t* nlo = xq + K;
   int8_t* nhi = nlo + K / 2;
@@ -170,7 +168,7 @@ void linear4_q8_forward_repacked_avx2(const float* x, int64_t M, int64_t ldx, co
       alo[i] = static_cast<uint8_t>(rlo[i] < 0 ? -rlo[i] : rlo[i]);
       ahi[i] = static_cast<uint8_t>(rhi[i] < 0 ? -rhi[i] : rhi[i]);
     }
-    for (int64_t b = 0; b < panels * kPanelBlocks; ++b) rsx[b] = b < nb ? sxg[b] : 0.f;
+    for (int64_t b = 0; b < panels * kQ8PanelBlocks; ++b) rsx[b] = b < nb ? sxg[b] : 0.f;
     float* ym = y + m * ldy;
 #pragma omp parallel for num_threads(T) schedule(static)
     for (int64_t n = 0; n < N; ++n) {

@@ -238,8 +238,6 @@ void forward_many_rows(const float* x, int64_t M, int64_t ldx, const Weight4Q8& 
   }
 }
 
-constexpr int64_t kPanelBlocks = kQ8PanelBlocks;
-
 // One row of the repacked weight (linear4_q8.h) against x in the same byte order: a panel
 // is bs / 8 vectors whose int32 lanes each stay in one block, so the panel's 16 block
 // scales (absmax * sx, one product per block) meet one converted vector. Four integer
@@ -247,9 +245,9 @@ constexpr int64_t kPanelBlocks = kQ8PanelBlocks;
 float row_dot_repacked(const uint8_t* row, const float* absmax, int64_t nb, int64_t V, const int8_t* xlo,
                        const int8_t* xhi, const int32_t* corr, const float* sx, __m512i tab) {
   __m512 f = _mm512_setzero_ps();
-  const uint64_t panels = static_cast<uint64_t>(ceil_div(nb, kPanelBlocks)), step = static_cast<uint64_t>(V) * 64;
+  const uint64_t panels = static_cast<uint64_t>(ceil_div(nb, kQ8PanelBlocks)), step = static_cast<uint64_t>(V) * 64;
   for (uint64_t p = 0; p < panels; ++p) {
-    __m512i a0 = _mm512_loadu_si512(corr + p * kPanelBlocks), a1 = _mm512_setzero_si512();
+    __m512i a0 = _mm512_loadu_si512(corr + p * kQ8PanelBlocks), a1 = _mm512_setzero_si512();
     __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
     const uint8_t* r = row + p * step;
     const int8_t *l = xlo + p * step, *h = xhi + p * step;
@@ -267,10 +265,10 @@ float row_dot_repacked(const uint8_t* row, const float* absmax, int64_t nb, int6
     const __m512i a = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
     // The last panel of a row may hold fewer than 16 blocks: a masked load keeps absmax
     // reads inside the row (the padded lanes have xq = 0 and sx = 0).
-    const int64_t left = nb - static_cast<int64_t>(p) * kPanelBlocks;
-    const __mmask16 m = left >= kPanelBlocks ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-    const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, absmax + p * kPanelBlocks),
-                                   _mm512_loadu_ps(sx + p * kPanelBlocks));
+    const int64_t left = nb - static_cast<int64_t>(p) * kQ8PanelBlocks;
+    const __mmask16 m = left >= kQ8PanelBlocks ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, absmax + p * kQ8PanelBlocks),
+                                   _mm512_loadu_ps(sx + p * kQ8PanelBlocks));
     f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, f);
   }
   return _mm512_reduce_add_ps(f);
@@ -282,7 +280,7 @@ void linear4_q8_forward_repacked_avx512vnni(const float* x, int64_t M, int64_t l
                                             const Weight4Q8& w, const float* bias, float* y, int64_t ldy,
                                             int nthreads) {
   const int64_t N = w.N, K = w.K, bs = w.blocksize, nch = K / kChunk, nb = K / bs, V = bs / 8;
-  const int64_t panels = ceil_div(nb, kPanelBlocks), row_bytes = panels * kPanelBlocks * (bs / 2);
+  const int64_t panels = ceil_div(nb, kQ8PanelBlocks), row_bytes = panels * kQ8PanelBlocks * (bs / 2);
   alignas(64) uint8_t t8[64];
   for (int j = 0; j < 64; ++j) t8[j] = static_cast<uint8_t>(w.code8[j % 16] + 128);
   const __m512i tab = _mm512_load_si512(t8);
@@ -297,7 +295,7 @@ void linear4_q8_forward_repacked_avx512vnni(const float* x, int64_t M, int64_t l
   int8_t* rlo = reinterpret_cast<int8_t*>(nsxv + 16 * nch);
   int8_t* rhi = rlo + row_bytes;
   int32_t* rcorr = reinterpret_cast<int32_t*>(rhi + row_bytes);
-  float* rsx = reinterpret_cast<float*>(rcorr + panels * kPanelBlocks);
+  float* rsx = reinterpret_cast<float*>(rcorr + panels * kQ8PanelBlocks);
   // read only by the OpenMP pragma below (the ONNX Runtime library builds without OpenMP)
   [[maybe_unused]] const int T = threads_for(ceil_div(N, 16), nthreads);
   for (int64_t m = 0; m < M; ++m) {
@@ -306,7 +304,7 @@ void linear4_q8_forward_repacked_avx512vnni(const float* x, int64_t M, int64_t l
     // bytes each); per block, corr is the sum of its lanes and sx its group's scale.
     linear4_q8_repack(reinterpret_cast<const uint8_t*>(nlo), 1, K, bs, reinterpret_cast<uint8_t*>(rlo), 1);
     linear4_q8_repack(reinterpret_cast<const uint8_t*>(nhi), 1, K, bs, reinterpret_cast<uint8_t*>(rhi), 1);
-    for (int64_t b = 0; b < panels * kPanelBlocks; ++b) {
+    for (int64_t b = 0; b < panels * kQ8PanelBlocks; ++b) {
       int32_t c = 0;
       if (b < nb)
         for (int64_t l = b * (bs / 8); l < (b + 1) * (bs / 8); ++l) c += ncorr[l];

@@ -9,10 +9,6 @@
 
 namespace qk {
 
-namespace {
-constexpr int64_t kPanelBlocks = kQ8PanelBlocks;
-}
-
 bool linear4_q8_repack_shape_ok(int64_t K, int64_t blocksize) {
   // Blocks of whole rows; 16-byte blocks or larger keep a panel a whole number of vector
   // pairs (the kernel's unrolling).
@@ -20,21 +16,21 @@ bool linear4_q8_repack_shape_ok(int64_t K, int64_t blocksize) {
 }
 
 int64_t linear4_q8_repacked_bytes(int64_t N, int64_t K, int64_t blocksize) {
-  const int64_t panels = ceil_div(K / blocksize, kPanelBlocks);
-  return N * panels * kPanelBlocks * (blocksize / 2);
+  const int64_t panels = ceil_div(K / blocksize, kQ8PanelBlocks);
+  return N * panels * kQ8PanelBlocks * (blocksize / 2);
 }
 
 void linear4_q8_repack(const uint8_t* packed, int64_t N, int64_t K, int64_t blocksize, uint8_t* out, int nthreads) {
   const int64_t nb = K / blocksize, half = blocksize / 2, V = blocksize / 8;
-  const int64_t panels = ceil_div(nb, kPanelBlocks), row_out = panels * kPanelBlocks * half;
+  const int64_t panels = ceil_div(nb, kQ8PanelBlocks), row_out = panels * kQ8PanelBlocks * half;
 #pragma omp parallel for num_threads(threads_for(ceil_div(N, 64), nthreads)) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* row = packed + n * (K / 2);
     uint8_t* o = out + n * row_out;
     for (int64_t p = 0; p < panels; ++p)
       for (int64_t v = 0; v < V; ++v)
-        for (int64_t j = 0; j < kPanelBlocks; ++j, o += 4) {
-          const int64_t b = p * kPanelBlocks + j;
+        for (int64_t j = 0; j < kQ8PanelBlocks; ++j, o += 4) {
+          const int64_t b = p * kQ8PanelBlocks + j;
           if (b < nb)
             std::memcpy(o, row + b * half + 4 * v, 4);
           else
@@ -55,7 +51,7 @@ RepackedPath repacked_path(int64_t N, int64_t K, int64_t blocksize) {
   // (AVX2) where the chunked kernel does not take the shape. One row, AVX-512 VNNI, 2
   // threads, repacked / chunked: 0.75x with no padding (4096x4096, blocks of 64), 1.06x at
   // 24 -> 32 blocks, 1.39x at 8 -> 16, 60x at 1 -> 16 (blocks of 4096; docs/benchmarks.md).
-  const int64_t nb = blocksize > 0 ? K / blocksize : 0, padded = ceil_div(nb, kPanelBlocks) * kPanelBlocks;
+  const int64_t nb = blocksize > 0 ? K / blocksize : 0, padded = ceil_div(nb, kQ8PanelBlocks) * kQ8PanelBlocks;
   const bool little_padding = 4 * padded <= 5 * nb;
   // The VNNI kernel quantizes x with the chunked VNNI kernel's prepare_row: that shape must
   // fit too, and the chunked VNNI kernel then takes the padded shapes.

@@ -196,6 +196,7 @@ class StepWorker:
 
     def __init__(self, which: str, kind: str, use_dora: bool = False, loss_span: bool = False):
         self.args = [which, kind, "1" if use_dora else "0", "1" if loss_span else "0"]
+        self.loss_span = loss_span
         self.p: subprocess.Popen | None = None
 
     def __call__(self) -> Optional[Span]:
@@ -205,7 +206,7 @@ class StepWorker:
         self.p.stdin.write("step\n")
         self.p.stdin.flush()
         reply = self._expect("ok").split()
-        if self.args[3] != "1":
+        if not self.loss_span:
             return None
         if len(reply) != 2:
             self.close()
