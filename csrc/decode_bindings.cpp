@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,15 @@ void numel_is(const std::string& what, int64_t numel, int64_t expected) {
   QK_REQUIRE(numel == expected, what + " has " + s(numel) + " elements, expected " + s(expected));
 }
 
+// The product of sizes that an element count is checked against: one that wraps would let a
+// short buffer pass numel_is.
+int64_t product(const std::string& what, std::initializer_list<int64_t> sizes) {
+  int64_t p = 1;
+  for (int64_t v : sizes)
+    QK_REQUIRE(v >= 0 && !__builtin_mul_overflow(p, v, &p) && p <= (int64_t(1) << 60), what + " is too large");
+  return p;
+}
+
 // Slots of a layer's projections, in the order Python names them.
 enum Slot { kAttn0 = 0, kAttn1, kAttn2, kO, kMlp0, kMlp1, kDown, kSlots };
 const char* const kSlotName[kSlots] = {"attention input 0", "attention input 1", "attention input 2", "o_proj",
@@ -37,10 +47,14 @@ class DecodePlan {
       : layers_(static_cast<size_t>(layers)), set_(static_cast<size_t>(layers) * kSlots + 2 * layers, false) {
     QK_REQUIRE(layers >= 1 && hidden >= 1 && heads >= 1 && kv_heads >= 1 && head_size >= 2 && intermediate >= 1,
                "sizes must be >= 1 (head_size >= 2)");
+    for (int64_t v : {layers, hidden, heads, kv_heads, head_size, intermediate, positions})
+      QK_REQUIRE(v <= (int64_t(1) << 31), "sizes must be <= 2^31, got " + s(v));
+    product("the attention buffer", {heads + 2 * kv_heads, head_size});
+    product("the MLP buffer", {2, intermediate});
     QK_REQUIRE(head_size % 2 == 0, "head_size must be even (rotate_half), got " + s(head_size));
     QK_REQUIRE(heads % kv_heads == 0, "heads=" + s(heads) + " is not a multiple of kv_heads=" + s(kv_heads));
     QK_REQUIRE(positions >= 1, "the rotary table needs >= 1 position");
-    numel_is("the rotary table", table_numel, positions * (head_size / 2));
+    numel_is("the rotary table", table_numel, product("the rotary table", {positions, head_size / 2}));
     numel_is("the final norm's weight", final_norm_numel, hidden);
     QK_REQUIRE(cos && sin && final_norm, "null data pointer");
     m_ = qk::DecodeModel{layers, hidden, heads, kv_heads, head_size, intermediate, 0,
@@ -74,21 +88,21 @@ class DecodePlan {
     qk::DecodeProj p{};
     if (packed) {
       QK_REQUIRE(blocksize >= 1, what + ": blocksize must be >= 1");
-      numel_is(what + "'s packed bytes", packed_numel, qk::packed_bytes(N * K));
+      numel_is(what + "'s packed bytes", packed_numel, qk::packed_bytes(product(what, {N, K})));
       numel_is(what + "'s absmax", absmax_numel, qk::block_count(N * K, blocksize));
       numel_is(what + "'s code", code_numel, 16);
       QK_REQUIRE(absmax && code, "null data pointer");
       p.w4 = qk::Weight4{ptr<const uint8_t>(packed), ptr<const float>(absmax), ptr<const float>(code), N, K, blocksize};
     } else {
-      numel_is(what + "'s dense weight", dense_numel, N * K);
+      numel_is(what + "'s dense weight", dense_numel, product(what, {N, K}));
       p.dense = qk::DenseWeight{ptr<const float>(dense), N, K, K};
     }
     if (bias) numel_is(what + "'s bias", bias_numel, N);
     p.bias = ptr<const float>(bias);
     QK_REQUIRE(r >= 0 && r <= 256, what + ": LoRA rank must be in [0, 256], got " + s(r));
     if (r > 0) {
-      numel_is(what + "'s lora_A", a_numel, r * K);
-      numel_is(what + "'s lora_B", b_numel, N * r);
+      numel_is(what + "'s lora_A", a_numel, product(what, {r, K}));
+      numel_is(what + "'s lora_B", b_numel, product(what, {N, r}));
       QK_REQUIRE(a && b, "null data pointer");
       p.lora = qk::LoraTail{ptr<const float>(a), ptr<const float>(b), r, static_cast<float>(scaling)};
     }
@@ -117,8 +131,10 @@ class DecodePlan {
     qk::DecodeLayer& L = layer(l);
     QK_REQUIRE(capacity >= 1, "capacity must be >= 1");
     QK_REQUIRE(m_.capacity == 0 || m_.capacity == capacity, "every layer's cache has the same capacity");
-    numel_is("layer " + s(l) + "'s key cache", k_numel, m_.kv_heads * capacity * m_.head_size);
-    numel_is("layer " + s(l) + "'s value cache", v_numel, m_.kv_heads * capacity * m_.head_size);
+    const int64_t cache = product("the cache", {m_.kv_heads, capacity, m_.head_size});
+    product("the attention scores", {m_.heads, capacity});  // finish() sizes its scratch so
+    numel_is("layer " + s(l) + "'s key cache", k_numel, cache);
+    numel_is("layer " + s(l) + "'s value cache", v_numel, cache);
     QK_REQUIRE(k && v, "null data pointer");
     m_.capacity = capacity;
     L.k_cache = ptr<float>(k);

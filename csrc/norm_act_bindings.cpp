@@ -1,7 +1,7 @@
 // Bindings of the fused RMSNorm / SwiGLU (norm_act.h). Python passes data pointers with
-// the element counts it allocated (and, for the SwiGLU inputs, a row stride: Phi-3's gate
-// and up are the two halves of one gate_up_proj output); every count is checked against
-// the shape before a kernel runs. Rows are split over threads in fixed contiguous runs.
+// the element counts it allocated (for the SwiGLU inputs, a row stride and the elements
+// their storage holds past the pointer: Phi-3's gate and up are the two halves of one
+// gate_up_proj output); every count is checked against the shape before a kernel runs. Rows are split over threads in fixed contiguous runs.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -44,8 +44,12 @@ void for_row_parts(int64_t M, int T, F&& body) {
   for (int t = 0; t < T; ++t) body(t, M * t / T, M * (t + 1) / T);
 }
 
+// Every M * K product below is of a checked shape: a wrapped product would let a short buffer
+// pass its element count check.
 void check_shape(int64_t M, int64_t K) {
-  QK_REQUIRE(M >= 0 && K >= 0 && M <= (int64_t(1) << 40) && K <= (int64_t(1) << 31),
+  int64_t n = 0;
+  QK_REQUIRE(M >= 0 && K >= 0 && M <= (int64_t(1) << 40) && K <= (int64_t(1) << 31) &&
+                 !__builtin_mul_overflow(M, K, &n) && n <= (int64_t(1) << 60),
              "shape [" + std::to_string(M) + ", " + std::to_string(K) + "] is out of range");
 }
 
@@ -100,16 +104,24 @@ void rms_norm_backward(uintptr_t dy, int64_t dy_numel, uintptr_t x, int64_t x_nu
     for (int64_t k = 0; k < K; ++k) out[k] += partial[static_cast<size_t>(t) * static_cast<size_t>(K) + k];
 }
 
-void check_strided(const char* name, int64_t M, int64_t N, int64_t ld) {
+// A [M, N] operand with row stride ld, `span` elements reachable from its pointer (what its
+// storage holds past it): the last row must end inside.
+void check_strided(const char* name, int64_t M, int64_t N, int64_t ld, int64_t span) {
   QK_REQUIRE(M <= 1 || ld >= N, std::string(name) + ": row stride " + std::to_string(ld) + " is below the row length " +
                                      std::to_string(N) + " (rows would overlap)");
+  int64_t end = 0;
+  QK_REQUIRE(M == 0 || N == 0 ||
+                 (ld <= (int64_t(1) << 40) && !__builtin_mul_overflow(M - 1, ld, &end) &&
+                  !__builtin_add_overflow(end, N, &end) && end <= span),
+             std::string(name) + ": " + std::to_string(M) + " rows of " + std::to_string(N) + " at stride " +
+                 std::to_string(ld) + " reach past the " + std::to_string(span) + " elements it holds");
 }
 
-void swiglu_forward(uintptr_t g, int64_t ld_g, uintptr_t u, int64_t ld_u, int64_t M, int64_t N, uintptr_t h,
-                    int64_t h_numel, int nthreads) {
+void swiglu_forward(uintptr_t g, int64_t g_span, int64_t ld_g, uintptr_t u, int64_t u_span, int64_t ld_u, int64_t M,
+                    int64_t N, uintptr_t h, int64_t h_numel, int nthreads) {
   check_shape(M, N);
-  check_strided("gate", M, N, ld_g);
-  check_strided("up", M, N, ld_u);
+  check_strided("gate", M, N, ld_g, g_span);
+  check_strided("up", M, N, ld_u, u_span);
   check_numel("h", h_numel, M * N);
   if (M == 0 || N == 0) return;
   QK_REQUIRE(g && u && h, "null data pointer");
@@ -127,11 +139,12 @@ void swiglu_forward(uintptr_t g, int64_t ld_g, uintptr_t u, int64_t ld_u, int64_
   });
 }
 
-void swiglu_backward(uintptr_t dh, int64_t dh_numel, uintptr_t g, int64_t ld_g, uintptr_t u, int64_t ld_u, int64_t M,
-                     int64_t N, uintptr_t dg, int64_t dg_numel, uintptr_t du, int64_t du_numel, int nthreads) {
+void swiglu_backward(uintptr_t dh, int64_t dh_numel, uintptr_t g, int64_t g_span, int64_t ld_g, uintptr_t u,
+                     int64_t u_span, int64_t ld_u, int64_t M, int64_t N, uintptr_t dg, int64_t dg_numel, uintptr_t du,
+                     int64_t du_numel, int nthreads) {
   check_shape(M, N);
-  check_strided("gate", M, N, ld_g);
-  check_strided("up", M, N, ld_u);
+  check_strided("gate", M, N, ld_g, g_span);
+  check_strided("up", M, N, ld_u, u_span);
   for (auto [name, n] : {std::pair{"dh", dh_numel}, {"dgate", dg_numel}, {"dup", du_numel}}) check_numel(name, n, M * N);
   if (M == 0 || N == 0) return;
   QK_REQUIRE(dh && g && u && dg && du, "null data pointer");
@@ -188,7 +201,7 @@ void register_norm_act(py::module_& m) {
   m.def("rms_norm_backward", &rms_norm_backward, nogil,
         "RMSNorm backward: dx per row, and dweight (dw != 0) summed over rows per thread part in a fixed order.");
   m.def("swiglu_forward", &swiglu_forward, nogil,
-        "h = silu(gate) * up over M rows of N (gate/up rows ld_g/ld_u apart, h contiguous).");
+        "h = silu(gate) * up over M rows of N (gate/up rows ld_g/ld_u apart within g_span/u_span elements, h contiguous).");
   m.def("swiglu_backward", &swiglu_backward, nogil,
         "(dgate, dup) of h = silu(gate) * up, sigmoid recomputed from gate; dh, dgate, dup contiguous.");
   m.def("softmax_xent_rows", &softmax_xent_rows, nogil,

@@ -190,7 +190,20 @@ def test_binding_checks_sizes():
     with pytest.raises(ValueError, match="weight has 3 elements"):
         _C.rms_norm_forward(x.data_ptr(), 8, 2, 4, w.data_ptr(), 3, 1e-6, y.data_ptr(), 8, r.data_ptr(), 2, 1)
     with pytest.raises(ValueError, match="row stride"):
-        _C.swiglu_forward(x.data_ptr(), 3, x.data_ptr(), 4, 2, 4, y.data_ptr(), 8, 1)
+        _C.swiglu_forward(x.data_ptr(), 8, 3, x.data_ptr(), 8, 4, 2, 4, y.data_ptr(), 8, 1)
+    # rows that reach past what the operand holds (a strided view's storage)
+    with pytest.raises(ValueError, match="up: 2 rows of 4 at stride 6 reach past the 8 elements"):
+        _C.swiglu_forward(x.data_ptr(), 8, 4, x.data_ptr(), 8, 6, 2, 4, y.data_ptr(), 8, 1)
+    with pytest.raises(ValueError, match="gate: .* reach past"):
+        _C.swiglu_backward(y.data_ptr(), 8, x.data_ptr(), 7, 4, x.data_ptr(), 8, 4, 2, 4, y.data_ptr(), 8,
+                           r.data_ptr(), 8, 1)
+    # shapes whose element count wraps around int64 (2^33 x 2^31 = 2^64 -> 0) are refused, not run
+    with pytest.raises(ValueError, match="out of range"):
+        _C.swiglu_forward(x.data_ptr(), 2**31 + 1, 2**31, x.data_ptr(), 2**31 + 1, 2**31, 2**33, 2**31,
+                          y.data_ptr(), 0, 1)
+    with pytest.raises(ValueError, match="out of range"):
+        _C.rms_norm_forward(x.data_ptr(), 0, 2**33, 2**31, w.data_ptr(), 2**31, 1e-6, y.data_ptr(), 0,
+                            r.data_ptr(), 2**33, 1)
 
 
 def test_opcheck():

@@ -100,6 +100,40 @@ def test_bad_input_names_the_argument():
         qk.lora_linear(x, Wd.t(), A, B, 1.0)
 
 
+@pytest.mark.parametrize("rows", [1, 9])
+def test_empty_weights(path, rows):
+    """A layer with no inputs ([N, 0]) gives its bias, one with no outputs ([0, K]) an empty
+    result, on every path (the cpu backend once refused both over a row stride of 0)."""
+    for N, K in ((8, 0), (0, 64)):
+        packed, state = qk.quantize_4bit(torch.randn(N, K))
+        x, b = torch.randn(rows, K), torch.randn(N)
+        A, B = torch.randn(2, K), torch.randn(N, 2)
+        for y in (qk.linear_4bit(x, packed, state, b), qk.lora_linear_4bit(x, packed, state, A, B, 1.0, bias=b)):
+            assert torch.equal(y, b.expand(rows, N))
+
+
+@pytest.mark.parametrize("rows", [5, 9])  # the one-call composite and the many-row native path
+def test_lora_backward_op_checks_u(path, rows):
+    """The backward op's u (the forward's x @ lora_A.T) is read by the native kernel as dense
+    fp32 rows: another shape or dtype is refused by name; an expanded or transposed view of the
+    right shape gives the values of a dense copy (it once read past the tensor)."""
+    packed, state, _, _, A, B, _, _ = _args4()
+    A, B = A.detach(), B.detach()
+    op = torch.ops.qlora_kernels.lora_linear_4bit_backward
+    x, dy = torch.randn(rows, 70), torch.randn(rows, 33)
+
+    def call(u):
+        return op(dy, x, packed, state.absmax, 64, "nf4", A, B, 2.0, None, u, True)
+
+    with pytest.raises(TypeError, match="u must be float32"):
+        call(torch.randn(rows, 4).bfloat16())
+    with pytest.raises(ValueError, match=rf"u has shape \(4, {rows}\).*must be \[{rows}, 4\]"):
+        call(torch.randn(4, rows))
+    for u in (torch.randn(1, 4).expand(rows, 4), torch.randn(4, rows).t()):
+        for got, want in zip(call(u), call(u.contiguous())):
+            assert torch.equal(got, want)
+
+
 def test_inference_calls_skip_the_dispatcher_and_agree():
     """Calls that need no autograd run the op's implementation directly (no dispatcher
     overhead); anything that needs the dispatcher (autograd, fake tensors) still gets it."""

@@ -235,6 +235,14 @@ def test_the_plan_checks_every_size():
         p.set_norms(3, fn.data_ptr(), 8, fn.data_ptr(), 8)
     with pytest.raises(ValueError, match="norms or cache not set"):
         p.finish(3, 2, 0.5)
+    # sizes whose products wrap around int64 are refused before any element count is compared
+    with pytest.raises(ValueError, match="the cache is too large"):
+        p.set_cache(0, W.data_ptr(), 0, W.data_ptr(), 0, 2**62)
+    with pytest.raises(ValueError, match="layer 0 attention input 0 is too large"):
+        p.set_proj(0, 0, 2**40, 2**40, 0, 0, 0, 0, 0, 0, 0, W.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0)
+    with pytest.raises(ValueError, match="sizes must be <= 2\\^31"):
+        _C.DecodePlan(**{**a, "heads": 2**40, "kv_heads": 1}, cos_ptr=cos.data_ptr(), sin_ptr=cos.data_ptr(),
+                      table_numel=20, positions=10, final_norm_ptr=fn.data_ptr(), final_norm_numel=8)
 
 
 def test_the_head_runs_the_streaming_kernel_at_one_row():

@@ -140,6 +140,14 @@ def test_linear_dense_gives_the_bits_of_our_dense_kernel(library, isa):
                 with qk.use_backend("cpu"):
                     want = run("linear_dense", x, W, None)
                 assert torch.equal(got, want), (isa, N, K, M, float((got - want).abs().max()))
+        # an empty sum (K = 0) writes zeros: the output buffer is not cleared for the op (it once
+        # returned the previous call's values, reused memory of the same size)
+        W = np.full((64, 8), 3, np.float32)
+        session(dense_node(64, 8, W), library).run(None, {"X": np.full((64, 8), 7, np.float32)})
+        empty = session(dense_node(64, 0, np.zeros((64, 0), np.float32)), library)
+        for _ in range(3):
+            got = empty.run(None, {"X": np.zeros((64, 0), np.float32)})[0]
+            assert got.shape == (64, 64) and not got.any()
         with pytest.raises(Exception, match=r"qlora_kernels\.LinearDense /lm_head/LinearDense: input A must be "
                                             r"\[\.\.\., K=9\], got \[1, 8\]"):
             session(dense_node(7, 9, np.zeros((7, 9), np.float32)), library).run(None, {"X": np.zeros((1, 8),

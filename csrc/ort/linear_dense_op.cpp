@@ -3,6 +3,7 @@
 // table: 4.3 ms of a 10 ms SmolLM2 decode step). Our dense kernel (dense.h, the fused
 // loss's and the native decode step's head) streams W once at one row; rows are split
 // over ONNX Runtime's threads at any row.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -44,8 +45,13 @@ struct LinearDenseKernel {
     if (a.shape.empty() || a.shape.back() != K)
       throw OpError{"input A must be [..., K=" + s(K) + "], got " + shape_str(a.shape)};
     float* y = output(api, ctx, a.shape, N);
-    const int64_t M = K > 0 ? a.numel / K : 0;
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < a.shape.size(); ++i) M *= a.shape[i];
     if (M == 0 || N == 0) return;
+    if (K == 0) {  // an empty sum: the kernel is not called, the output must still be written
+      std::fill(y, y + M * N, 0.0f);
+      return;
+    }
     Task task{data<float>(api, in[0]), data<float>(api, in[1]), M, K, N, y, Slices(N, 1)};
     run_slices(api, ctx, task.slices, run, &task);
   }

@@ -86,9 +86,10 @@ if hasattr(_C, "linear4_forward"):
             shape = x.shape
             K = shape[-1]
             y = empty(*shape[:-1], N, dtype=f32)  # sizes as arguments: no tuple to build and parse
-            entry(x.data_ptr(), y.numel() // N if N else math.prod(shape[:-1]), K, K, *weight_args,
-                  0 if bias is None else bias.data_ptr(), 0 if bias is None else bias.numel(), y.data_ptr(), N,
-                  nthreads())
+            # row strides of at least 1: an empty weight ([N, 0] or [0, K]) is a valid layer
+            entry(x.data_ptr(), y.numel() // N if N else math.prod(shape[:-1]), K, max(K, 1), *weight_args,
+                  0 if bias is None else bias.data_ptr(), 0 if bias is None else bias.numel(), y.data_ptr(),
+                  max(N, 1), nthreads())
             return y
 
         return f
@@ -179,7 +180,7 @@ if hasattr(_C, "linear4_forward"):
                          packed.numel(), absmax.data_ptr(), absmax.numel(), _tables(quant_type)[0].data_ptr(),
                          out_features, blocksize, bias.data_ptr() if bias is not None else 0,
                          bias.numel() if bias is not None else 0, A.data_ptr(), B.data_ptr(), A.shape[0], scaling,
-                         y.data_ptr(), out_features, 0 if u is None else u.data_ptr(), torch.get_num_threads())
+                         y.data_ptr(), max(out_features, 1), 0 if u is None else u.data_ptr(), torch.get_num_threads())
         return y, u
 
     @register_kernel("lora_linear_4bit_backward", "cpu")
@@ -196,6 +197,7 @@ if hasattr(_C, "linear4_forward"):
         dx = linear_4bit_grad_input(dy2, packed, absmax, blocksize, quant_type, K) if need_x else None
         xd = (x2 if noise2 is None else x2 * noise2).contiguous()
         A, B = lora_A.float().contiguous(), lora_B.float().contiguous()
+        u = u.contiguous()  # the op checked its shape and dtype; the kernel reads it as dense rows
         r = A.shape[0]
         dA = torch.empty((r, K), dtype=torch.float32)
         dB = torch.empty((N, r), dtype=torch.float32)
@@ -220,7 +222,7 @@ if hasattr(_C, "linear4_forward"):
         # tensor may carry any stride (an expanded gradient has 0), which .contiguous() keeps.
         _C.linear4_backward_input(dy2.data_ptr(), M, N, max(N, 1), packed.data_ptr(),
                                   packed.numel(), absmax.data_ptr(), absmax.numel(), code.data_ptr(), in_features,
-                                  blocksize, dx.data_ptr(), in_features, torch.get_num_threads())
+                                  blocksize, dx.data_ptr(), max(in_features, 1), torch.get_num_threads())
         return dx
 
 
@@ -261,11 +263,18 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, ep
 
 
 # ---- fused RMSNorm / SwiGLU (csrc/norm_act_*): one pass each way ----
-def _ld(t2: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A [rows, N] tensor with unit column stride and its row stride (rows must not overlap)."""
+def _span(t: torch.Tensor) -> int:
+    """Elements of t's storage from its first element on: what the C++ side checks a strided
+    operand's last row against."""
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+
+
+def _ld(t2: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """A [rows, N] tensor with unit column stride, its row stride (rows must not overlap) and
+    its span (_span)."""
     if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < t2.shape[1]):
         t2 = t2.contiguous()
-    return t2, t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+    return t2, t2.stride(0) if t2.shape[0] > 1 else t2.shape[1], _span(t2)
 
 
 @register_kernel("rms_norm", "cpu")
@@ -291,21 +300,22 @@ def rms_norm_backward(dy2, x2, weight, rstd, need_dweight):
 
 @register_kernel("swiglu", "cpu")
 def swiglu(gate2, up2):
-    (g, ldg), (u, ldu) = _ld(gate2), _ld(up2)
+    (g, ldg, gs), (u, ldu, us) = _ld(gate2), _ld(up2)
     M, N = g.shape
     h = torch.empty((M, N), dtype=torch.float32)
-    _C.swiglu_forward(g.data_ptr(), ldg, u.data_ptr(), ldu, M, N, h.data_ptr(), h.numel(), torch.get_num_threads())
+    _C.swiglu_forward(g.data_ptr(), gs, ldg, u.data_ptr(), us, ldu, M, N, h.data_ptr(), h.numel(),
+                      torch.get_num_threads())
     return h
 
 
 @register_kernel("swiglu_backward", "cpu")
 def swiglu_backward(dh2, gate2, up2):
-    (g, ldg), (u, ldu) = _ld(gate2), _ld(up2)
+    (g, ldg, gs), (u, ldu, us) = _ld(gate2), _ld(up2)
     M, N = g.shape
     dh = dh2.contiguous()
     dg = torch.empty((M, N), dtype=torch.float32)
     du = torch.empty((M, N), dtype=torch.float32)
-    _C.swiglu_backward(dh.data_ptr(), dh.numel(), g.data_ptr(), ldg, u.data_ptr(), ldu, M, N, dg.data_ptr(),
+    _C.swiglu_backward(dh.data_ptr(), dh.numel(), g.data_ptr(), gs, ldg, u.data_ptr(), us, ldu, M, N, dg.data_ptr(),
                        dg.numel(), du.data_ptr(), du.numel(), torch.get_num_threads())
     return dg, du
 
@@ -326,8 +336,7 @@ def softmax_xent(logits, labels):
 def _view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     """(pointer, elements reachable from it, batch / head / position strides) of a 4-D fp32
     tensor with a contiguous last dimension: what the C++ side checks every index against."""
-    span = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
-    return t.data_ptr(), span, t.stride(0), t.stride(1), t.stride(2)
+    return t.data_ptr(), _span(t), t.stride(0), t.stride(1), t.stride(2)
 
 
 def _key_lengths(key_lengths):

@@ -179,6 +179,16 @@ def lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, out_featur
         raise ValueError(f"dropout noise has shape {tuple(noise.shape)}, x has {tuple(x.shape)}")
 
 
+def lora_u(u: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor) -> None:
+    """The forward's x @ lora_A.T that the backward reuses: fp32 [rows of x, r]."""
+    tensor("u", u, (torch.float32,), dim=2)
+    same_device(x=x, u=u)
+    rows = math.prod(x.shape[:-1])
+    if tuple(u.shape) != (rows, lora_A.shape[0]):
+        raise ValueError(f"u has shape {tuple(u.shape)}; x has {rows} rows and lora_A rank {lora_A.shape[0]}, so it "
+                         f"must be [{rows}, {lora_A.shape[0]}] (the forward's second output)")
+
+
 def last_dim(x: torch.Tensor, w: torch.Tensor, n: int) -> None:
     """x's last dimension must be n, which weight's shape sets."""
     if x.dim() < 1 or x.shape[-1] != n:

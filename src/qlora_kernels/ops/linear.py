@@ -5,6 +5,7 @@ All arithmetic is fp32: bf16/fp16 activations are widened on entry and the resul
 rounded back to the activation dtype, so every backend agrees within fp32 tolerance."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -36,6 +37,15 @@ def fp32_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _2d(t: torch.Tensor) -> torch.Tensor:
+    """[rows, last dim]: reshape(-1, 0) cannot infer the rows of an empty layer's input."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _nrows(t: torch.Tensor) -> int:
+    return math.prod(t.shape[:-1])
+
+
 def _shaped(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
     """``t`` (a fresh contiguous 2-D result) in ``dtype`` and ``shape`` without returning a
     view: autograd forbids in-place updates of custom-op outputs that are views, and PEFT's
@@ -56,7 +66,7 @@ def linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
 
 def _linear_run(kernel: str, x, packed, absmax, blocksize, quant_type, out_features, bias) -> torch.Tensor:
     checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    x2 = _2d(x).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = run(kernel, x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
     return _shaped(y, x.dtype, (*x.shape[:-1], out_features))
@@ -114,7 +124,7 @@ def linear_4bit_grad_input_impl(dy: torch.Tensor, packed: torch.Tensor, absmax: 
     """dx = dy @ dequantize(W), W [dy.shape[-1], in_features]: the input gradient of
     linear_4bit (the frozen 4-bit weight itself gets none)."""
     checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
-    dy2 = dy.reshape(-1, dy.shape[-1]).float().contiguous()
+    dy2 = _2d(dy).float().contiguous()
     dx = run("linear_4bit_grad_input", dy2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
              in_features)
     return _shaped(dx, dy.dtype, (*dy.shape[:-1], in_features))
@@ -137,7 +147,7 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _sum_leading(dy: torch.Tensor) -> torch.Tensor:
-    return dy.reshape(-1, dy.shape[-1]).float().sum(0)
+    return _2d(dy).float().sum(0)
 
 
 @no_autocast
@@ -174,7 +184,7 @@ def lora_linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.T
     the already-scaled dropout mask (None: no dropout). u is kept for the backward."""
     checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
     checks.lora(x, lora_A, lora_B, out_features, bias, noise)
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    x2 = _2d(x).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     b = None if bias is None else bias.float().contiguous()
     y, u = run("lora_linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features,
@@ -191,7 +201,7 @@ lora_linear_4bit = torch.library.custom_op("qlora_kernels::lora_linear_4bit", mu
 def _(x, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias, noise):
     checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
     checks.lora(x, lora_A, lora_B, out_features, bias, noise)
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    m = _nrows(x)
     return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
 
 
@@ -213,9 +223,10 @@ def lora_linear_4bit_backward_impl(dy: torch.Tensor, x: torch.Tensor, packed: to
     N = dy.shape[-1]
     checks.weight(x, packed, absmax, blocksize, quant_type, N, x.shape[-1])
     checks.lora(x, lora_A, lora_B, N, None, noise)
+    checks.lora_u(u, x, lora_A)
     K = x.shape[-1]
-    dy2 = dy.reshape(-1, N).float().contiguous()
-    x2 = x.reshape(-1, K).float()
+    dy2 = _2d(dy).float().contiguous()
+    x2 = _2d(x).float()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     dx, dA, dB = run("lora_linear_4bit_backward", dy2, x2, u, packed.contiguous(), absmax.contiguous(), blocksize,
                      quant_type, lora_A, lora_B, scaling, n2, need_x)
@@ -232,6 +243,7 @@ def _(dy, x, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling, noi
     N = dy.shape[-1]
     checks.weight(x, packed, absmax, blocksize, quant_type, N, x.shape[-1])
     checks.lora(x, lora_A, lora_B, N, None, noise)
+    checks.lora_u(u, x, lora_A)
     f32 = torch.float32
     return (x.new_empty(x.shape if need_x else (0,)), lora_A.new_empty(lora_A.shape, dtype=f32),
             lora_B.new_empty(lora_B.shape, dtype=f32))
@@ -260,7 +272,7 @@ def lora_linear_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
     """(y, u) for a dense base: y = x @ weight.T (+ bias) + scaling * (u @ B.T)."""
     checks.dense(x, weight)
     checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    x2 = _2d(x).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     y = x2 @ weight.float().t()
     if bias is not None:
@@ -276,7 +288,7 @@ lora_linear = torch.library.custom_op("qlora_kernels::lora_linear", mutates_args
 def _(x, weight, lora_A, lora_B, scaling, bias, noise):
     checks.dense(x, weight)
     checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    m = _nrows(x)
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
 
 
@@ -290,8 +302,8 @@ def _lora_dense_setup(ctx, inputs, output):
 def _lora_dense_backward(ctx, dy, _du_unused):
     x, weight, lora_A, lora_B, noise, u = ctx.saved_tensors
     scaling, has_bias = ctx.meta
-    dy2 = dy.reshape(-1, dy.shape[-1]).float().contiguous()
-    x2 = x.reshape(-1, x.shape[-1]).float()
+    dy2 = _2d(dy).float().contiguous()
+    x2 = _2d(x).float()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     need_x = ctx.needs_input_grad[0]
     dA, dB, dx_lora = run("lora_backward", dy2, x2, u, lora_A, lora_B, scaling, n2, need_x)
