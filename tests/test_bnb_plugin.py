@@ -287,6 +287,12 @@ A = torch.randn(3, 64)
 q2, st2 = F.quantize_4bit(torch.randn(64, 128), blocksize=64, quant_type="nf4")
 qe, ste = F.quantize_4bit(torch.empty(0, 64), blocksize=64, quant_type="nf4")
 q8 = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+A3 = torch.randn(5, 64)
+q3, am3 = ops.quantize_4bit(torch.randn(300, 64), 64, "nf4", torch.uint8)
+off3 = am3.mean()
+qa3, s3 = F.quantize_blockwise(am3 - off3, blocksize=256)
+q4, a4 = ops.quantize_4bit(torch.randn(16, 256), 2048, "nf4", torch.uint8)
+q5, a5 = ops.quantize_4bit(torch.randn(8, 63), 64, "nf4", torch.uint8)
 cases = {
     "bias of another dtype": lambda: bnb.matmul_4bit(A, q.t(), st, bias=torch.ones(16, dtype=torch.float16)),
     "bias [1, N]": lambda: bnb.matmul_4bit(A, q.t(), st, bias=torch.ones(1, 16)),
@@ -301,6 +307,13 @@ cases = {
     "blockwise absmax longer": lambda: F.dequantize_blockwise(q8, absmax=torch.linspace(0.5, 2, 8), blocksize=256),
     "quant_type unknown (dequantize)": lambda: ops.dequantize_4bit(q, st.absmax, 64, "xx", [16, 64], torch.float32),
     "quant_type unknown (gemm)": lambda: ops.gemm_4bit(A, q, [16, 64], st.absmax, 64, "xx"),
+    "nested absmax longer": lambda: ops.gemm_4bit(A3, q3, [300, 64], torch.cat([s3.absmax, torch.ones(3)]), 64,
+                                                  "nf4", None, qa3, s3.code, off3),
+    # bitsandbytes' CPU kernel reads a prefix here where its own flag says AVX-512, else raises
+    "packed longer, blocks of 2048": lambda: ops.dequantize_4bit(torch.cat([q4, q4]), a4, 2048, "nf4", [16, 256],
+                                                                 torch.float32),
+    "packed longer, odd columns": lambda: ops.dequantize_4bit(torch.cat([q5, q5]), a5, 64, "nf4", [8, 63],
+                                                              torch.float32),
 }
 emit({"out": {k: outcome(c) for k, c in cases.items()}})
 """
@@ -318,6 +331,80 @@ def test_edge_calls_end_as_in_stock():
         if stock[k][0] == "ok":
             torch.testing.assert_close(torch.tensor(ours[k][2]), torch.tensor(stock[k][2]), atol=1e-5, rtol=1e-5,
                                        msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_out_overloads_check_as_bitsandbytes_does():
+    """bitsandbytes 0.50 has no CPU kernel for its .out overloads (stock raises
+    NotImplementedError for each): ours take them, an ``out`` of any layout included, refuse a
+    wrong shape or dtype with bitsandbytes' own checks, and a call ours does not take raises
+    NotImplementedError naming the op (not torch's "no tensor arguments"), counted nowhere."""
+    code = """
+    from qlora_kernels.integrations import bitsandbytes as plugin
+    ops = torch.ops.bitsandbytes
+    q, st = F.quantize_4bit(torch.randn(16, 64), quant_type="nf4")
+    q8, st8 = F.quantize_blockwise(torch.randn(300), blocksize=256)
+    want4 = ops.dequantize_4bit(q, st.absmax, 64, "nf4", [16, 64], torch.float32)
+    want8 = ops.dequantize_blockwise(q8, st8.absmax, st8.code, 256, torch.float32)
+    res = {}
+    def attempt(name, call):
+        try:
+            call()
+            res[name] = "ok"
+        except Exception as e:
+            res[name] = f"{type(e).__name__}: {e}"
+    for name, out in {"dense": torch.empty(16, 64), "strided": torch.empty(64, 16).t()}.items():
+        attempt(name, lambda: ops.dequantize_4bit.out(q, st.absmax, 64, "nf4", [16, 64], torch.float32, out=out))
+        res[name + " equal"] = bool(torch.equal(out, want4))
+    out8 = torch.empty(600)[::2]
+    attempt("blockwise strided", lambda: ops.dequantize_blockwise.out(q8, st8.absmax, st8.code, 256, torch.float32,
+                                                                      out=out8))
+    res["blockwise strided equal"] = bool(torch.equal(out8, want8))
+    attempt("shape", lambda: ops.dequantize_4bit.out(q, st.absmax, 64, "nf4", [16, 64], torch.float32,
+                                                     out=torch.empty(16, 63)))
+    attempt("dtype", lambda: ops.dequantize_blockwise.out(q8, st8.absmax, st8.code, 256, torch.float32,
+                                                          out=torch.empty(300, dtype=torch.float16)))
+    plugin.reset_counts()
+    attempt("not ours", lambda: ops.dequantize_4bit.out(q, st.absmax.reshape(1, -1), 64, "nf4", [16, 64],
+                                                        torch.float32, out=torch.empty(16, 64)))
+    res["fallbacks"] = len(plugin.fallbacks())
+    emit(res)
+    """
+    ours, stock = run(code), run(code, plugin=False)
+    assert stock["dense"].startswith("NotImplementedError") and stock["strided"].startswith("NotImplementedError")
+    assert ours["dense"] == ours["strided"] == ours["blockwise strided"] == "ok"
+    assert ours["dense equal"] and ours["strided equal"] and ours["blockwise strided equal"]
+    assert ours["shape"].startswith("RuntimeError") and "Expected out.shape == (16, 64)" in ours["shape"]
+    assert ours["dtype"].startswith("RuntimeError") and "Expected out.dtype == torch.float32" in ours["dtype"]
+    assert ours["not ours"].startswith("NotImplementedError: bitsandbytes::dequantize_4bit.out has no CPU kernel")
+    assert "not the plain layout" in ours["not ours"] and ours["fallbacks"] == 0
+
+
+def test_a_failed_registration_leaves_every_bitsandbytes_kernel_in_place():
+    code = """
+    from qlora_kernels.integrations import bitsandbytes as plugin
+    ops = torch.ops.bitsandbytes
+    W = torch.randn(64, 64)
+    plugin._STATE["loaded"] = False  # as if bitsandbytes had not called the entry point yet
+    calls = []
+    real = torch.library.register_kernel
+    def flaky(name, *a, **k):  # the third registration fails
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("registration failed")
+        return real(name, *a, **k)
+    torch.library.register_kernel = flaky
+    plugin._LIBRARIES.clear()  # unregister the kernels the import registered (collected below)
+    import gc; gc.collect()
+    plugin.reset_counts()
+    plugin.load()
+    torch.library.register_kernel = real
+    ops.quantize_4bit(W, 64, "nf4", torch.uint8)
+    ops.dequantize_4bit(*ops.quantize_4bit(W, 64, "nf4", torch.uint8), 64, "nf4", [64, 64], torch.float32)
+    emit({"active": plugin.status()["active"], "error": plugin.status()["error"], "calls": plugin.status()["calls"]})
+    """
+    res = run(code)
+    assert res["active"] is False and "registration failed" in res["error"]
+    assert res["calls"] == {}  # neither the op registered before the failure nor any other ran ours
 
 
 @pytest.mark.slow

@@ -45,6 +45,7 @@ _CALLS: collections.Counter = collections.Counter()
 _STATE = {"loaded": False, "error": None, "disabled": False, "ops": (), "repack_kept_off": False}
 _LOCK = threading.Lock()
 _DEFAULT = None  # the dispatch key set that selects bitsandbytes' own "default" kernels
+_LIBRARIES: list = []  # the torch.library fragment holding our kernels
 
 
 def status() -> dict:
@@ -57,19 +58,25 @@ def status() -> dict:
         "ours": list(_STATE["ops"]),
         "bitsandbytes": [op for op in ALL_OPS if op not in _STATE["ops"]],
         "linear4bit_repack_kept_off": _STATE["repack_kept_off"],
-        "calls": dict(_CALLS),
+        "calls": _counted(_CALLS),
         "fallbacks": fallbacks(),
     }
 
 
+def _counted(counter: collections.Counter) -> dict:
+    with _LOCK:
+        return dict(counter)
+
+
 def fallbacks() -> dict:
     """{(op, reason): calls} handed to bitsandbytes' default kernel since the last reset."""
-    return dict(_FALLBACKS)
+    return _counted(_FALLBACKS)
 
 
 def reset_counts() -> None:
-    _FALLBACKS.clear()
-    _CALLS.clear()
+    with _LOCK:
+        _FALLBACKS.clear()
+        _CALLS.clear()
 
 
 class _Fallback(Exception):
@@ -78,7 +85,14 @@ class _Fallback(Exception):
 
 
 def _default(op: str, overload: str, reason: str, *args):
-    _FALLBACKS[(op if overload == "default" else f"{op}.{overload}", reason)] += 1
+    name = op if overload == "default" else f"{op}.{overload}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"bitsandbytes::{name}", "CompositeExplicitAutograd"):
+        # bitsandbytes 0.50 has no CPU or default kernel for its .out overloads: stock raises
+        # NotImplementedError for every CPU call of them, so a call we do not take does too
+        raise NotImplementedError(f"bitsandbytes::{name} has no CPU kernel in bitsandbytes, and the qlora-kernels "
+                                  f"plugin does not take this call: {reason}")
+    with _LOCK:
+        _FALLBACKS[(name, reason)] += 1
     return getattr(getattr(torch.ops.bitsandbytes, op), overload).redispatch(_DEFAULT, *args)
 
 
@@ -93,7 +107,8 @@ def _kernel(op: str, overload: str, impl: Callable) -> Callable:
             return _default(op, overload, str(why), *args)
         except Exception as e:  # a failure of ours: the same exception type, naming the op
             raise _naming(e, name) from e
-        _CALLS[name] += 1
+        with _LOCK:
+            _CALLS[name] += 1
         return result
 
     kernel.__name__ = f"qlora_kernels_{op}_{overload}"
@@ -198,8 +213,9 @@ class _NestedAbsmax:
         if hit is not None and all(_same_bits(a, b) for a, b in zip(now, hit[0])):
             return hit[1]
         seen = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in now)
-        decoded = torch.ops.qlora_kernels.dequantize_blockwise_8bit(
-            seen[0], _f32(seen[1], "nested absmax"), _f32(seen[2], "absmax_code"), 256)
+        # as everywhere else, the blocks needed out of a possibly longer nested absmax
+        nested = _absmax_blocks(seen[1], formats.num_blocks(seen[0].numel(), 256))
+        decoded = torch.ops.qlora_kernels.dequantize_blockwise_8bit(seen[0], nested, _f32(seen[2], "absmax_code"), 256)
         decoded = decoded.reshape(-1).add_(seen[3].float())
         with _LOCK:
             self._cache[absmax_8bit] = (seen, decoded)
@@ -229,6 +245,18 @@ def _quantize_4bit(A, blocksize, quant_type, quant_storage):
     return packed, absmax
 
 
+def _bnb_cpu_reads_flat(blocksize: int, shape) -> bool:
+    """Whether bitsandbytes' own CPU dequantize_4bit takes its pure-torch branch for these
+    arguments, which reads a prefix of the flat data (what its default kernel, our fallback,
+    does) instead of reshaping it: an odd last dimension, or blocks of 2048 and more where
+    bitsandbytes' own flag says its AVX-512 code runs (backends/cpu/ops.py)."""
+    try:
+        from bitsandbytes.backends.cpu import ops as bnb_cpu
+    except ImportError:
+        bnb_cpu = None
+    return shape[-1] % 2 != 0 or (bool(getattr(bnb_cpu, "_has_avx512", False)) and blocksize >= 2048)
+
+
 def _dequantize_4bit_into(A, absmax, blocksize, quant_type, shape, out):
     _cpu(A, absmax, out)
     _check_4bit(blocksize, quant_type)
@@ -236,7 +264,7 @@ def _dequantize_4bit_into(A, absmax, blocksize, quant_type, shape, out):
     packed = _bytes(A)
     nbytes, blocks = formats.packed_numel(out.numel()), formats.num_blocks(out.numel(), blocksize)
     if packed.numel() != nbytes:
-        if len(shape) and shape[-1] % 2 == 0:
+        if len(shape) and not _bnb_cpu_reads_flat(blocksize, shape):
             # bitsandbytes' CPU kernel reshapes the data to [rows, cols / 2]: its error, raised the same way
             packed.reshape(math.prod(shape[:-1]), shape[-1] // 2)
         raise _Fallback("packed data of another size than the shape")
@@ -251,10 +279,18 @@ def _dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
     return out
 
 
+def _check_out(out: torch.Tensor, shape, dtype) -> None:
+    """bitsandbytes' own checks of an ``out`` (its fake kernels', torch._check: RuntimeError)."""
+    torch._check(tuple(out.shape) == tuple(shape), lambda: f"Expected out.shape == {tuple(shape)}, got {out.shape}")
+    torch._check(out.dtype == dtype, lambda: f"Expected out.dtype == {dtype}, got {out.dtype}")
+
+
 def _dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, out):
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
-        raise _Fallback("out of another shape, dtype or layout")
-    _dequantize_4bit_into(A, absmax, blocksize, quant_type, shape, out)
+    _check_out(out, shape, dtype)
+    if out.is_contiguous():
+        _dequantize_4bit_into(A, absmax, blocksize, quant_type, shape, out)
+    else:  # the kernel writes dense rows: through a dense buffer
+        out.copy_(_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype))
 
 
 def _linear(A, B, shapeB, absmax, blocksize, quant_type, bias):
@@ -303,8 +339,7 @@ def _gemv_4bit(A, B, shapeB, absmax, code, blocksize):
 
 
 def _gemv_4bit_out(A, B, shapeB, absmax, code, blocksize, out):
-    if tuple(out.shape) != (*A.shape[:-1], shapeB[0]) or out.dtype != A.dtype:
-        raise _Fallback("out of another shape or dtype")
+    _check_out(out, (*A.shape[:-1], shapeB[0]), A.dtype)
     out.copy_(_gemv_4bit(A, B, shapeB, absmax, code, blocksize))
 
 
@@ -334,8 +369,7 @@ def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
 
 
 def _dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out):
-    if tuple(out.shape) != tuple(A.shape) or out.dtype != dtype:
-        raise _Fallback("out of another shape or dtype")
+    _check_out(out, A.shape, dtype)
     out.copy_(_dequantize_blockwise_f32(A, absmax, code, blocksize).reshape(A.shape))
 
 
@@ -371,12 +405,21 @@ def _register() -> tuple:
     _DEFAULT = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     bf16 = _bf16_repacking_cpu()
     ours = []
-    for op, overload, impl in OPS:
-        if op == "gemv_4bit" and bf16:
-            continue  # its CPU kernel there reads Linear4bit's repacked layout: bitsandbytes' own
-        name = op if overload == "default" else f"{op}.{overload}"
-        torch.library.register_kernel(f"bitsandbytes::{name}", "cpu", _kernel(op, overload, impl))
-        ours.append(name)
+    # All of ours in one library fragment: if any registration fails, destroying it puts every
+    # bitsandbytes kernel back (the dispatcher keeps the kernels a registration overrode), so
+    # the plugin is either wholly on or wholly off, as status() says.
+    lib = torch.library.Library("bitsandbytes", "FRAGMENT")
+    try:
+        for op, overload, impl in OPS:
+            if op == "gemv_4bit" and bf16:
+                continue  # its CPU kernel there reads Linear4bit's repacked layout: bitsandbytes' own
+            name = op if overload == "default" else f"{op}.{overload}"
+            torch.library.register_kernel(f"bitsandbytes::{name}", "cpu", _kernel(op, overload, impl), lib=lib)
+            ours.append(name)
+    except BaseException:
+        lib._destroy()
+        raise
+    _LIBRARIES.append(lib)  # kept alive: a collected Library unregisters its kernels
     if bf16:
         import bitsandbytes.nn.modules as modules
 
