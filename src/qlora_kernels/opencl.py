@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import _env, formats
+from ._versions import version_of
 
 INSTALL_HINT = (
     "no OpenCL platform with a device was found. Install an OpenCL driver: on Debian/Ubuntu "
@@ -240,8 +241,11 @@ class Runtime:
         """The device copy of a frozen tensor (a packed weight, its absmax), uploaded once
         while the same tensor object at the same version is passed again."""
         key = (t.data_ptr(), t.numel(), t.dtype)
+        # an inference tensor has no version counter (-1): its copy is kept while the tensor
+        # object lives, as for edits through .data (clear_cache())
+        version = version_of(t)
         e = self._resident.get(key)
-        if e is not None and e[0]() is t and e[1] == t._version:
+        if e is not None and e[0]() is t and e[1] == version:
             self._resident.move_to_end(key)
             self.counters["weight_hits"] += 1
             return e[2]
@@ -250,7 +254,7 @@ class Runtime:
         for dead in [k for k, v in self._resident.items() if v[0]() is None]:  # freed tensors: free their copies
             self._drop(dead)
         buf = op.upload("weight", t, scratch=False)
-        self._resident[key] = (weakref.ref(t), t._version, buf)
+        self._resident[key] = (weakref.ref(t), version, buf)
         self._resident_bytes += buf.size
         self.counters["weight_uploads"] += 1
         while self._resident_bytes > self.cache_limit and len(self._resident) > 1:

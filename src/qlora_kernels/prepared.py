@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from . import _env, formats
+from ._versions import version_of
 from .ops import linear as ops_linear
 from .ops.checks import FLOATS
 from . import backends as _backends
@@ -122,14 +123,15 @@ def _tensor_marks(tensors: tuple) -> tuple:
     mark a change), element count). The count matters to the kernels bound to the weight,
     which keep the sizes they were bound with (a smaller storage at a freed one's address
     keeps the pointer)."""
-    return tuple((t, t._version, _ptr(t), t.numel()) for t in tensors)
+    return tuple((t, version_of(t), _ptr(t), t.numel()) for t in tensors)
+
 
 
 def _tensors_unchanged(marks: tuple) -> bool:
     # Runs on every call of a prepared weight: a plain loop over a few cheap reads (a
     # tuple of fresh marks to compare cost twice as much at one row of a small layer).
     for t, version, ptr, numel in marks:
-        if t._version != version or (ptr and t.data_ptr() != ptr) or t.numel() != numel:
+        if (version >= 0 and t._version != version) or (ptr and t.data_ptr() != ptr) or t.numel() != numel:
             return False
     return True
 
@@ -157,14 +159,21 @@ class Prepared4bit:
                 raise ValueError(f"state.shape must be [out_features, in_features] for a linear layer, got "
                                  f"{tuple(state.shape)}")
         self.state = state
-        self.packed = packed_bytes(packed)
-        self.absmax = decode_absmax(state) if _absmax is None else _absmax
+        if torch.is_inference_mode_enabled():
+            # A weight first used under torch.inference_mode keeps what it derives for later calls
+            # in grad mode too, where autograd cannot save an inference tensor: made as normal ones.
+            with torch.inference_mode(False):
+                self.packed = packed_bytes(packed)
+                self.absmax = decode_absmax(state) if _absmax is None else _absmax
+        else:
+            self.packed = packed_bytes(packed)
+            self.absmax = decode_absmax(state) if _absmax is None else _absmax
         self.blocksize, self.quant_type = state.blocksize, state.quant_type
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
         self._sources = _sources(packed, state)
         self._fields = _fields(state)
         self._marks = _tensor_marks(_tensors(self._sources[1:]))
-        self._pmarks = (packed._version, _ptr(packed), packed.numel())
+        self._pmarks = (version_of(packed), _ptr(packed), packed.numel())
         # Values derived from this weight by other modules (DoRA's base row norms), named;
         # they go with the prepared weight when it is replaced.
         self.derived: dict = {}
@@ -201,7 +210,7 @@ class Prepared4bit:
             # on its inputs itself.
             return True
         p = src[0]
-        return (p._version, _ptr(p), p.numel()) == self._pmarks and self._state_unchanged()
+        return (version_of(p), _ptr(p), p.numel()) == self._pmarks and self._state_unchanged()
 
     def _state_unchanged(self) -> bool:
         src, state = self._sources, self.state

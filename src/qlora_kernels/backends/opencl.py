@@ -251,6 +251,14 @@ def _adapter_forward(op, d_x, d_y, M, K, N, lora_A, lora_B, scaling, noise2):
     return d_u
 
 
+def _u_of_empty(x2: torch.Tensor, lora_A: torch.Tensor, noise2) -> torch.Tensor:
+    """u of a call with no rows, columns or outputs: (x * noise) A^T on the host (an empty
+    product for M = 0 or K = 0; with N = 0 the layer has no output but u is still the
+    forward's, as the reference computes it)."""
+    xd = x2 if noise2 is None else x2 * noise2
+    return xd @ lora_A.t()
+
+
 @register_kernel("lora_linear_4bit", "opencl")
 def lora_linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias,
                      noise2):
@@ -259,8 +267,8 @@ def lora_linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, lo
     M, K = x2.shape
     N, R = out_features, lora_A.shape[0]
     x2, lora_A, lora_B, noise2, bias = x2.float().contiguous(), _f32(lora_A), _f32(lora_B), _f32(noise2), _f32(bias)
-    if M == 0 or N == 0 or K == 0:  # u = 0, so the adapter adds nothing
-        return _empty_linear(M, N, bias), torch.zeros(M, R)
+    if M == 0 or N == 0 or K == 0:  # nothing to add to y; u = x A^T still (zero only when K is)
+        return _empty_linear(M, N, bias), _u_of_empty(x2, lora_A, noise2)
     y, u = torch.empty(M, N), torch.empty(M, R)
     fused = _fpga() and R <= _TASK_RMAX
     with _RT.op("lora_linear_4bit") as op:
@@ -280,7 +288,7 @@ def lora_forward_tail(x2, y, lora_A, lora_B, scaling, noise2):
     M, K = x2.shape
     N, R = y.shape[1], lora_A.shape[0]
     if M == 0 or K == 0 or N == 0:
-        return torch.zeros(M, R)
+        return _u_of_empty(x2.float(), _f32(lora_A), _f32(noise2))
     u = torch.empty(M, R)
     with _RT.op("lora_forward_tail") as op:
         d_x, d_y = op.upload("x", x2.float().contiguous()), op.upload("y", y)

@@ -265,7 +265,7 @@ def dora_weight_norm(packed, absmax, blocksize, quant_type, out_features, in_fea
     ||W_n||² + 2s Σ_j B[n,j] (W Aᵀ)[n,j] + s² B_n (A Aᵀ) B_nᵀ in fp64: W Aᵀ is one 4-bit GEMM
     with the r rows of A as its input (the selected backend's), ``base_sq`` the fp64 row
     norms² of W the caller keeps for a frozen base (None: decoded here)."""
-    A = lora_A.float()
+    A = lora_A.float().contiguous()  # the native kernels below read dense rows
     if base_sq is None:
         W = _dense_weight(packed, absmax, blocksize, quant_type, out_features, in_features)
         base_sq = W.double().pow(2).sum(1)

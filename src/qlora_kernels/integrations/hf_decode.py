@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .. import _C, formats, tuning
+from .._versions import version_of
 from .. import backends as _backends
 from ..nn import Linear4bit
 from . import hf_attention
@@ -258,7 +259,7 @@ class _Plan:
         # its buffers edited, since the tables were made: made again, ~2 ms at SmolLM2's 8192
         # positions)
         rope = inner.rotary_emb
-        key = [rope] + [(b.data_ptr(), b.dtype, -1 if b.is_inference() else b._version) for b in rope.buffers()]
+        key = [rope] + [(b.data_ptr(), b.dtype, version_of(b)) for b in rope.buffers()]
         if key != state.tables_key:
             try:
                 state.tables = _arch.rotary_tables(types.SimpleNamespace(model=inner), a)
