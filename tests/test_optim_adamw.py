@@ -136,6 +136,11 @@ def test_empty_and_no_grad_steps():
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         AdamW([torch.zeros(2, requires_grad=True)], **kwargs)
+    # the same values in a group added later (amsgrad=True there was once silently not applied)
+    opt = AdamW([torch.zeros(2, requires_grad=True)])
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], **kwargs})
+    assert len(opt.param_groups) == 1
 
 
 def test_bad_gradients():

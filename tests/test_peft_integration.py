@@ -71,3 +71,31 @@ def test_same_logits_loss_grads_and_training(arch, use_dora):
     for n, p in ours.named_parameters():
         if p.requires_grad:
             close(p, params_t[n], f"after 5 steps {n}", rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["dora", "dora dropout", "lora_bias", "two adapters"])
+def test_bf16_layers_return_what_peft_returns(case):
+    """On a bf16 model (fp32 adapters, PEFT's default) the layer's output is bf16 as PEFT's:
+    DoRA's fp32 factor once promoted it to fp32 (the next layer's attention then failed), and
+    the route for several adapters or lora_bias fed bf16 x to fp32 adapters."""
+    from peft import LoraConfig
+    from peft import get_peft_model as stock_get_peft_model
+
+    from qlora_kernels.integrations.peft import get_peft_model
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    kw = dict(r=4, target_modules=["0"], use_dora=case.startswith("dora"), lora_bias=case == "lora_bias",
+              lora_dropout=0.1 if case == "dora dropout" else 0.0)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    outs = []
+    for make, base in ((get_peft_model, qk.nn.Linear4bit.from_linear(lin)), (stock_get_peft_model, copy.deepcopy(lin))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = make(torch.nn.Sequential(base).to(torch.bfloat16), LoraConfig(**kw))
+            if case == "two adapters":
+                m.add_adapter("b", LoraConfig(**kw))
+                m.base_model.set_adapter(["default", "b"])
+        m.train(case == "dora dropout")
+        outs.append(m(x))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16, (outs[0].dtype, outs[1].dtype)

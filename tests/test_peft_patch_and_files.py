@@ -44,6 +44,20 @@ def test_patch_peft_model_keeps_outputs_and_trains(kind, use_dora):
     assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)
 
 
+def test_patch_leaves_layers_of_other_variants_to_peft():
+    """Our layer runs plain LoRA and DoRA; a layer with another PEFT variant (aLoRA here) was
+    once turned into a DoRA layer."""
+    from peft.tuners.lora.variants import ALoraLinearVariant
+
+    pm = _peft(copy.deepcopy(tiny_model("llama")))
+    q = pm.get_base_model().model.layers[0].self_attn.q_proj
+    q.lora_variant["default"] = ALoraLinearVariant()
+    qk.patch_peft_model(pm)
+    assert sum(isinstance(m, QKLoraLinear) for m in pm.modules()) == 13
+    q = pm.get_base_model().model.layers[0].self_attn.q_proj
+    assert not isinstance(q, QKLoraLinear) and isinstance(q.lora_variant["default"], ALoraLinearVariant)
+
+
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_adapter_files_interchange_with_stock_peft(tmp_path, use_dora):
     from peft import PeftModel

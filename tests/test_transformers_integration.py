@@ -369,3 +369,21 @@ def test_bad_state_caught_while_loading_too(ours_saved, tmp_path, monkeypatch):
         hf_logging.set_verbosity(verbosity)
     # transformers' report names the layer (how much of our message it shows varies by version)
     assert "k_proj" in "".join(report.records) + str(excinfo.value)
+
+
+def test_native_decode_on_a_model_loaded_with_our_config(fp32):
+    """The README's route: from_pretrained(..., QLoraKernelsConfig()), then the native decode
+    step. transformers' layers are built without Linear4bit.__init__ and once lacked its
+    ``compute`` attribute (AttributeError at enable_native_decode)."""
+    from qlora_kernels.integrations import hf_decode
+
+    q = load(fp32["llama"][0], quantization_config=QLoraKernelsConfig())
+    prompt = IDS[:1, :5]
+    with torch.no_grad():
+        want = q.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    hf_decode.enable_native_decode(q)
+    with torch.no_grad():
+        got = q.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    st = hf_decode.status(q)
+    assert st["steps"] >= 3 and st["fallbacks"] == 0, st
+    assert torch.equal(got, want)

@@ -20,6 +20,9 @@ class Linear4bit(nn.Module):
     ``quant_state`` the decoding state; the state dict uses bitsandbytes' keys
     (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.quant_state.bitsandbytes__nf4``, ...)."""
 
+    # the class's default: layers built without __init__ (transformers' and PEFT's shells) have it too
+    compute = "fp32"
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
                  blocksize: int = formats.DEFAULT_BLOCKSIZE, double_quant: bool = False,
                  compute_dtype: Optional[torch.dtype] = None, device=None, dtype=None, compute: str = "fp32"):

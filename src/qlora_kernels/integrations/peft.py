@@ -100,7 +100,8 @@ class DoraVariant(LoraVariant):
             plain = functional.linear_4bit(xd, base.prepared())
         else:
             plain = F.linear(xd, base.weight)
-        return result + ms * z - plain
+        # the factor is fp32: back to the layer's dtype, as PEFT's DoRA returns it
+        return (result + ms * z - plain).to(result.dtype)
 
 
 class QKLoraLinear(nn.Module, LoraLayer):
@@ -201,15 +202,17 @@ class QKLoraLinear(nn.Module, LoraLayer):
             if p == 0.0 or not self.training:
                 # DoRA without dropout collapses to m/‖W+sBA‖ · (x Wᵀ + s·B A x) + bias: one fused
                 # LoRA product, the norm a constant (DoRA §4.3).
-                y = DoraVariant._factor(self, a) * _fused_lora(base, x, A, B, s, None, 0.0, False)
+                y = (DoraVariant._factor(self, a) * _fused_lora(base, x, A, B, s, None, 0.0, False)).to(x.dtype)
                 return y + base.bias if base.bias is not None else y
         result = base(x, *args, **kwargs)
+        result_dtype = result.dtype
         for a in active:
             if a in self.lora_variant:
                 result = self.lora_variant[a].forward(self, active_adapter=a, x=x, result=result)
-            else:
-                result = result + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x))) * self.scaling[a]
-        return result
+            else:  # as PEFT's Linear: x in the adapter's dtype (fp32 adapters on a bf16 model), back after
+                xa = x.to(self.lora_A[a].weight.dtype)
+                result = result + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](xa))) * self.scaling[a]
+        return result.to(result_dtype)
 
     def __repr__(self) -> str:
         return "qlora_kernels." + super().__repr__()
@@ -281,7 +284,10 @@ def patch_peft_model(peft_model: nn.Module) -> nn.Module:
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and not isinstance(module, QKLoraLinear):
             base = as_our_base(module.get_base_layer())
-            if base is not None and (isinstance(module, PeftLinear) or type(module).__name__ == "Linear4bit"):
+            # DoRA is the one variant our layer runs; any other (aLoRA, Arrow, ...) stays PEFT's
+            dora_only = all(type(v).__name__ == "DoraLinearVariant" for v in module.lora_variant.values())
+            if base is not None and dora_only and (isinstance(module, PeftLinear)
+                                                   or type(module).__name__ == "Linear4bit"):
                 targets.append((name, module, base))
     for name, module, base in targets:
         new = QKLoraLinear.__new__(QKLoraLinear)

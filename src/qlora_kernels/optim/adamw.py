@@ -66,6 +66,20 @@ class AdamW(torch.optim.Optimizer):
                         backend=backend, **_TORCH_GROUP_KEYS)
         super().__init__(params, defaults)
 
+    def add_param_group(self, param_group: dict) -> None:
+        # A group added later (torch fills it from the defaults) gets the constructor's checks:
+        # its amsgrad=True was once accepted and silently not applied.
+        given = {k: v for k, v in param_group.items() if k != "params"}
+        if given:
+            merged = {**self.defaults, **given}
+            if merged.get("amsgrad"):
+                raise ValueError("AdamW: amsgrad=True is not supported by qlora_kernels.optim.AdamW; "
+                                 "use torch.optim.AdamW(amsgrad=True)")
+            _check_hyper(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+            if merged.get("backend") is not None:
+                backends._check(merged["backend"])
+        super().add_param_group(param_group)
+
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
