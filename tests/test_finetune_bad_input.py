@@ -57,6 +57,7 @@ def test_model_folder_without_weights(tiny_dir, tmp_path, capsys):
 def test_seq_len_shorter_than_template(tiny_dir, tmp_path, capsys):
     _fails(capsys, ["--model", str(tiny_dir), "--seq-len", "12", "--output", str(tmp_path / "o")],
            "--seq-len 12", "template")
+    assert not (tmp_path / "o").exists()  # checked after the folder was made: it goes again
 
 
 def test_unknown_backend_and_bad_numbers(tmp_path, capsys):
@@ -64,6 +65,10 @@ def test_unknown_backend_and_bad_numbers(tmp_path, capsys):
     _fails(capsys, ["--method", "ia3", "--output", str(tmp_path / "o")], "--method 'ia3' is unknown")
     _fails(capsys, ["--lr", "-1", "--output", str(tmp_path / "o")], "--lr")
     _fails(capsys, ["--steps", "many", "--output", str(tmp_path / "o")], "--steps")  # argparse's own error
+    _fails(capsys, ["--seed", "-1", "--output", str(tmp_path / "o")], "--seed", "2^32")
+    _fails(capsys, ["--seed", "5000000000", "--output", str(tmp_path / "o")], "--seed")
+    _fails(capsys, ["--alpha", "nan", "--output", str(tmp_path / "o")], "--alpha", "finite")
+    assert not (tmp_path / "o").exists()
 
 
 def test_unwritable_output(tmp_path, capsys):
@@ -93,6 +98,53 @@ def test_output_folder_keeps_user_files(tiny_dir, tmp_path, capsys):
 
 def test_resume_without_checkpoint(tmp_path, capsys):
     _fails(capsys, ["--output", str(tmp_path), "--resume"], "no checkpoint")
+    _fails(capsys, ["--output", str(tmp_path / "absent"), "--resume"], "no checkpoint", "no such folder")
+    assert not (tmp_path / "absent").exists()
+
+
+def test_resume_refuses_changed_data(tiny_dir, tmp_path, capsys):
+    """The same --data path with other contents is another run's data: resuming on it would mix
+    two trainings and compare held-out losses of two different held-out sets."""
+    data = tmp_path / "d.jsonl"
+
+    def write(n):
+        data.write_text("".join(json.dumps({"prompt": f"question {i}", "response": f"answer {i}"}) + "\n"
+                                for i in range(n)))
+
+    write(30)
+    out = tmp_path / "o"
+    rc, _, err = run_inproc(["--model", str(tiny_dir), "--data", str(data), "--output", str(out), "--steps", "2",
+                             "--batch-size", "2", "--seq-len", "64", "--eval-size", "4", "--samples", "0"], capsys)
+    assert rc == 0, err
+    write(40)
+    _fails(capsys, ["--output", str(out), "--resume"], "--resume: the data", "differ from what the checkpoint")
+
+
+def test_two_runs_never_share_a_folder(tmp_path, monkeypatch):
+    """Two runs started into one folder (the same --output, or default names made in the same
+    second) once both passed the checks and wrote into each other's files."""
+    import argparse
+
+    from qlora_kernels.finetune import FinetuneError, command
+
+    out = tmp_path / "o"
+    out.mkdir()
+    held = len(command._CLAIMS)
+    try:
+        command._claim(out)
+        with pytest.raises(FinetuneError, match="another run is writing there"):
+            command._claim(out)
+    finally:
+        while len(command._CLAIMS) > held:
+            command._CLAIMS.pop().close()
+    command._claim(out)  # free again once the first run's lock is gone
+    command._CLAIMS.pop().close()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(command.time, "strftime", lambda fmt: "20260101-000000")
+    args = argparse.Namespace(output=None, resume=False, method=None)
+    first = command._output_dir(args)
+    first.mkdir(parents=True)
+    assert command._output_dir(args) == first.with_name(first.name + "-1")
 
 
 def test_console_exit_code_and_single_line(tmp_path):

@@ -6,10 +6,11 @@ import argparse
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .._errors import one_line_errors
 from . import FinetuneError
@@ -96,15 +97,49 @@ def _output_dir(args) -> Path:
         if not runs:
             raise FinetuneError(f"--resume: no unfinished run under {RUNS_DIR}/; pass --output")
         return runs[-1]
-    return Path(RUNS_DIR) / f"{args.method or RunConfig.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path(RUNS_DIR) / f"{args.method or RunConfig.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # runs started in the same second: the next free name (a race between two is caught by _claim)
+    return next(p for p in (base.with_name(f"{base.name}-{i}") if i else base for i in range(1000)) if not p.exists())
 
 
-def _prepare_output(out: Path, resume: bool):
+_CLAIMS: list = []  # the open lock files of the folders being written (held until the run ends)
+_CREATED: list = []  # output folders this process made (removed again if the run fails before writing)
+
+
+def _drop_if_empty(out: Path) -> None:
+    """A run that fails after making its folder (a late check, the model failing to load)
+    leaves no empty folder behind, as one that fails before it."""
+    if out in _CREATED and out.is_dir() and all(p.name == ".lock" for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _claim(out: Path) -> None:
+    """An exclusive lock on the folder until the run ends (run() releases it): two runs started
+    into one folder (the same --output, or default names made in the same second) would
+    otherwise both pass the checks below and write into each other's files. The kernel drops
+    the lock when the process ends, however it ends, so a killed run never blocks its --resume."""
+    import fcntl
+
+    f = open(out / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise FinetuneError(f"--output {out}: another run is writing there right now; choose another --output or "
+                            f"wait for it") from None
+    _CLAIMS.append(f)
+
+
+def _prepare_output(out: Path, resume: bool, claim: bool = True):
     """Creates and probes the folder; refuses to overwrite a previous run's files."""
     from . import checkpoint
 
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--output {out}: exists and is not a folder")
+    if resume and not out.is_dir():
+        raise FinetuneError(f"--resume: no checkpoint in {out} (no such folder)")
+    if not out.exists():
+        _CREATED.append(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
@@ -112,6 +147,8 @@ def _prepare_output(out: Path, resume: bool):
         probe.unlink()
     except OSError as e:
         raise FinetuneError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    if claim:
+        _claim(out)
     checkpoint.clean_stale(out)
     found = checkpoint.find(out)
     if resume:
@@ -151,9 +188,17 @@ def run(args) -> int:
     from .distributed import setup
 
     session = setup(args.distributed)
+    held, made = len(_CLAIMS), len(_CREATED)
     try:
         return _run(args, session, t_start)
+    except BaseException:
+        for out in _CREATED[made:]:
+            _drop_if_empty(out)
+        raise
     finally:
+        while len(_CLAIMS) > held:  # this run's folder is free again (a later run in this process, a --resume)
+            _CLAIMS.pop().close()
+        del _CREATED[made:]
         session.close()
 
 
@@ -197,7 +242,10 @@ def _check_options_and_data(r: _Run) -> None:
     args, session = r.args, r.session
     r.out = session.broadcast(_output_dir(args))
     if args.resume:
-        r.ckpt = _prepare_output(r.out, True)
+        # every rank reads the checkpoint; the main rank alone holds the folder's lock, and a
+        # refusal reaches every rank (one rank raising alone would leave the others waiting)
+        r.ckpt = _prepare_output(r.out, True, claim=False)
+        _on_main_rank(session, lambda: _claim(r.out))
         r.saved_state = checkpoint.read_state(r.ckpt)
         checkpoint.check_engine(r.ckpt, r.saved_state, session)
         r.cfg = RunConfig.from_args(args, r.saved_state["config"])
@@ -205,13 +253,56 @@ def _check_options_and_data(r: _Run) -> None:
     else:
         r.cfg = RunConfig.from_args(args)
     r.records, r.data_name, r.dups = data.load_records(r.cfg.data)  # bad data fails before the slow load
+    r.data_sha256 = data.fingerprint(r.records)
+    if args.resume:
+        _same_as_checkpoint(r, "data_sha256", r.data_sha256, f"the data ({r.data_name})")
     r.train_recs, r.eval_recs = data.split(r.records, r.cfg.eval_size, r.data_name)
     if not args.resume:
         if r.cfg.model is not None:
             M.check_model_dir(r.cfg.model)
         session.check_batch(r.cfg.batch_size)
-        r.ckpt = _prepare_output(r.out, False) if session.main else None
-        session.barrier()
+        r.ckpt = _on_main_rank(session, lambda: _prepare_output(r.out, False))
+
+
+def _on_main_rank(session, step: Callable[[], Any]) -> Any:
+    """step() on the main rank (None elsewhere), its refusal (FinetuneError) raised on every
+    rank: one rank raising alone would leave the others waiting for it forever."""
+    result, refused = None, None
+    if session.main:
+        try:
+            result = step()
+        except FinetuneError as e:
+            refused = str(e)
+    refused = session.broadcast(refused)  # also the barrier after the main rank's step
+    if refused:
+        raise FinetuneError(refused)
+    return result
+
+
+def _same_as_checkpoint(r: _Run, key: str, now: str, what: str) -> None:
+    """--resume continues the interrupted run only on the same data and model: the options are
+    compared by RunConfig.from_args, these by their fingerprints (checkpoints from before the
+    fingerprints have none, and are taken on trust as before)."""
+    was = r.saved_state.get(key)
+    if was is not None and was != now:
+        raise FinetuneError(f"--resume: {what} differ from what the checkpoint {r.ckpt} trained on; resume with the "
+                            f"same, or start a new run")
+
+
+def _model_fingerprint(model_dir) -> str:
+    """The model folder's config and the names and sizes of its files (hashing gigabytes of
+    weights at every start is not worth it: a changed checkpoint changes its size or config)."""
+    import hashlib
+
+    root = Path(model_dir)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(f"{p.relative_to(root)}\0{p.stat().st_size}\n".encode())
+    config = root / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    return h.hexdigest()
 
 
 def _check_dropout_masks(ckpt, state: dict, cfg: RunConfig) -> None:
@@ -250,6 +341,9 @@ def _load_model_and_data(r: _Run) -> None:
 
     cfg, t_load = r.cfg, time.perf_counter()
     r.model_dir = M.default_model_dir() if cfg.model is None else M.check_model_dir(cfg.model)
+    r.model_sha256 = _model_fingerprint(r.model_dir)
+    if r.saved_state is not None:
+        _same_as_checkpoint(r, "model_sha256", r.model_sha256, f"the model's files ({r.model_dir})")
     base, r.tok = M.load(r.model_dir)
     r.had_template = data.ensure_chat_template(r.tok)
     overhead = data.template_overhead(r.tok)
@@ -320,7 +414,8 @@ def _begin(r: _Run) -> None:
         print(f"held-out loss before: {state['eval_before']['loss']:.4f} (from the checkpoint)")
     else:
         state = {"format": 1, "step": 0, "losses": [], "tokens_trained": 0, "train_seconds": 0.0,
-                 "config": cfg.as_dict(), "engine": checkpoint.engine_of(r.session), "dropout_rng": _env.dropout_rng()}
+                 "config": cfg.as_dict(), "engine": checkpoint.engine_of(r.session), "dropout_rng": _env.dropout_rng(),
+                 "data_sha256": r.data_sha256, "model_sha256": r.model_sha256}
         state["eval_before"] = T.heldout_loss(r.pm, r.eval_ex, cfg.batch_size, r.tok.pad_token_id)
         print(f"held-out loss before: {state['eval_before']['loss']:.4f} "
               f"({state['eval_before']['tokens']} reply tokens)")

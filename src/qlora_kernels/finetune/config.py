@@ -61,10 +61,12 @@ class RunConfig:
     grad_accum: int = _option(2, int, "micro-batches per optimizer step (default {default})", check=_at_least(1))
     lr: float = _option(1e-3, float, "peak learning rate (default {default})", check=_POSITIVE)
     rank: int = _option(16, int, "LoRA rank r (default {default})", check=_at_least(1))
-    alpha: float = _option(32.0, float, "LoRA alpha (default {default:g})")
+    alpha: float = _option(32.0, float, "LoRA alpha (default {default:g})",
+                           check=((lambda v: math.isfinite(v)), "must be a finite number"))
     dropout: float = _option(0.05, float, "LoRA dropout (default {default})",
                              check=((lambda v: 0.0 <= v < 1.0), "must be in [0, 1)"))
-    seed: int = _option(0, int, "seed of adapter init, batch order and dropout (default {default})")
+    seed: int = _option(0, int, "seed of adapter init, batch order and dropout (default {default})",
+                        check=((lambda v: 0 <= v < 2 ** 32), "must be in [0, 2^32) (numpy's seeds)"))
     eval_size: Optional[int] = _option(None, int, "held-out examples (default 5%% of the data, 1 to 64)",
                                        check=_at_least(1))
     warmup: Optional[int] = _option(None, int, "learning-rate warm-up steps (default 5%% of the steps)",

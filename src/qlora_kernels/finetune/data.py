@@ -4,6 +4,7 @@ held-out split, and a batch order that depends on the seed and the position alon
 resumed run sees exactly the batches an uninterrupted one would)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -133,6 +134,15 @@ def load_records(data: Optional[str]) -> tuple[list[Record], str, int]:
             seen.add(k)
             unique.append(r)
     return unique, DEFAULT_DATA if data is None else os.fspath(data), len(records) - len(unique)
+
+
+def fingerprint(records: list) -> str:
+    """What the run trains and evaluates on, as one hash (a resumed run must see the same)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r.key().encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def split(records: list, eval_size: Optional[int], data_name: str = "the data") -> tuple[list, list]:
