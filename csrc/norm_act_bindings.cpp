@@ -1,7 +1,8 @@
 // Bindings of the fused RMSNorm / SwiGLU (norm_act.h). Python passes data pointers with
 // the element counts it allocated (for the SwiGLU inputs, a row stride and the elements
 // their storage holds past the pointer: Phi-3's gate and up are the two halves of one
-// gate_up_proj output); every count is checked against the shape before a kernel runs. Rows are split over threads in fixed contiguous runs.
+// gate_up_proj output); every count is checked against the shape before a kernel runs.
+// Rows are split over threads in fixed contiguous runs.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -201,7 +202,8 @@ void register_norm_act(py::module_& m) {
   m.def("rms_norm_backward", &rms_norm_backward, nogil,
         "RMSNorm backward: dx per row, and dweight (dw != 0) summed over rows per thread part in a fixed order.");
   m.def("swiglu_forward", &swiglu_forward, nogil,
-        "h = silu(gate) * up over M rows of N (gate/up rows ld_g/ld_u apart within g_span/u_span elements, h contiguous).");
+        "h = silu(gate) * up over M rows of N (gate/up rows ld_g/ld_u apart within g_span/u_span elements, "
+        "h contiguous).");
   m.def("swiglu_backward", &swiglu_backward, nogil,
         "(dgate, dup) of h = silu(gate) * up, sigmoid recomputed from gate; dh, dgate, dup contiguous.");
   m.def("softmax_xent_rows", &softmax_xent_rows, nogil,

@@ -27,7 +27,7 @@ def base_row_sq_norms(base: torch.nn.Module) -> torch.Tensor:
     prep = base.prepared()
     if "row_sq_norms" in prep.derived:
         return prep.derived["row_sq_norms"]
-    if torch.is_inference_mode_enabled():
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():  # dynamo refuses the query
         with torch.inference_mode(False):  # kept for later calls in grad mode too: a normal tensor (prepared.py)
             return base_row_sq_norms(base)
     N, K = base.out_features, base.in_features

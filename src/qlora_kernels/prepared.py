@@ -159,7 +159,7 @@ class Prepared4bit:
                 raise ValueError(f"state.shape must be [out_features, in_features] for a linear layer, got "
                                  f"{tuple(state.shape)}")
         self.state = state
-        if torch.is_inference_mode_enabled():
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():  # dynamo refuses the query
             # A weight first used under torch.inference_mode keeps what it derives for later calls
             # in grad mode too, where autograd cannot save an inference tensor: made as normal ones.
             with torch.inference_mode(False):
