@@ -53,6 +53,28 @@ def test_quantize_model_swaps_linears_except_skipped():
     assert model["body"][0].blocksize == 32
 
 
+def test_quantize_model_shared_tied_bare_and_string_skip():
+    """Found by a review: a layer under two names was converted under one only; a head tied
+    to the embedding was quantized (and broke at the next tie_weights()); a bare nn.Linear
+    got a child named ""; skip="lm_head" was read as seven one-letter names."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shared = torch.nn.Linear(16, 16)
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared), "lm_head": torch.nn.Linear(16, 4)})
+    qk.quantize_model(model, skip="lm_head")
+    assert isinstance(model["a"], qnn.Linear4bit) and model["b"][0] is model["a"]
+    assert type(model["lm_head"]) is torch.nn.Linear
+    bare = qk.quantize_model(torch.nn.Linear(64, 32))
+    assert isinstance(bare, qnn.Linear4bit) and not list(bare.children())
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    qk.quantize_model(lm, skip=())
+    assert type(lm.lm_head) is torch.nn.Linear and lm.lm_head.weight is lm.model.embed_tokens.weight
+    assert isinstance(lm.model.layers[0].mlp.up_proj, qnn.Linear4bit)
+    lm.tie_weights()
+    assert lm(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 128)
+
+
 def test_lora_linear_module_trains_only_adapters(path):
     base = qnn.Linear4bit(32, 16, bias=True)
     base.bias.requires_grad_(False)

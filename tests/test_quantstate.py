@@ -1,4 +1,6 @@
 """QuantState serialization interoperates with bitsandbytes' in both directions."""
+import re
+
 import pytest
 import torch
 
@@ -68,3 +70,13 @@ def test_from_dict_errors_name_the_key():
     missing = {k: v for k, v in d.items() if k != "absmax"}
     with pytest.raises(ValueError, match="absmax"):
         QuantState.from_dict(missing)
+    # JSON that json.loads takes but a state cannot hold: named ValueErrors, not OverflowError
+    # or TypeError from deep inside (they escaped load_state_dict's error list)
+    packed_json = bytes(d["quant_state.bitsandbytes__nf4"].tolist()).decode()
+    infinite = re.sub(r'"blocksize": *\d+', '"blocksize": Infinity', packed_json)
+    assert infinite != packed_json
+    for text, match in (('[1]', "JSON list, not an object"), (infinite, "blocksize must be an integer")):
+        odd = dict(d)
+        odd["quant_state.bitsandbytes__nf4"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
+        with pytest.raises(ValueError, match=match):
+            QuantState.from_dict(odd)

@@ -18,20 +18,33 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
 def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = formats.DEFAULT_BLOCKSIZE,
                    double_quant: bool = False, skip: Iterable[str] = ("lm_head",), fuse_loss: bool = False,
                    fuse_norm_mlp: bool = False) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``model`` (except names in ``skip``) by a
-    :class:`Linear4bit`, in place; returns the model. ``fuse_loss``: on a transformers
+    """Replace every ``nn.Linear`` in ``model`` (except names in ``skip``, and a layer whose
+    weight another module shares, such as a head tied to the embedding) by a
+    :class:`Linear4bit`, in place; returns the model (a bare ``nn.Linear`` is returned as a
+    new Linear4bit). ``fuse_loss``: on a transformers
     causal LM, also compute the training loss with the fused output head + cross-entropy
     (integrations.hf_loss.fuse_loss: no [tokens, vocab] logits, and ``logits=None`` in the
     output of training-mode forwards that are given labels). ``fuse_norm_mlp``: also run the
     model's RMSNorms and SiLU-gated MLPs on the fused CPU kernels (integrations.hf_fuse.fuse_layers:
     same parameters and state-dict keys; other layers are left as they are) and its attention
     on the fused causal attention (integrations.hf_attention)."""
-    skip = tuple(skip)
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and not _skipped(name, skip)]
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)  # "lm_head" is one name, not seven letters
+    if type(model) is nn.Linear:  # a bare layer: there is no parent to put the new one in
+        return model if _skipped("", skip) else Linear4bit.from_linear(model, quant_type, blocksize, double_quant)
+    # Every name of a layer (a layer shared by two parents is one Linear4bit under both), and
+    # never a layer whose weight another kind of module uses too: a head tied to the input
+    # embedding stays dense, as transformers keeps it out of bitsandbytes (quantized, it
+    # would be untied, and a later tie_weights() would put the float embedding in its place).
+    shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+               if type(m) is nn.Linear and not _skipped(name, skip) and id(m.weight) not in shared]
+    made: dict = {}
     for name, lin in targets:
+        if id(lin) not in made:
+            made[id(lin)] = Linear4bit.from_linear(lin, quant_type, blocksize, double_quant)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(lin, quant_type, blocksize, double_quant))
+        setattr(parent, child, made[id(lin)])
     if fuse_loss:
         from .integrations.hf_loss import fuse_loss as _fuse
 

@@ -154,7 +154,7 @@ def _int_item(value: Any, key: str) -> int:
         raise ValueError(f"quant_state: {key} must be an integer, got {value!r}")
     try:
         out = int(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # "x", or an Infinity/NaN that json.loads accepts
         raise ValueError(f"quant_state: {key} must be an integer, got {value!r}") from None
     if float(value) != out:
         raise ValueError(f"quant_state: {key} must be an integer, got {value!r}")
@@ -167,9 +167,12 @@ def _pack_dict(d: dict[str, Any]) -> torch.Tensor:
 
 def _unpack_dict(t: torch.Tensor) -> dict[str, Any]:
     try:
-        return json.loads(bytes(t.detach().cpu().to(torch.uint8).numpy()).decode("utf-8"))
+        d = json.loads(bytes(t.detach().cpu().to(torch.uint8).numpy()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"quant_state: the packed quant_state tensor is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"quant_state: the packed quant_state tensor holds a JSON {type(d).__name__}, not an object")
+    return d
 
 
 _QS_PREFIX = "quant_state.bitsandbytes__"
