@@ -80,6 +80,24 @@ def test_padding_mask_and_dora(tmp_path):
     mask[1, :3] = 0  # left padding
     err = verify.errors(torch_logits(model, ids, mask)[mask.bool()], ort_logits(path, ids, mask)[mask.bool()])
     assert err["max_rel"] <= REL_TOL
+    # the stored factor belongs to the exported A and B: swapping them alone was accepted and
+    # gave outputs 85% off
+    from peft import get_peft_model_state_dict
+
+    with pytest.raises(ExportError, match="adapters are DoRA"):
+        swap_adapters(path, tmp_path / "swapped.onnx", get_peft_model_state_dict(model))
+    assert not (tmp_path / "swapped.onnx").exists()
+
+
+def test_bnb4_block_sizes_onnx_runtime_cannot_run_are_refused(tmp_path):
+    """MatMulBnb4 runs block sizes 16-256: a 512 one was written, and ONNX Runtime refused the
+    file at load (with verify off, silently)."""
+    model = qk.quantize_model(tiny_model("llama"), blocksize=512)
+    with pytest.raises(ExportError, match="this layer has 512"):
+        export(model, tmp_path / "m.onnx", verify_output=False, log=None)
+    assert not os.listdir(tmp_path)
+    res = export(model, tmp_path / "n.onnx", weight_format="nbits", log=None)  # ONNX Runtime loads and runs it
+    assert (tmp_path / "n.onnx").exists() and res.ort_error is not None
 
 
 def test_adapters_are_named_and_swappable(tmp_path):

@@ -580,3 +580,31 @@ def test_batch_of_two_prompts_of_different_lengths(tmp_path):
     for i, r in enumerate(rows):
         want = torch_greedy(model, r, n)[0]
         assert got[i][:len(want)] == want, i
+
+
+def test_exports_onnx_runtime_could_not_run_are_refused_before_writing(tmp_path):
+    """Found by a review: LoRA on the embedding was dropped without a word (the export then
+    disagreed with torch by 160%), a MatMulBnb4 of block size 512 and a head size of 18 were
+    written and ONNX Runtime refused them at load."""
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_kernels.integrations.peft import get_peft_model
+
+    pm = get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"],
+                                                  init_lora_weights=False))
+    for merge in (False, True):
+        with pytest.raises(ExportError, match=r"embed_tokens: LoRA outside the decoder's projections"):
+            export_genai(pm, tmp_path / "e", merge_adapters=merge, log=None)
+    torch.manual_seed(0)
+    coarse = qk.quantize_model(LlamaForCausalLM(LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval(), blocksize=512)
+    with pytest.raises(ExportError, match=r"MatMulBnb4 runs block sizes \(16, 32, 64, 128, 256\), this layer has 512"):
+        export_genai(coarse, tmp_path / "b", custom_ops=False, log=None)
+    odd = qk.quantize_model(LlamaForCausalLM(LlamaConfig(
+        vocab_size=512, hidden_size=72, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval())
+    with pytest.raises(ExportError, match="head size 18"):
+        export_genai(odd, tmp_path / "h", log=None)
+    assert not os.listdir(tmp_path)

@@ -33,6 +33,11 @@ def swap_adapters(src, dst, tensors: Mapping[str, torch.Tensor], overwrite: bool
             by_name[init.name] = init
     if not by_name:
         raise ExportError(f"{src}: no LoRA initializers (was it exported with merge_adapters=True?)")
+    dora = [i.name for i in proto.graph.initializer if "lora_magnitude_vector." in i.name]
+    if dora:
+        # the stored factor m/||W + sBA|| belongs to the exported A and B: new ones need a new export
+        raise ExportError(f"{src}: its adapters are DoRA ({dora[0]}): their magnitude factor depends on A and B, "
+                          f"so swapping A and B alone would give wrong outputs; export again with the new adapter")
     given = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
     replaced = 0
     for name, init in by_name.items():

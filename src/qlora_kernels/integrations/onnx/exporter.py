@@ -203,6 +203,7 @@ def export(model: torch.nn.Module, path, example_inputs=None, weight_format: str
     finally:
         model.train(was_training)
     report = layers.swap(work, weight_format, merge_adapters)
+    layers.check_bnb4_modules(work)
     work.eval()
     mine = verify.torch_logits(work, ids, mask)
     requant = verify.errors(ref, mine)

@@ -25,6 +25,34 @@ class SwapReport:
     notes: list = field(default_factory=list)
 
 
+# The block sizes ONNX Runtime's com.microsoft.MatMulBnb4 runs (it refuses others at load);
+# our own operators (ortops) take every blocksize of formats.BLOCKSIZES.
+BNB4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _bnb4_refusal(where: str, size) -> ExportError:
+    return ExportError(f"{where}: ONNX Runtime's MatMulBnb4 runs block sizes {BNB4_BLOCK_SIZES}, this layer has "
+                       f"{size}; export with weight_format='nbits', with our operators (the GenAI export's "
+                       f"custom_ops), or quantize with a blocksize up to 256")
+
+
+def check_bnb4_block_sizes(proto) -> None:
+    """Refuses a graph ONNX Runtime could not load (a MatMulBnb4 node of another block size),
+    before anything is written."""
+    for node in proto.graph.node:
+        if node.op_type == "MatMulBnb4":
+            size = next((a.i for a in node.attribute if a.name == "block_size"), None)
+            if size not in BNB4_BLOCK_SIZES:
+                raise _bnb4_refusal(node.name, size)
+
+
+def check_bnb4_modules(model: nn.Module) -> None:
+    """The same for a model about to be traced: its Bnb4Base layers become MatMulBnb4 nodes."""
+    for name, m in model.named_modules():
+        if isinstance(m, Bnb4Base) and m.blocksize not in BNB4_BLOCK_SIZES:
+            raise _bnb4_refusal(name, m.blocksize)
+
+
 class Bnb4Base(nn.Module):
     """x @ dequant(W)^T (+ bias) as one MatMulBnb4: our packed bytes and fp32 absmax."""
 

@@ -137,6 +137,23 @@ def _save(proto, path: Path) -> None:
         onnx.save_model(proto, str(path))
 
 
+def _refuse_other_adapters(lm, arch) -> None:
+    """LoRA anywhere but the decoder's projections (an adapted embedding, say) has no place in
+    this graph: refused, never silently dropped (docs/onnx.md)."""
+    from ....nn import LoraLinear
+
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+        types: tuple = (LoraLayer, LoraLinear)
+    except ImportError:
+        types = (LoraLinear,)
+    projections = {p for i in range(arch.layers) for p in arch.projections(i).values()}
+    for name, mod in lm.named_modules():
+        if isinstance(mod, types) and name not in projections:
+            raise ExportError(f"{name}: LoRA outside the decoder's projections is not exported; merge it into the "
+                              f"model first (PEFT's merge_and_unload) or leave that module out of the adapter")
+
+
 def _verify(folder: Path, model, arch, active: dict | None, custom_ops: bool) -> dict:
     """The decoder, with an empty cache, on a short prompt against the torch model."""
     import numpy as np
@@ -209,6 +226,10 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
                           "and to our operators (weight_format='bnb4' with custom_ops)")
     target = check_out_dir(out_dir, overwrite, _input_folders(model, tokenizer, adapters))
     arch = arch_mod.read(model)
+    if arch.head_size % 8:
+        raise ExportError(f"head size {arch.head_size}: ONNX Runtime's GroupQueryAttention on CPU runs head sizes that "
+                          f"are multiples of 8")
+    _refuse_other_adapters(arch_mod.core_model(model), arch)
     tables = arch_mod.rotary_tables(model, arch)
 
     files = {} if merge_adapters else {n: (p, "the model") for n, p in adapter_files.from_model(model, arch).items()}
@@ -248,6 +269,7 @@ def export_genai(model: torch.nn.Module, out_dir, weight_format: str = "bnb4", a
                          "switchable_adapters": ",".join(sorted(checked))})
         if use_ops:
             ortops.use_library(proto, int8=accuracy_level == 4)
+        layers.check_bnb4_block_sizes(proto)  # what is left of ONNX Runtime's MatMulBnb4
         counts: dict = {}
         for node in proto.graph.node:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
