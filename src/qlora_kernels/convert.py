@@ -35,16 +35,17 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = f
     # never a layer whose weight another kind of module uses too: a head tied to the input
     # embedding stays dense, as transformers keeps it out of bitsandbytes (quantized, it
     # would be untied, and a later tie_weights() would put the float embedding in its place).
-    shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
+    # (by identity: a tied weight is the very same Parameter, on a meta device too)
+    others = [p for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)]
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
-               if type(m) is nn.Linear and not _skipped(name, skip) and id(m.weight) not in shared]
-    made: dict = {}
+               if type(m) is nn.Linear and not _skipped(name, skip) and not any(m.weight is p for p in others)]
+    made: dict[nn.Module, Linear4bit] = {}  # modules hash by identity: one Linear4bit per layer
     for name, lin in targets:
-        if id(lin) not in made:
-            made[id(lin)] = Linear4bit.from_linear(lin, quant_type, blocksize, double_quant)
+        if lin not in made:
+            made[lin] = Linear4bit.from_linear(lin, quant_type, blocksize, double_quant)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, made[id(lin)])
+        setattr(parent, child, made[lin])
     if fuse_loss:
         from .integrations.hf_loss import fuse_loss as _fuse
 
