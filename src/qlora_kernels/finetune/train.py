@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import FinetuneError, checkpoint
 from ..integrations.hf_loss import is_fused
 from .data import IGNORE, Order, collate
 
@@ -198,7 +198,10 @@ def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg
     session_tokens, session_t0 = 0, time.perf_counter()
     model.train()
 
+    saved = [state["step"]]  # a resumed run starts from a checkpoint
+
     def save():
+        saved[0] = state["step"]
         state["peak_rss_kb"] = max(state.get("peak_rss_kb", 0), _peak_rss_kb())
         return checkpoint.save(out, save_model, opt, sched, state, session if session.on else None)
 
@@ -218,6 +221,13 @@ def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg
                     session.micro_done()
             total = session.sum(total)
             lr = opt.param_groups[0]["lr"]
+            if not math.isfinite(total):
+                # every rank holds the same sum, so every rank stops here, before the step would
+                # write NaN into the adapter and the next checkpoint
+                bar.close()
+                kept = f"the checkpoint of step {saved[0]} is kept" if saved[0] else "no checkpoint was written"
+                raise FinetuneError(f"step {step + 1}: the training loss is {total} at --lr {lr:g}: the run diverged "
+                                    f"and this step was not applied ({kept}); try a lower --lr")
             session.step(opt, params)
             sched.step()
             opt.zero_grad(set_to_none=True)
