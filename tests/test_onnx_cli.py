@@ -37,8 +37,11 @@ def _run(args, capsys):
 def test_export_model_and_adapter(folders, tmp_path, capsys):
     model_dir, run, pm = folders
     out = tmp_path / "tiny.onnx"
-    rc, stdout, err = _run(["--onnx", str(out), "--model", str(model_dir), "--adapter", str(run)], capsys)
+    # no --model: the base is the folder the adapter names (PEFT's base_model_name_or_path), as
+    # PEFT's AutoPeftModel loads it, not our default model
+    rc, stdout, err = _run(["--onnx", str(out), "--adapter", str(run)], capsys)
     assert rc == 0, err
+    assert f"base model: {model_dir.resolve()} (the adapter's base_model_name_or_path" in stdout
     assert f"wrote {out} (bnb4;" in stdout and "ONNX Runtime vs torch: logits max abs error" in stdout
     ids = torch.randint(1, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
     ref = verify.torch_logits(pm, ids, torch.ones_like(ids))
@@ -69,6 +72,8 @@ def test_bad_input(folders, tmp_path, capsys):
     assert rc == 2 and "no adapter_config.json" in err
     rc, _, err = _run(["--onnx", str(tmp_path / "x.onnx"), "--model", str(tmp_path / "nothing")], capsys)
     assert rc == 2 and "no such folder" in err
+    rc, _, err = _run(["--onnx", str(tmp_path / "x.onnx"), "--model", str(model_dir), "--merge-adapters"], capsys)
+    assert rc == 2 and "--merge-adapters merges the --adapter given, and none was" in err
     with pytest.raises(SystemExit):
         cli.main(["export", "--onnx", str(tmp_path / "x.onnx"), "--weight-format", "int8"])
     assert not (tmp_path / "x.onnx").exists()

