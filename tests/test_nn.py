@@ -92,3 +92,17 @@ def test_lora_linear_module_trains_only_adapters(path):
         qnn.LoraLinear(torch.nn.Conv1d(3, 3, 1))
     with pytest.raises(ValueError, match="r must be a positive int"):
         qnn.LoraLinear(torch.nn.Linear(4, 4), r=0)
+
+
+def test_device_meta_builds_shapes_only_and_loads_with_assign():
+    # nn.Linear(device="meta") allocates nothing; ours built a CPU weight (and quantized it) and
+    # ignored the argument. The meta layer then takes a real state dict, as FSDP's meta-device
+    # initialisation and transformers' loading do.
+    from qlora_kernels.nn import Linear4bit
+
+    meta = Linear4bit(64, 24, device="meta")
+    assert {t.device.type for t in (meta.weight, meta.quant_state.absmax, meta.bias)} == {"meta"}
+    real = Linear4bit(64, 24)
+    meta.load_state_dict(real.state_dict(), assign=True)
+    x = torch.randn(3, 64)
+    assert torch.equal(meta(x), real(x))

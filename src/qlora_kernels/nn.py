@@ -32,7 +32,7 @@ class Linear4bit(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         self.compute = functional.check_compute(compute)
-        init = torch.empty(out_features, in_features)
+        init = torch.empty(out_features, in_features, device=device)  # "meta": shapes only, as nn.Linear
         nn.init.kaiming_uniform_(init, a=math.sqrt(5))  # nn.Linear's initialisation
         packed, state = functional.quantize_4bit(init, quant_type, blocksize, double_quant)
         self.weight = nn.Parameter(packed, requires_grad=False)
@@ -40,7 +40,7 @@ class Linear4bit(nn.Module):
         self._prepared: Optional[Prepared4bit] = None
         if bias:
             bound = 1 / math.sqrt(in_features)
-            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype or torch.float32).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype or torch.float32, device=device).uniform_(-bound, bound))
         else:
             self.register_parameter("bias", None)
 
