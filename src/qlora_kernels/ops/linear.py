@@ -37,8 +37,9 @@ def fp32_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _2d(t: torch.Tensor) -> torch.Tensor:
-    """[rows, last dim]: reshape(-1, 0) cannot infer the rows of an empty layer's input."""
+def rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """[rows, last dim], a view where one exists: reshape(-1, 0) cannot infer the rows of an
+    empty layer's input."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
@@ -46,8 +47,8 @@ def _nrows(t: torch.Tensor) -> int:
     return math.prod(t.shape[:-1])
 
 
-def _shaped(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
-    """``t`` (a fresh contiguous 2-D result) in ``dtype`` and ``shape`` without returning a
+def fresh_result(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    """``t`` (a fresh contiguous result) in ``dtype`` and ``shape`` without returning a
     view: autograd forbids in-place updates of custom-op outputs that are views, and PEFT's
     mixed-batch forward updates the output in place."""
     t = t if t.dtype == dtype else t.to(dtype)
@@ -66,10 +67,10 @@ def linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
 
 def _linear_run(kernel: str, x, packed, absmax, blocksize, quant_type, out_features, bias) -> torch.Tensor:
     checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
-    x2 = _2d(x).float().contiguous()
+    x2 = rows_2d(x).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = run(kernel, x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
-    return _shaped(y, x.dtype, (*x.shape[:-1], out_features))
+    return fresh_result(y, x.dtype, (*x.shape[:-1], out_features))
 
 
 linear_4bit = torch.library.custom_op("qlora_kernels::linear_4bit", mutates_args=())(linear_4bit_impl)
@@ -124,10 +125,10 @@ def linear_4bit_grad_input_impl(dy: torch.Tensor, packed: torch.Tensor, absmax: 
     """dx = dy @ dequantize(W), W [dy.shape[-1], in_features]: the input gradient of
     linear_4bit (the frozen 4-bit weight itself gets none)."""
     checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
-    dy2 = _2d(dy).float().contiguous()
+    dy2 = rows_2d(dy).float().contiguous()
     dx = run("linear_4bit_grad_input", dy2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
              in_features)
-    return _shaped(dx, dy.dtype, (*dy.shape[:-1], in_features))
+    return fresh_result(dx, dy.dtype, (*dy.shape[:-1], in_features))
 
 
 linear_4bit_grad_input = torch.library.custom_op("qlora_kernels::linear_4bit_grad_input",
@@ -147,7 +148,7 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _sum_leading(dy: torch.Tensor) -> torch.Tensor:
-    return _2d(dy).float().sum(0)
+    return rows_2d(dy).float().sum(0)
 
 
 @no_autocast
@@ -184,12 +185,12 @@ def lora_linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.T
     the already-scaled dropout mask (None: no dropout). u is kept for the backward."""
     checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
     checks.lora(x, lora_A, lora_B, out_features, bias, noise)
-    x2 = _2d(x).float().contiguous()
+    x2 = rows_2d(x).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     b = None if bias is None else bias.float().contiguous()
     y, u = run("lora_linear_4bit", x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features,
                lora_A, lora_B, scaling, b, n2)
-    return _shaped(y, x.dtype, (*x.shape[:-1], out_features)), u
+    return fresh_result(y, x.dtype, (*x.shape[:-1], out_features)), u
 
 
 # the implementation stays callable on its own: functional.lora_linear_4bit runs it without
@@ -225,8 +226,8 @@ def lora_linear_4bit_backward_impl(dy: torch.Tensor, x: torch.Tensor, packed: to
     checks.lora(x, lora_A, lora_B, N, None, noise)
     checks.lora_u(u, x, lora_A)
     K = x.shape[-1]
-    dy2 = _2d(dy).float().contiguous()
-    x2 = _2d(x).float()
+    dy2 = rows_2d(dy).float().contiguous()
+    x2 = rows_2d(x).float()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     dx, dA, dB = run("lora_linear_4bit_backward", dy2, x2, u, packed.contiguous(), absmax.contiguous(), blocksize,
                      quant_type, lora_A, lora_B, scaling, n2, need_x)
@@ -272,13 +273,13 @@ def lora_linear_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
     """(y, u) for a dense base: y = x @ weight.T (+ bias) + scaling * (u @ B.T)."""
     checks.dense(x, weight)
     checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
-    x2 = _2d(x).float().contiguous()
+    x2 = rows_2d(x).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     y = x2 @ weight.float().t()
     if bias is not None:
         y += bias.float()
     u = run("lora_forward_tail", x2, y, lora_A, lora_B, scaling, n2)
-    return _shaped(y, x.dtype, (*x.shape[:-1], weight.shape[0])), u
+    return fresh_result(y, x.dtype, (*x.shape[:-1], weight.shape[0])), u
 
 
 lora_linear = torch.library.custom_op("qlora_kernels::lora_linear", mutates_args=())(lora_linear_impl)
@@ -302,8 +303,8 @@ def _lora_dense_setup(ctx, inputs, output):
 def _lora_dense_backward(ctx, dy, _du_unused):
     x, weight, lora_A, lora_B, noise, u = ctx.saved_tensors
     scaling, has_bias = ctx.meta
-    dy2 = _2d(dy).float().contiguous()
-    x2 = _2d(x).float()
+    dy2 = rows_2d(dy).float().contiguous()
+    x2 = rows_2d(x).float()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     need_x = ctx.needs_input_grad[0]
     dA, dB, dx_lora = run("lora_backward", dy2, x2, u, lora_A, lora_B, scaling, n2, need_x)

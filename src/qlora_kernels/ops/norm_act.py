@@ -11,26 +11,11 @@ Arithmetic is fp32 (transformers' LlamaRMSNorm computes the norm in fp32 too): b
 inputs are widened on entry and each result is rounded once to its input's dtype."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..backends import run
 from . import checks, eager
-from .linear import no_autocast
-
-
-def _fresh(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
-    """``t`` (a fresh contiguous result) in ``dtype`` and ``shape``, not as a view: autograd
-    forbids in-place updates of custom-op outputs that are views."""
-    t = t if t.dtype == dtype else t.to(dtype)
-    return t if tuple(t.shape) == tuple(shape) else t.resize_(tuple(shape))
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """2-D fp32 rows, a view where one exists (Phi-3's gate and up are halves of one tensor)."""
-    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).float()  # -1 cannot be inferred for 0 columns
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+from .linear import fp32_rows, fresh_result, no_autocast, rows_2d
 
 
 # ------------------------------------------------------------------- rms_norm ----
@@ -50,7 +35,7 @@ def rms_norm_run(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
     inference path: fp32 CPU x and a 1-D weight of x's last size)."""
     y, rstd = run("rms_norm", x.reshape(-1, x.shape[-1]).float().contiguous(), weight.float().contiguous(),
                   float(eps))
-    return _fresh(y, x.dtype, x.shape), _fresh(rstd, torch.float32, x.shape[:-1])
+    return fresh_result(y, x.dtype, x.shape), fresh_result(rstd, torch.float32, x.shape[:-1])
 
 
 rms_norm = torch.library.custom_op("qlora_kernels::rms_norm", mutates_args=())(rms_norm_impl)
@@ -72,7 +57,7 @@ def rms_norm_backward_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     dx, dw = run("rms_norm_backward", dy.reshape(-1, K).float().contiguous(), x.reshape(-1, K).float().contiguous(),
                  weight.float().contiguous(), rstd.reshape(-1).contiguous(), bool(need_dweight))
     dw = dw.to(weight.dtype) if need_dweight else x.new_empty((0,), dtype=weight.dtype)
-    return _fresh(dx, x.dtype, x.shape), dw
+    return fresh_result(dx, x.dtype, x.shape), dw
 
 
 rms_norm_backward = torch.library.custom_op("qlora_kernels::rms_norm_backward", mutates_args=())(rms_norm_backward_impl)
@@ -107,7 +92,7 @@ rms_norm_call = eager.function("qlora_kernels::rms_norm", rms_norm, rms_norm_imp
 def swiglu_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, in gate's dtype."""
     checks.swiglu(gate, up)
-    return _fresh(run("swiglu", _rows(gate), _rows(up)), gate.dtype, gate.shape)
+    return fresh_result(run("swiglu", fp32_rows(rows_2d(gate)), fp32_rows(rows_2d(up))), gate.dtype, gate.shape)
 
 
 swiglu = torch.library.custom_op("qlora_kernels::swiglu", mutates_args=())(swiglu_impl)
@@ -123,8 +108,8 @@ def _(gate, up):
 def swiglu_backward_impl(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup) of swiglu, the sigmoid recomputed from gate."""
     checks.swiglu(gate, up, dh)
-    dg, du = run("swiglu_backward", _rows(dh).contiguous(), _rows(gate), _rows(up))
-    return _fresh(dg, gate.dtype, gate.shape), _fresh(du, up.dtype, up.shape)
+    dg, du = run("swiglu_backward", fp32_rows(rows_2d(dh)).contiguous(), *(fp32_rows(rows_2d(t)) for t in (gate, up)))
+    return fresh_result(dg, gate.dtype, gate.shape), fresh_result(du, up.dtype, up.shape)
 
 
 swiglu_backward = torch.library.custom_op("qlora_kernels::swiglu_backward", mutates_args=())(swiglu_backward_impl)
