@@ -101,9 +101,12 @@ void gemm_driver(int64_t M, int64_t NO, int64_t KR, const float* a, int64_t lda,
   const int64_t per_thread = bp_floats + round_up(kcmax, 16) + round_up(mcmax * kcmax + 16, 16);
   ScratchMeter meter;
   ScratchBuf buf(meter, T * per_thread);
-#pragma omp parallel num_threads(T)
-  {
-    const int t = thread_id();
+  // One iteration per grid cell, not one per thread id: OpenMP may run fewer threads than
+  // asked (OMP_DYNAMIC on a busy machine, OMP_THREAD_LIMIT, a nested region), and a cell
+  // keyed on omp_get_thread_num() would then never be computed. The cells and so the
+  // results' bits stay those of the T-thread grid, however many threads run them.
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+  for (int t = 0; t < T; ++t) {
     const int ti = t % tn, tj = t / tn;
     const int64_t n0 = imin(NO, units * ti / tn * unit), n1 = imin(NO, units * (ti + 1) / tn * unit);
     const int64_t m0 = imin(M, mu * tj / tm * MR), m1 = imin(M, mu * (tj + 1) / tm * MR);

@@ -210,9 +210,10 @@ void linear4_q8_forward_avx2(const float* x, int64_t M, int64_t ldx, const Weigh
       quantize_x_groups(x + (m0 + r) * ldx, K, bs, q, sx + r * ng);
       split_nibble_order(q, K, xlo + r * (K / 2), xhi + r * (K / 2));
     }
-#pragma omp parallel num_threads(T)
-    {
-      const int64_t t = thread_id(), nb = N * t / T, ne = N * (t + 1) / T;
+    // per column range, not per thread id: OpenMP may run fewer threads than asked (linear4_gemm.h)
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t nb = N * t / T, ne = N * (t + 1) / T;
       float d[4];
       for (int64_t n0 = nb; n0 < ne; n0 += kBlockN8) {
         for (int64_t g = 0; g < mt; g += 4) {

@@ -216,9 +216,10 @@ void forward_many_rows(const float* x, int64_t M, int64_t ldx, const Weight4Q8& 
 #pragma omp parallel for num_threads(threads_for(mt, nthreads)) schedule(static)
     for (int64_t r = 0; r < mt; ++r)
       prepare_row(x + (m0 + r) * ldx, K, bs, xs.lo_of(r), xs.hi_of(r), xs.corr_of(r), xs.sxv_of(r));
-#pragma omp parallel num_threads(T)
-    {
-      const int64_t t = thread_id(), nb = N * t / T, ne = N * (t + 1) / T;
+    // per column range, not per thread id: OpenMP may run fewer threads than asked (linear4_gemm.h)
+#pragma omp parallel for schedule(static, 1) num_threads(T)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t nb = N * t / T, ne = N * (t + 1) / T;
       float d[kGroupRows];
       for (int64_t n0 = nb; n0 < ne; n0 += kBlockN) {
         for (int64_t g = 0; g < mt; g += kGroupRows) {

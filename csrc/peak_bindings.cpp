@@ -29,18 +29,24 @@ bool runnable(const std::string& isa) {
   return std::find(all.begin(), all.end(), isa) != all.end();
 }
 
-// Wall time of `body(thread, nthreads)` run once by each of nthreads threads.
+// Wall time of `body(slice)` for every slice 0..nthreads-1, a slice per thread. Slices,
+// not thread ids: when OpenMP runs fewer threads than asked, the work is still all done
+// and the rate it gives is the rate of the threads that ran, not nthreads times one's.
 template <class F>
 double timed_region(int nthreads, F body) {
   const auto t0 = Clock::now();
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads)
-  body(omp_get_thread_num(), omp_get_num_threads());
-#else
-  (void)nthreads;
-  body(0, 1);
-#endif
+#pragma omp parallel for schedule(static, 1) num_threads(nthreads)
+  for (int t = 0; t < nthreads; ++t) body(t);
   return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// The work size whose region takes at least `target` seconds, judged on the faster of two
+// runs: one run stalled by another process (a shared machine) stopped the doubling early
+// and left every later region timing thread wake-ups rather than the work.
+template <class Run>
+int64_t sized(int64_t n, double target, Run run) {
+  while (std::min(run(n), run(n)) < target && n < (int64_t(1) << 40)) n *= 2;
+  return n;
 }
 
 volatile float g_sink;  // keeps the probes' results alive
@@ -57,9 +63,9 @@ double fma_peak_gflops(const std::string& isa, int nthreads, double min_seconds)
   py::gil_scoped_release nogil;
   int64_t iters = 1 << 16;
   auto run = [&](int64_t n) {
-    return timed_region(nthreads, [&](int t, int) { g_sink = chains(n, 1.0f + t); });
+    return timed_region(nthreads, [&](int t) { g_sink = chains(n, 1.0f + t); });
   };
-  while (run(iters) < min_seconds / 20 && iters < (int64_t(1) << 40)) iters *= 2;
+  iters = sized(iters, min_seconds / 20, run);
   double best = 0, spent = 0;
   for (int rep = 0; rep < 5 || spent < min_seconds; ++rep) {
     const double s = run(iters);
@@ -85,17 +91,18 @@ double read_bandwidth_gbs(int64_t bytes, int nthreads, double min_seconds) {
   QK_REQUIRE(buf != nullptr, "cannot allocate " + std::to_string(n * 4) + " bytes");
   float* p = buf.get();
   py::gil_scoped_release nogil;
-  timed_region(nthreads, [&](int t, int) { std::fill(p + t * per_thread, p + (t + 1) * per_thread, 1.0f); });
-  // Repeat a slice enough times that a pass is far longer than starting the threads.
-  const int64_t reps = std::max<int64_t>(1, (int64_t(1) << 26) / (per_thread * 4));
-  auto pass = [&] {
-    return timed_region(nthreads, [&](int t, int) {
+  timed_region(nthreads, [&](int t) { std::fill(p + t * per_thread, p + (t + 1) * per_thread, 1.0f); });
+  auto passes = [&](int64_t reps) {
+    return timed_region(nthreads, [&](int t) {
       float s = 0;
       for (int64_t r = 0; r < reps; ++r) s += sum(p + t * per_thread, per_thread);
       g_sink = s;
     });
   };
-  pass();  // warm the level the buffer fits in
+  passes(1);  // warm the level the buffer fits in
+  // Repeat a slice enough times that a pass is far longer than starting the threads.
+  const int64_t reps = sized(std::max<int64_t>(1, (int64_t(1) << 26) / (per_thread * 4)), min_seconds / 20, passes);
+  auto pass = [&] { return passes(reps); };
   double best = 0, spent = 0;
   for (int rep = 0; rep < 5 || spent < min_seconds; ++rep) {
     const double s = pass();
