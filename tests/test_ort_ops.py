@@ -268,3 +268,17 @@ def test_isa_hooks(library):
     with pytest.raises(ValueError, match="isa 'sse9' is not a path"):
         ortops.set_isa("sse9")
     assert ort.get_version_string()  # the runtime the library was loaded into
+
+
+def test_an_invalid_isa_cap_is_an_error_not_an_abort():
+    # the library reads QLORA_KERNELS_ISA on first use; a typo set after import made that read
+    # throw through the C boundary: std::terminate, the process gone (exit 134)
+    import subprocess
+    import sys
+
+    code = ("import os; from qlora_kernels.integrations.onnx import ortops\n"
+            "os.environ['QLORA_KERNELS_ISA'] = 'avx2 '\n"
+            "try:\n    ortops.isa()\nexcept ValueError as e:\n    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-1500:])
+    assert "refused:" in r.stdout and "QLORA_KERNELS_ISA" in r.stdout, r.stdout

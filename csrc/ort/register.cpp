@@ -3,6 +3,7 @@
 // and the CPU-path hooks the tests and `qlora-kernels info` call through ctypes. Nothing
 // else is exported (exports.map).
 #include <exception>
+#include <string>
 
 #include "../dispatch.h"
 #include "ort_common.h"
@@ -44,6 +45,15 @@ extern "C" __attribute__((visibility("default"))) int qlora_kernels_ort_set_isa(
   }
 }
 
+// The path's name, or "error: ..." when the QLORA_KERNELS_ISA cap is invalid (its first
+// read throws): an exception must not cross the C boundary (std::terminate, the process
+// gone) where the Python extension raises a ValueError.
 extern "C" __attribute__((visibility("default"))) const char* qlora_kernels_ort_isa() {
-  return qk::isa_name(qk::current_isa());
+  static thread_local std::string err;
+  try {
+    return qk::isa_name(qk::current_isa());
+  } catch (const std::exception& e) {
+    err = std::string("error: ") + e.what();
+    return err.c_str();
+  }
 }

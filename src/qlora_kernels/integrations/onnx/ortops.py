@@ -141,7 +141,10 @@ def _lib():
 
 def isa() -> str:
     """The CPU path the library's kernels take (its own dispatch: QLORA_KERNELS_ISA caps it too)."""
-    return _lib().qlora_kernels_ort_isa().decode()
+    name = _lib().qlora_kernels_ort_isa().decode()
+    if name.startswith("error: "):
+        raise ValueError(name[len("error: "):])
+    return name
 
 
 def set_isa(name: str) -> None:
