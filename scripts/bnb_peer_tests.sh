@@ -29,6 +29,7 @@ SELECT=(tests/test_ops.py tests/test_linear4bit.py tests/test_autograd.py
         "tests/test_functional.py::TestQuantize4BitFunctional")
 run() {  # $1: label, $2: QLORA_KERNELS_BNB
   echo "bnb peer tests: $1 (QLORA_KERNELS_BNB=$2)"
+  rm -f "$OUT/$1.json"  # a run that dies before pytest's session end writes none: never judge an old one
   # TORCHDYNAMO_DISABLE: bitsandbytes wraps its pure-torch CPU kernels in torch.compile,
   # which compiles again for every test shape (most of a stock run's time); eager torch
   # gives the same results, in both runs alike.
@@ -43,14 +44,19 @@ run plugin 1
 "$PY" - "$OUT" <<'PYEOF'
 import json, sys
 out = sys.argv[1]
-stock, plugin = (json.load(open(f"{out}/{k}.json")) for k in ("stock", "plugin"))
+try:
+    stock, plugin = (json.load(open(f"{out}/{k}.json")) for k in ("stock", "plugin"))
+except FileNotFoundError as e:
+    sys.exit(f"bnb peer tests: no report {e.filename}: that run died before its end (its .log says why)")
 s, p = stock["outcomes"], plugin["outcomes"]
 print(f"stock bitsandbytes: {s}")
 print(f"with qlora-kernels: {p}")
 st = plugin["plugin"]
 print(f"ours: {', '.join(st['ours'])}; calls: {st['calls']}")
 print(f"fallbacks to bitsandbytes' default kernels: {st['fallbacks'] or 'none'}")
-problems = []
+# exit status 1: tests failed, judged below; any other: that run did not run through
+problems = [f"the {k} run ended with pytest exit status {r['exitstatus']}"
+            for k, r in (("stock", stock), ("plugin", plugin)) if r.get("exitstatus") not in (0, 1)]
 if p.get("failed", 0) or p.get("error", 0):
     problems.append(f"{p.get('failed', 0)} failed, {p.get('error', 0)} errors with the plugin")
 if p.get("passed", 0) != s.get("passed", 0):

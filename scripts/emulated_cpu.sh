@@ -48,7 +48,7 @@ cpu="$model${missing:+,$missing}"
 mkdir -p "$scratch/venv/bin"
 cp .venv/pyvenv.cfg "$scratch/venv/"
 ln -s "$PWD/.venv/lib" "$scratch/venv/lib"
-printf '#!/bin/sh\nexec qemu-x86_64 -cpu %s -0 "$0" %s "$@"\n' "$cpu" "$PWD/.venv/bin/python" > "$scratch/venv/bin/python"
+printf '#!/bin/sh\nexec qemu-x86_64 -cpu %s -0 "$0" "%s" "$@"\n' "$cpu" "$PWD/.venv/bin/python" > "$scratch/venv/bin/python"
 chmod +x "$scratch/venv/bin/python"
 echo "emulated_cpu: $(qemu-x86_64 --version | head -1), -cpu $cpu"
 # The lane proves nothing unless every library sees the emulated CPU: check that first.

@@ -106,7 +106,7 @@ PYEOF
 echo "release: a fresh virtualenv with the wheel"
 python3 -m venv "$OUT/venv"
 V="$OUT/venv/bin/python"
-"$V" "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+"$V" "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0+cpu}"
 "$V" "${PIP[@]}" "$REPAIRED" "pytest>=8" "hypothesis>=6" "bitsandbytes==0.50.2"
 
 echo "release: the test suite's core from the unpacked sdist, against the installed wheel"

@@ -7,8 +7,8 @@
 #     our ONNX Runtime operator library;
 #   * this package (pip compiles the C++ extensions) with the extras the tests use.
 # Idempotent: a second run only rebuilds the package.
-# Elsewhere: set TORCH_SPEC / PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu so that
-# pip takes the CPU build of torch (a bare `torch` on an empty environment pulls CUDA).
+# TORCH_SPEC overrides the torch requirement (default: torch==2.13.0+cpu, the CPU build, from
+# pip's sources or PyTorch's CPU index; a bare `torch` on an empty environment pulls CUDA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,8 +30,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  echo "setup: installing ${TORCH_SPEC:-torch==2.13.0} (CPU build)"
-  "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+  if [ -n "${TORCH_SPEC:-}" ]; then
+    echo "setup: installing $TORCH_SPEC"
+    "${PIP[@]}" "$TORCH_SPEC"
+  else
+    # the +cpu local version exists only as PyTorch's CPU build: pip's configured sources
+    # first (a local wheel folder, as on our CI machines), else PyTorch's CPU index; a bare
+    # torch==2.13.0 from PyPI is the multi-GB CUDA build
+    echo "setup: installing torch==2.13.0+cpu (the CPU build)"
+    "${PIP[@]}" "torch==2.13.0+cpu" 2>/dev/null ||
+      "${PIP[@]}" --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
+  fi
 fi
 "${PIP[@]}" "setuptools>=77" "pybind11>=2.12"
 # ONNX Runtime's C API headers, for our ONNX Runtime operator library (csrc/ort): from
