@@ -2,6 +2,7 @@
 Phi-3-mini NF4 decode on an Alveo U280 reaches >= 80% of the HBM roofline within the
 board's resources, with every assumption stated."""
 import json
+import re
 
 import pytest
 
@@ -245,3 +246,33 @@ def test_floorplan_flags_an_slr_past_70_percent_and_not_below():
     assert [p["cus"] for p in heavy["per_slr"]] == [2, 2, 2]
     one = floorplan.plan(BOARDS["v80"], rs.Resources(lut=1000), 5)  # NoC-routed: one fabric region
     assert one["slrs"] == 1 and one["crossing_ports"] == 0 and one["per_slr"][0]["cus"] == 5
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("blocksize", 16, "blocksize must be one of"), ("blocksize", 48, "blocksize must be one of"),
+    ("blocksize", 0, "blocksize must be one of"), ("lora_rank", 256, "ranks up to 64"),
+    ("lora_rank", -5, "lora_rank must be an integer >= 1"), ("efficiency", 1.5, "efficiency must be in (0, 1]"),
+    ("efficiency", 0, "efficiency must be in (0, 1]"), ("clock_mhz", 0, "clock_mhz must be > 0"),
+    ("train_batch", 0, "train_batch must be an integer >= 1"), ("context", -1, "context must be an integer >= 0"),
+    ("util_cap", 2.0, "util_cap must be in (0, 1]"),
+])
+def test_configurations_the_design_cannot_have_are_refused(option, value, says, capsys):
+    # these gave numbers (blocksize 16 "fits" at 134 tok/s; efficiency 1.5 beat the board's
+    # bandwidth; clock 0 meant the board's clock) or a ZeroDivisionError traceback
+    with pytest.raises(ValueError, match=re.escape(says)):
+        fpga.estimate("u280", "phi-3-mini", **{option: value})
+    flag = {"lora_rank": "--lora-rank", "clock_mhz": "--clock-mhz", "train_batch": "--batch"}.get(option)
+    if flag:
+        assert cli.main(["fpga-estimate", flag, str(value)]) == 2
+        assert says in capsys.readouterr().err
+
+
+def test_gemm_call_bytes_by_hand():
+    # rows 64, 24 tiles of 128, 512 rows of x in tiles of TM: weights once per row tile, the
+    # operand read once, the accumulated result read and written (it counted both twice)
+    d = fpga.params.DESIGN
+    mt = -(-512 // d.gemm_tm)
+    weights = mt * 64 * 24 * (d.word_bytes + 4 * 2)
+    fwd = kc.gemm_call_bytes(d, 64, 24, mt, 2)
+    assert fwd == weights + mt * d.gemm_tm * (24 * d.lanes + 2 * 64) * 4
+    assert kc.gemm_call_bytes(d, 64, 24, mt, 2, t_kernel=True) == weights + mt * d.gemm_tm * (2 * 24 * d.lanes + 64) * 4

@@ -4,6 +4,7 @@ tokens/s, resource use, and which bound limits each. Built from the HLS design p
 board's memory and fabric (boards.py). Every assumption is listed in the result."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -186,7 +187,7 @@ def _gemm_time(d: Design, N: int, K: int, M: int, cus: int, spw: int, f: float, 
     tile_calls = -(-tiles // d.gemm_max_tiles)
     r, t, mt = -(-rows // row_calls), -(-tiles // tile_calls), -(-M // d.gemm_tm)
     cyc = (kc.gemm_t_call_cycles if t_kernel else kc.gemm_call_cycles)(d, r, t, mt) + kc.AXI_LATENCY
-    nbytes = kc.gemm_call_bytes(d, r, t, mt, spw)
+    nbytes = kc.gemm_call_bytes(d, r, t, mt, spw, t_kernel)
     return row_calls * tile_calls * max(cyc / f, nbytes / (gbps * 1e9))
 
 
@@ -245,13 +246,41 @@ def lora_params_total(model: ModelConfig, r: int) -> int:
     return model.layers * r * sum(n + k for _, n, k in model.linears())
 
 
+def check_options(o: Options, design: Design = DESIGN) -> None:
+    """Only what the HLS design can be built for: the model has no meaning elsewhere
+    (blocksize 16 would give 8 scales a beat, which the engines refuse; an efficiency above
+    1 would report more than the board's bandwidth)."""
+    from ..formats import BLOCKSIZES
+
+    def number(name, v, ok, says):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            raise ValueError(f"{name} must be {says}, got {v!r}")
+
+    if o.lm_head not in ("bf16", "4bit"):
+        raise ValueError(f"lm_head must be 'bf16' or '4bit', got {o.lm_head!r}")
+    if isinstance(o.blocksize, bool) or o.blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (the formats' block sizes), got {o.blocksize!r}")
+    number("lora_rank", o.lora_rank, lambda v: v == int(v) and 1 <= v, "an integer >= 1")
+    if o.lora_rank > design.lora_max_r:
+        raise ValueError(f"lora_rank {o.lora_rank}: the LoRA engine takes ranks up to {design.lora_max_r} "
+                         "(QK_LORA_MAX_R); a larger rank would run as several calls, which is not modelled")
+    for name in ("train_batch", "train_seq", "kv_bytes", "glue_lanes"):
+        number(name, getattr(o, name), lambda v: v == int(v) and v >= 1, "an integer >= 1")
+    number("context", o.context, lambda v: v == int(v) and v >= 0, "an integer >= 0")
+    number("util_cap", o.util_cap, lambda v: 0 < v <= 1, "in (0, 1]")
+    number("step_overhead_us", o.step_overhead_us, lambda v: v >= 0, ">= 0")
+    if o.efficiency is not None:
+        number("efficiency", o.efficiency, lambda v: 0 < v <= 1, "in (0, 1] (a fraction of the board's bandwidth)")
+    if o.clock_mhz is not None:
+        number("clock_mhz", o.clock_mhz, lambda v: v > 0, "> 0 (or None: the board's clock)")
+
+
 def estimate(board: str | Board = "u280", model: Any = "phi-3-mini", *, design: Design = DESIGN,
              **options: Any) -> Estimate:
     """Decode and training estimates for `model` (a name, a Hugging Face config dict, or a
     config.json path) on `board`; keyword options are the fields of ``Options``."""
     b, m, o = get_board(board), get_model(model), replace(Options(), **options)
-    if o.lm_head not in ("bf16", "4bit"):
-        raise ValueError(f"lm_head must be 'bf16' or '4bit', got {o.lm_head!r}")
+    check_options(o, design)
     wb = weight_bytes_per_token(m, o.blocksize, o.double_quant, o.lm_head)
     dec0 = decode_estimate(b, m, o, design, context=0)
     decc = decode_estimate(b, m, o, design, context=o.context, cus=dec0["compute_units"])

@@ -63,10 +63,13 @@ def gemm_t_call_cycles(d: Design, rows: int, tiles: int, mtiles: int) -> int:
     return d.codes + mtiles * (d.gemm_tm * rb + tiles * per_tile)
 
 
-def gemm_call_bytes(d: Design, rows: int, tiles: int, mtiles: int, spw: int) -> int:
-    """Weights and scales stream once per row tile; x (or dx) and y (or dy) once."""
+def gemm_call_bytes(d: Design, rows: int, tiles: int, mtiles: int, spw: int, t_kernel: bool = False) -> int:
+    """Weights and scales stream once per row tile. The operand is read once (x forward, dy
+    for qk_gemm_4bit_t); the accumulated result is read and written (y, dx), as the cycle
+    counts above load and store it."""
     weights = mtiles * rows * tiles * (d.word_bytes + 4 * spw)
-    acts = mtiles * d.gemm_tm * (tiles * d.lanes + rows) * 4 * 2
+    k_side, n_side = (2, 1) if t_kernel else (1, 2)
+    acts = mtiles * d.gemm_tm * (tiles * d.lanes * k_side + rows * n_side) * 4
     return weights + acts
 
 
