@@ -40,6 +40,11 @@ def launch(mode: str, out: Path, *args: str, world: int = WORLD) -> list[subproc
     cmd = [sys.executable, "-m", "tests.dist_worker", "--mode", mode, "--out", str(out), *args]
     if mode == "single":
         return [subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)]
+    return launch_ranks(cmd, world)
+
+
+def launch_ranks(cmd: list[str], world: int = WORLD) -> list[subprocess.CompletedProcess]:
+    """Starts `world` gloo ranks of `cmd` (RANK/WORLD_SIZE/MASTER_* set) and waits for all."""
     port = str(_free_port())
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_PORT=port))
@@ -171,3 +176,109 @@ def test_helpers_refuse_bad_input():
         qd.init_process_group("nccl")
     cfg = qd.deepspeed_config(3, 2, gradient_accumulation_steps=2, world_size=4)
     assert cfg["train_batch_size"] == 16 and cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+# Each rank builds the same tiny models, keeps an unwrapped copy as the one-process reference
+# (full batch), wraps the model with fully_shard_model, runs its half of the batch and checks
+# outputs and (all-gathered) gradients against the reference.
+_NESTED_UNITS_SCRIPT = """
+import copy, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+import qlora_kernels as qk
+from qlora_kernels.nn import Linear4bit, LoraLinear
+from qlora_kernels.integrations import distributed as qd
+
+rank, world = qd.init_process_group()
+torch.set_num_threads(1)
+
+class Block(nn.Module):  # holds a 4-bit layer and a child that holds one (the adapter's base)
+    def __init__(self):
+        super().__init__()
+        self.up = LoraLinear(Linear4bit.from_linear(nn.Linear(64, 128)), r=4)
+        self.down = Linear4bit.from_linear(nn.Linear(128, 64))
+        nn.init.normal_(self.up.lora_B)  # LoRA starts B at 0; a non-zero B gives A a gradient
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+class Net(nn.Module):  # the root holds a 4-bit layer directly
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.out = Linear4bit.from_linear(nn.Linear(64, 10))
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.out(x)
+
+def grads(model):
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            out[n] = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+    return out
+
+def check(name, model, inputs, forward, pre=None):
+    ref = copy.deepcopy(model)
+    ref_out = forward(ref, inputs)
+    ref_out.mean().backward()
+    per = inputs[0].shape[0] // world
+    if pre is not None:
+        pre(model)
+    units = [type(u).__name__ for u in qd.decoder_layers(model)]
+    qd.fully_shard_model(model)
+    out = forward(model, [t[rank * per:(rank + 1) * per] for t in inputs])
+    out.mean().backward()  # FSDP2 averages the ranks' gradients: the mean over the whole batch
+    torch.testing.assert_close(out, ref_out[rank * per:(rank + 1) * per], rtol=1e-5, atol=1e-5)
+    want, got = grads(ref), grads(model)
+    assert sorted(got) == sorted(want) and want, (sorted(got), sorted(want))
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {n}: {m}")
+    if rank == 0:
+        print("OK", name, units, flush=True)
+
+# transformers' MBart names nested classes in _no_split_modules (MBartAttention inside
+# MBart*Layer), with PEFT adapters inside the attention.
+from transformers import MBartConfig, MBartForConditionalGeneration
+from peft import LoraConfig
+from qlora_kernels.integrations.peft import get_peft_model
+cfg = MBartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+                  dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+torch.manual_seed(0)
+mbart = get_peft_model(qk.quantize_model(MBartForConditionalGeneration(cfg)),
+                       LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+ids = torch.randint(4, 64, (4, 6), generator=torch.Generator().manual_seed(1))
+check("mbart", mbart, [ids, ids.flip(1)], lambda m, t: m(input_ids=t[0], decoder_input_ids=t[1]).logits)
+
+x = torch.randn(4, 64, generator=torch.Generator().manual_seed(2))
+torch.manual_seed(0)
+check("nested", Net(), [x], lambda m, t: m(t[0]))
+torch.manual_seed(0)
+# a block the caller sharded first keeps its unit, and nothing inside it is sharded again
+check("presharded", Net(), [x], lambda m, t: m(t[0]), pre=lambda m: fully_shard(m.blocks[0]))
+torch.manual_seed(0)
+seq = qk.quantize_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)))
+check("sequential", seq, [x], lambda m, t: m(t[0]))
+try:
+    qd.fully_shard_model(seq)
+except ValueError as e:
+    print("again:", e, flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_fully_shard_model_wraps_bottom_up_and_matches_one_process():
+    """fully_shard_model applied fully_shard top-down: nested _no_split_modules classes (MBart)
+    crashed in FSDP2, and a root holding a 4-bit layer directly was sharded twice."""
+    results = launch_ranks([sys.executable, "-c", _NESTED_UNITS_SCRIPT])
+    for r in results:
+        assert r.returncode == 0, r.stderr[-4000:]
+    out = results[0].stdout
+    assert "OK mbart ['MBartAttention', 'MBartEncoderLayer', 'MBartAttention', 'MBartAttention', " \
+           "'MBartDecoderLayer']" in out, out
+    assert "OK nested ['LoraLinear', 'Block', 'LoraLinear', 'Block']" in out, out
+    assert "OK presharded" in out and "OK sequential []" in out, out
+    assert "again: fully_shard_model: the root FSDPSequential already has FSDP2 state" in out, out

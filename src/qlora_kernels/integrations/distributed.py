@@ -16,7 +16,7 @@ How the 4-bit layers ride through them (docs/distributed.md has the long form):
   every rank builds it identically when it quantizes the same checkpoint.
 
 Helpers here: process-group setup from the launcher's environment, the batch split, the
-FSDP2 wrap (one unit per decoder layer, then the root), DeepSpeed configs, and collective
+FSDP2 wrap (decoder layers bottom-up, then the root), DeepSpeed configs, and collective
 adapter saving and digests of the packed bytes that work from every rank setup.
 """
 from __future__ import annotations
@@ -112,26 +112,57 @@ def check_mesh(mesh) -> None:
         raise ValueError(f"mesh: expected a 1-D data-parallel mesh, got {mesh.ndim} dimensions")
 
 
+def _fsdp_root(model: nn.Module) -> nn.Module:
+    # The root unit is the transformers model inside PEFT's wrappers: generate() and PEFT
+    # call it directly, and its forward must be the one that gathers the root's parameters.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _bottom_up(root: nn.Module) -> list[nn.Module]:
+    """Every module under ``root`` (itself last), each after all of its children, once:
+    ``fully_shard`` must reach a module's descendants before the module (a parent sharded
+    first already owns the child's parameters). Iterative, as deep models nest deeply."""
+    order: list[nn.Module] = []
+    seen = {root}  # modules hash by identity
+    stack = [(root, iter(root.children()))]
+    while stack:
+        module, children = stack[-1]
+        child = next((c for c in children if c not in seen), None)
+        if child is None:
+            stack.pop()
+            order.append(module)
+        else:
+            seen.add(child)
+            stack.append((child, iter(child.children())))
+    return order
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The FSDP2 wrap units: the model's transformer blocks (transformers names their class
-    in ``_no_split_modules``), else every module holding a 4-bit layer directly."""
+    """The FSDP2 wrap units, in the bottom-up order ``fully_shard`` needs: every module whose
+    class a (transformers) model names in ``_no_split_modules``, nested ones too, as
+    accelerate's FSDP2 transformer wrap policy does (MBart names its attention and its layers);
+    else every module holding a 4-bit layer directly. Never the root (the transformers model
+    inside PEFT's wrappers), which ``fully_shard_model`` shards last."""
     from ..nn import Linear4bit
 
+    root = _fsdp_root(model)
+    below = _bottom_up(root)[:-1]
     names: set[str] = set()
-    for m in model.modules():
+    for m in (root, *below):
         names.update(getattr(m, "_no_split_modules", None) or [])
-    units = [m for m in model.modules() if type(m).__name__ in names]
+    units = [m for m in below if type(m).__name__ in names]
     if units:
         return units
-    return [m for m in model.modules() if any(isinstance(c, Linear4bit) for c in m.children())]
+    return [m for m in below if any(isinstance(c, Linear4bit) for c in m.children())]
 
 
 def fully_shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2 over a (PEFT) QLoRA model: one ``fully_shard`` unit per decoder layer, then the
-    root. Packed 4-bit weights shard on dim 0 with everything else and are all-gathered
-    as bytes; ``mp_policy`` applies to floating-point parameters only."""
+    """FSDP2 over a (PEFT) QLoRA model: ``fully_shard`` on each unit of ``decoder_layers``,
+    bottom-up, then on the root. Units the caller already sharded are left as they are.
+    Packed 4-bit weights shard on dim 0 with everything else and are all-gathered as bytes;
+    ``mp_policy`` applies to floating-point parameters only."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     from ..nn import Linear4bit
 
@@ -143,12 +174,19 @@ def fully_shard_model(model: nn.Module, mesh=None, mp_policy=None, reshard_after
     for layer in model.modules():
         if isinstance(layer, Linear4bit) and layer.weight.dtype != torch.uint8:
             raise TypeError("fully_shard_model: a Linear4bit weight is not uint8; quantize with qlora_kernels")
+    root = _fsdp_root(model)
+    if isinstance(root, FSDPModule):
+        # Its descendants would now be sharded after it, which FSDP2 cannot do.
+        raise ValueError(f"fully_shard_model: the root {type(root).__name__} already has FSDP2 state; pass the "
+                         "unsharded model (sub-modules you sharded yourself are kept as they are)")
     kw = dict(mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    # A module the caller sharded keeps its own unit; what lies inside it is skipped too, as
+    # sharding it now would come after its parent.
+    done = {m for d in root.modules() if isinstance(d, FSDPModule) for m in d.modules()}
     for unit in decoder_layers(model):
-        fully_shard(unit, **kw)
-    # The root unit is the transformers model inside PEFT's wrappers: generate() and PEFT
-    # call it directly, and its forward must be the one that gathers the root's parameters.
-    fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model, **kw)
+        if unit not in done:
+            fully_shard(unit, **kw)
+    fully_shard(root, **kw)
     return model
 
 
