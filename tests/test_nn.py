@@ -106,3 +106,22 @@ def test_device_meta_builds_shapes_only_and_loads_with_assign():
     meta.load_state_dict(real.state_dict(), assign=True)
     x = torch.randn(3, 64)
     assert torch.equal(meta(x), real(x))
+
+
+def test_from_linear_refuses_a_zero3_partitioned_weight():
+    # Under deepspeed.zero.Init a Linear's weight is an empty placeholder of shape (0,) with
+    # ds_id/ds_status; it was quantized into a layer with no bytes that failed only at forward.
+    from qlora_kernels.nn import Linear4bit
+
+    lin = torch.nn.Linear(64, 32)
+    lin.weight = torch.nn.Parameter(torch.empty(0))
+    lin.weight.ds_id, lin.weight.ds_status = 3, "NOT_AVAILABLE"
+    with pytest.raises(ValueError, match=r"shape \(0,\), expected .* \(32, 64\).*ZeRO-3"):
+        Linear4bit.from_linear(lin)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        qk.quantize_model(torch.nn.Sequential(lin))
+    bad = torch.nn.Linear(64, 32)
+    bad.weight = torch.nn.Parameter(torch.zeros(32, 63))  # any other mismatch: the shapes, no ZeRO hint
+    with pytest.raises(ValueError, match=r"shape \(32, 63\)") as err:
+        Linear4bit.from_linear(bad)
+    assert "ZeRO" not in str(err.value)

@@ -195,3 +195,41 @@ def test_opencl_matches_the_oracle(style):
         _run([(ours, ps), (oracle, qs)], none_every=4)
     _assert_close(ours, ps, oracle, qs)
     assert ocl.stats()["programs"].count("adamw") == 1
+
+
+def test_refused_step_does_not_advance_the_step_count():
+    # The step counters were advanced before lr/betas/kernel were checked: after a refused
+    # step() the next accepted one used step=2 (torch: 1) in its bias correction.
+    ps = _params(3, [(5,), (2, 3)])
+    qs = _twins(ps)
+    ours = AdamW([{"params": ps[:1]}, {"params": ps[1:]}], lr=1e-2, backend="reference")
+    ref = torch.optim.AdamW([{"params": qs[:1]}, {"params": qs[1:]}], lr=1e-2)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    ours.param_groups[1]["lr"] = float("inf")  # the second group refuses: the first must not move either
+    with pytest.raises(ValueError, match="finite"):
+        ours.step()
+    assert all(float(ours.state[p]["step"]) == 0 for p in ps)
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    ours.param_groups[1]["lr"] = 1e-2
+    _run([(ours, ps), (ref, qs)], steps=3)
+    _assert_close(ours, ps, ref, qs)
+
+
+def test_state_dict_with_a_plain_number_step_loads_as_torch_does():
+    # torch < 1.12 (and some converters) saved ``step`` as a number; step() then failed with
+    # AttributeError on it. torch.optim.AdamW converts it to a tensor when loading.
+    ps = _params(4, [(4, 4), (3,)])
+    qs = _twins(ps)
+    donor = torch.optim.AdamW(_twins(ps), lr=1e-2)
+    _run([(donor, donor.param_groups[0]["params"])], steps=2)
+    sd = donor.state_dict()
+    for s in sd["state"].values():
+        s["step"] = int(s["step"])
+    ours, ref = AdamW(ps, lr=1e-2, backend="reference"), torch.optim.AdamW(qs, lr=1e-2)
+    ours.load_state_dict(copy.deepcopy(sd))
+    ref.load_state_dict(copy.deepcopy(sd))
+    assert all(torch.is_tensor(ours.state[p]["step"]) for p in ps)
+    _run([(ours, ps), (ref, qs)], steps=3)
+    _assert_close(ours, ps, ref, qs)
+    assert float(ours.state[ps[0]]["step"]) == 5

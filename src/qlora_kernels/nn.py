@@ -51,6 +51,15 @@ class Linear4bit(nn.Module):
         ``compute="int8"`` selects the int8-compute forward (see functional.linear_4bit)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        expected = (linear.out_features, linear.in_features)
+        if tuple(linear.weight.shape) != expected:
+            # A ZeRO-3 partitioned weight (deepspeed.zero.Init) is an empty placeholder: quantized
+            # as it is, it made a layer with no bytes that failed only at its first forward.
+            why = (": it is a DeepSpeed ZeRO-3 partitioned parameter; build and quantize the model outside "
+                   "deepspeed.zero.Init (deepspeed.initialize partitions the 4-bit bytes afterwards)"
+                   ) if hasattr(linear.weight, "ds_id") else ""
+            raise ValueError(f"from_linear: the weight has shape {tuple(linear.weight.shape)}, expected "
+                             f"(out_features, in_features) = {expected}{why}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -87,6 +87,13 @@ class AdamW(torch.optim.Optimizer):
             group.setdefault("backend", None)
             for key, value in _TORCH_GROUP_KEYS.items():
                 group.setdefault(key, value)
+            # Older torch (and some converters) saved ``step`` as a plain number; the update reads
+            # and advances it as a tensor, so it is converted here as torch.optim.Adam does
+            # (load_state_dict ends in this method too).
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -128,10 +135,7 @@ class AdamW(torch.optim.Optimizer):
                 if s.shape != p.shape or s.dtype != torch.float32 or s.device.type != "cpu":
                     raise ValueError(f"{where}: state {key!r} must be a float32 CPU tensor of the parameter's shape")
             rows.append((p, g, *moments, step_t))
-        # Steps advance only once every parameter of the group passed its checks.
-        for row in rows:
-            row[4].add_(1)
-        return [row[:4] + (float(row[4]),) for row in rows]
+        return rows
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -139,20 +143,38 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group is checked (parameters, state, hyperparameters, kernel) before any step
+        # counter advances or any parameter moves: a refused step() leaves the optimizer as it
+        # was, so the next accepted one counts as torch's would (bias correction uses the step).
+        plans = []
         for group in self.param_groups:
             rows = self._gather(group)
             if not rows:
                 continue
-            beta1, beta2 = (float(b) for b in group["betas"])
-            # Kernels write through data pointers: non-contiguous tensors go through
-            # contiguous copies, written back afterwards.
-            work = [[t if t.is_contiguous() else t.contiguous() for t in row[:4]] for row in rows]
-            kernel = backends.kernel_for("adamw_step", group["backend"])[1]
-            kernel([w[0] for w in work], [w[1] for w in work], [w[2] for w in work], [w[3] for w in work],
-                   [row[4] for row in rows], _number("lr", group["lr"]), beta1, beta2, float(group["eps"]),
-                   float(group["weight_decay"]), bool(group["maximize"]))
-            for row, w in zip(rows, work):
-                for k in (0, 2, 3):
-                    if w[k] is not row[k]:
-                        row[k].copy_(w[k])
+            hyper = (_number("lr", group["lr"]), *(_number(f"betas[{i}]", b) for i, b in enumerate(group["betas"])),
+                     _number("eps", group["eps"]), _number("weight_decay", group["weight_decay"]))
+            plans.append((rows, hyper, bool(group["maximize"]), backends.kernel_for("adamw_step", group["backend"])[1]))
+        for rows, hyper, maximize, kernel in plans:
+            for row in rows:
+                row[4].add_(1)
+            try:
+                self._run(kernel, rows, hyper, maximize)
+            except Exception:
+                # A kernel that refuses its inputs (it checks them before writing) leaves the
+                # counters where they were.
+                for row in rows:
+                    row[4].sub_(1)
+                raise
         return loss
+
+    @staticmethod
+    def _run(kernel, rows, hyper, maximize) -> None:
+        # Kernels write through data pointers: non-contiguous tensors go through
+        # contiguous copies, written back afterwards.
+        work = [[t if t.is_contiguous() else t.contiguous() for t in row[:4]] for row in rows]
+        kernel([w[0] for w in work], [w[1] for w in work], [w[2] for w in work], [w[3] for w in work],
+               [float(row[4]) for row in rows], *hyper, maximize)
+        for row, w in zip(rows, work):
+            for k in (0, 2, 3):
+                if w[k] is not row[k]:
+                    row[k].copy_(w[k])
