@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "qlora_kernels.cli", *args], capture_output=True, text=True,
@@ -32,3 +34,25 @@ def test_bench_quick_writes_report_and_chart(tmp_path):
     assert "bitsandbytes" in md and re.search(r"\| \d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\] \|", md)  # per-round ratios
     assert "% avx2 FMA peak" in md or "% avx512 FMA peak" in md or "% scalar FMA peak" in md  # fractions of peak
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args", [("bench", "--threads", "-2"), ("info", "--peak", "--threads", "-1"),
+                                  ("bench", "--threads", "two")])
+def test_a_bad_thread_count_is_one_line_not_a_traceback(args):
+    r = _run(*args, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"argument --threads: {args[-1]!r} is not a thread count" in r.stderr
+
+
+def test_bench_without_matplotlib_says_what_it_wrote(tmp_path, monkeypatch, capsys):
+    from qlora_kernels import bench, cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    row = {"group": "g", "name": "peer", "median_s": 1e-3, "min_s": 1e-3, "max_s": 1e-3, "ratio": 0.5,
+           "ratio_min": 0.4, "ratio_max": 0.6}
+    monkeypatch.setattr(bench, "run", lambda quick=False: [row])
+    assert cli.main(["bench", "--quick", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no chart" in out and f"wrote {tmp_path / 'bench.md'}\n" in out and "bench.png" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.md"]
+    assert "bench.png" not in (tmp_path / "bench.md").read_text(), "bench.md links a chart that was not written"

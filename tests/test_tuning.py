@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def tuned(isa, values):
 
 
 @pytest.mark.parametrize("isa", FAST_PATHS)
-@pytest.mark.parametrize("variant", range(len(VARIANTS)), ids=lambda i: "-".join(f"{k}{v}" for k, v in VARIANTS[i].items()))
+@pytest.mark.parametrize("variant", range(len(VARIANTS)),
+                         ids=lambda i: "-".join(f"{k}{v}" for k, v in VARIANTS[i].items()))
 def test_every_tuning_stays_within_the_bound(isa, variant):
     with on_path("cpu", isa), tuned(isa, VARIANTS[variant]):
         for M, K, N in SHAPES:
@@ -164,6 +166,246 @@ def test_calibration_is_bounded_and_returns_valid_values():
             assert values[name] == defaults[name] and "budget" in measured[name]
     finally:
         _C.set_tuning(isa, before)
+
+
+def _fake_time(table):
+    """A stand-in for tuning._time: seconds per call from ``table(value, reps)`` (value: the
+    field's value set in the extension when the batch runs), recording every batch's reps."""
+    batches = []
+
+    def fake(run, reps):
+        batches.append(reps)
+        return table(reps)
+
+    return fake, batches
+
+
+@pytest.fixture
+def avx512_table():
+    """The avx512 tuning slot (the extension's on every CPU) restored after the test."""
+    before = _C.tuning("avx512")
+    yield "avx512"
+    _C.set_tuning("avx512", before)
+
+
+def test_a_sample_is_a_batch_of_calls_at_least_sample_s_long(monkeypatch, avx512_table):
+    """One 40 us call is at the mercy of a single scheduler stall: each timed sample is a
+    batch of back-to-back calls lasting SAMPLE_S or more (reps from one call's length)."""
+    fake, batches = _fake_time(lambda reps: 40e-6)
+    monkeypatch.setattr(tuning, "_time", fake)
+    base = _C.default_tuning("avx512")
+    tuning._compare("avx512", dict(base), "kc", tuning.KC, lambda: None, time.perf_counter() + 60)
+    timed = [r for r in batches if r > 1]
+    assert timed and all(r * 40e-6 >= tuning.SAMPLE_S for r in timed), batches
+    assert tuning._reps(0.1) == 1 and tuning._reps(1e-12) == tuning.MAX_REPS
+
+
+def _per_value(isa, name, times):
+    """A timing table by the value of ``name`` set in the extension: times[value] lists the
+    rounds in units of 100 us (so that a sample batches calls), a single call the first."""
+    rounds = {v: iter(t * 10) for v, t in times.items()}
+
+    def table(reps):
+        v = _C.tuning(isa)[name]
+        return 1e-4 * (times[v][0] if reps == 1 else next(rounds[v]))
+
+    return table
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_a_gain_within_the_rounds_spread_keeps_the_default(monkeypatch, avx512_table, noisy):
+    """kc=512 20% faster than the default in its best round: taken when the rounds agree;
+    when the rest of its rounds are 30% slower than its best (a busy machine), the default
+    stays and the result says the field was too noisy to judge."""
+    base = _C.default_tuning("avx512")
+    fast = [0.8, 1.04, 1.04, 1.04, 1.04] if noisy else [0.8, 0.81, 0.8, 0.82, 0.8]
+    times = {v: [1.0] * 5 for v in tuning.KC}
+    times[base["kc"]] = [1.0, 1.01, 1.0, 1.02, 1.0]
+    times[512] = fast
+    fake, _ = _fake_time(_per_value("avx512", "kc", times))
+    monkeypatch.setattr(tuning, "_time", fake)
+    chosen, measured = tuning._compare("avx512", dict(base), "kc", tuning.KC, lambda: None,
+                                       time.perf_counter() + 60)
+    assert measured["calls_per_sample"] > 1
+    assert chosen == (base["kc"] if noisy else 512), measured
+    assert bool(measured.get("noisy")) == noisy and measured["spread"] == pytest.approx(0.3 if noisy else 0.0, abs=1e-3)
+    assert _C.tuning("avx512")["kc"] == chosen
+
+
+class _FakeProblem:
+    N = K = 64
+
+    def forward(self, m):
+        pass
+
+    backward = forward
+
+
+def _gemv_or_gemm(isa, name, gemv_rounds, gemm_rounds):
+    """Timings by kernel: the field at 16 runs the GEMV, at 0 the loop nest."""
+    g, l = iter(gemv_rounds * 1000), iter(gemm_rounds * 1000)
+    return lambda reps: next(g) if _C.tuning(isa)[name] == 16 else next(l)
+
+
+@pytest.mark.parametrize("name", ["gemv_rows_forward", "gemv_rows_backward"])
+def test_a_crossover_tied_everywhere_keeps_the_paths_default(monkeypatch, avx512_table, name):
+    """The avx512 backward default is 3, not one of GEMV_ROWS: the default's own row count
+    is a candidate, so GEMV and loop nest tied at every row count keep it."""
+    base = _C.default_tuning("avx512")
+    fake, _ = _fake_time(_gemv_or_gemm("avx512", name, [1e-3], [1e-3]))
+    monkeypatch.setattr(tuning, "_time", fake)
+    chosen, _ = tuning._crossover("avx512", dict(base), name, [_FakeProblem()], name.endswith("backward"),
+                                  time.perf_counter() + 60)
+    assert chosen == base[name]
+
+
+def test_a_noisy_crossover_keeps_the_default(monkeypatch, avx512_table):
+    """GEMV 3% faster in its best round but its rounds spread 20%: not a difference the
+    rounds can tell, so the default row count stays (a single noisy call chose 1, 6 or 2)."""
+    base = _C.default_tuning("avx512")
+    fake, _ = _fake_time(_gemv_or_gemm("avx512", "gemv_rows_forward", [0.97e-3, 1.2e-3], [1e-3]))
+    monkeypatch.setattr(tuning, "_time", fake)
+    chosen, measured = tuning._crossover("avx512", dict(base), "gemv_rows_forward", [_FakeProblem()], False,
+                                         time.perf_counter() + 60)
+    assert chosen == base["gemv_rows_forward"] and measured["noisy"], measured
+    # A GEMV four times faster is a win however noisy: every row count goes to the GEMV.
+    fake, _ = _fake_time(_gemv_or_gemm("avx512", "gemv_rows_forward", [0.25e-3, 0.3e-3], [1e-3]))
+    monkeypatch.setattr(tuning, "_time", fake)
+    chosen, measured = tuning._crossover("avx512", dict(base), "gemv_rows_forward", [_FakeProblem()], False,
+                                         time.perf_counter() + 60)
+    assert chosen == max(tuning.GEMV_ROWS) and "noisy" not in measured
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """tuning.py's process state as at import (no pair settled), tuning on, the cache in
+    tmp_path; the extension's tuning tables, its path and torch's threads restored after."""
+    monkeypatch.setattr(tuning, "_status", {})
+    monkeypatch.setattr(tuning, "ready", tuning._Ready())
+    monkeypatch.setenv("QLORA_KERNELS_TUNE", "1")
+    monkeypatch.setenv("QLORA_KERNELS_CACHE", str(tmp_path))
+    slots = [p for p in _C.compiled_isas() if p in ("avx2", "avx512")]
+    before = {p: _C.tuning(p) for p in slots}
+    threads, isa = torch.get_num_threads(), _C.get_isa()
+    try:
+        yield tmp_path
+    finally:
+        torch.set_num_threads(threads)
+        _C.set_isa(isa)
+        for p, v in before.items():
+            _C.set_tuning(p, v)
+
+
+def _fused_call():
+    x = torch.randn(2, 128)
+    p, s = qk.quantize_4bit(torch.randn(64, 128))
+    with qk.use_backend("cpu"):
+        qk.linear_4bit(x, p, s)
+
+
+def _no_calibration(*args, **kwargs):
+    raise AssertionError("calibrated where the cache holds the tuning")
+
+
+def test_each_thread_count_runs_its_own_tuning_and_status_only_reports(fresh, monkeypatch):
+    isa = _C.get_isa()
+    if isa == "scalar":
+        pytest.skip("the scalar path has nothing to tune")
+    monkeypatch.setattr(tuning, "calibrate", _no_calibration)
+    d = _C.default_tuning(isa)
+    v = {1: {**d, "kc": 128, "gemv_rows_forward": 2}, 2: {**d, "kc": 512, "gemv_rows_forward": 16}}
+    (fresh / tuning.CACHE_FILE).write_text(json.dumps({tuning._machine_key(isa, t): {"values": v[t]} for t in v}))
+    for t in (2, 1, 2):
+        torch.set_num_threads(t)
+        _fused_call()
+        assert _C.tuning(isa) == v[t], f"{t} threads ran another count's tuning"
+        assert tuning.status().values == v[t] and tuning.status().source == "cache"
+    # status() reports what runs and changes nothing, not even for a count not settled yet.
+    torch.set_num_threads(1)
+    st = tuning.status()
+    assert _C.tuning(isa) == v[2] == st.values and "2-thread" in st.source, st.line()
+    _C.set_tuning(isa, {"kc": 64})
+    torch.set_num_threads(2)
+    st = tuning.status()
+    assert st.values["kc"] == 64 == _C.tuning(isa)["kc"] and "set with _C.set_tuning" in st.source
+
+
+def test_with_tuning_off_values_set_by_hand_stay(fresh, monkeypatch):
+    monkeypatch.setenv("QLORA_KERNELS_TUNE", "0")
+    isa = _C.get_isa()
+    if isa == "scalar":
+        pytest.skip("the scalar path has nothing to tune")
+    _C.set_tuning(isa, {"kc": 512})
+    for t in (2, 1, 2):
+        torch.set_num_threads(t)
+        _fused_call()
+        st = tuning.status()
+        assert _C.tuning(isa)["kc"] == 512 == st.values["kc"], "a hand-set value was replaced"
+        assert "set with _C.set_tuning" in st.source and "QLORA_KERNELS_TUNE=0" in st.source
+    assert not any(fresh.iterdir())
+
+
+def test_a_cached_value_beyond_int64_is_recalibrated_not_an_error(fresh, monkeypatch):
+    """kc=2**70 fails in the binding's int64 cast (RuntimeError, not set_tuning's
+    ValueError): it made every fused call raise, for good. Now the entry is measured again,
+    and a calibration a busy machine left at the defaults says so."""
+    isa = _C.get_isa()
+    if isa == "scalar":
+        pytest.skip("the scalar path has nothing to tune")
+    d = _C.default_tuning(isa)
+    assert not tuning._valid({**d, "kc": 2**70}, d) and tuning._valid(d, d)
+    mkey = tuning._machine_key(isa, torch.get_num_threads())
+    (fresh / tuning.CACHE_FILE).write_text(json.dumps({mkey: {"values": {**d, "kc": 2**70}}}))
+    monkeypatch.setattr(tuning, "calibrate", lambda isa, threads: (dict(d), {"noisy": ["kc"]}))
+    _fused_call()
+    st = tuning.status()
+    assert st.source == "calibrated" and "too busy to measure kc" in st.line(), st.line()
+    assert json.loads((fresh / tuning.CACHE_FILE).read_text())[mkey]["values"] == d
+    tuning._status.clear()
+    tuning.ready.settled.clear()
+    assert tuning.ensure().source == "cache" and "too busy" in tuning.status().note
+
+
+def test_a_failed_cache_write_leaves_no_temporary_file(tmp_path):
+    (tmp_path / tuning.CACHE_FILE).mkdir()  # the final rename fails
+    why = tuning._store(str(tmp_path / tuning.CACHE_FILE), "k", {"values": {}})
+    assert why and sorted(p.name for p in tmp_path.iterdir()) == [tuning.CACHE_FILE]
+
+
+RACE = ("import json, os, sys, time\n"
+        "from qlora_kernels import _C, tuning\n"
+        "kc, sync = int(sys.argv[1]), sys.argv[2]\n"
+        "def calibrate(isa, threads):\n"  # slow, and its own answer per process
+        "    time.sleep(1.5)\n"
+        "    v = {**_C.default_tuning(isa), 'kc': kc}\n"
+        "    _C.set_tuning(isa, v)\n"
+        "    return v, {}\n"
+        "tuning.calibrate = calibrate\n"
+        "open(os.path.join(sync, str(kc)), 'w').close()\n"
+        "while len(os.listdir(sync)) < 2:\n"  # both start settling at once
+        "    time.sleep(0.01)\n"
+        "st = tuning.ensure()\n"
+        "print(json.dumps({'source': st.source, 'kc': _C.tuning(_C.get_isa())['kc']}))\n")
+
+
+def test_concurrent_first_calibrations_agree(tmp_path):
+    """Two ranks of one job calibrating at once took their own tunings (different bits)
+    and the cache kept the last writer: they take turns on a lock file, and the second
+    adopts the first's entry."""
+    if _C.get_isa() == "scalar":
+        pytest.skip("the scalar path has nothing to tune")
+    cache, sync = tmp_path / "cache", tmp_path / "sync"
+    sync.mkdir()
+    env = {**os.environ, "QLORA_KERNELS_TUNE": "1", "QLORA_KERNELS_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(kc), str(sync)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for kc in (128, 512)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    got = [json.loads(o.splitlines()[-1]) for o, _ in outs]
+    assert got[0]["kc"] == got[1]["kc"], got
+    assert sorted(g["source"] for g in got) == ["cache", "calibrated"], got
+    (entry,) = json.loads((cache / tuning.CACHE_FILE).read_text()).values()
+    assert entry["values"]["kc"] == got[0]["kc"]
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:

@@ -5,6 +5,18 @@ import argparse
 import sys
 
 
+def _threads(text: str) -> int:
+    """A thread count for --threads: N >= 1, or 0 for torch's (a negative one reached
+    torch.set_num_threads / the peak probe and ended in a traceback)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count; it takes N >= 1, or 0 for torch's")
+    return n
+
+
 def _info(args) -> int:
     import torch
 
@@ -21,6 +33,7 @@ def _info(args) -> int:
     print(f"OpenMP: {'yes' if _C.openmp() else 'no'}")
     from qlora_kernels import tuning
 
+    tuning.ensure()  # settled as the first fused call would (status() alone only reports)
     print(f"tuning: {tuning.status().line()} (QLORA_KERNELS_TUNE=0: built-in; QLORA_KERNELS_CACHE: folder)")
     print(f"backends available: {', '.join(qk.available_backends())} (selected: {qk.get_backend()})")
     for name in ("reference", "cpu"):
@@ -67,15 +80,17 @@ def _bench(args) -> int:
     out = args.output or "bench-report"
     os.makedirs(out, exist_ok=True)
     md, png = os.path.join(out, "bench.md"), os.path.join(out, "bench.png")
-    with open(md + ".tmp", "w") as f:
-        f.write(f"# qlora-kernels bench\n\nMachine: {bench.machine_summary()}\n\n"
-                f"Command: qlora-kernels bench{' --quick' if args.quick else ''}\n\n{table}\n\n![speedups](bench.png)\n")
-    os.replace(md + ".tmp", md)
     try:
         bench.plot(rows, png)
+        chart = "\n![speedups](bench.png)\n"
     except ImportError as e:
         print(f"no chart ({e}); pip install matplotlib")
-    print(f"wrote {md} and {png}")
+        chart = ""  # bench.md must not link a chart this run did not write (an older one would be stale)
+    with open(md + ".tmp", "w") as f:
+        f.write(f"# qlora-kernels bench\n\nMachine: {bench.machine_summary()}\n\n"
+                f"Command: qlora-kernels bench{' --quick' if args.quick else ''}\n\n{table}\n{chart}")
+    os.replace(md + ".tmp", md)
+    print(f"wrote {md} and {png}" if chart else f"wrote {md}")
     return 0
 
 
@@ -106,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("info", help="version, CPU paths, backends, threads")
     i.add_argument("--peak", action="store_true", help="also measure this machine's fp32 FMA peak per CPU path and "
                    "its L2/L3/DRAM read bandwidth (a few seconds)")
-    i.add_argument("--threads", type=int, default=0, help="threads for --peak (default: torch's)")
+    i.add_argument("--threads", type=_threads, default=0, help="threads for --peak (default 0: torch's)")
     i.set_defaults(func=_info)
     b = sub.add_parser("bench", help="benchmark the kernels against the installed peers")
-    b.add_argument("--quick", action="store_true", help="2048-wide shapes, fewer rounds, no training step (seconds; see README)")
-    b.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads (default: torch's)")
+    b.add_argument("--quick", action="store_true",
+                   help="2048-wide shapes, fewer rounds, no training step (seconds; see README)")
+    b.add_argument("--threads", type=_threads, default=0, help="torch/OpenMP threads (default 0: torch's)")
     b.add_argument("--output", help="folder for bench.md and bench.png (default: bench-report)")
     b.set_defaults(func=_bench)
     fe = sub.add_parser("fpga-estimate", help="what an FPGA board would do with a model (decode, training, resources)")
