@@ -156,6 +156,167 @@ def test_a_weight_changed_between_steps_is_seen():
     assert st["fallbacks"] == 3 and st["steps"] == 3, st
 
 
+def manual_steps(m, changes=(), n=5, cache_config=None):
+    """The prompt, then n one-token greedy steps over a StaticCache (no attention mask);
+    changes: {step: f(lm, cache)} run before that step. Returns each step's logits."""
+    from transformers import StaticCache
+
+    lm = lm_of(m)
+    cache = StaticCache(config=cache_config or lm.config, max_cache_len=32)
+    logits = []
+    with torch.no_grad():
+        out = m(input_ids=PROMPT, cache=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for i in range(n):
+            if i in dict(changes):
+                dict(changes)[i](lm, cache)
+            out = m(input_ids=nxt, cache=cache, use_cache=True)
+            logits.append(out.logits[0, -1])
+            nxt = out.logits[:, -1:].argmax(-1)
+    return logits
+
+
+def native_vs_own_steps(build, changes, n=5, cache_config=None, undo=lambda: None):
+    """manual_steps on a model from build() with its own forward, then on another with the
+    native step: the same logits. undo() after each run. Returns the native run's status."""
+    runs = []
+    for native in (False, True):
+        m = build()
+        if native:
+            hf_decode.enable_native_decode(m)
+        try:
+            runs.append(manual_steps(m, changes, n, cache_config))
+        finally:
+            undo()
+    ref, got = runs
+    for a, b in zip(ref, got):
+        assert float((a - b).abs().max()) <= REL * float(a.abs().max())
+    return hf_decode.status(m)
+
+
+def test_hooks_and_forwards_added_between_steps_are_run():
+    """A hook (on a module the step skips, however deep, or a global one) or a forward of
+    its own given to a layer or an MLP between two steps of one generation: that step and
+    the next run the model's own forward."""
+    import functools
+
+    from torch.nn.modules import module as torch_module
+
+    def halved(mod, args, out):
+        return out * 0.5
+
+    def mlp_hook(lm, cache):
+        lm.model.layers[1].mlp.register_forward_hook(halved)
+
+    def projection_pre_hook(lm, cache):
+        lm.model.layers[2].mlp.up_proj.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))
+
+    def layer_forward(lm, cache):
+        layer = lm.model.layers[0]
+
+        def forward(layer, *args, **kwargs):
+            out = type(layer).forward(layer, *args, **kwargs)
+            return out * 0.5 if isinstance(out, torch.Tensor) else (out[0] * 0.5,) + tuple(out[1:])
+
+        layer.forward = functools.partial(forward, layer)
+
+    def mlp_forward(lm, cache):
+        mlp = lm.model.layers[1].mlp
+        mlp.forward = lambda x: type(mlp).forward(mlp, x) * 0.5
+
+    handles = []
+
+    def global_hook(lm, cache):
+        handles.append(torch_module.register_module_forward_hook(
+            lambda mod, args, out: out * 0.5 if type(mod).__name__ == "LlamaMLP" else None))
+
+    def undo():
+        while handles:
+            handles.pop().remove()
+
+    for change, why in ((mlp_hook, "layer 1.mlp has hooks"), (projection_pre_hook, "layer 2.mlp.up_proj has hooks"),
+                        (layer_forward, "layer 0.(itself) has a forward of its own"),
+                        (mlp_forward, "its forward is not down_proj"), (global_hook, "global module forward hooks")):
+        st = native_vs_own_steps(tiny, {2: change}, undo=undo)
+        assert st["steps"] == 2 and st["fallbacks"] == 3 and why in st["last_fallback"], (change.__name__, st)
+
+
+def test_parameters_and_quant_states_replaced_between_steps_are_seen():
+    """New objects, not edits: a LoRA weight, a 4-bit layer's weight and quant state, a
+    norm loaded with assign=True, a dense weight. The old ones are unchanged, so only their
+    owners tell."""
+    from torch import nn
+
+    from qlora_kernels.nn import Linear4bit
+
+    def build():
+        return random_lora(tiny(skip=("lm_head", "v_proj")), LLAMA, r=4, std=0.3)
+
+    def lora_b(lm, cache):
+        lin = lm.model.layers[1].self_attn.o_proj.lora_B["default"]
+        lin.weight = nn.Parameter(lin.weight.detach() * -4.0)
+
+    def four_bit(lm, cache):
+        lin = lm.model.layers[1].mlp.up_proj.base_layer
+        torch.manual_seed(5)
+        new = Linear4bit.from_linear(nn.Linear(lin.in_features, lin.out_features))
+        lin.weight, lin.quant_state = new.weight, new.quant_state
+
+    def norm(lm, cache):
+        n = lm.model.layers[0].post_attention_layernorm
+        n.load_state_dict({"weight": n.weight.detach() * 2.0}, assign=True)
+
+    def dense(lm, cache):
+        lin = lm.model.layers[2].self_attn.v_proj.base_layer
+        lin.weight = nn.Parameter(lin.weight.detach() * 1.5)
+
+    st = native_vs_own_steps(build, {2: lora_b, 3: four_bit, 4: norm, 5: dense}, n=7)
+    assert st["steps"] == 3 and st["fallbacks"] == 4, st
+
+
+def test_cache_tensors_rebound_between_steps_are_seen():
+    """reorder_cache (beam search's) gives the cache layers new key and value tensors: the
+    steps after it write into those."""
+    st = native_vs_own_steps(tiny, {2: lambda lm, cache: cache.reorder_cache(torch.tensor([0]))})
+    assert st["steps"] == 4 and st["fallbacks"] == 1, st
+
+
+def test_positions_past_a_sliding_window_fall_back_without_a_mask():
+    """Phi-3 with a sliding window over a StaticCache of full layers, no attention mask: the
+    model's own forward still attends to the window only; the native step, which attends
+    to every position, runs below it."""
+    import copy
+
+    cfg = copy.deepcopy(tiny("phi3", window=10).config)
+    cfg.sliding_window = None
+    st = native_vs_own_steps(lambda: tiny("phi3", window=10), {}, n=6, cache_config=cfg)
+    # positions 7, 8, 9 native, 10 on past the window
+    assert st["steps"] == 3 and st["fallbacks"] == 3 and "sliding window of 10" in st["last_fallback"], st
+
+
+def test_a_token_id_outside_the_vocabulary_raises_as_the_models_own_forward():
+    from transformers import StaticCache
+
+    m = tiny()
+    hf_decode.enable_native_decode(m)
+    cache = StaticCache(config=m.config, max_cache_len=32)
+    with torch.no_grad():
+        m(input_ids=PROMPT, cache=cache)
+        for bad in (-1, 300):
+            with pytest.raises(IndexError):
+                m(input_ids=torch.tensor([[bad]]), cache=cache)
+            assert f"token id {bad}" in hf_decode.status(m)["last_fallback"]
+        m(input_ids=torch.tensor([[5]]), cache=cache)
+    assert hf_decode.status(m)["steps"] == 1
+
+
+def test_a_layer_list_that_is_not_the_configs_is_refused():
+    m = tiny()
+    del m.model.layers[2]
+    with pytest.raises(hf_decode.NativeDecodeError, match="model.layers holds 2 layers, config.num_hidden_layers is 3"):
+        hf_decode.enable_native_decode(m)
+
+
 def test_steps_that_are_not_plain_fall_back_and_are_counted():
     m = tiny()
     hf_decode.enable_native_decode(m)
@@ -252,8 +413,8 @@ def test_the_head_runs_the_streaming_kernel_at_one_row():
     with torch.no_grad():
         y = m.lm_head(x)
     ref = x.double() @ m.lm_head.weight.double().t()
-    assert float((y.double() - ref).abs().max()) <= 74 * 2.0 ** -24 * float((x.abs().double() @
-                                                                               m.lm_head.weight.abs().double().t()).max())
+    bound = float((x.abs().double() @ m.lm_head.weight.abs().double().t()).max())
+    assert float((y.double() - ref).abs().max()) <= 74 * 2.0 ** -24 * bound
     hf_decode.disable_native_decode(m)
     assert "forward" not in m.lm_head.__dict__ and "forward" not in m.model.__dict__
 
@@ -480,6 +641,33 @@ def test_a_swapped_rotary_module_gives_new_tables():
     ref_tokens, ref_scores = generate(m, PROMPT, 12)
     assert tokens == ref_tokens
     assert_close_scores(ref_scores, scores)
+
+
+def test_generate_leaves_assisted_decoding_its_cache_and_a_passed_config_unwarned(monkeypatch):
+    """Prompt lookup sizes its candidates past a StaticCache's max_length: generate keeps its
+    own cache for it. A caller's generation config gets the static cache on a copy (a
+    cache_implementation argument next to it is deprecated by transformers)."""
+    import copy
+
+    from transformers.generation import utils
+
+    m = tiny()
+    prompt = torch.tensor([[5, 17, 42, 7, 5, 17, 42, 7, 99, 5, 17]])  # "5, 17" recurs: candidates to look up
+    with torch.no_grad():
+        ref = [m.generate(input_ids=prompt, max_new_tokens=n, do_sample=False, prompt_lookup_num_tokens=3)
+               for n in (3, 8)]
+        hf_decode.enable_native_decode(m)
+        for n, r in zip((3, 8), ref):  # 3: candidates past max_length
+            assert torch.equal(m.generate(input_ids=prompt, max_new_tokens=n, do_sample=False,
+                                          prompt_lookup_num_tokens=3), r)
+        warned = []
+        monkeypatch.setattr(utils.logger, "warning_once", lambda msg, *a, **k: warned.append(msg))
+        gc = copy.deepcopy(m.generation_config)
+        gc.max_new_tokens, gc.min_new_tokens, gc.do_sample = 6, 6, False
+        steps = hf_decode.status(m)["steps"]
+        m.generate(input_ids=PROMPT, generation_config=gc)
+    assert hf_decode.status(m)["steps"] == steps + 5
+    assert gc.cache_implementation is None and not [w for w in warned if "generation_config" in w], warned
 
 
 def test_generate_gets_a_static_cache_without_editing_the_generation_config(tmp_path):

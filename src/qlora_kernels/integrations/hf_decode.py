@@ -14,29 +14,37 @@ What runs natively is checked, not assumed: the model type (``llama``, ``phi3``)
 norm and MLP probed against what the native step computes (integrations.hf_fuse's
 probes), the attention class and scaling, each projection a ``Linear4bit`` in fp32
 compute, a dense fp32 ``nn.Linear``, or a PEFT LoRA layer over one of them with one plain
-adapter active. Anything else is refused by ``enable_native_decode`` with the reason; a
-step that is not a plain one-token greedy/sampling step (a batch, a padded mask, another
-cache, autograd, training mode, hooks, outputs asked for) runs the model's own forward and
-is counted in ``status(model)["fallbacks"]``.
+adapter active, and no hooks or forwards of their own on the modules the step skips.
+Anything else is refused by ``enable_native_decode`` with the reason; a step that is not
+a plain one-token greedy/sampling step (a batch, a padded mask, another cache, autograd,
+training mode, global module hooks, a position past a sliding window, a token id outside
+the vocabulary, outputs asked for) runs the model's own forward and is counted in
+``status(model)["fallbacks"]``.
 
 The plan (pointers to every tensor the step reads) is made again at each prompt (each
 generation), and every step first checks that none of those tensors was modified in
-place or replaced by a new storage since (version counters and data pointers), and that
-the modules it computes are the ones it planned (the same objects, norm epsilons and
-activation, the same PEFT adapter state: active adapter, disabled, merged, scaling);
-otherwise the step runs the model's own forward and the next one plans again (a changed
-module is probed again first).
+place or replaced by a new storage since (version counters and data pointers), that the
+modules and the cache still hold those very tensors (a Parameter, quant state or cache
+tensor rebound to a new object), that no module it skips got a hook or a forward of its
+own, and that the modules it computes are the ones it planned (the same objects, norm
+epsilons and activation, the same PEFT adapter state: active adapter, disabled, merged,
+scaling); otherwise the step runs the model's own forward and the next one plans again
+(a changed module is probed again first).
 
 docs/onnx.md ("Our torch decode step") has the design and the numbers."""
 from __future__ import annotations
 
+import copy
 import functools
+import itertools
 import logging
 import math
+import operator
 import types
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from .. import _C, formats, tuning
 from .._versions import version_of
@@ -62,7 +70,8 @@ class NativeDecodeError(ValueError):
 
 
 def _lora_parts(m: nn.Module, what: str):
-    """(base layer, (A, B, scaling) or None) of a PEFT LoRA layer, or (m, None)."""
+    """(base layer, (A, B, scaling, owners) or None) of a PEFT LoRA layer, or (m, None);
+    owners: the (dict, key) pairs that hold the adapter's modules and weights."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # no PEFT installed: no LoRA layers either
@@ -89,13 +98,16 @@ def _lora_parts(m: nn.Module, what: str):
         raise NativeDecodeError(f"{what}: adapter {a!r} has a lora_bias")
     if m.training and float(getattr(m.lora_dropout[a], "p", 0.0)) > 0:
         raise NativeDecodeError(f"{what}: in training mode with LoRA dropout")
-    A, B = m.lora_A[a].weight, m.lora_B[a].weight
+    lA, lB = m.lora_A[a], m.lora_B[a]
+    A, B = lA.weight, lB.weight
     for name, t in (("lora_A", A), ("lora_B", B)):
         if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
             raise NativeDecodeError(f"{what}: {name} of {a!r} is not a contiguous fp32 CPU tensor")
     if A.shape[0] > 256:
         raise NativeDecodeError(f"{what}: rank {A.shape[0]} > 256")
-    return m.get_base_layer(), (A, B, float(m.scaling[a]))
+    owners = [(m._modules, "base_layer"), (m._modules, "lora_A"), (m._modules, "lora_B"), (m.lora_A._modules, a),
+              (m.lora_B._modules, a), (lA._parameters, "weight"), (lB._parameters, "weight")]
+    return m.get_base_layer(), (A, B, float(m.scaling[a]), owners)
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -109,6 +121,10 @@ class _Proj:
         base, lora = _lora_parts(m, what)
         self.tensors: list = []  # watched between steps
         self.keep: list = []  # pointed into, kept alive, derived from watched ones
+        # (dict, key) of every object the plan took from the modules: a Parameter, quant state
+        # or adapter replaced by a new object (load_state_dict(assign=True)) leaves the old
+        # ones unchanged, so their version counters and pointers alone would not tell
+        self.owners: list = [(base._parameters, "weight"), (base._parameters, "bias")]
         if _hooked_here(base) or _hooked_here(m):
             raise NativeDecodeError(f"{what}: it has hooks")
         bias = getattr(base, "bias", None)
@@ -128,6 +144,13 @@ class _Proj:
             # from is what can change (prepared._sources: the layer's weight and quant state)
             self.keep += [p.packed, p.absmax, code]
             self.tensors += [t for t in p._sources if isinstance(t, torch.Tensor)]
+            state = base.__dict__.get("quant_state")
+            self.owners += [(base.__dict__, k) for k in ("quant_state", "compute", "compute_dtype")]
+            # the tensors of prepared._sources (a state made nested gets a new absmax too)
+            self.owners += [(state.__dict__, "absmax"), (state.__dict__, "code")]
+            if state.state2 is not None:
+                s2 = state.state2.__dict__
+                self.owners += [(state.__dict__, "offset"), (state.__dict__, "state2"), (s2, "absmax"), (s2, "code")]
         elif type(base) is nn.Linear:
             w = base.weight
             if w.dtype != torch.float32 or not _plain(w):
@@ -144,8 +167,9 @@ class _Proj:
             self.tensors.append(bias)
         b = (bias.data_ptr(), bias.numel()) if bias is not None else (0, 0)
         if lora is not None:
-            A, B, s = lora
+            A, B, s, owners = lora
             self.tensors += [A, B]
+            self.owners += owners
             tail = (A.data_ptr(), A.numel(), B.data_ptr(), B.numel(), A.shape[0], s)
         else:
             tail = (0, 0, 0, 0, 0, 0.0)
@@ -178,14 +202,19 @@ def _module_keys(inner: nn.Module, a: "_arch.Arch") -> list:
     attention scaling, each LoRA layer's adapter state (active, disabled, merged, training,
     scaling). Reading them is one dict lookup each, cheap enough for every step."""
     keys = [(inner._modules, "norm"), (inner._modules, "embed_tokens"), (inner._modules, "rotary_emb"),
-            (inner._modules, "layers"), (inner.norm.__dict__, "variance_epsilon"), (inner.norm.__dict__, "eps")]
+            (inner._modules, "layers"), (inner.norm.__dict__, "variance_epsilon"), (inner.norm.__dict__, "eps"),
+            (inner.norm.__dict__, "forward"), (inner.layers._modules, str(len(inner.layers)))]  # a layer appended
     for i, layer in enumerate(inner.layers):
         keys.append((inner.layers._modules, str(i)))
         attn, mlp = layer.self_attn, layer.mlp
         keys += [(layer._modules, n) for n in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")]
         keys += [(mlp._modules, "act_fn"), (mlp._modules, "activation_fn"), (attn.__dict__, "scaling")]
+        # the forwards the probes ran (an instance's own, hf_fuse's fused MLP): probed again if replaced
+        keys += [(m.__dict__, "forward") for m in (mlp, mlp._modules.get("act_fn"), mlp._modules.get("activation_fn"))
+                 if m is not None]
         for n in ("input_layernorm", "post_attention_layernorm"):
-            keys += [(layer.get_submodule(n).__dict__, "variance_epsilon"), (layer.get_submodule(n).__dict__, "eps")]
+            d = layer.get_submodule(n).__dict__
+            keys += [(d, "variance_epsilon"), (d, "eps"), (d, "forward")]
         for path in a.projections(i).values():
             parent = attn if ".self_attn." in path else mlp
             name = path.rsplit(".", 1)[1]
@@ -198,6 +227,7 @@ def _module_keys(inner: nn.Module, a: "_arch.Arch") -> list:
 
 
 _MISSING = object()
+_FORWARD = itertools.repeat("forward")
 
 
 def _module_values(keys: list, copy: bool = False) -> list:
@@ -206,11 +236,31 @@ def _module_values(keys: list, copy: bool = False) -> list:
     return [v.copy() if isinstance(v, (list, dict)) else v for v in (d.get(k, _MISSING) for d, k in keys)]
 
 
-def _check_layers(inner: nn.Module) -> None:
-    """The decoder's layer and attention classes, and no hooks anywhere the native step
-    would skip them (cheap: checked again at every plan)."""
-    if _hooked_here(inner) or _hooked_here(inner.norm) or _hooked_here(inner.embed_tokens):
-        raise NativeDecodeError("the decoder (model.model), its norm or its embedding has hooks")
+_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+# the modules whose forward, an instance's own included (hf_fuse's fused MLP, hf_rope's
+# rotary module), is what _check_structure probes or the rotary tables are read from
+_PROBED = ("model.model", "model.norm", "model.rotary_emb")
+_PROBED_IN_LAYER = ("input_layernorm", "post_attention_layernorm", "mlp", "mlp.act_fn", "mlp.activation_fn")
+
+
+def _skipped(inner: nn.Module) -> list:
+    """(name, module) of every module a native step runs in place of (the decoder itself
+    too: its hooks are refused as before); containers are never called, so left out."""
+    out = [("model.model", inner)]
+    for name in ("embed_tokens", "norm", "rotary_emb"):
+        out += [(f"model.{name}" + (f".{n}" if n else ""), m) for n, m in inner.get_submodule(name).named_modules()]
+    for i, layer in enumerate(inner.layers):
+        out += [(f"layer {i}.{n or '(itself)'}", m) for n, m in layer.named_modules()]
+    return [(n, m) for n, m in out if not isinstance(m, _CONTAINERS)]
+
+
+def _check_layers(inner: nn.Module, a: "_arch.Arch") -> list:
+    """The decoder's layer count and its layer and attention classes, and no hooks or
+    forwards of their own anywhere the native step would skip them (cheap: checked again
+    at every plan). Returns _skipped(inner)."""
+    n = len(inner.layers)
+    if n != a.layers:  # the plan reads a.layers layers and cache layers
+        raise NativeDecodeError(f"model.layers holds {n} layers, config.num_hidden_layers is {a.layers}")
     for i, layer in enumerate(inner.layers):
         if type(layer).__name__ not in _LAYER:
             raise NativeDecodeError(f"layer {i} is a {type(layer).__name__}; supported: {', '.join(_LAYER)}")
@@ -218,10 +268,14 @@ def _check_layers(inner: nn.Module) -> None:
         if type(attn).__name__ not in _ATTENTION:
             raise NativeDecodeError(f"layer {i}'s attention is a {type(attn).__name__}; supported: "
                                     f"{', '.join(_ATTENTION)}")
-        for name in ("", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
-            if _hooked_here(layer.get_submodule(name)):
-                raise NativeDecodeError(f"layer {i}.{name or '(itself)'} has hooks, which the native step would "
-                                        "not run")
+    skipped = _skipped(inner)
+    for name, m in skipped:
+        if _hooked_here(m):
+            raise NativeDecodeError(f"{name} has hooks, which the native step would not run")
+        if "forward" in m.__dict__ and name not in _PROBED and (not name.startswith("layer ")
+                                                                 or name.split(".", 1)[1] not in _PROBED_IN_LAYER):
+            raise NativeDecodeError(f"{name} has a forward of its own, which the native step would not run")
+    return skipped
 
 
 def _check_structure(inner: nn.Module, a: "_arch.Arch") -> None:
@@ -229,7 +283,7 @@ def _check_structure(inner: nn.Module, a: "_arch.Arch") -> None:
     if impl not in ("eager", "sdpa", hf_attention.NAME):
         raise NativeDecodeError(f"attention implementation {impl!r}: the native step replaces 'eager', 'sdpa' and "
                                 f"{hf_attention.NAME!r}")
-    _check_layers(inner)
+    _check_layers(inner, a)
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
         if not math.isclose(float(getattr(attn, "scaling", a.head_size ** -0.5)), a.head_size ** -0.5, rel_tol=1e-7):
@@ -259,7 +313,7 @@ class _Plan:
         # its buffers edited, since the tables were made: made again, ~2 ms at SmolLM2's 8192
         # positions)
         rope = inner.rotary_emb
-        key = [rope] + [(b.data_ptr(), b.dtype, version_of(b)) for b in rope.buffers()]
+        key = [rope, rope.__dict__.get("forward")] + [(b.data_ptr(), b.dtype, version_of(b)) for b in rope.buffers()]
         if key != state.tables_key:
             try:
                 state.tables = _arch.rotary_tables(types.SimpleNamespace(model=inner), a)
@@ -268,7 +322,7 @@ class _Plan:
             state.tables_key = key
         cos, sin = state.tables
         norm = inner.norm
-        _check_layers(inner)  # what can change cheaply since enable_native_decode's probes
+        skipped = [m for _, m in _check_layers(inner, a)]  # what can change cheaply since the probes
         keys = _module_keys(inner, a)
         snapshot = _module_values(keys, copy=True)
         if snapshot != state.probed:  # a module swapped or an adapter switched: probe again
@@ -281,6 +335,8 @@ class _Plan:
                              cos.data_ptr(), sin.data_ptr(), cos.numel(), cos.shape[0], norm.weight.data_ptr(),
                              norm.weight.numel())
         watched = [norm.weight, inner.embed_tokens.weight] + list(inner.rotary_emb.buffers())
+        owners = [(norm._parameters, "weight"), (inner.embed_tokens._parameters, "weight"), (cache.__dict__, "layers")]
+        owners += [(m._buffers, n) for m in rope.modules() for n in m._buffers] + [(rope.__dict__, "forward")]
         lens, cache_tensors, keep = [], [], []
         for i, layer in enumerate(inner.layers):
             n1, n2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
@@ -288,6 +344,8 @@ class _Plan:
                 raise NativeDecodeError(f"layer {i}'s norm weights are not contiguous fp32 CPU tensors")
             plan.set_norms(i, n1.data_ptr(), n1.numel(), n2.data_ptr(), n2.numel())
             watched += [n1, n2]
+            owners += [(layer.input_layernorm._parameters, "weight"), (layer.post_attention_layernorm._parameters,
+                                                                         "weight")]
             roles = a.projections(i)
             attn_in = ["qkv"] if a.family == "phi3" else ["q", "k", "v"]
             mlp_in = ["gate_up"] if a.family == "phi3" else ["gate", "up"]
@@ -299,11 +357,15 @@ class _Plan:
                     at += p.N
                     watched += p.tensors
                     keep += p.keep
+                    owners += p.owners
             cl = cache.layers[i]
             k, v = cl.keys, cl.values
             plan.set_cache(i, k.data_ptr(), k.numel(), v.data_ptr(), v.numel(), k.shape[2])
             cache_tensors += [k, v]
             lens.append(cl.cumulative_length)
+            # rebound by the cache itself (reorder_cache, batch_select_indices): the steps
+            # would write into tensors the cache no longer reads
+            owners += [(cl.__dict__, "keys"), (cl.__dict__, "values"), (cl.__dict__, "cumulative_length")]
         plan.finish(len(attn_in), len(mlp_in), a.head_size ** -0.5)
         self.plan, self.cache, self.lens, self.cache_tensors = plan, cache, lens, cache_tensors
         # every tensor the plan points into (kept alive here), a tied or shared one as often as
@@ -317,13 +379,31 @@ class _Plan:
         self.emb = inner.embed_tokens.weight
         self.tables = (cos, sin)  # the plan points into them
         self.module_keys, self.snapshot = keys, snapshot
+        self.owner_dicts, self.owner_keys = [d for d, _ in owners], [k for _, k in owners]
+        self.owned = list(map(dict.get, self.owner_dicts, self.owner_keys))
+        self.cache_layers = list(cache.layers)
+        # the forward hooks of every module the steps skip: none but transformers' inert
+        # output-capturing ones (_check_layers), which stay as they are
+        hook_dicts = [d for m in skipped for d in (m._forward_pre_hooks, m._forward_hooks)]
+        self.no_hooks = [d for d in hook_dicts if not d]
+        self.inert_hooks = [d for d in hook_dicts if d]
+        self.inert_keys = [tuple(d) for d in self.inert_hooks]
+        # the modules without a forward of their own, which must not get one (the probed ones
+        # that have one: in the module keys)
+        self.no_forward = [m.__dict__ for m in skipped if "forward" not in m.__dict__]
 
     def current(self) -> bool:
         # ~1000 tensors for SmolLM2 + LoRA: two list comprehensions, ~0.1 ms a step, and ~1000
         # dict lookups for the modules. The cache's tensors by pointer only: their contents
-        # change with every step.
+        # change with every step. Identities and hook dicts through map/any (C loops): a few
+        # thousand of each, ~0.1 ms.
+        layers = self.cache.layers
         return ([t._version for t in self.versioned] == self.versions
                 and [t.data_ptr() for t in self.watched] + [t.data_ptr() for t in self.cache_tensors] == self.ptrs
+                and all(map(operator.is_, map(dict.get, self.owner_dicts, self.owner_keys), self.owned))
+                and len(layers) == len(self.cache_layers) and all(map(operator.is_, layers, self.cache_layers))
+                and not any(self.no_hooks) and [tuple(d) for d in self.inert_hooks] == self.inert_keys
+                and not any(map(operator.contains, self.no_forward, _FORWARD))
                 and self._same_modules())
 
     def _same_modules(self) -> bool:
@@ -398,6 +478,9 @@ def _why_not(inner: nn.Module, state: _State, input_ids, cache, kwargs: dict):
     if pos >= plan.plan.capacity or pos >= plan.tables[0].shape[0]:
         return (f"position {pos} is beyond the cache's {plan.plan.capacity} or the rotary table's "
                 f"{plan.tables[0].shape[0]} positions"), None, None
+    window = state.arch.sliding_window
+    if 0 < window <= pos:  # the model's own mask hides the keys before the window, whatever mask is passed
+        return f"position {pos} is beyond the sliding window of {window} positions", None, None
     return None, plan, pos
 
 
@@ -415,6 +498,8 @@ def _why_not_plan(inner: nn.Module, state: _State, input_ids, cache, kwargs: dic
         return "attentions or hidden states asked for"
     if _backends.get_backend() != "cpu":
         return f"backend {_backends.get_backend()!r} selected (the native step runs the cpu backend's kernels)"
+    if _torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks:
+        return "global module forward hooks (torch.nn.modules.module.register_module_forward_*hook)"
     plan = state.plan
     if plan is None or plan.cache is not cache:
         return _eligible_cache(cache, state.arch) or "no plan for this cache (a prompt runs first)"
@@ -434,12 +519,15 @@ def _forward(inner: nn.Module, input_ids=None, *args, **kwargs):
                                                                                    kwargs)
     if why is None:
         position_ids = kwargs.get("position_ids")
+        token = int(input_ids)
         if position_ids is not None and int(position_ids.reshape(-1)[-1]) != pos:
             why = "position_ids that are not the cache's length"
+        elif not 0 <= token < plan.emb.shape[0]:  # the model's own embedding raises; indexing would wrap
+            why = f"token id {token} outside the embedding's {plan.emb.shape[0]} rows"
         else:
             if not tuning.ready:
                 tuning.ensure()
-            h = plan.emb[int(input_ids)].clone()
+            h = plan.emb[token].clone()
             plan.plan.step(h.data_ptr(), h.numel(), pos, torch.get_num_threads())
             for t in plan.lens:
                 t.add_(1)
@@ -447,22 +535,23 @@ def _forward(inner: nn.Module, input_ids=None, *args, **kwargs):
             from transformers.modeling_outputs import BaseModelOutputWithPast
 
             return BaseModelOutputWithPast(last_hidden_state=h.view(1, 1, -1), cache=cache)
+    one = input_ids is not None and input_ids.shape[-1] == 1
+    if one:  # counted before the model's own forward, which may raise (a token id outside the vocabulary)
+        state.fallbacks += 1
+        state.last_fallback = why
     out = type(inner).forward(inner, input_ids, *args, **kwargs)
     # after a prompt into a StaticCache (or a step that could not run natively): plan the
     # steps that follow, from the model as it is now
     plan = state.plan
-    if (plan is None or plan.cache is not cache or input_ids is None or input_ids.shape[-1] != 1
-            or not plan.current()):
+    if plan is None or plan.cache is not cache or not one or not plan.current():
         state.plan = None
         if (cache is not None and not inner.training and not torch.is_grad_enabled()
                 and _eligible_cache(cache, state.arch) is None):
             try:
                 state.plan = _Plan(state, inner, cache)
             except NativeDecodeError as e:  # a layer changed since enable_native_decode
-                why = f"not planned: {e}"
-    if why is not None and input_ids is not None and input_ids.shape[-1] == 1:
-        state.fallbacks += 1
-        state.last_fallback = why
+                if one:
+                    state.last_fallback = f"not planned: {e}"
     return out
 
 
@@ -485,12 +574,13 @@ def enable_native_decode(model: nn.Module, static_cache: bool = True) -> nn.Modu
     """Run ``model``'s one-token decode steps natively (see the module's docstring);
     ``model`` is a transformers Llama/Phi-3 causal LM (or a PEFT model around one) with
     qlora_kernels ``Linear4bit`` or fp32 ``nn.Linear`` projections and optional LoRA
-    adapters. With ``static_cache``, ``generate`` calls that choose no cache themselves
-    (no ``cache``/``past_key_values``/``cache_implementation`` argument, none in the
-    generation config) get ``cache_implementation="static"``: the native step needs a
-    StaticCache. The generation config itself is not edited (``save_pretrained`` would
-    write it out). Raises NativeDecodeError naming what is not supported. Returns
-    ``model``."""
+    adapters. With ``static_cache``, plain greedy or sampling ``generate`` calls (no
+    beams, no assisted decoding) that choose no cache themselves (no ``cache``/
+    ``past_key_values``/``cache_implementation`` argument, none in the generation config)
+    get ``cache_implementation="static"`` (on a copy of a passed generation config): the
+    native step needs a StaticCache. The model's generation config itself is not edited
+    (``save_pretrained`` would write it out). Raises NativeDecodeError naming what is not
+    supported. Returns ``model``."""
     lm = _arch.core_model(model)
     try:
         a = _arch.read(lm)
@@ -519,13 +609,51 @@ def enable_native_decode(model: nn.Module, static_cache: bool = True) -> nn.Modu
     return model
 
 
+def _plain_generation(lm: nn.Module, passed, kwargs: dict) -> bool:
+    """Whether generate will run a plain greedy or sampling loop over a cache it chooses
+    itself: the generation mode of the config generate would make (the passed one, its
+    unset values the model's, the call's arguments over both), no cache chosen. Assisted
+    decoding (prompt lookup, an assistant model, early exit) sizes its own cache use past
+    a StaticCache's max_length; beams are batches, which the native step does not take."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    if any(k in kwargs for k in ("cache", "past_key_values", "cache_implementation")):
+        return False
+    if kwargs.get("assistant_model") is not None or kwargs.get("custom_generate") is not None:
+        return False
+    own = getattr(lm, "generation_config", None)
+    base = passed if passed is not None else own
+    if base is None:
+        return False
+    probe = copy.copy(base)  # set on, not updated: update() validates and warns, as generate will itself
+    if passed is not None and own is not None:
+        for k, v in vars(own).items():
+            if getattr(probe, k, None) is None:
+                setattr(probe, k, v)
+    for k, v in kwargs.items():
+        if hasattr(probe, k):
+            setattr(probe, k, v)
+    if probe.use_cache is False or probe.cache_implementation is not None:
+        return False
+    return probe.get_generation_mode() in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+
+
 def _generate(lm: nn.Module, *args, **kwargs):
-    """The model's generate, with a StaticCache where the call and its generation config
-    choose no cache (enable_native_decode)."""
-    gc = kwargs.get("generation_config") or getattr(lm, "generation_config", None)
-    if (kwargs.get("use_cache") is not False and getattr(gc, "cache_implementation", None) is None
-            and not any(k in kwargs for k in ("cache", "past_key_values", "cache_implementation"))):
-        kwargs["cache_implementation"] = "static"
+    """The model's generate, with a StaticCache where the call is a plain greedy or
+    sampling one choosing no cache (enable_native_decode). A caller's generation config
+    gets it on a copy: next to a generation config, transformers deprecates generation
+    arguments."""
+    passed = kwargs["generation_config"] if "generation_config" in kwargs else (args[1] if len(args) > 1 else None)
+    if _plain_generation(lm, passed, kwargs):
+        if passed is None:
+            kwargs["cache_implementation"] = "static"
+        else:
+            gc = copy.deepcopy(passed)
+            gc.cache_implementation = "static"
+            if "generation_config" in kwargs:
+                kwargs["generation_config"] = gc
+            else:
+                args = args[:1] + (gc,) + args[2:]
     return type(lm).generate(lm, *args, **kwargs)
 
 
