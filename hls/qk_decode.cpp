@@ -69,12 +69,20 @@ dec_beats:
 void qk_dq_core(qk_stream<qk_word_t>& codes, qk_stream<float>& scales, const float* dmap, float offset,
                 qk_word_t* out, int n) {
   const int beats = (n + QK_DECODE_LANES - 1) / QK_DECODE_LANES;
-  float map[256];
-#pragma HLS ARRAY_PARTITION variable=map cyclic factor=16
+  // QK_DECODE_LANES lookups a cycle at data-dependent indices: a cyclic partition cannot
+  // exclude bank conflicts (II > 1), so each pair of lanes reads its own true dual-port copy.
+  float map[QK_DECODE_LANES / 2][256];
+#pragma HLS ARRAY_PARTITION variable=map dim=1 complete
+#pragma HLS BIND_STORAGE variable=map type=ram_t2p impl=bram
 dq_load_map:
   for (int j = 0; j < 256; ++j) {
 #pragma HLS PIPELINE II=1
-    map[j] = dmap[j];
+    const float v = dmap[j];
+  dq_copies:
+    for (int k = 0; k < QK_DECODE_LANES / 2; ++k) {
+#pragma HLS UNROLL
+      map[k][j] = v;
+    }
   }
   qk_word_t qw;
 dq_beats:
@@ -88,7 +96,7 @@ dq_beats:
     for (int l = 0; l < QK_DECODE_LANES; ++l) {
 #pragma HLS UNROLL
       const unsigned q = qk_byte(qw, (beat & 3) * QK_DECODE_LANES + l);
-      const float scaled = map[q] * a2;  // two statements: the multiply rounds before the add
+      const float scaled = map[l / 2][q] * a2;  // two statements: the multiply rounds before the add
       qk_word_set_f32(o, l, scaled + offset);
     }
     out[beat] = o;

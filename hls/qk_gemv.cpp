@@ -174,18 +174,20 @@ gemv_tile:
             tab[b][wr + e] = prod[2 * b][e >> 4] + prod[2 * b + 1][e & 15];
           }
         } else {
-          // The same QK_BUILD_MULS multipliers: x*code (4-bit) or x*(1 + m/128) (bf16).
-          const int lane = c / (QK_CODES / QK_BUILD_MULS), j0 = (c % (QK_CODES / QK_BUILD_MULS)) * QK_BUILD_MULS;
+          // The same QK_BUILD_MULS multipliers: x*code (4-bit) or x*(1 + m/128) (bf16). A cycle's
+          // products go to QK_BUILD_MULS different lanes: prod is partitioned by lane, one write
+          // port each, and four writes to one lane's LUTRAM would hold this loop at II=4.
+          const int lane = (c % (QK_LANES / QK_BUILD_MULS)) * QK_BUILD_MULS, j = c / (QK_LANES / QK_BUILD_MULS);
           const int m = c / kMantGroups, l0 = (c % kMantGroups) * QK_BUILD_MULS;
           const float mant = qk_f32(0x3F800000u | ((uint32_t)(m & 0x7F) << 16));  // 1 + m/128, exact
         gemv_build_mul:
           for (int q = 0; q < QK_BUILD_MULS; ++q) {
 #pragma HLS UNROLL
-            const float xa = xt[xw][fmt ? l0 + q : lane];
-            const float ca = fmt ? mant : rom[j0 + q];
+            const float xa = xt[xw][fmt ? l0 + q : lane + q];
+            const float ca = fmt ? mant : rom[j];
             const float p = xa * ca;
             if (fmt) tab[l0 + q][wr + m] = p;
-            else prod[lane][j0 + q] = p;
+            else prod[lane + q][j] = p;
           }
         }
       }
