@@ -156,3 +156,31 @@ def test_inference_calls_skip_the_dispatcher_and_agree():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # state.absmax stays real
         fake = qk.linear_4bit(mode.from_tensor(x), mode.from_tensor(packed), state)
     assert fake.shape == (5, 33)
+
+
+def test_lora_backward_op_checks_dy_and_every_op_checks_its_rows_and_scaling():
+    # called through torch.ops (past functional's checks): a meta dy among CPU tensors went to
+    # the fake kernel and came back as uninitialized memory; a 0-d x raised a bare IndexError;
+    # a NaN scaling gave all-NaN outputs
+    ops = torch.ops.qlora_kernels
+    packed, state = qk.quantize_4bit(torch.randn(8, 64))
+    x, A, B = torch.randn(3, 64), torch.randn(2, 64), torch.randn(8, 2)
+    y, u = ops.lora_linear_4bit(x, packed, state.absmax, 64, "nf4", 8, A, B, 0.5, None, None)
+    args = (x, packed, state.absmax, 64, "nf4", A, B, 0.5, None, u, True)
+    with pytest.raises(ValueError, match="dy is on meta but x is on cpu"):
+        ops.lora_linear_4bit_backward(torch.ones(3, 8, device="meta"), *args)
+    with pytest.raises(TypeError, match="dy must be float32, bfloat16 or float16"):
+        ops.lora_linear_4bit_backward(torch.ones(3, 8, dtype=torch.float64), *args)
+    with pytest.raises(ValueError, match=r"dy has shape \(4, 8\); x has \(3, 64\)"):
+        ops.lora_linear_4bit_backward(torch.ones(4, 8), *args)
+    with pytest.raises(ValueError, match="dy must have at least one dimension"):
+        ops.lora_linear_4bit_backward(torch.tensor(1.0), *args)
+    with pytest.raises(ValueError, match="x must have at least one dimension"):
+        ops.linear_4bit(torch.tensor(1.0), packed, state.absmax, 64, "nf4", 8, None)
+    with pytest.raises(ValueError, match="dy must have at least one dimension"):
+        ops.linear_4bit_grad_input(torch.tensor(1.0), packed, state.absmax, 64, "nf4", 64)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scaling must be finite"):
+            ops.lora_linear_4bit(x, packed, state.absmax, 64, "nf4", 8, A, B, bad, None, None)
+        with pytest.raises(ValueError, match="scaling must be finite"):
+            ops.lora_linear(x, torch.randn(8, 64), A, B, bad, None, None)

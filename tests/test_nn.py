@@ -125,3 +125,19 @@ def test_from_linear_refuses_a_zero3_partitioned_weight():
     with pytest.raises(ValueError, match=r"shape \(32, 63\)") as err:
         Linear4bit.from_linear(bad)
     assert "ZeRO" not in str(err.value)
+
+
+def test_packed_bytes_without_their_state_are_refused():
+    # a state dict holding only weight and bias loaded "All keys matched" and decoded the new
+    # bytes with the layer's own random-init absmax: ~100x off, no error
+    from qlora_kernels.nn import Linear4bit
+
+    src = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        src.weight.mul_(100)
+    sd = Linear4bit.from_linear(src).state_dict()
+    layer = Linear4bit(64, 8)
+    before = layer.weight.clone()
+    with pytest.raises(RuntimeError, match="packed bytes without their quantization state"):
+        layer.load_state_dict({"weight": sd["weight"], "bias": sd["bias"]})
+    assert torch.equal(layer.weight, before)

@@ -80,3 +80,19 @@ def test_from_dict_errors_name_the_key():
         odd["quant_state.bitsandbytes__nf4"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
         with pytest.raises(ValueError, match=match):
             QuantState.from_dict(odd)
+
+
+def test_a_float_blocksize_and_a_missing_dtype_are_named():
+    # 64.0 passed validation and failed in the kernels' argument parsing; dtype None (a state
+    # made without one) reached the dispatcher's "Expected a value of type 'int'"
+    import dataclasses
+
+    import qlora_kernels as qk
+
+    packed, state = qk.quantize_4bit(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="state.blocksize must be one of"):
+        dataclasses.replace(state, blocksize=64.0).validate()
+    with pytest.raises(TypeError, match=r"none given, and state.dtype is None"):
+        qk.dequantize_4bit(packed, dataclasses.replace(state, dtype=None), dtype=None)
+    with pytest.raises(TypeError, match="dtype must be float32, bfloat16 or float16"):
+        qk.dequantize_4bit(packed, state, dtype="float32")

@@ -318,7 +318,8 @@ class QuantState:
         where it differs, the serialized key."""
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"state.quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-        if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
+        # an int: 64.0 is "in" BLOCKSIZES and then failed in the kernels' argument parsing
+        if type(self.blocksize) is not int or self.blocksize not in BLOCKSIZES:
             raise ValueError(f"state.blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
         if self.shape is None:
             raise ValueError("state.shape is missing")

@@ -76,6 +76,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         torch.ops.qlora_kernels.dequantize_4bit_out(packed, decode_absmax(state), state.blocksize, state.quant_type, out)
         return out
     dtype = state.dtype if dtype is None else dtype
+    if dtype not in formats.INPUT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}"
+                        + (" (none given, and state.dtype is None)" if dtype is None else ""))
     return torch.ops.qlora_kernels.dequantize_4bit(packed, decode_absmax(state), state.blocksize, state.quant_type,
                                                    list(state.shape), dtype)
 

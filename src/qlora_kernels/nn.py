@@ -151,6 +151,13 @@ class Linear4bit(nn.Module):
                 packed = packed.contiguous().view(torch.uint8)
             state_dict[wkey] = packed.reshape(-1, 1)
             self.weight = nn.Parameter(torch.empty_like(state_dict[wkey]), requires_grad=False)
+        elif wkey in state_dict:
+            # packed bytes without their quantization state: decoded with this layer's own
+            # state (its random initialisation's absmax) they would be another weight, and
+            # strict loading reported every key matched
+            error_msgs.append(f"{wkey}: packed bytes without their quantization state (expected "
+                              f"{', '.join(wkey + '.' + k for k in self.quant_state.as_dict(packed=True))})")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

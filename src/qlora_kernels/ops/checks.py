@@ -158,8 +158,30 @@ def weight(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block: i
                  "the state does not belong to this weight")
 
 
+def rows(name: str, t) -> None:
+    """A floating tensor with its features last: checked before anything reads shape[-1]
+    (a 0-d one raised a bare IndexError)."""
+    tensor(name, t, FLOATS)
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension (features last), got a 0-d tensor")
+
+
+def lora_dy(dy: torch.Tensor, x: torch.Tensor) -> None:
+    """The backward's incoming gradient: one row per row of x. Unchecked, a dy on another
+    device sent the call to the fake kernel, which returned uninitialized memory."""
+    rows("dy", dy)
+    same_device(x=x, dy=dy)
+    if tuple(dy.shape[:-1]) != tuple(x.shape[:-1]):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}; x has {tuple(x.shape)}, so dy must be "
+                         f"[{', '.join(map(str, x.shape[:-1]))}, out_features]")
+
+
 def lora(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, out_features: int,
-         b: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> None:
+         b: Optional[torch.Tensor], noise: Optional[torch.Tensor], scale=None) -> None:
+    """``scale``: the adapter's scaling, checked too when given (the ops are callable
+    directly, past functional's check)."""
+    if scale is not None:
+        scaling(scale)
     K = x.shape[-1]
     tensor("lora_A", lora_A, FLOATS, dim=2)
     tensor("lora_B", lora_B, FLOATS, dim=2)

@@ -66,6 +66,7 @@ def linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
 
 
 def _linear_run(kernel: str, x, packed, absmax, blocksize, quant_type, out_features, bias) -> torch.Tensor:
+    checks.rows("x", x)
     checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
     x2 = rows_2d(x).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
@@ -112,6 +113,7 @@ def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
 
 @linear_4bit.register_fake
 def _linear_fake(x, packed, absmax, blocksize, quant_type, out_features, bias):
+    checks.rows("x", x)
     checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -124,6 +126,7 @@ def linear_4bit_grad_input_impl(dy: torch.Tensor, packed: torch.Tensor, absmax: 
                            quant_type: str, in_features: int) -> torch.Tensor:
     """dx = dy @ dequantize(W), W [dy.shape[-1], in_features]: the input gradient of
     linear_4bit (the frozen 4-bit weight itself gets none)."""
+    checks.rows("dy", dy)
     checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
     dy2 = rows_2d(dy).float().contiguous()
     dx = run("linear_4bit_grad_input", dy2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
@@ -137,6 +140,7 @@ linear_4bit_grad_input = torch.library.custom_op("qlora_kernels::linear_4bit_gra
 
 @linear_4bit_grad_input.register_fake
 def _(dy, packed, absmax, blocksize, quant_type, in_features):
+    checks.rows("dy", dy)
     checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
     return dy.new_empty((*dy.shape[:-1], in_features))
 
@@ -183,8 +187,9 @@ def lora_linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.T
                      bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u): y = linear_4bit(x) + scaling * (u @ B.T), u = (x * noise) @ A.T; ``noise`` is
     the already-scaled dropout mask (None: no dropout). u is kept for the backward."""
+    checks.rows("x", x)
     checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
-    checks.lora(x, lora_A, lora_B, out_features, bias, noise)
+    checks.lora(x, lora_A, lora_B, out_features, bias, noise, scaling)
     x2 = rows_2d(x).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     b = None if bias is None else bias.float().contiguous()
@@ -200,8 +205,9 @@ lora_linear_4bit = torch.library.custom_op("qlora_kernels::lora_linear_4bit", mu
 
 @lora_linear_4bit.register_fake
 def _(x, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias, noise):
+    checks.rows("x", x)
     checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
-    checks.lora(x, lora_A, lora_B, out_features, bias, noise)
+    checks.lora(x, lora_A, lora_B, out_features, bias, noise, scaling)
     m = _nrows(x)
     return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
 
@@ -221,9 +227,11 @@ def lora_linear_4bit_backward_impl(dy: torch.Tensor, x: torch.Tensor, packed: to
     need_x; dA, dB fp32) from dy and the forward's u. One op, so that a backend can run
     the base layer's input gradient and the adapter's products as one native step (the
     cpu backend adds the adapter's share of dx into the base's, in place)."""
+    checks.rows("x", x)
+    checks.lora_dy(dy, x)
     N = dy.shape[-1]
     checks.weight(x, packed, absmax, blocksize, quant_type, N, x.shape[-1])
-    checks.lora(x, lora_A, lora_B, N, None, noise)
+    checks.lora(x, lora_A, lora_B, N, None, noise, scaling)
     checks.lora_u(u, x, lora_A)
     K = x.shape[-1]
     dy2 = rows_2d(dy).float().contiguous()
@@ -241,9 +249,11 @@ lora_linear_4bit_backward = torch.library.custom_op("qlora_kernels::lora_linear_
 
 @lora_linear_4bit_backward.register_fake
 def _(dy, x, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling, noise, u, need_x):
+    checks.rows("x", x)
+    checks.lora_dy(dy, x)
     N = dy.shape[-1]
     checks.weight(x, packed, absmax, blocksize, quant_type, N, x.shape[-1])
-    checks.lora(x, lora_A, lora_B, N, None, noise)
+    checks.lora(x, lora_A, lora_B, N, None, noise, scaling)
     checks.lora_u(u, x, lora_A)
     f32 = torch.float32
     return (x.new_empty(x.shape if need_x else (0,)), lora_A.new_empty(lora_A.shape, dtype=f32),
@@ -272,7 +282,7 @@ def lora_linear_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
                 bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u) for a dense base: y = x @ weight.T (+ bias) + scaling * (u @ B.T)."""
     checks.dense(x, weight)
-    checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
+    checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise, scaling)
     x2 = rows_2d(x).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
     y = x2 @ weight.float().t()
@@ -288,7 +298,7 @@ lora_linear = torch.library.custom_op("qlora_kernels::lora_linear", mutates_args
 @lora_linear.register_fake
 def _(x, weight, lora_A, lora_B, scaling, bias, noise):
     checks.dense(x, weight)
-    checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise)
+    checks.lora(x, lora_A, lora_B, weight.shape[0], bias, noise, scaling)
     m = _nrows(x)
     return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
 
