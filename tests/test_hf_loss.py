@@ -123,3 +123,51 @@ def test_trainer_step_with_fused_loss(tmp_path):
     result = Trainer(model=pm, args=args, train_dataset=data).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert any(not torch.equal(before[n], p) for n, p in pm.named_parameters() if p.requires_grad)
+
+
+def test_a_batch_without_labelled_tokens_gives_zero_gradients_as_transformers():
+    # every label -100 (completion-only labels cut by truncation): transformers' loss is NaN
+    # and its gradients 0; ours divided the in-forward gradients by 0: NaN in every gradient,
+    # which the next optimizer step writes into every trainable weight
+    fused, plain = _peft("llama", True), _peft("llama", False)
+    b = batch()
+    b["labels"][:] = -100
+    for kw in ({}, {"num_items_in_batch": torch.tensor(0)}):
+        res = []
+        for pm in (fused, plain):
+            out = pm(**b, **kw)
+            out.loss.backward()
+            res.append((out, {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}))
+            pm.zero_grad(set_to_none=True)
+        (out_f, g_f), (out_p, g_p) = res
+        assert out_f.loss.isnan() and out_p.loss.isnan()
+        for n in g_f:
+            assert torch.equal(g_f[n], torch.zeros_like(g_f[n])) and torch.equal(g_p[n], g_f[n]), (kw, n)
+
+
+def test_fused_loss_survives_torch_save_and_a_tensor_logits_to_keep_falls_back(tmp_path):
+    # the instance forward was a bound closure: unpickled, it came back as the class's own
+    # forward (logits materialised) while is_fused() still said True; a fresh process could
+    # not run the fused attention the config names; logits_to_keep as positions scored the
+    # wrong labels
+    import subprocess
+    import sys
+
+    from qlora_kernels.integrations.hf_fuse import fuse_layers
+
+    fused = _peft("llama", True)
+    fuse_layers(fused)
+    assert str(inspect.signature(fused.get_base_model().forward)).startswith("(input_ids")
+    torch.save(fused, tmp_path / "m.pt")
+    code = ("import torch, sys; sys.path.insert(0, '.'); from tests.hf_models import batch\n"
+            "from qlora_kernels.integrations import hf_loss\n"
+            f"m = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False); m.train()\n"
+            "out = m(**batch())\n"
+            "print(hf_loss.is_fused(m), out.logits is None, float(out.loss))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fused_now, no_logits, loss = r.stdout.split()[-3:]
+    assert fused_now == "True" and no_logits == "True", r.stdout
+    assert abs(float(loss) - float(fused(**batch()).loss)) < 1e-5
+    with pytest.raises(ValueError):  # transformers' own answer to positions that do not match the labels
+        fused(**batch(), logits_to_keep=torch.tensor([0, 5]))

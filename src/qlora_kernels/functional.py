@@ -223,11 +223,14 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     loss = ops.loss.linear_cross_entropy_call(
         x, weight, bias, labels, int(ignore_index), grad and x.requires_grad, grad and weight.requires_grad,
         grad and bias is not None and bias.requires_grad)[0]
-    if num_items_in_batch is not None:
-        return loss / num_items_in_batch
-    if reduction == "sum":
+    if num_items_in_batch is None and reduction == "sum":
         return loss
-    return loss / (labels != ignore_index).sum()
+    n = (labels != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
+    n = torch.as_tensor(n, dtype=loss.dtype)
+    # No labelled row (or num_items_in_batch 0): the loss is NaN as torch's, and the
+    # gradients 0 as torch's. The gradients were made in the forward and are scaled by the
+    # incoming one: 1/0 would make every one of them NaN (inf * 0).
+    return torch.where(n != 0, loss / torch.where(n != 0, n, 1), torch.full_like(loss, float("nan")))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -159,6 +159,15 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+# A model fused earlier and unpickled (torch.save of the whole model) names this
+# implementation in its config; unpickling imports this module through the fused modules,
+# so registering here makes it runnable again in a fresh process.
+try:
+    register()
+except ImportError:  # no transformers: nothing names the implementation
+    pass
+
+
 def _pretrained_roots(model: nn.Module):
     """The outermost transformers models inside ``model`` (itself, or the one a PEFT model wraps)."""
     try:

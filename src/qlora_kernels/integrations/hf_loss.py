@@ -14,7 +14,6 @@ untouched. Other instances of the class are not affected."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import types
@@ -65,15 +64,30 @@ def fuse_loss(model: nn.Module) -> bool:
     if reason is not None:
         log.info("qlora-kernels: fused loss not installed: %s", reason)
         return False
-    # The class's signature stays visible (functools.wraps): the Trainer drops dataset
-    # columns the forward does not name.
-    @functools.wraps(type(m).forward)
-    def forward(self, *args, **kwargs):
-        return _fused_forward(self, *args, **kwargs)
-
-    m.forward = types.MethodType(forward, m)
+    m.forward = FusedLossForward(m)
     setattr(m, _FLAG, True)
     return True
+
+
+class FusedLossForward:
+    """The instance forward fuse_loss installs. A module-level class, not a bound closure:
+    torch.save pickles it with the model (a bound closure came back as the class's own
+    forward, the fused loss silently gone while is_fused() said True). The class's
+    signature stays visible: the Trainer drops dataset columns the forward does not name."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return _fused_forward(self.module, *args, **kwargs)
+
+    @property
+    def __self__(self):  # as a bound method's (copies and code that unwraps forwards look at it)
+        return self.module
+
+    @property
+    def __signature__(self):
+        return inspect.signature(types.MethodType(type(self.module).forward, self.module))
 
 
 def unfuse_loss(model: nn.Module) -> None:
@@ -103,8 +117,11 @@ def _instance_attr(obj, name: str, value):
 def _fused_forward(self, *args, **kwargs):
     original = type(self).forward
     head = self.get_output_embeddings()
+    # logits_to_keep as a tensor of positions: which labels they score is transformers' to
+    # say (it raises on a mismatch); the loss below keeps the last positions only
     if (kwargs.get("labels") is None or not self.training or not torch.is_grad_enabled()
-            or type(head) is not nn.Linear or kwargs.get("return_dict") is False):
+            or type(head) is not nn.Linear or kwargs.get("return_dict") is False
+            or isinstance(kwargs.get("logits_to_keep"), torch.Tensor)):
         return original(self, *args, **kwargs)
 
     def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
