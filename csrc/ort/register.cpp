@@ -2,8 +2,8 @@
 // library (SessionOptions.register_custom_ops_library, or GenAI's "custom_ops_library"),
 // and the CPU-path hooks the tests and `qlora-kernels info` call through ctypes. Nothing
 // else is exported (exports.map).
+#include <cstdio>
 #include <exception>
-#include <string>
 
 #include "../dispatch.h"
 #include "ort_common.h"
@@ -48,12 +48,14 @@ extern "C" __attribute__((visibility("default"))) int qlora_kernels_ort_set_isa(
 // The path's name, or "error: ..." when the QLORA_KERNELS_ISA cap is invalid (its first
 // read throws): an exception must not cross the C boundary (std::terminate, the process
 // gone) where the Python extension raises a ValueError.
+// The message lives in a plain char buffer: a thread_local std::string needs glibc 2.18's
+// __cxa_thread_atexit_impl, which moved the wheel from manylinux_2_17 to manylinux_2_24.
 extern "C" __attribute__((visibility("default"))) const char* qlora_kernels_ort_isa() {
-  static thread_local std::string err;
+  static thread_local char err[512];
   try {
     return qk::isa_name(qk::current_isa());
   } catch (const std::exception& e) {
-    err = std::string("error: ") + e.what();
-    return err.c_str();
+    std::snprintf(err, sizeof err, "error: %s", e.what());
+    return err;
   }
 }
