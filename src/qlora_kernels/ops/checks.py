@@ -141,15 +141,18 @@ def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch
 
 # ------------------------------------------------------------------------ linear ----
 
-def weight(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block: int, qtype: str, out_features: int,
-           in_features: int, b: Optional[torch.Tensor] = None, x_name: str = "x") -> None:
-    tensor(x_name, x, FLOATS)
+def weight(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block: int, qtype: str,
+           out_features: Optional[int], in_features: Optional[int], b: Optional[torch.Tensor] = None,
+           x_name: str = "x") -> None:
+    """``x`` against the weight [out_features, in_features]; a size given as None is x's
+    last dimension, read only after x is known to have one."""
+    rows(x_name, x)
+    out_features = x.shape[-1] if out_features is None else out_features
+    in_features = x.shape[-1] if in_features is None else in_features
     tensor("packed", packed, (torch.uint8,))
     tensor("state.absmax", absmax, (torch.float32,))
     bias(b, out_features)
     same_device(**{x_name: x}, packed=packed, **{"state.absmax": absmax}, bias=b)
-    if x.dim() < 1:
-        raise ValueError(f"{x_name} must have at least one dimension (features last)")
     blocksize(block, "state.blocksize")
     quant_type(qtype, "state.quant_type")
     if out_features < 0 or in_features < 0:

@@ -66,8 +66,7 @@ def linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor
 
 
 def _linear_run(kernel: str, x, packed, absmax, blocksize, quant_type, out_features, bias) -> torch.Tensor:
-    checks.rows("x", x)
-    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, None, bias)
     x2 = rows_2d(x).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = run(kernel, x2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type, out_features, b)
@@ -113,8 +112,7 @@ def plain_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
 
 @linear_4bit.register_fake
 def _linear_fake(x, packed, absmax, blocksize, quant_type, out_features, bias):
-    checks.rows("x", x)
-    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, None, bias)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -126,8 +124,7 @@ def linear_4bit_grad_input_impl(dy: torch.Tensor, packed: torch.Tensor, absmax: 
                            quant_type: str, in_features: int) -> torch.Tensor:
     """dx = dy @ dequantize(W), W [dy.shape[-1], in_features]: the input gradient of
     linear_4bit (the frozen 4-bit weight itself gets none)."""
-    checks.rows("dy", dy)
-    checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
+    checks.weight(dy, packed, absmax, blocksize, quant_type, None, in_features, x_name="dy")
     dy2 = rows_2d(dy).float().contiguous()
     dx = run("linear_4bit_grad_input", dy2, packed.contiguous(), absmax.contiguous(), blocksize, quant_type,
              in_features)
@@ -140,8 +137,7 @@ linear_4bit_grad_input = torch.library.custom_op("qlora_kernels::linear_4bit_gra
 
 @linear_4bit_grad_input.register_fake
 def _(dy, packed, absmax, blocksize, quant_type, in_features):
-    checks.rows("dy", dy)
-    checks.weight(dy, packed, absmax, blocksize, quant_type, dy.shape[-1], in_features, x_name="dy")
+    checks.weight(dy, packed, absmax, blocksize, quant_type, None, in_features, x_name="dy")
     return dy.new_empty((*dy.shape[:-1], in_features))
 
 
@@ -187,8 +183,7 @@ def lora_linear_4bit_impl(x: torch.Tensor, packed: torch.Tensor, absmax: torch.T
                      bias: Optional[torch.Tensor], noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u): y = linear_4bit(x) + scaling * (u @ B.T), u = (x * noise) @ A.T; ``noise`` is
     the already-scaled dropout mask (None: no dropout). u is kept for the backward."""
-    checks.rows("x", x)
-    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, None, bias)
     checks.lora(x, lora_A, lora_B, out_features, bias, noise, scaling)
     x2 = rows_2d(x).float().contiguous()
     n2 = None if noise is None else noise.reshape(x2.shape).float()
@@ -205,8 +200,7 @@ lora_linear_4bit = torch.library.custom_op("qlora_kernels::lora_linear_4bit", mu
 
 @lora_linear_4bit.register_fake
 def _(x, packed, absmax, blocksize, quant_type, out_features, lora_A, lora_B, scaling, bias, noise):
-    checks.rows("x", x)
-    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, x.shape[-1], bias)
+    checks.weight(x, packed, absmax, blocksize, quant_type, out_features, None, bias)
     checks.lora(x, lora_A, lora_B, out_features, bias, noise, scaling)
     m = _nrows(x)
     return x.new_empty((*x.shape[:-1], out_features)), x.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
@@ -230,7 +224,7 @@ def lora_linear_4bit_backward_impl(dy: torch.Tensor, x: torch.Tensor, packed: to
     checks.rows("x", x)
     checks.lora_dy(dy, x)
     N = dy.shape[-1]
-    checks.weight(x, packed, absmax, blocksize, quant_type, N, x.shape[-1])
+    checks.weight(x, packed, absmax, blocksize, quant_type, N, None)
     checks.lora(x, lora_A, lora_B, N, None, noise, scaling)
     checks.lora_u(u, x, lora_A)
     K = x.shape[-1]
@@ -252,7 +246,7 @@ def _(dy, x, packed, absmax, blocksize, quant_type, lora_A, lora_B, scaling, noi
     checks.rows("x", x)
     checks.lora_dy(dy, x)
     N = dy.shape[-1]
-    checks.weight(x, packed, absmax, blocksize, quant_type, N, x.shape[-1])
+    checks.weight(x, packed, absmax, blocksize, quant_type, N, None)
     checks.lora(x, lora_A, lora_B, N, None, noise, scaling)
     checks.lora_u(u, x, lora_A)
     f32 = torch.float32
