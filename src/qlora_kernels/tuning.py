@@ -380,6 +380,19 @@ def _reps(one_call_s: float) -> int:
     return max(1, min(MAX_REPS, math.ceil(SAMPLE_S / max(one_call_s, 1e-9))))
 
 
+def _warm_reps(isa: str, settings: list, run) -> int:
+    """Runs ``run`` once under each tuning (the first touch of scratch and operands), then
+    times one call under each: the calls per sample, from the fastest."""
+    from . import _C
+
+    one = []
+    for values in settings:
+        _C.set_tuning(isa, values)
+        run()
+        one.append(_time(run, 1))
+    return _reps(min(one))
+
+
 def _judge(samples: list[float]) -> tuple[float, float]:
     """(fastest round, spread): the fastest is the least disturbed by other work; the spread
     is how far the median round is above it (a fraction). A difference smaller than the
@@ -397,12 +410,7 @@ def _compare(isa: str, base: dict, field_name: str, candidates, run, deadline: f
 
     default = base[field_name]
     cands = list(dict.fromkeys([default, *candidates]))
-    one = []
-    for c in cands:  # warm-up (first touch of scratch and operands), then one call's length
-        _C.set_tuning(isa, {**base, field_name: c})
-        run()
-        one.append(_time(run, 1))
-    reps = _reps(min(one))
+    reps = _warm_reps(isa, [{**base, field_name: c} for c in cands], run)
     times: dict[int, list[float]] = {c: [] for c in cands}
     for r in range(ROUNDS):
         if time.perf_counter() > deadline and r >= 2:
@@ -451,12 +459,7 @@ def _crossover(isa: str, base: dict, field_name: str, probs, backward: bool, dea
         wins = True
         for prob in probs:
             run = functools.partial(prob.backward if backward else prob.forward, m)
-            one = []
-            for kind in ("gemv", "gemm"):  # warm-up, then one call's length
-                _C.set_tuning(isa, {**base, field_name: 16 if kind == "gemv" else 0})
-                run()
-                one.append(_time(run, 1))
-            reps = _reps(min(one))
+            reps = _warm_reps(isa, [{**base, field_name: v} for v in (16, 0)], run)  # the GEMV, then the loop nest
             t: dict[str, list[float]] = {"gemv": [], "gemm": []}
             for r in range(ROUNDS):
                 for kind in (("gemv", "gemm") if r % 2 == 0 else ("gemm", "gemv")):
