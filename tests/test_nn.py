@@ -94,6 +94,21 @@ def test_lora_linear_module_trains_only_adapters(path):
         qnn.LoraLinear(torch.nn.Linear(4, 4), r=0)
 
 
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(r=True), ValueError, "r must"),                  # bool is an int to Python
+    (dict(lora_alpha="8"), ValueError, "lora_alpha"),
+    (dict(lora_alpha=float("inf")), ValueError, "lora_alpha"),
+    (dict(lora_dropout=1.0), ValueError, "lora_dropout"),
+    (dict(lora_dropout=float("nan")), ValueError, "lora_dropout"),
+    (dict(lora_dropout="0.1"), ValueError, "lora_dropout"),
+    (dict(use_rslora="yes"), TypeError, "use_rslora"),
+])
+def test_lora_linear_rejects_bad_hyperparameters_by_name(kw, exc, name):
+    # Each of these built a layer (or failed later with a message naming no argument).
+    with pytest.raises(exc, match=name):
+        qnn.LoraLinear(torch.nn.Linear(4, 4), **kw)
+
+
 def test_device_meta_builds_shapes_only_and_loads_with_assign():
     # nn.Linear(device="meta") allocates nothing; ours built a CPU weight (and quantized it) and
     # ignored the argument. The meta layer then takes a real state dict, as FSDP's meta-device

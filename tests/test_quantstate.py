@@ -80,6 +80,11 @@ def test_from_dict_errors_name_the_key():
         odd["quant_state.bitsandbytes__nf4"] = torch.tensor(list(text.encode()), dtype=torch.uint8)
         with pytest.raises(ValueError, match=match):
             QuantState.from_dict(odd)
+    # an nf4 state under the fp4 key: it loaded as nf4 (the JSON won) with nothing said
+    swapped = dict(d)
+    swapped["quant_state.bitsandbytes__fp4"] = swapped.pop("quant_state.bitsandbytes__nf4")
+    with pytest.raises(ValueError, match="must name the same quant type"):
+        QuantState.from_dict(swapped)
 
 
 def test_a_float_blocksize_and_a_missing_dtype_are_named():

@@ -255,7 +255,13 @@ class QuantState:
             suffix = key.split(".")[-1]
             if suffix not in ("bitsandbytes__nf4", "bitsandbytes__fp4"):
                 raise ValueError(f"quant_state: unknown packed key {key!r}")
-            qs_dict.update(_unpack_dict(qs_dict.pop(key)))
+            unpacked = _unpack_dict(qs_dict.pop(key))
+            # The key names the quant type too (bitsandbytes writes both from one value); a
+            # checkpoint whose two disagree was edited or mixed up, and either reading is a guess.
+            if unpacked.get("quant_type", suffix[len("bitsandbytes__"):]) != suffix[len("bitsandbytes__"):]:
+                raise ValueError(f"quant_state: {key!r} holds quant_type {unpacked.get('quant_type')!r}; the key "
+                                 f"and the value must name the same quant type")
+            qs_dict.update(unpacked)
         qs_dict = {k.split(".")[-1]: v for k, v in qs_dict.items()}
         unknown = set(qs_dict) - _VALID_KEYS
         if unknown:

@@ -172,8 +172,16 @@ class LoraLinear(nn.Module):
         super().__init__()
         if not isinstance(base, (Linear4bit, nn.Linear)):
             raise TypeError(f"base must be qlora_kernels.nn.Linear4bit or torch.nn.Linear, got {type(base).__name__}")
-        if not isinstance(r, int) or r < 1:
+        # bool is an int to Python; r=True would build a rank-1 adapter nobody asked for.
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        if (isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float))
+                or not 0.0 <= lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
         self.base_layer = base
         self.r = r
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
