@@ -37,7 +37,7 @@ def test_bench_quick_writes_report_and_chart(tmp_path):
 
 
 @pytest.mark.parametrize("args", [("bench", "--threads", "-2"), ("info", "--peak", "--threads", "-1"),
-                                  ("bench", "--threads", "two")])
+                                  ("bench", "--threads", "two"), ("info", "--peak", "--threads", "5000000000")])
 def test_a_bad_thread_count_is_one_line_not_a_traceback(args):
     r = _run(*args, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

@@ -276,9 +276,12 @@ def test_an_invalid_isa_cap_is_an_error_not_an_abort():
     import subprocess
     import sys
 
-    code = ("import os; from qlora_kernels.integrations.onnx import ortops\n"
-            "os.environ['QLORA_KERNELS_ISA'] = 'avx2 '\n"
-            "try:\n    ortops.isa()\nexcept ValueError as e:\n    print('refused:', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (r.returncode, r.stderr[-1500:])
-    assert "refused:" in r.stdout and "QLORA_KERNELS_ISA" in r.stdout, r.stdout
+    # The second value is longer than the library's message buffer, which cuts it inside a
+    # two-byte character: that was a UnicodeDecodeError, not the ValueError.
+    for value in ("avx2 ", "\u00e9" * 253):
+        code = ("import os; from qlora_kernels.integrations.onnx import ortops\n"
+                f"os.environ['QLORA_KERNELS_ISA'] = {value!r}\n"
+                "try:\n    ortops.isa()\nexcept ValueError as e:\n    print('refused:', e)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.returncode, r.stderr[-1500:])
+        assert "refused:" in r.stdout and "QLORA_KERNELS_ISA" in r.stdout, r.stdout

@@ -345,6 +345,40 @@ def test_with_tuning_off_values_set_by_hand_stay(fresh, monkeypatch):
     assert not any(fresh.iterdir())
 
 
+def test_tuning_turned_off_after_another_thread_count_runs_the_defaults(fresh, monkeypatch):
+    # The 1-thread pair settled as "defaults (QLORA_KERNELS_TUNE=0)" while the slot kept the
+    # 2-thread tuning, which status() then called values set by hand.
+    isa = _C.get_isa()
+    if isa == "scalar":
+        pytest.skip("the scalar path has nothing to tune")
+    monkeypatch.setattr(tuning, "calibrate", _no_calibration)
+    d = _C.default_tuning(isa)
+    v2 = {**d, "kc": 512, "gemv_rows_forward": 16}
+    (fresh / tuning.CACHE_FILE).write_text(json.dumps({tuning._machine_key(isa, 2): {"values": v2}}))
+    torch.set_num_threads(2)
+    _fused_call()
+    assert _C.tuning(isa) == v2
+    monkeypatch.setenv("QLORA_KERNELS_TUNE", "0")
+    for t in (1, 2, 1):  # the 2-thread pair stays settled (tuned) and is set again in between
+        torch.set_num_threads(t)
+        _fused_call()
+        assert _C.tuning(isa) == (v2 if t == 2 else d), t
+        assert tuning.status().source == ("cache" if t == 2 else "defaults (QLORA_KERNELS_TUNE=0)"), t
+
+
+def test_a_damaged_noisy_note_in_the_cache_is_ignored(fresh):
+    # {"noisy": true} (a hand-edited file) made every fused call raise TypeError in the note
+    isa = _C.get_isa()
+    if isa == "scalar":
+        pytest.skip("the scalar path has nothing to tune")
+    d = _C.default_tuning(isa)
+    mkey = tuning._machine_key(isa, torch.get_num_threads())
+    (fresh / tuning.CACHE_FILE).write_text(json.dumps({mkey: {"values": d, "measured": {"noisy": True}}}))
+    _fused_call()
+    _fused_call()
+    assert tuning.status().source == "cache" and tuning.status().note == ""
+
+
 def test_a_cached_value_beyond_int64_is_recalibrated_not_an_error(fresh, monkeypatch):
     """kc=2**70 fails in the binding's int64 cast (RuntimeError, not set_tuning's
     ValueError): it made every fused call raise, for good. Now the entry is measured again,

@@ -5,6 +5,9 @@ import argparse
 import sys
 
 
+_MAX_THREADS = 4096
+
+
 def _threads(text: str) -> int:
     """A thread count for --threads: N >= 1, or 0 for torch's (a negative one reached
     torch.set_num_threads / the peak probe and ended in a traceback)."""
@@ -12,8 +15,10 @@ def _threads(text: str) -> int:
         n = int(text)
     except ValueError:
         n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count; it takes N >= 1, or 0 for torch's")
+    # The cap keeps a typo from reaching OpenMP (or a C int overflow) as a thread count.
+    if not 0 <= n <= _MAX_THREADS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a thread count; it takes N from 1 to {_MAX_THREADS}, or 0 for torch's")
     return n
 
 

@@ -231,7 +231,8 @@ def _valid(values, defaults: dict) -> bool:
 
 def _noisy_note(measured: dict) -> str:
     noisy = measured.get("noisy") if isinstance(measured, dict) else None
-    if not noisy:
+    # a hand-edited cache file may hold anything here; the note is only a note
+    if not noisy or not isinstance(noisy, (list, tuple)):
         return ""
     return f"machine too busy to measure {', '.join(map(str, noisy))}: defaults kept"
 
@@ -289,7 +290,8 @@ def _settle(isa: str, threads: int) -> Status:
 def ensure() -> Status:
     """Settles the tuning of the ISA path in use at torch's thread count (once per pair and
     process; a pair settled before is set again when another pair's values are in its
-    slot). With tuning off nothing is set: values set by hand with ``_C.set_tuning`` stay."""
+    slot). With tuning off, values set by hand with ``_C.set_tuning`` stay; another thread
+    count's tuning left in the slot is replaced by the defaults."""
     import torch
 
     from . import _C
@@ -303,6 +305,12 @@ def ensure() -> Status:
             st = _status[(path, threads)] = _settle(isa, threads)
         elif st.applied and ready.settled.get(isa) != threads:
             _C.set_tuning(isa, st.values)  # the slot holds another thread count's tuning
+        if not st.applied and ready.settled.get(isa) not in (None, threads):
+            # Tuning turned off after another thread count's was applied: its values are still
+            # in the slot and would run here as if set by hand. Values set by hand stay.
+            prev = _status.get((path, ready.settled[isa]))
+            if prev is not None and prev.applied and _C.tuning(isa) == prev.values:
+                _C.set_tuning(isa, _C.default_tuning(isa))
         for name in _isas_of(path):
             ready.settled[name] = threads
         return st

@@ -141,7 +141,8 @@ def _lib():
 
 def isa() -> str:
     """The CPU path the library's kernels take (its own dispatch: QLORA_KERNELS_ISA caps it too)."""
-    name = _lib().qlora_kernels_ort_isa().decode()
+    # "replace": the library cuts a long message at its buffer's end, maybe mid-character
+    name = _lib().qlora_kernels_ort_isa().decode(errors="replace")
     if name.startswith("error: "):
         raise ValueError(name[len("error: "):])
     return name
