@@ -225,9 +225,13 @@ def train(model, train_examples: list, pad_id: int, opt, sched, state: dict, cfg
                 # every rank holds the same sum, so every rank stops here, before the step would
                 # write NaN into the adapter and the next checkpoint
                 bar.close()
-                kept = f"the checkpoint of step {saved[0]} is kept" if saved[0] else "no checkpoint was written"
+                # The steps before this one had finite losses but may already have blown the
+                # weights up (--lr 1e30: |w| ~ 5e29 after step 1), and --resume keeps the --lr:
+                # the kept checkpoint is for inspection, a new run is the way on.
+                kept = (f"the checkpoint of step {saved[0]} is kept, but it may hold diverged weights"
+                        if saved[0] else "no checkpoint was written")
                 raise FinetuneError(f"step {step + 1}: the training loss is {total} at --lr {lr:g}: the run diverged "
-                                    f"and this step was not applied ({kept}); try a lower --lr")
+                                    f"and this step was not applied ({kept}); start a new run with a lower --lr")
             session.step(opt, params)
             sched.step()
             opt.zero_grad(set_to_none=True)
