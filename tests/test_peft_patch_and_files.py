@@ -212,3 +212,78 @@ def test_peft_is_registered_on_the_config_not_patched():
         peft.get_peft_model(model, LoraConfig(**cfg))
     with pytest.raises(TypeError, match="config must be a peft.LoraConfig"):
         qk_peft.register(dict(cfg))
+
+
+def _dense_pair(first: dict, second: dict | None = None, bias: bool = True):
+    """Stock PEFT on one dense nn.Linear and a patched copy (the same tensors): any difference
+    is our layer's logic."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 32, bias=bias)),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False, **first))
+        if second is not None:
+            theirs.add_adapter("b", LoraConfig(r=2, lora_alpha=5, target_modules=["0"], init_lora_weights=False,
+                                               **second))
+            theirs.base_model.set_adapter(["default", "b"])
+    ours = qk.patch_peft_model(copy.deepcopy(theirs))
+    assert isinstance(ours.base_model.model[0], QKLoraLinear)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("first", [{}, {"use_dora": True}], ids=["lora+dora", "dora+dora"])
+def test_a_dora_adapter_after_another_active_one_keeps_its_output(first):
+    # The DoRA term took result - bias for the base output: the adapters before it were dropped
+    # (1.55 off PEFT); PEFT scales them by (m/|W+sBA| - 1) with the base.
+    ours, theirs = _dense_pair(first, {"use_dora": True})
+    x = torch.randn(4, 64, requires_grad=True)
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        y_ours, y_theirs = ours(x), theirs(x)
+        torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+        g_ours = torch.autograd.grad(y_ours.square().sum(), [x, *[p for p in ours.parameters() if p.requires_grad]])
+        g_theirs = torch.autograd.grad(y_theirs.square().sum(),
+                                       [x, *[p for p in theirs.parameters() if p.requires_grad]])
+        for a, b in zip(g_ours, g_theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_merging_adapters_in_turn_gives_peft_merged_weights():
+    # A DoRA merge after another merged adapter took its norm from the weight holding that
+    # adapter (0.155 off PEFT's merged weight); a lora_bias merge added the bias unscaled
+    # (the merged output 2.4 off the unmerged one at scaling 2).
+    x = torch.randn(4, 64)
+    for first, second in (({"use_dora": True}, {"use_dora": True}), ({}, {"use_dora": True}),
+                          ({"lora_bias": True}, None)):
+        ours, theirs = _dense_pair(first, second)
+        with torch.no_grad():
+            for m in (ours, theirs):
+                for n, p in m.named_parameters():
+                    if "lora_B" in n and n.endswith("bias"):
+                        p.copy_(torch.linspace(-1, 1, p.numel()))
+        ours.eval(), theirs.eval()
+        before = ours(x).detach()
+        torch.testing.assert_close(before, theirs(x), rtol=1e-5, atol=1e-5)
+        ours.base_model.model[0].merge(), theirs.base_model.model[0].merge()
+        w_ours, w_theirs = ours.base_model.model[0].base_layer.weight, theirs.base_model.model[0].base_layer.weight
+        torch.testing.assert_close(w_ours, w_theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours(x), before, rtol=1e-5, atol=1e-5)
+        ours.base_model.model[0].unmerge()
+        torch.testing.assert_close(ours(x), before, rtol=1e-5, atol=1e-5)
+    ours, _ = _dense_pair({"lora_bias": True}, bias=False)
+    with pytest.raises(RuntimeError, match="base layer has no bias"):
+        ours.base_model.model[0].merge()
+
+
+def test_a_dora_model_merged_by_peft_unmerges_after_patching():
+    # PEFT caches the norm as '<adapter>-weight_norm'; our unmerge looked for its own key only
+    ours, theirs = _dense_pair({"use_dora": True})
+    x = torch.randn(4, 64)
+    theirs.eval()
+    before = theirs(x).detach()
+    theirs.base_model.model[0].merge()
+    patched = qk.patch_peft_model(theirs)
+    patched.base_model.model[0].unmerge()
+    torch.testing.assert_close(patched(x), before, rtol=1e-5, atol=1e-5)

@@ -62,14 +62,21 @@ class DoraVariant(LoraVariant):
         module.lora_magnitude_vector[adapter_name] = layer
 
     @staticmethod
-    def _factor(module: "QKLoraLinear", adapter: str) -> torch.Tensor:
-        norm = dora.weight_norm(module.get_base_layer(), module.lora_A[adapter].weight, module.lora_B[adapter].weight,
-                                module.scaling[adapter])
+    def _factor(module: "QKLoraLinear", adapter: str, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """m / ‖W + sBA‖ per output row; the norm of ``weight`` (dense) in place of the base's."""
+        A, B, s = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter]
+        if weight is None:
+            norm = dora.weight_norm(module.get_base_layer(), A, B, s)
+        else:
+            norm = (weight.float() + s * (B.detach().float() @ A.detach().float())).norm(dim=1)
         return module.lora_magnitude_vector[adapter].weight / norm
 
     @staticmethod
     def merge_safe(module: "QKLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        factor = DoraVariant._factor(module, active_adapter).detach()
+        # The norm is the one forward uses: of the base without the adapters merged before this
+        # one (orig_weight holds them), as PEFT takes it (_unmerged_base_weight).
+        unmerged = module._unmerged_weight() if module.merged_adapters else None
+        factor = DoraVariant._factor(module, active_adapter, unmerged).detach()
         module._cache_store(f"{active_adapter}-dora_factor", factor)
         return factor.view(-1, 1) * (orig_weight + module.get_delta_weight(active_adapter))
 
@@ -78,30 +85,41 @@ class DoraVariant(LoraVariant):
         orig_weight.data = DoraVariant.merge_safe(module, active_adapter, orig_weight)
 
     @staticmethod
+    def cached_factor(module: "QKLoraLinear", adapter: str) -> torch.Tensor:
+        """The factor a merge used: ours, or from the norm PEFT's own DoRA merge cached (a model
+        PEFT merged before patch_peft_model)."""
+        if f"{adapter}-dora_factor" in module._caches:
+            return module._caches[f"{adapter}-dora_factor"]
+        return (module.lora_magnitude_vector[adapter].weight / module._caches[f"{adapter}-weight_norm"]).detach()
+
+    @staticmethod
     def unmerge(module: "QKLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        factor = module._cache_pop(f"{active_adapter}-dora_factor")
+        factor = DoraVariant.cached_factor(module, active_adapter)
+        module._caches.pop(f"{active_adapter}-dora_factor", None)
+        module._caches.pop(f"{active_adapter}-weight_norm", None)
         return orig_weight / factor.view(-1, 1) - module.get_delta_weight(active_adapter)
 
     @staticmethod
     def forward(module: "QKLoraLinear", active_adapter: str, x: torch.Tensor, result: torch.Tensor,
                 **kwargs) -> torch.Tensor:
-        """result (= base(x) with bias) + the DoRA correction, PEFT's formula:
-        (m/‖W+sBA‖ − 1)·(x_d Wᵀ) + (m/‖W+sBA‖)·s·B A x_d, with x_d = dropout(x)."""
+        """result + the DoRA correction, PEFT's formula: (m/‖W+sBA‖ − 1)·base + (m/‖W+sBA‖)·s·B A x_d.
+        With dropout in training, base = x_d Wᵀ (x_d = dropout(x)); otherwise base = result − bias,
+        which holds the adapters before this one too (PEFT scales them as well)."""
         base = module.get_base_layer()
         A, B = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
-        s = module.scaling[active_adapter]
         ms = DoraVariant._factor(module, active_adapter)
         dropout = module.lora_dropout[active_adapter]
-        xd = dropout(x) if (module.training and _dropout_p(dropout) > 0) else x
-        z = _fused_lora(base, xd, A, B, s, None, 0.0, False)  # x_d Wᵀ + s·B A x_d
-        if xd is x:
-            plain = result - base.bias if base.bias is not None else result
-        elif isinstance(base, Linear4bit):
-            plain = functional.linear_4bit(xd, base.prepared())
+        if module.training and _dropout_p(dropout) > 0:
+            xd = dropout(x)
+            plain = functional.linear_4bit(xd, base.prepared()) if isinstance(base, Linear4bit) \
+                else F.linear(xd, base.weight)
         else:
-            plain = F.linear(xd, base.weight)
+            xd = x
+            plain = result - base.bias if base.bias is not None else result
+        # the LoRA product alone is small (rank r); x in the adapter's dtype, as PEFT's Linear
+        lora = F.linear(F.linear(xd.to(A.dtype), A), B) * module.scaling[active_adapter]
         # the factor is fp32: back to the layer's dtype, as PEFT's DoRA returns it
-        return (result + ms * z - plain).to(result.dtype)
+        return (result + (ms - 1) * plain + ms * lora).to(result.dtype)
 
 
 class QKLoraLinear(nn.Module, LoraLayer):
@@ -155,9 +173,13 @@ class QKLoraLinear(nn.Module, LoraLayer):
             w = self.lora_variant[a].merge_safe(self, a, w) if a in self.lora_variant else w + self.get_delta_weight(a)
             if safe_merge and not torch.isfinite(w).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {a} seems to be broken")
-            self._set_base_weight(w)
             if self.lora_bias[a]:
-                self.get_base_layer().bias.data += self.lora_B[a].bias
+                if self.get_base_layer().bias is None:
+                    raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has "
+                                       "no bias.")
+                # forward scales the adapter's bias with its product: so does the merge (PEFT's Linear)
+                self.get_base_layer().bias.data += self.lora_B[a].bias * self.scaling[a]
+            self._set_base_weight(w)
             self.merged_adapters.append(a)
 
     def unmerge(self) -> None:
@@ -175,7 +197,19 @@ class QKLoraLinear(nn.Module, LoraLayer):
             w = self.lora_variant[a].unmerge(self, a, w) if a in self.lora_variant else w - self.get_delta_weight(a)
             self._set_base_weight(w)
             if self.lora_bias[a]:
-                self.get_base_layer().bias.data -= self.lora_B[a].bias
+                self.get_base_layer().bias.data -= self.lora_B[a].bias * self.scaling[a]
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight with the merged adapters taken out, computed on a copy (PEFT's
+        _unmerged_base_weight unmerges and merges again, which on a 4-bit base quantizes twice)."""
+        w = self._base_weight().clone()
+        for a in reversed(self.merged_adapters):
+            if a not in self.lora_A:
+                continue
+            if a in self.lora_variant:
+                w = w / DoraVariant.cached_factor(self, a).view(-1, 1)
+            w = w - self.get_delta_weight(a)
+        return w
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         return (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
