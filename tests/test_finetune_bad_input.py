@@ -43,6 +43,10 @@ def test_malformed_jsonl_names_the_line(tmp_path, capsys):
     _fails(capsys, ["--data", str(f), "--output", str(tmp_path / "o")], "line 2", '"prompt"+"response"')
     f.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     _fails(capsys, ["--data", str(f), "--output", str(tmp_path / "o")], "line 1", "assistant")
+    # it passed validation and failed in the chat template, naming neither the file nor the line
+    f.write_text('{"prompt": "a", "response": "b"}\n'
+                 '{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "yo"}]}\n')
+    _fails(capsys, ["--data", str(f), "--output", str(tmp_path / "o")], "line 2", 'starts with an "assistant" turn')
 
 
 def test_model_folder_without_weights(tiny_dir, tmp_path, capsys):

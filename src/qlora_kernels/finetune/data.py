@@ -82,6 +82,10 @@ def _record_from_json(obj, where: str) -> Record:
             raise FinetuneError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} strings')
         if not any(m["role"] == "assistant" for m in msgs):
             raise FinetuneError(f'{where}: "messages" has no "assistant" turn to learn from')
+        if msgs[0]["role"] == "assistant":
+            # a reply needs a prompt before it: the chat template refuses an empty conversation
+            raise FinetuneError(f'{where}: "messages" starts with an "assistant" turn; a reply must follow a '
+                                f'"user" (or "system") message')
         return Record(messages=[{"role": m["role"], "content": m["content"]} for m in msgs])
     if "prompt" in obj or "response" in obj:
         p, r = obj.get("prompt"), obj.get("response")
