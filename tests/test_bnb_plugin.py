@@ -307,6 +307,9 @@ cases = {
     "blockwise absmax longer": lambda: F.dequantize_blockwise(q8, absmax=torch.linspace(0.5, 2, 8), blocksize=256),
     "quant_type unknown (dequantize)": lambda: ops.dequantize_4bit(q, st.absmax, 64, "xx", [16, 64], torch.float32),
     "quant_type unknown (gemm)": lambda: ops.gemm_4bit(A, q, [16, 64], st.absmax, 64, "xx"),
+    # ours raised ValueError where stock's kernel raises RuntimeError / NotImplementedError
+    "quant_type int4 (quantize)": lambda: ops.quantize_4bit(torch.randn(64), 64, "int4", torch.uint8),
+    "quant_type NF4 (quantize)": lambda: ops.quantize_4bit(torch.randn(64), 64, "NF4", torch.uint8),
     "nested absmax longer": lambda: ops.gemm_4bit(A3, q3, [300, 64], torch.cat([s3.absmax, torch.ones(3)]), 64,
                                                   "nf4", None, qa3, s3.code, off3),
     # bitsandbytes' CPU kernel reads a prefix here where its own flag says AVX-512, else raises
@@ -331,6 +334,31 @@ def test_edge_calls_end_as_in_stock():
         if stock[k][0] == "ok":
             torch.testing.assert_close(torch.tensor(ours[k][2]), torch.tensor(stock[k][2]), atol=1e-5, rtol=1e-5,
                                        msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_a_short_8bit_code_is_an_error_naming_the_op_not_an_abort():
+    """A code of fewer than 256 entries: stock's native kernel reads past its end; with the
+    plugin the call went to bitsandbytes' compiled default kernel, whose bounds check aborted
+    the process (std::terminate, exit 134) once an earlier call had fallen back to it."""
+    code = """
+    ops = torch.ops.bitsandbytes
+    code = F.create_dynamic_map()
+    q8 = torch.randint(0, 256, (64, 33), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    absmax = torch.rand(9)
+    res = {"f64": ops.dequantize_blockwise(q8, absmax, code, 256, torch.float64).dtype == torch.float64}
+    for dtype in (torch.float32, torch.float64):
+        try:
+            ops.dequantize_blockwise(q8, absmax, code[:255], 256, dtype)
+            res[str(dtype)] = "returned"
+        except Exception as e:
+            res[str(dtype)] = f"{type(e).__name__}: {e}"
+    emit(res)
+    """
+    r = run(code)
+    assert r["f64"]
+    for dtype in ("torch.float32", "torch.float64"):
+        assert r[dtype].startswith("ValueError: bitsandbytes::dequantize_blockwise (qlora-kernels plugin")
+        assert "code has 255 entries" in r[dtype]
 
 
 def test_out_overloads_check_as_bitsandbytes_does():

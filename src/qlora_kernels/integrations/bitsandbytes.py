@@ -229,6 +229,8 @@ _NESTED = _NestedAbsmax()
 
 def _quantize_4bit(A, blocksize, quant_type, quant_storage):
     _cpu(A)
+    if quant_type not in formats.QUANT_TYPES:  # stock's kernel raises its own errors (NotImplementedError, ...)
+        raise _Fallback(f"quant_type {quant_type!r}")
     _check_4bit(blocksize, quant_type)
     if A.dtype not in formats.INPUT_DTYPES:
         raise _Fallback(f"A dtype {A.dtype}")
@@ -354,8 +356,19 @@ def _quantize_blockwise(A, code, blocksize):
     return q.reshape(A.shape), absmax
 
 
+def _check_dequantize_blockwise(code, blocksize) -> None:
+    """Refused before any fallback: 8-bit values index 256 code entries. With a shorter code
+    stock's native kernel reads past its end, and bitsandbytes' compiled default kernel (the
+    fallback) aborts the process on the bounds check; blocksize 0 divided by zero here."""
+    if code.numel() < 256:
+        raise ValueError(f"code has {code.numel()} entries; the 8-bit values index 256")
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+
+
 def _dequantize_blockwise_f32(A, absmax, code, blocksize):
     _cpu(A, absmax, code)
+    _check_dequantize_blockwise(code, blocksize)
     if A.dtype != torch.uint8 or code.numel() != 256:
         raise _Fallback("A not uint8 or a code of another size than 256")
     absmax = _absmax_blocks(absmax, formats.num_blocks(A.numel(), blocksize))
@@ -363,6 +376,7 @@ def _dequantize_blockwise_f32(A, absmax, code, blocksize):
 
 
 def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
+    _check_dequantize_blockwise(code, blocksize)
     if dtype not in formats.INPUT_DTYPES:
         raise _Fallback(f"dtype {dtype}")
     return _dequantize_blockwise_f32(A, absmax, code, blocksize).to(dtype).reshape(A.shape)
