@@ -218,12 +218,16 @@ def test_bitsandbytes_checkpoint_loads_without_bitsandbytes(bnb_loaded_without_b
 
 # -- (d) PEFT + HF Trainer -------------------------------------------------------------------
 def train(model, tmp_path, steps=6, lr=1e-2, checkpointing=False):
+    import inspect
+
     from transformers import Trainer, TrainingArguments
 
+    # transformers 5.25 renamed the argument (the old name warns that it goes in v6)
+    ckpt = ("activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+            else "gradient_checkpointing")
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps, learning_rate=lr, logging_steps=1,
                              per_device_train_batch_size=2, use_cpu=True, report_to=[], save_strategy="no",
-                             disable_tqdm=True, dataloader_num_workers=0, seed=0,
-                             gradient_checkpointing=checkpointing)
+                             disable_tqdm=True, dataloader_num_workers=0, seed=0, **{ckpt: checkpointing})
     b = batch(seed=3)
     data = [{"input_ids": i, "labels": i} for i in b["input_ids"]]  # one fixed batch, learned step by step
     trainer = Trainer(model=model, args=args, train_dataset=data)
