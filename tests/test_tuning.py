@@ -307,14 +307,25 @@ def _no_calibration(*args, **kwargs):
     raise AssertionError("calibrated where the cache holds the tuning")
 
 
-def test_each_thread_count_runs_its_own_tuning_and_status_only_reports(fresh, monkeypatch):
+def _tunable_isa() -> str:
     isa = _C.get_isa()
     if isa == "scalar":
         pytest.skip("the scalar path has nothing to tune")
+    return isa
+
+
+def _cache_holds(fresh, monkeypatch, isa: str, values: dict) -> None:
+    """The cache file holds ``values[threads]`` for each thread count; calibrating fails."""
     monkeypatch.setattr(tuning, "calibrate", _no_calibration)
+    (fresh / tuning.CACHE_FILE).write_text(
+        json.dumps({tuning._machine_key(isa, t): {"values": v} for t, v in values.items()}))
+
+
+def test_each_thread_count_runs_its_own_tuning_and_status_only_reports(fresh, monkeypatch):
+    isa = _tunable_isa()
     d = _C.default_tuning(isa)
     v = {1: {**d, "kc": 128, "gemv_rows_forward": 2}, 2: {**d, "kc": 512, "gemv_rows_forward": 16}}
-    (fresh / tuning.CACHE_FILE).write_text(json.dumps({tuning._machine_key(isa, t): {"values": v[t]} for t in v}))
+    _cache_holds(fresh, monkeypatch, isa, v)
     for t in (2, 1, 2):
         torch.set_num_threads(t)
         _fused_call()
@@ -348,13 +359,10 @@ def test_with_tuning_off_values_set_by_hand_stay(fresh, monkeypatch):
 def test_tuning_turned_off_after_another_thread_count_runs_the_defaults(fresh, monkeypatch):
     # The 1-thread pair settled as "defaults (QLORA_KERNELS_TUNE=0)" while the slot kept the
     # 2-thread tuning, which status() then called values set by hand.
-    isa = _C.get_isa()
-    if isa == "scalar":
-        pytest.skip("the scalar path has nothing to tune")
-    monkeypatch.setattr(tuning, "calibrate", _no_calibration)
+    isa = _tunable_isa()
     d = _C.default_tuning(isa)
     v2 = {**d, "kc": 512, "gemv_rows_forward": 16}
-    (fresh / tuning.CACHE_FILE).write_text(json.dumps({tuning._machine_key(isa, 2): {"values": v2}}))
+    _cache_holds(fresh, monkeypatch, isa, {2: v2})
     torch.set_num_threads(2)
     _fused_call()
     assert _C.tuning(isa) == v2
@@ -368,9 +376,7 @@ def test_tuning_turned_off_after_another_thread_count_runs_the_defaults(fresh, m
 
 def test_a_damaged_noisy_note_in_the_cache_is_ignored(fresh):
     # {"noisy": true} (a hand-edited file) made every fused call raise TypeError in the note
-    isa = _C.get_isa()
-    if isa == "scalar":
-        pytest.skip("the scalar path has nothing to tune")
+    isa = _tunable_isa()
     d = _C.default_tuning(isa)
     mkey = tuning._machine_key(isa, torch.get_num_threads())
     (fresh / tuning.CACHE_FILE).write_text(json.dumps({mkey: {"values": d, "measured": {"noisy": True}}}))
