@@ -356,6 +356,10 @@ def test_dora_cannot_be_switchable_and_bad_arguments(tmp_path):
     with pytest.raises(ExportError, match="adapter name"):
         export_genai(model, tmp_path / "x", adapters={"../evil": {}}, log=None)
     assert sorted(os.listdir(tmp_path)) == ["d"]
+    # a folder without a tokenizer (a model built from a config has none): GenAI's bare
+    # RuntimeError ("Failed to open a json file") came out of generate as a traceback
+    with pytest.raises(ExportError, match=r"no tokenizer \(tokenizer.json, tokenizer_config.json missing\)"):
+        generate(tmp_path / "d", "hi", chat=False, max_new_tokens=2)
 
 
 # ---------------------------------------------------------------- the commands ---------

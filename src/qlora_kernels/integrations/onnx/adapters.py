@@ -19,7 +19,11 @@ def _saved_key(name: str) -> str:
 def swap_adapters(src, dst, tensors: Mapping[str, torch.Tensor], overwrite: bool = False) -> int:
     """Write ``src`` with the given LoRA tensors (PEFT's shapes: A [r, in], B [out, r]; keys as
     in the model's state dict or in PEFT's saved adapter file) to ``dst``; returns how many
-    initializers were replaced. Every lora_A/lora_B of the file must be given, with its shape."""
+    initializers were replaced. Every lora_A/lora_B of the file must be given, with its shape.
+    A file with several adapters needs the keys with adapter names (a saved file's keys have
+    none, and would fill every adapter's branch). The scaling (lora_alpha / r) is the exported
+    adapter's, a constant of the graph: an adapter trained with another lora_alpha or rsLoRA
+    needs its B scaled by the ratio first, or a new export."""
     import onnx
     from onnx import numpy_helper
 
@@ -39,9 +43,18 @@ def swap_adapters(src, dst, tensors: Mapping[str, torch.Tensor], overwrite: bool
         raise ExportError(f"{src}: its adapters are DoRA ({dora[0]}): their magnitude factor depends on A and B, "
                           f"so swapping A and B alone would give wrong outputs; export again with the new adapter")
     given = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
+    branches_per_key: dict = {}
+    for name in by_name:
+        branches_per_key[_saved_key(name)] = branches_per_key.get(_saved_key(name), 0) + 1
     replaced = 0
     for name, init in by_name.items():
-        t = given.get(name, given.get(_saved_key(name)))
+        t = given.get(name)
+        if t is None and _saved_key(name) in given:
+            if branches_per_key[_saved_key(name)] > 1:
+                raise ExportError(f"{_saved_key(name)} has no adapter name, and {src} holds "
+                                  f"{branches_per_key[_saved_key(name)]} adapters' branches for it: give the keys "
+                                  f"with adapter names (the model's state dict), e.g. {name}")
+            t = given[_saved_key(name)]
         if t is None:
             raise ExportError(f"no tensor given for {name} (or {_saved_key(name)})")
         want = tuple(reversed(init.dims))

@@ -206,7 +206,7 @@ def export(model: torch.nn.Module, path, example_inputs=None, weight_format: str
     layers.check_bnb4_modules(work)
     work.eval()
     mine = verify.torch_logits(work, ids, mask)
-    requant = verify.errors(ref, mine)
+    requant = verify.errors(ref, mine, mask)
     program = _trace(_Logits(work), ids, mask, opset)
     counts = _tidy_names(program)
     from ... import __version__

@@ -43,6 +43,12 @@ def generate(folder, prompt: str, adapter: str | None = None, max_new_tokens: in
         raise ExportError(f"--genai {folder}: no genai_config.json (write one with qlora-kernels export --genai)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ExportError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    # checked before the model loads: GenAI's own failures here are bare RuntimeErrors
+    missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (folder / f).is_file()]
+    if missing:
+        raise ExportError(f"--genai {folder}: no tokenizer ({', '.join(missing)} missing); export again with a "
+                          "tokenizer (export_genai(..., tokenizer=...), or from a model folder that has one)")
+    adapter_file = _adapter_file(folder, adapter) if adapter else None
     model = og.Model(str(folder))
     tok = og.Tokenizer(model)
     if chat:
@@ -67,7 +73,7 @@ def generate(folder, prompt: str, adapter: str | None = None, max_new_tokens: in
     adapters = None
     if adapter:
         adapters = og.Adapters(model)
-        adapters.load(str(_adapter_file(folder, adapter)), adapter)
+        adapters.load(str(adapter_file), adapter)
         gen.set_active_adapter(adapters, adapter)
     stream = tok.create_stream()
     t0 = time.perf_counter()
