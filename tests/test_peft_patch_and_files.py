@@ -287,3 +287,25 @@ def test_a_dora_model_merged_by_peft_unmerges_after_patching():
     patched = qk.patch_peft_model(theirs)
     patched.base_model.model[0].unmerge()
     torch.testing.assert_close(patched(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_compute_int8_of_the_base_holds_under_a_lora_adapter():
+    # The fused LoRA path ran the base in fp32 whatever its compute: an adapter silently undid
+    # compute="int8", and ONNX Runtime's accuracy_level=4 export (MatMul4bitInt8) then no
+    # longer matched the torch model it came from.
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    base = qk.nn.Linear4bit.from_linear(torch.nn.Linear(128, 64), compute="int8")
+    pm = qk_peft.get_peft_model(torch.nn.Sequential(base), LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                                      init_lora_weights=False))
+    layer = pm.base_model.model[0]
+    assert isinstance(layer, QKLoraLinear)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    for rows in (1, 5):
+        x = torch.randn(rows, 128)
+        want = qk.linear_4bit(x, base.weight, base.quant_state, base.bias, compute="int8") + 2.0 * (x @ A.t()) @ B.t()
+        for train in (False, True):
+            pm.train(train)
+            torch.testing.assert_close(pm(x), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(qk.linear_4bit(x, base.weight, base.quant_state, base.bias), want - 2.0 * (x @ A.t()) @ B.t())

@@ -42,6 +42,13 @@ def _dropout_p(module: nn.Module) -> float:
 def _fused_lora(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                 bias: Optional[torch.Tensor], p: float, training: bool) -> torch.Tensor:
     if isinstance(base, Linear4bit):
+        compute = getattr(base, "compute", "fp32")
+        if compute != "fp32":
+            # compute="int8" has no fused LoRA kernel: the base product at the layer's compute, as
+            # its own forward and the exported MatMul4bitInt8 give it, and the LoRA product apart
+            xd = F.dropout(x, p, training) if training and p > 0 else x
+            lora = F.linear(F.linear(xd.to(A.dtype), A), B) * scaling
+            return functional.linear_4bit(x, base.prepared(), None, bias, compute=compute) + lora.to(x.dtype)
         return functional.lora_linear_4bit(x, base.prepared(), None, A, B, scaling, bias, p, training)
     return functional.lora_linear(x, base.weight, A, B, scaling, bias, p, training)
 
