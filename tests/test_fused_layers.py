@@ -344,6 +344,38 @@ def test_mlp_with_other_modules_or_hooks_is_left_alone():
     assert calls == []
 
 
+def test_mlp_with_a_dropout_or_clamp_in_its_forward_is_left_alone():
+    """What no child module shows: a dropout called in forward itself in training (Seed-OSS's
+    residual dropout) and a clamp of gate and up that randn-sized probes never reach
+    (DeepSeek V4's swiglu_limit). Both were fused, the dropout and the clamp dropped. LoRA
+    projections with dropout (PEFT's, non-zero B) draw the same masks on both sides of the
+    training probe, and stay fused."""
+    from peft import LoraConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from qlora_kernels.integrations.peft import get_peft_model
+
+    class ResidualDropoutMLP(LlamaMLP):
+        def forward(self, x):
+            return F.dropout(super().forward(x), p=0.1, training=self.training)
+
+    class ClampedMLP(LlamaMLP):
+        def forward(self, x):
+            gate, up = self.gate_proj(x).clamp(max=10.0), self.up_proj(x).clamp(-10.0, 10.0)
+            return self.down_proj(self.act_fn(gate) * up)
+
+    cfg = tiny_model("llama").config
+    model = torch.nn.ModuleList([ResidualDropoutMLP(cfg), ClampedMLP(cfg), LlamaMLP(cfg)])
+    summary = fuse_layers(model)
+    reasons = dict(summary["skipped"])
+    assert summary["mlp"] == 1 and is_fused_mlp(model[2]) and not is_fused_mlp(model[0]) and not is_fused_mlp(model[1])
+    assert "in training" in reasons["0"] and "down_proj(silu(gate) * up)" in reasons["1"]
+    pm = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"],
+                                                        lora_dropout=0.2, init_lora_weights=False))
+    pm.train()
+    assert fuse_layers(pm)["mlp"] == 2
+
+
 def test_empty_last_dimension():
     g, u = torch.randn(3, 0), torch.randn(3, 0)
     assert qk.swiglu(g, u).shape == (3, 0)

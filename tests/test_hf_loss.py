@@ -96,6 +96,19 @@ def test_unsupported_models_are_left_alone():
     assert "final_logit_softcapping" in hf_loss.unsupported_reason(m)
     assert not hf_loss.fuse_loss(m) and not hf_loss.is_fused(m)
     assert "not a transformers model" in hf_loss.unsupported_reason(torch.nn.Linear(2, 2))
+    # where vision-language models keep the cap (Gemma 3n/4, PaliGemma 2: the text config),
+    # a cap set on the module, and logits cut to an unpadded vocabulary (Inkling): each was fused
+    m = tiny_model("llama")
+    text = copy.deepcopy(m.config)
+    text.final_logit_softcapping = 30.0
+    m.config.get_text_config = lambda decoder=False: text
+    assert "config.final_logit_softcapping=30.0" in hf_loss.unsupported_reason(m)
+    m = tiny_model("llama")
+    m.logit_softcap = 15.0
+    assert "logit_softcap=15.0" in hf_loss.unsupported_reason(m)
+    m = tiny_model("llama")
+    m.config.unpadded_vocab_size = m.config.vocab_size - 28
+    assert "unpadded_vocab_size" in hf_loss.unsupported_reason(m) and not hf_loss.fuse_loss(m)
 
 
 def test_fused_model_copies_and_unfuses():

@@ -165,9 +165,31 @@ def mlp_reason(m: nn.Module, style) -> str | None:
         if not isinstance(getattr(first, "in_features", None), int):
             return f"its {type(first).__name__} projection has no in_features"
         x = torch.randn(2, first.in_features, generator=g).to(device, dtype)
-        if not _agrees(m.forward(x), forward(m, x)):
-            return "its forward is not down_proj(silu(gate) * up)"
+        # large inputs too: a clamp of gate and up (a swiglu_limit) is invisible at randn's scale
+        for scale in (1.0, 256.0):
+            if not _agrees(m.forward(x * scale), forward(m, x * scale)):
+                return "its forward is not down_proj(silu(gate) * up)"
+    if not _agrees_in_training(m, lambda: m.forward(x), lambda: forward(m, x)):
+        # a dropout applied in forward itself (Seed-OSS's residual dropout) shows no child module
+        return "its forward in training is not down_proj(silu(gate) * up) (a dropout of its own?)"
     return None
+
+
+def _agrees_in_training(m: nn.Module, theirs, ours) -> bool:
+    """The two forwards in training mode, each from the same random state (the projections'
+    own dropouts draw the same masks), torch's RNG restored after."""
+    modes = [(s, s.training) for s in m.modules()]
+    m.train()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            a = theirs()
+            torch.manual_seed(0)
+            b = ours()
+    finally:
+        for s, mode in modes:
+            s.training = mode
+    return _agrees(a, b)
 
 
 def fuse_layers(model: nn.Module, attention: bool = True, rope: bool = True) -> dict:

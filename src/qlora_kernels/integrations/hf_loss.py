@@ -46,13 +46,27 @@ def unsupported_reason(model: nn.Module) -> str | None:
     params = inspect.signature(type(m).forward).parameters
     if "labels" not in params or "logits_to_keep" not in params:
         return f"{type(m).__name__}.forward is not a causal-LM forward (labels, logits_to_keep)"
-    for attr in _POST_HEAD:
-        v = getattr(m.config, attr, None)
-        if v not in (None, 1, 1.0):
-            return f"{type(m).__name__} transforms its logits after the head ({attr}={v})"
+    # the text model's config too: vision-language models (Gemma 3n/4, PaliGemma 2) keep the
+    # soft-capping there; and the module itself (some set it as an attribute or a submodule)
+    configs = [m.config]
+    get_text = getattr(m.config, "get_text_config", None)
+    if callable(get_text):
+        text = get_text(decoder=True)
+        if text is not None and text is not m.config:
+            configs.append(text)
+    for attr in (*_POST_HEAD, "logit_softcap"):
+        for where, v in [(f"config.{attr}", getattr(c, attr, None)) for c in configs] + [(attr, getattr(m, attr, None))]:
+            if v is not None and not (isinstance(v, (int, float)) and v == 1):
+                return f"{type(m).__name__} transforms its logits after the head ({where}={v!r})"
     head = m.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         return f"its output head is a {type(head).__name__}, not an nn.Linear"
+    for c in configs:
+        unpadded = getattr(c, "unpadded_vocab_size", None)
+        if isinstance(unpadded, int) and unpadded < head.out_features:
+            # the logits are cut to the unpadded vocabulary after the head (Inkling)
+            return (f"{type(m).__name__} cuts its logits to unpadded_vocab_size={unpadded} of the head's "
+                    f"{head.out_features}")
     return None
 
 
