@@ -184,3 +184,21 @@ def test_lora_backward_op_checks_dy_and_every_op_checks_its_rows_and_scaling():
             ops.lora_linear_4bit(x, packed, state.absmax, 64, "nf4", 8, A, B, bad, None, None)
         with pytest.raises(ValueError, match="scaling must be finite"):
             ops.lora_linear(x, torch.randn(8, 64), A, B, bad, None, None)
+
+
+@pytest.mark.parametrize("shape", [(3, 70), (9, 70), (2, 9, 70)])
+def test_op_outputs_take_in_place_updates(path, shape):
+    """The many-row LoRA path returned a view of its buffer, which autograd refuses to update
+    in place ("Output 0 of qlora_kernels::lora_linear_4bit is a view"): Llama 4's shared
+    expert adds to its projection's output in place. Every linear/LoRA op's output takes it."""
+    packed, state, Wd, _, A, B, b, _ = _args4()
+    x = torch.randn(*shape, requires_grad=True)
+    for f in (lambda: qk.lora_linear_4bit(x, packed, state, A, B, 0.5, b, 0.1, True),
+              lambda: qk.lora_linear_4bit(x, packed, state, A, B, 0.5, b),
+              lambda: qk.linear_4bit(x, packed, state, b),
+              lambda: qk.lora_linear(x, Wd.t().contiguous().t(), A, B, 0.5, b, 0.1, True)):
+        y = f()
+        y.add_(1.0)
+        y.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        x.grad = None

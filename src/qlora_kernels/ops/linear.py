@@ -52,6 +52,13 @@ def fresh_result(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
     view: autograd forbids in-place updates of custom-op outputs that are views, and PEFT's
     mixed-batch forward updates the output in place."""
     t = t if t.dtype == dtype else t.to(dtype)
+    if t._base is not None:
+        # a kernel's reshaped result (view(...) of its own fresh buffer): the buffer itself when
+        # the view is all of it, else a copy (Llama 4's shared expert adds to its output in place)
+        base = t._base
+        whole = (t.is_contiguous() and base.is_contiguous() and t.numel() == base.numel()
+                 and t.storage_offset() == base.storage_offset())
+        t = base if whole else t.clone()
     shape = tuple(shape)
     return t if tuple(t.shape) == shape else t.resize_(shape)
 
