@@ -203,3 +203,43 @@ def test_jsonl_data_of_all_kinds_with_epochs(tiny_dir, tmp_path, capsys):
     assert m["examples"] == {"unique": 16, "duplicates_dropped": 0, "train": 13, "heldout": 3}
     assert m["config"]["steps"] == 7 and len(m["losses"]) == 7  # ceil(2 epochs * 13 / 4)
     assert "d.jsonl: 16 unique examples" in text
+
+
+class _TopKRouter(torch.nn.Linear):  # PhiMoE's and Llama 4's routers subclass nn.Linear
+    pass
+
+
+class _OwnForwardLinear(torch.nn.Linear):  # Falcon's FalconLinear: its own forward
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_targets_leave_routers_and_vision_towers_alone():
+    # A router became a LoRA target (PhiMoE's returns a tuple: PEFT's layer failed at step 0),
+    # and a vision tower's q/k/v_proj were adapted in a text fine-tune (Gemma 3).
+    from qlora_kernels.finetune import model as M
+
+    nn = torch.nn
+    m = nn.Module()
+    m.language_model = nn.ModuleDict({"fc": nn.Linear(8, 8), "out_proj": nn.Linear(8, 8), "router": nn.Linear(8, 2),
+                                      "shared_expert_gate": nn.Linear(8, 1), "moe": _TopKRouter(8, 4)})
+    m.vision_tower = nn.ModuleDict({"out_proj": nn.Linear(8, 8), "fc_vis": nn.Linear(8, 8)})
+    assert M.find_targets(m) == ["fc", "out_proj"]
+    assert M.excluded_modules(m) == ["vision_tower.fc_vis", "vision_tower.out_proj"]
+
+
+def test_qlora_refuses_a_model_with_nothing_to_quantize():
+    # Falcon's projections (FalconLinear) were left dense with no word, and the run trained
+    # a dense base while printing "qlora (NF4 base)"
+    import qlora_kernels as qk
+    from qlora_kernels.finetune import FinetuneError
+    from qlora_kernels.finetune import model as M
+
+    model = torch.nn.Sequential(_OwnForwardLinear(8, 8))
+    with pytest.warns(UserWarning, match="left layers of _OwnForwardLinear dense"):
+        with pytest.raises(FinetuneError, match="nothing was quantized to NF4; use --method lora"):
+            M.prepare(model, "qlora", 4, 8, 0.0, ["0"])
+    mixed = torch.nn.Sequential(_OwnForwardLinear(8, 8), torch.nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="left layers of _OwnForwardLinear dense"):
+        qk.quantize_model(mixed)
+    assert isinstance(mixed[1], qk.nn.Linear4bit) and type(mixed[0]) is _OwnForwardLinear

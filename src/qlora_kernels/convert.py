@@ -3,12 +3,23 @@ Kept apart from nn.py because it can also fuse a transformers model's loss
 (integrations.hf_loss, which builds on nn.py); it changes nothing outside the model."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from . import formats
 from .nn import Linear4bit
+
+
+def _linear_like(m: nn.Module) -> bool:
+    """A linear layer quantize_model does not convert: an nn.Linear subclass, or transformers'
+    Conv1D (GPT-2's projections)."""
+    w = getattr(m, "weight", None)
+    if not (isinstance(w, torch.Tensor) and w.is_floating_point()):  # already quantized (bitsandbytes')
+        return False
+    return (isinstance(m, nn.Linear) and type(m) is not nn.Linear) or type(m).__name__ == "Conv1D"
 
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
@@ -46,6 +57,13 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = f
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, made[lin])
+    left = sorted({type(m).__name__ for name, m in model.named_modules() if _linear_like(m) and not _skipped(name, skip)
+                   and "Router" not in type(m).__name__})
+    if left:
+        # their math may differ from nn.Linear's (transformers' Conv1D stores the weight
+        # transposed; FalconLinear has its own forward): not converted, and said so
+        warnings.warn(f"quantize_model left layers of {', '.join(left)} dense: only plain torch.nn.Linear layers are "
+                      "converted", stacklevel=2)
     if fuse_loss:
         from .integrations.hf_loss import fuse_loss as _fuse
 

@@ -72,12 +72,36 @@ def output_name(model: nn.Module) -> Optional[str]:
     return next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
 
 
+# Parts of a multimodal model that a text fine-tune leaves alone (their projections share the
+# Llama names: SigLIP's q_proj/k_proj/v_proj in Gemma 3's vision tower).
+_NON_TEXT = ("vision", "visual", "multi_modal_projector", "audio")
+
+
+def _non_text(name: str) -> bool:
+    return any(part in piece for piece in name.split(".") for part in _NON_TEXT)
+
+
+def _router(name: str, m: nn.Module) -> bool:
+    """An MoE router: a Linear subclass (PhiMoE's, Llama 4's) or a Linear named as one; not a
+    projection to adapt (PEFT's LoRA on PhiMoE's router failed on its tuple output)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return "Router" in type(m).__name__ or leaf in ("router", "gate") or leaf.endswith("_gate")
+
+
+def excluded_modules(model: nn.Module) -> list:
+    """Full names of the linear layers of non-text parts, for PEFT's exclude_modules."""
+    from ..nn import Linear4bit
+
+    return sorted(n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit)) and _non_text(n))
+
+
 def find_targets(model: nn.Module) -> list:
     """Adapter targets: the Llama projection names when present, else the distinct names of
-    every linear layer except the output head (PEFT matches them as name suffixes)."""
+    every linear layer except the output head, routers and non-text parts (PEFT matches them
+    as name suffixes; excluded_modules keeps a vision tower's namesakes out)."""
     head = output_name(model)
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n != head}
+             if isinstance(m, nn.Linear) and n != head and not _router(n, m) and not _non_text(n)}
     if set(LLAMA_TARGETS) <= names:
         return list(LLAMA_TARGETS)
     if not names:
@@ -96,12 +120,18 @@ def prepare(model: nn.Module, method: str, rank: int, alpha: float, dropout: flo
     from ..integrations.hf_fuse import fuse_layers
     from ..integrations.hf_loss import fuse_loss
     from ..integrations.peft import get_peft_model
+    from ..nn import Linear4bit
 
     if method in ("qlora", "dora"):
         head = output_name(model)
         qk.quantize_model(model, quant_type="nf4", skip=(head,) if head else ())
+        if not any(isinstance(m, Linear4bit) for m in model.modules()):
+            # Falcon's FalconLinear, GPT-2's Conv1D: training would go on a dense base, not NF4
+            raise FinetuneError(f"--method {method}: no layer of this model is a plain torch.nn.Linear, so nothing "
+                                "was quantized to NF4; use --method lora (a dense base)")
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                     use_dora=(method == "dora"), bias="none", task_type="CAUSAL_LM")
+                     exclude_modules=excluded_modules(model) or None, use_dora=(method == "dora"), bias="none",
+                     task_type="CAUSAL_LM")
     pm = get_peft_model(model, cfg)
     if method == "lora":
         # PEFT builds its own layers on a dense base; this swaps in our fused dense LoRA op
