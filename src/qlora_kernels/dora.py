@@ -58,5 +58,12 @@ def weight_norm(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tenso
         return backends.run("dora_weight_norm", prep.packed, prep.absmax, prep.blocksize, prep.quant_type,
                             prep.out_features, prep.in_features, A, lora_B.detach().float(), float(scaling),
                             base_row_sq_norms(base))
-    WAt = A @ base.weight.detach().float().t()  # [r, N]
-    return reference.dora_norm_from_parts(base_row_sq_norms(base), WAt, A, lora_B.detach(), scaling)
+    return dense_weight_norm(base.weight, lora_A, lora_B, scaling)
+
+
+@torch.no_grad()
+def dense_weight_norm(W: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Row norms of W + scaling · B·A for a dense W [N, K] (fp32, detached)."""
+    W, A = W.detach(), lora_A.detach().float()
+    WAt = A @ W.float().t()  # [r, N]
+    return reference.dora_norm_from_parts(W.double().pow(2).sum(1), WAt, A, lora_B.detach(), scaling)

@@ -368,7 +368,6 @@ def _check_dequantize_blockwise(code, blocksize) -> None:
 
 def _dequantize_blockwise_f32(A, absmax, code, blocksize):
     _cpu(A, absmax, code)
-    _check_dequantize_blockwise(code, blocksize)
     if A.dtype != torch.uint8 or code.numel() != 256:
         raise _Fallback("A not uint8 or a code of another size than 256")
     absmax = _absmax_blocks(absmax, formats.num_blocks(A.numel(), blocksize))
@@ -383,6 +382,7 @@ def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
 
 
 def _dequantize_blockwise_out(A, absmax, code, blocksize, dtype, out):
+    _check_dequantize_blockwise(code, blocksize)
     _check_out(out, A.shape, dtype)
     out.copy_(_dequantize_blockwise_f32(A, absmax, code, blocksize).reshape(A.shape))
 

@@ -89,10 +89,11 @@ def norm_eps(m: nn.Module):
 
 
 @contextlib.contextmanager
-def _probing(m: nn.Module):
-    """Eval mode (no dropout) and no autograd while a module is probed; modes restored."""
+def _probing(m: nn.Module, training: bool = False):
+    """Eval mode (no dropout; or training mode) and no autograd while a module is probed;
+    modes restored."""
     modes = [(s, s.training) for s in m.modules()]
-    m.eval()
+    m.train(training)
     try:
         with torch.no_grad():
             yield
@@ -178,17 +179,11 @@ def mlp_reason(m: nn.Module, style) -> str | None:
 def _agrees_in_training(m: nn.Module, theirs, ours) -> bool:
     """The two forwards in training mode, each from the same random state (the projections'
     own dropouts draw the same masks), torch's RNG restored after."""
-    modes = [(s, s.training) for s in m.modules()]
-    m.train()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            a = theirs()
-            torch.manual_seed(0)
-            b = ours()
-    finally:
-        for s, mode in modes:
-            s.training = mode
+    with _probing(m, training=True), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        a = theirs()
+        torch.manual_seed(0)
+        b = ours()
     return _agrees(a, b)
 
 

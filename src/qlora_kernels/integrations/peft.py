@@ -39,6 +39,11 @@ def _dropout_p(module: nn.Module) -> float:
     return float(module.p) if isinstance(module, nn.Dropout) else 0.0
 
 
+def _lora_product(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling · B A x alone (rank r: small), x in the adapter's dtype as PEFT's Linear has it."""
+    return F.linear(F.linear(x.to(A.dtype), A), B) * scaling
+
+
 def _fused_lora(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                 bias: Optional[torch.Tensor], p: float, training: bool) -> torch.Tensor:
     if isinstance(base, Linear4bit):
@@ -47,7 +52,7 @@ def _fused_lora(base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
             # compute="int8" has no fused LoRA kernel: the base product at the layer's compute, as
             # its own forward and the exported MatMul4bitInt8 give it, and the LoRA product apart
             xd = F.dropout(x, p, training) if training and p > 0 else x
-            lora = F.linear(F.linear(xd.to(A.dtype), A), B) * scaling
+            lora = _lora_product(xd, A, B, scaling)
             return functional.linear_4bit(x, base.prepared(), None, bias, compute=compute) + lora.to(x.dtype)
         return functional.lora_linear_4bit(x, base.prepared(), None, A, B, scaling, bias, p, training)
     return functional.lora_linear(x, base.weight, A, B, scaling, bias, p, training)
@@ -72,10 +77,8 @@ class DoraVariant(LoraVariant):
     def _factor(module: "QKLoraLinear", adapter: str, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """m / ‖W + sBA‖ per output row; the norm of ``weight`` (dense) in place of the base's."""
         A, B, s = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter]
-        if weight is None:
-            norm = dora.weight_norm(module.get_base_layer(), A, B, s)
-        else:
-            norm = (weight.float() + s * (B.detach().float() @ A.detach().float())).norm(dim=1)
+        norm = dora.weight_norm(module.get_base_layer(), A, B, s) if weight is None else dora.dense_weight_norm(
+            weight, A, B, s)
         return module.lora_magnitude_vector[adapter].weight / norm
 
     @staticmethod
@@ -100,11 +103,16 @@ class DoraVariant(LoraVariant):
         return (module.lora_magnitude_vector[adapter].weight / module._caches[f"{adapter}-weight_norm"]).detach()
 
     @staticmethod
+    def taken_out(module: "QKLoraLinear", adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with the merged adapter taken out: weight / factor - s·BA."""
+        return weight / DoraVariant.cached_factor(module, adapter).view(-1, 1) - module.get_delta_weight(adapter)
+
+    @staticmethod
     def unmerge(module: "QKLoraLinear", active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        factor = DoraVariant.cached_factor(module, active_adapter)
+        w = DoraVariant.taken_out(module, active_adapter, orig_weight)
         module._caches.pop(f"{active_adapter}-dora_factor", None)
         module._caches.pop(f"{active_adapter}-weight_norm", None)
-        return orig_weight / factor.view(-1, 1) - module.get_delta_weight(active_adapter)
+        return w
 
     @staticmethod
     def forward(module: "QKLoraLinear", active_adapter: str, x: torch.Tensor, result: torch.Tensor,
@@ -123,8 +131,7 @@ class DoraVariant(LoraVariant):
         else:
             xd = x
             plain = result - base.bias if base.bias is not None else result
-        # the LoRA product alone is small (rank r); x in the adapter's dtype, as PEFT's Linear
-        lora = F.linear(F.linear(xd.to(A.dtype), A), B) * module.scaling[active_adapter]
+        lora = _lora_product(xd, A, B, module.scaling[active_adapter])
         # the factor is fp32: back to the layer's dtype, as PEFT's DoRA returns it
         return (result + (ms - 1) * plain + ms * lora).to(result.dtype)
 
@@ -213,9 +220,7 @@ class QKLoraLinear(nn.Module, LoraLayer):
         for a in reversed(self.merged_adapters):
             if a not in self.lora_A:
                 continue
-            if a in self.lora_variant:
-                w = w / DoraVariant.cached_factor(self, a).view(-1, 1)
-            w = w - self.get_delta_weight(a)
+            w = DoraVariant.taken_out(self, a, w) if a in self.lora_variant else w - self.get_delta_weight(a)
         return w
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
