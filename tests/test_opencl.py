@@ -193,7 +193,47 @@ def test_profile_reports_each_kernel_and_transfer():
 def test_style_is_validated():
     with pytest.raises(ValueError, match="style must be one of"):
         ocl.set_style("systolic")
+    with pytest.raises(ValueError, match="style must be one of"), ocl.use_style("systolic"):
+        pass
     assert ocl.get_style() in STYLES
+
+
+def test_use_style_holds_in_its_own_thread_only():
+    """A thread's `with use_style(...)` must not switch the kernels of another thread, whose
+    op reads the style more than once (the adapter fused or not), nor leave the process in
+    the other style when two threads' blocks interleave."""
+    import threading
+
+    default = ocl.get_style()
+    other = "fpga" if default == "ndrange" else "ndrange"
+    entered, release, seen = threading.Event(), threading.Event(), []
+
+    def worker():
+        with ocl.use_style(other):
+            seen.append(ocl.get_style())
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert entered.wait(10)
+    with ocl.use_style(default):  # nested in time with the worker's block, exited after it
+        assert ocl.get_style() == default
+        release.set()
+        t.join(10)
+    assert seen == [other] and ocl.get_style() == default
+
+
+def test_dequantize_out_of_one_element_with_any_stride(style):
+    """torch calls a one-element tensor contiguous whatever its strides; the result must
+    land in it, not in a copy."""
+    W = torch.tensor([[0.75]])
+    packed, st = qk.quantize_4bit(W, blocksize=64)
+    big = torch.full((3, 6), -7.0)
+    for out in (big[1:2, ::2][:, :1], big[2:3, 1:2].t()):
+        functional.dequantize_4bit(packed, st, out=out)
+        assert out.item() == 0.75, (out.stride(), out)
+    assert (big == -7.0).sum() == 16
 
 
 @pytest.mark.parametrize("vendor", ["xilinx", "intel"])

@@ -117,28 +117,41 @@ def _style_from_env() -> str:
     return _env.opencl_style()  # validated when the package was imported (_env.check)
 
 
-_style = [_style_from_env()]
+_style = [_style_from_env()]  # the process default
+
+
+class _ScopedStyle(threading.local):
+    # use_style holds per thread, as use_backend does: one thread's `with` block must not
+    # switch the kernels another thread is running (whose op reads the style more than once).
+    name = None
+
+
+_scoped_style = _ScopedStyle()
 
 
 def set_style(style: str) -> None:
-    """Kernel style for the opencl backend: "ndrange" or "fpga"."""
+    """Kernel style for the opencl backend, for the whole process: "ndrange" or "fpga"
+    (``use_style`` overrides it in one thread)."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     _style[0] = style
 
 
 def get_style() -> str:
-    return _style[0]
+    return _scoped_style.name or _style[0]
 
 
 @contextlib.contextmanager
 def use_style(style: str) -> Iterator[str]:
-    previous = get_style()
-    set_style(style)
+    """Run this thread's opencl ops in ``style`` inside the ``with`` block."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    previous = _scoped_style.name
+    _scoped_style.name = style
     try:
         yield style
     finally:
-        _style[0] = previous
+        _scoped_style.name = previous
 
 
 # -------------------------------------------------------------------- devices ----
@@ -185,10 +198,14 @@ def _select(spec: Optional[str]):
 def _host_bytes(t: torch.Tensor):
     """A uint8 numpy view of a contiguous CPU tensor of any dtype (no copy). torch calls a
     tensor contiguous whatever the strides of its size-1 dims (an expanded one-element
-    gradient has stride 0), and a byte view needs stride 1: such a tensor is copied."""
-    flat = t.detach().reshape(-1)
-    if flat.numel() and flat.stride(0) != 1:
-        flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
+    gradient has stride 0, a one-element slice any stride), so the flat view is taken with
+    stride 1 from the first element; a non-contiguous tensor is copied (callers upload those
+    only: ``download`` writes such a copy back)."""
+    t = t.detach()
+    if t.is_contiguous():
+        flat = t.as_strided((t.numel(),), (1,))
+    else:
+        flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
     return flat.view(torch.uint8).numpy()
 
 
@@ -303,9 +320,12 @@ class _Op:
         rt.counters["launches"] += 1
 
     def download(self, role: str, buf, t: torch.Tensor) -> torch.Tensor:
-        host = _host_bytes(t)
+        into = t if t.is_contiguous() else torch.empty(t.shape, dtype=t.dtype)
+        host = _host_bytes(into)
         if host.nbytes:
             self.events.append((f"download {role}", self.rt.cl.enqueue_copy(self.rt.queue, host, buf, is_blocking=True)))
+        if into is not t:
+            t.copy_(into)
         return t
 
     def profile(self) -> list[dict]:

@@ -130,19 +130,20 @@ def _weight_args(op, packed, absmax, blocksize, quant_type):
     return (_RT.resident(packed, op), _RT.resident(absmax, op), I32(_shift(blocksize)), I32(_qt(quant_type)))
 
 
-def _forward_on_device(op, x2, packed, absmax, blocksize, quant_type, N, bias, lora=None, need_x=False):
+def _forward_on_device(op, x2, packed, absmax, blocksize, quant_type, N, bias, lora=None, need_x=False, fpga=None):
     """Runs the base layer (and, in the FPGA style, the fused adapter) into scratch "y";
     returns the device buffers of x (None unless used or need_x), y and (adapter fused) u."""
     M, K = x2.shape
     _check_int(M=M, K=K, N=N)
-    gemv = not _fpga() and M <= _GEMV_ROWS[-1]
+    fpga = _fpga() if fpga is None else fpga  # the caller's one reading of the style, where it has one
+    gemv = not fpga and M <= _GEMV_ROWS[-1]
     xsplit = 2 if gemv and K % 128 == 0 and _RT.device.endian_little else 1 if gemv and K % 32 == 0 else 0
     d_x = op.upload("x", x2) if need_x or not xsplit else None
     d_b = op.upload("bias", bias) if bias is not None else None
     d_y = _RT.scratch("y", 4 * M * N)
     P, A, sh, qt = _weight_args(op, packed, absmax, blocksize, quant_type)
     base = (d_x, I32(M), I32(K), P, A, sh, qt, I32(N), d_b, I32(bias is not None), d_y)
-    if _fpga():
+    if fpga:
         R, d_A, d_B, scaling, d_noise, d_u = 0, None, None, 0.0, None, None
         if lora is not None:
             lora_A, lora_B, scaling, noise2 = lora
@@ -270,11 +271,12 @@ def lora_linear_4bit(x2, packed, absmax, blocksize, quant_type, out_features, lo
     if M == 0 or N == 0 or K == 0:  # nothing to add to y; u = x A^T still (zero only when K is)
         return _empty_linear(M, N, bias), _u_of_empty(x2, lora_A, noise2)
     y, u = torch.empty(M, N), torch.empty(M, R)
-    fused = _fpga() and R <= _TASK_RMAX
+    fpga = _fpga()  # read once: the fused path and _forward_on_device must agree on it
+    fused = fpga and R <= _TASK_RMAX
     with _RT.op("lora_linear_4bit") as op:
         lora = (lora_A, lora_B, scaling, noise2) if fused else None
         d_x, d_y, d_u = _forward_on_device(op, x2, packed, absmax, blocksize, quant_type, N, bias, lora,
-                                           need_x=not fused)
+                                           need_x=not fused, fpga=fpga)
         if not fused:
             d_u = _adapter_forward(op, d_x, d_y, M, K, N, lora_A, lora_B, scaling, noise2)
         op.download("y", d_y, y)
