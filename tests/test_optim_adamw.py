@@ -132,10 +132,14 @@ def test_empty_and_no_grad_steps():
     (dict(betas=(0.9,)), "pair"),
     (dict(lr=float("nan")), "finite"),
     (dict(backend="cuda"), "unknown backend"),
+    (dict(decoupled_weight_decay=False), "decoupled_weight_decay"),
+    (dict(differentiable=True), "differentiable"),
+    (dict(capturable=True), "capturable"),
 ])
 def test_bad_hyperparameters(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        AdamW([torch.zeros(2, requires_grad=True)], **kwargs)
+    if "decoupled_weight_decay" not in kwargs:  # not one of torch.optim.AdamW's arguments, a group key only
+        with pytest.raises((ValueError, TypeError), match=match):
+            AdamW([torch.zeros(2, requires_grad=True)], **kwargs)
     # the same values in a group added later (amsgrad=True there was once silently not applied)
     opt = AdamW([torch.zeros(2, requires_grad=True)])
     with pytest.raises((ValueError, TypeError), match=match):
@@ -233,3 +237,72 @@ def test_state_dict_with_a_plain_number_step_loads_as_torch_does():
     _run([(ours, ps), (ref, qs)], steps=3)
     _assert_close(ours, ps, ref, qs)
     assert float(ours.state[ps[0]]["step"]) == 5
+
+
+def test_torch_implementation_choices_are_accepted():
+    """foreach/fused pick among torch's implementations, not the update: accepted and kept,
+    so code written for torch.optim.AdamW runs unchanged and its state loads back into it."""
+    ps = _params(5, [(6,), (2, 3)])
+    qs = _twins(ps)
+    ours = AdamW(ps, lr=1e-2, foreach=False, fused=None, capturable=False, differentiable=False, backend="reference")
+    ref = torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    _run([(ours, ps), (ref, qs)], steps=3)
+    _assert_close(ours, ps, ref, qs)
+    torch.optim.AdamW(_twins(ps), lr=1e-2).load_state_dict(ours.state_dict())
+
+
+def test_refused_state_dicts_leave_the_optimizer_as_it_was():
+    """An Adam state (L2 weight decay, not decoupled) or an amsgrad one was loaded before it
+    was refused (or not refused at all): the next steps then ran another update than the
+    state's owner with no error."""
+    ps = _params(6, [(4,), (3,)])
+    ours = AdamW(ps, lr=1e-2, backend="reference")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    ours.step()
+    before = copy.deepcopy(ours.state_dict())
+    for make in (lambda q: torch.optim.Adam(q, lr=1e-2, weight_decay=0.5),
+                 lambda q: torch.optim.AdamW(q, lr=1e-2, amsgrad=True)):
+        qs = _twins(ps)
+        donor = make(qs)
+        _run([(donor, qs)], steps=2)
+        with pytest.raises(ValueError, match="decoupled_weight_decay|amsgrad"):
+            ours.load_state_dict(donor.state_dict())
+        after = ours.state_dict()
+        assert after["param_groups"] == before["param_groups"]
+        for k, st in before["state"].items():
+            assert set(after["state"][k]) == set(st)
+            assert all(torch.equal(after["state"][k][n], st[n]) for n in st)
+
+
+def test_loading_torchs_state_keeps_the_chosen_backend():
+    ps = _params(8, [(5,)])
+    donor = torch.optim.AdamW(_twins(ps), lr=1e-2)
+    _run([(donor, donor.param_groups[0]["params"])], steps=1)
+    ours = AdamW(ps, lr=1e-2, backend="reference")
+    ours.load_state_dict(donor.state_dict())
+    assert ours.param_groups[0]["backend"] == "reference"
+
+
+def test_a_parameter_listed_twice_is_refused_before_any_group_moves():
+    """The native kernel refused the overlapping group only when its turn came: the groups
+    before it had already been updated, and its message counted only parameters with a
+    gradient. Now every group is checked first and the message names both parameters."""
+    a, b = _params(9, [(4,), (6,)])
+    frozen = torch.zeros(3, requires_grad=True)  # no grad: must not shift the positions named
+    opt = AdamW([{"params": [a]}, {"params": [frozen, b]}], lr=1e-2, backend="reference")
+    opt.param_groups[1]["params"].append(b)  # torch itself only warns about duplicates here
+    view = a.detach()[1:3]
+    for p in (a, b):
+        p.grad = torch.ones_like(p)
+    a0 = a.detach().clone()
+    with pytest.raises(ValueError, match=r"parameter 2 of group 1 .*shares memory with AdamW: parameter 1 of group 1"):
+        opt.step()
+    assert torch.equal(a.detach(), a0) and float(opt.state[a].get("step", 0)) == 0
+    opt.param_groups[1]["params"].pop()
+    w = view.requires_grad_()
+    w.grad = torch.ones_like(w)
+    opt.add_param_group({"params": [w]})
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step()
+    assert torch.equal(a.detach(), a0)

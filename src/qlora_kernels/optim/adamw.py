@@ -45,25 +45,46 @@ def _check_hyper(lr, betas, eps, weight_decay) -> None:
             raise ValueError(f"AdamW: invalid beta parameter at index {i}: {b} (must be in [0, 1))")
 
 
+def _refuse_unsupported(group: dict, where: str = "AdamW") -> None:
+    """What this optimizer cannot do, refused wherever a group's settings arrive (the
+    constructor, add_param_group, load_state_dict): accepted and ignored, each would give
+    another update than torch's with no error."""
+    if group.get("amsgrad"):
+        raise ValueError(f"{where}: amsgrad=True is not supported by qlora_kernels.optim.AdamW; "
+                         "use torch.optim.AdamW(amsgrad=True)")
+    if group.get("decoupled_weight_decay", True) is False:
+        raise ValueError(f"{where}: decoupled_weight_decay=False (Adam's L2 penalty, e.g. a torch.optim.Adam "
+                         "state) is not supported: this optimizer always decouples weight decay as AdamW does")
+    if group.get("differentiable"):
+        raise ValueError(f"{where}: differentiable=True is not supported (the fused kernel's step is not "
+                         "differentiable); use torch.optim.AdamW")
+    if group.get("capturable"):
+        raise ValueError(f"{where}: capturable=True is for CUDA graphs; this optimizer runs on CPU tensors")
+
+
 class AdamW(torch.optim.Optimizer):
     """Fused AdamW for fp32 CPU parameters (the adapter weights of a QLoRA model).
 
-    Arguments are torch.optim.AdamW's. ``amsgrad=True`` is refused (use torch.optim.AdamW
-    for it); ``backend`` picks the kernel (default: the selected qlora_kernels backend).
+    Arguments are torch.optim.AdamW's. ``amsgrad=True``, ``differentiable=True`` and
+    ``capturable=True`` are refused (use torch.optim.AdamW for them); ``foreach`` and
+    ``fused`` choose among torch's implementations and are accepted and kept in the groups
+    (the update here is always one fused kernel); ``backend`` picks that kernel (default: the
+    selected qlora_kernels backend).
     Sparse gradients, non-fp32 or non-CPU parameters raise; non-contiguous parameters,
     gradients or state are updated through contiguous copies.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize: bool = False, backend: str | None = None):
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None, backend: str | None = None):
         _check_hyper(lr, betas, eps, weight_decay)
-        if amsgrad:
-            raise ValueError("AdamW: amsgrad=True is not supported by qlora_kernels.optim.AdamW; "
-                             "use torch.optim.AdamW(amsgrad=True)")
+        torch_keys = dict(_TORCH_GROUP_KEYS, amsgrad=amsgrad, foreach=foreach, capturable=capturable,
+                          differentiable=differentiable, fused=fused)
+        _refuse_unsupported(torch_keys)
         if backend is not None:
             backends._check(backend)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=bool(maximize),
-                        backend=backend, **_TORCH_GROUP_KEYS)
+                        backend=backend, **torch_keys)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -72,9 +93,7 @@ class AdamW(torch.optim.Optimizer):
         given = {k: v for k, v in param_group.items() if k != "params"}
         if given:
             merged = {**self.defaults, **given}
-            if merged.get("amsgrad"):
-                raise ValueError("AdamW: amsgrad=True is not supported by qlora_kernels.optim.AdamW; "
-                                 "use torch.optim.AdamW(amsgrad=True)")
+            _refuse_unsupported(merged)
             _check_hyper(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
             if merged.get("backend") is not None:
                 backends._check(merged["backend"])
@@ -84,7 +103,7 @@ class AdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("maximize", False)
-            group.setdefault("backend", None)
+            group.setdefault("backend", self.defaults.get("backend"))
             for key, value in _TORCH_GROUP_KEYS.items():
                 group.setdefault(key, value)
             # Older torch (and some converters) saved ``step`` as a plain number; the update reads
@@ -96,13 +115,14 @@ class AdamW(torch.optim.Optimizer):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32)
 
     def load_state_dict(self, state_dict):
+        # Checked before loading: a refused state must leave the optimizer as it was.
+        for group in state_dict.get("param_groups", []):
+            _refuse_unsupported(group, "AdamW: the loaded state")
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # a state_dict of torch.optim.AdamW has no backend key
-            group.setdefault("backend", None)
-            if group.get("amsgrad"):
-                raise ValueError("AdamW: the loaded state uses amsgrad=True, which this optimizer does not support")
+        for group in self.param_groups:  # a state_dict of torch.optim.AdamW has no backend key: keep ours
+            group.setdefault("backend", self.defaults["backend"])
 
-    def _gather(self, group):
+    def _gather(self, group, gi: int = 0):
         from torch.distributed.tensor import DTensor
 
         # FSDP2 hands DTensor parameters; the update is elementwise, so each rank updates
@@ -110,11 +130,11 @@ class AdamW(torch.optim.Optimizer):
         def local(t):
             return t.to_local() if isinstance(t, DTensor) else t
 
-        rows = []
+        rows, wheres = [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            where = f"AdamW: parameter {i} of its group (shape {tuple(p.shape)})"
+            where = f"AdamW: parameter {i} of group {gi} (shape {tuple(p.shape)})"
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -135,7 +155,33 @@ class AdamW(torch.optim.Optimizer):
                 if s.shape != p.shape or s.dtype != torch.float32 or s.device.type != "cpu":
                     raise ValueError(f"{where}: state {key!r} must be a float32 CPU tensor of the parameter's shape")
             rows.append((p, g, *moments, step_t))
-        return rows
+            wheres.append(where)
+        return rows, wheres
+
+    @staticmethod
+    def _check_overlap(rows, wheres) -> None:
+        """Every group's tensors, before any group is updated: a parameter or moment that
+        shares memory with another tensor of the step would race with itself in the kernel
+        (a parameter listed twice: torch.optim.AdamW warns and steps it twice). The kernel
+        checks its own call too; this check names the parameters and runs before anything moves."""
+        spans = []
+        for r, (row, where) in enumerate(zip(rows, wheres)):
+            for k, t in enumerate(row[:4]):
+                if t.numel() and t.is_contiguous():  # others go to the kernel as copies
+                    start = t.data_ptr()
+                    spans.append((start, start + t.numel() * t.element_size(), k != 1, r, where))
+        spans.sort(key=lambda s: s[0])
+        end_all = end_written = 0
+        by_all = by_written = None
+        for start, end, written, r, where in spans:
+            other = by_written if start < end_written else by_all if written and start < end_all else None
+            if other is not None and other[0] != r:
+                raise ValueError(f"{where} shares memory with {other[1]} (listed twice, or views of one tensor): "
+                                 "the update would race with itself")
+            if end > end_all:
+                end_all, by_all = end, (r, where)
+            if written and end > end_written:
+                end_written, by_written = end, (r, where)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -146,14 +192,17 @@ class AdamW(torch.optim.Optimizer):
         # Every group is checked (parameters, state, hyperparameters, kernel) before any step
         # counter advances or any parameter moves: a refused step() leaves the optimizer as it
         # was, so the next accepted one counts as torch's would (bias correction uses the step).
-        plans = []
-        for group in self.param_groups:
-            rows = self._gather(group)
+        plans, every_row, every_where = [], [], []
+        for gi, group in enumerate(self.param_groups):
+            rows, wheres = self._gather(group, gi)
             if not rows:
                 continue
+            every_row += rows
+            every_where += wheres
             hyper = (_number("lr", group["lr"]), *(_number(f"betas[{i}]", b) for i, b in enumerate(group["betas"])),
                      _number("eps", group["eps"]), _number("weight_decay", group["weight_decay"]))
             plans.append((rows, hyper, bool(group["maximize"]), backends.kernel_for("adamw_step", group["backend"])[1]))
+        self._check_overlap(every_row, every_where)
         for rows, hyper, maximize, kernel in plans:
             for row in rows:
                 row[4].add_(1)
