@@ -158,10 +158,22 @@ def test_a_sharded_checkpoint_resumes_only_under_its_engine(uninterrupted, capsy
         in err, err
 
 
-def test_batch_not_divisible_by_the_processes(tiny_dir, tmp_path):
-    r = torchrun(["--model", str(tiny_dir), "--output", str(tmp_path), *ARGS[:2], "--batch-size", "3"])
+def test_batch_not_divisible_by_the_processes(tiny_dir, tmp_path, capsys):
+    r = torchrun(["--model", str(tiny_dir), "--output", str(tmp_path / "fresh"), *ARGS[:2], "--batch-size", "3"])
     assert r.returncode != 0
     assert "--batch-size: the global batch size 3 is not divisible by the world size 2" in r.stderr
+    # A one-process checkpoint resumes under ddp (docs/distributed.md): its batch size is
+    # checked as a fresh run's is, before the model loads, not in the first step.
+    out = tmp_path / "one"
+    rc, _, err = run_inproc(["--model", str(tiny_dir), "--output", str(out), "--steps", "2", "--batch-size", "3",
+                             "--grad-accum", "1", "--seq-len", "64", "--eval-size", "4", "--samples", "0",
+                             "--save-every", "1"], capsys)
+    assert rc == 0, err
+    assert (out / "checkpoint" / "state.json").exists()
+    r = torchrun(["--output", str(out), "--resume", "--distributed", "ddp"])
+    assert r.returncode != 0
+    assert "--batch-size: the global batch size 3 is not divisible by the world size 2" in r.stderr, r.stderr[-3000:]
+    assert "resuming at step" not in r.stdout
 
 
 def test_distributed_needs_a_launcher(tiny_dir, tmp_path, capsys):

@@ -257,10 +257,11 @@ def _check_options_and_data(r: _Run) -> None:
     if args.resume:
         _same_as_checkpoint(r, "data_sha256", r.data_sha256, f"the data ({r.data_name})")
     r.train_recs, r.eval_recs = data.split(r.records, r.cfg.eval_size, r.data_name)
+    # A resumed run may run under another world size than the one it was saved from.
+    session.check_batch(r.cfg.batch_size)
     if not args.resume:
         if r.cfg.model is not None:
             M.check_model_dir(r.cfg.model)
-        session.check_batch(r.cfg.batch_size)
         r.ckpt = _on_main_rank(session, lambda: _prepare_output(r.out, False))
 
 

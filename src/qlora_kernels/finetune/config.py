@@ -55,7 +55,7 @@ class RunConfig:
                            check=_one_of(BACKENDS))
     steps: Optional[int] = _option(60, int, "optimizer steps (default {default})", check=_at_least(1))
     epochs: Optional[float] = _option(None, float, "train this many passes over the data instead of --steps",
-                                      check=((lambda v: v > 0), "must be positive"))
+                                      check=_POSITIVE)
     seq_len: int = _option(128, int, "max tokens per example (default {default})", check=_at_least(1))
     batch_size: int = _option(4, int, "examples per micro-batch (default {default})", check=_at_least(1))
     grad_accum: int = _option(2, int, "micro-batches per optimizer step (default {default})", check=_at_least(1))

@@ -87,6 +87,8 @@ def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
     if len(sizes) != 1:
         raise ValueError(f"batch: tensors disagree on the batch dimension: {sorted(sizes)}")
     per = per_rank_batch_size(sizes.pop(), world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}) for world_size {world_size}, got {rank}")
     return {k: v[rank * per:(rank + 1) * per] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
