@@ -168,6 +168,9 @@ def test_helpers_refuse_bad_input():
     with pytest.raises(ValueError, match="disagree"):
         qd.shard_batch({"a": torch.zeros(4, 2), "b": torch.zeros(3, 2)}, 0, 2)
     assert torch.equal(qd.shard_batch({"a": torch.arange(6)}, 1, 3)["a"], torch.tensor([2, 3]))
+    for rank in (-1, 2, 5):  # were empty slices: a NaN or zero loss later
+        with pytest.raises(ValueError, match=f"rank must be in \\[0, 2\\).*got {rank}"):
+            qd.shard_batch({"a": torch.arange(4)}, rank, 2)
     with pytest.raises(ValueError, match="stage must be 2 or 3"):
         qd.deepspeed_config(1, 2, world_size=2)
     with pytest.raises(RuntimeError, match="no process group"):

@@ -72,6 +72,7 @@ def test_unknown_backend_and_bad_numbers(tmp_path, capsys):
     _fails(capsys, ["--seed", "-1", "--output", str(tmp_path / "o")], "--seed", "2^32")
     _fails(capsys, ["--seed", "5000000000", "--output", str(tmp_path / "o")], "--seed")
     _fails(capsys, ["--alpha", "nan", "--output", str(tmp_path / "o")], "--alpha", "finite")
+    _fails(capsys, ["--epochs", "inf", "--output", str(tmp_path / "o")], "--epochs", "positive number")
     assert not (tmp_path / "o").exists()
 
 
