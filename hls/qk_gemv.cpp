@@ -41,14 +41,22 @@ static_assert(QK_BF16_BUILD_CYCLES >= 64 && QK_BUILD_CYCLES >= 64, "accumulators
 inline float qk_bf16_product(float v, float xl, unsigned h) {
   const unsigned e = (h >> 7) & 0xFFu, m = h & 0x7Fu;
   const uint32_t sign = (uint32_t)(h >> 15) << 31;
-  if (e == 0) return 0.0f;
+  const uint32_t xb = qk_bits(xl);
+  const bool x_finite = (xb & 0x7F800000u) != 0x7F800000u;
+  if (e == 0) return x_finite ? qk_f32((xb & 0x80000000u) ^ sign) : qk_f32(0x7FC00000u);  // x * +-0 (subnormal w flushed)
   if (e == 255) {
-    const uint32_t xb = qk_bits(xl);
     if (m != 0 || (xb & 0x7FFFFFFFu) == 0) return qk_f32(0x7FC00000u);
     return qk_f32(((xb & 0x80000000u) ^ sign) | 0x7F800000u);
   }
   const uint32_t vb = qk_bits(v);
   const int ev = (int)((vb >> 23) & 0xFFu);
+  if (x_finite && (ev == 255 || (ev == 0 && (vb & 0x7FFFFFFFu) != 0))) {
+    // The entry x*(1+m/128) left the normal range though x*w need not (x near the fp32 limits):
+    // the product from the builder's multiplier instead, rare; its subnormals flush as the rest do.
+    const float p = xl * qk_f32((uint32_t)h << 16);
+    const uint32_t pb = qk_bits(p);
+    return (pb & 0x7F800000u) == 0 ? qk_f32(pb & 0x80000000u) : p;
+  }
   if (ev == 255) return qk_f32(vb ^ sign);
   if (ev == 0) return qk_f32((vb & 0x80000000u) ^ sign);
   const int en = ev + (int)e - 127;

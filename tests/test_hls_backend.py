@@ -91,6 +91,13 @@ def test_bad_sizes_raise_instead_of_overflowing():
         _hls.dequantize_4bit(packed.data_ptr(), 10, absmax.data_ptr(), 1, code.data_ptr(), 20, 48, out.data_ptr())
     with pytest.raises(ValueError, match="rank"):
         _hls.lora_down(out.data_ptr(), 1, 1, out.data_ptr(), 65, out.data_ptr())
+    # a negative size is named itself (it was "N*K is negative or too large" for n, "M*N" for N)
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        _hls.dequantize_4bit(packed.data_ptr(), 0, absmax.data_ptr(), 0, code.data_ptr(), -1, 64, out.data_ptr())
+    with pytest.raises(ValueError, match="N must be >= 0, got -1"):
+        _hls.lora_up(out.data_ptr(), 1, 1, out.data_ptr(), -1, 1.0, out.data_ptr(), out.data_ptr())
+    with pytest.raises(ValueError, match="M must be >= 0, got -2"):
+        _hls.lora_down(out.data_ptr(), -2, 1, out.data_ptr(), 1, out.data_ptr())
 
 
 def test_reordered_products_stay_within_the_stated_hls_bound():
@@ -111,3 +118,32 @@ def test_reordered_products_stay_within_the_stated_hls_bound():
     scale = test_linear.EPS32 * (dy.abs().double() @ W.abs().double())
     err = (got.double() - ref.double()).abs()
     assert (err <= (1 + 4) * scale).all(), (err.max().item(), scale.max().item())
+
+
+def _gemv_bf16(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    from qlora_kernels import _hls
+
+    wb = W.to(torch.bfloat16).contiguous().view(torch.int16)
+    x = x.contiguous()
+    y = torch.empty(W.shape[0])
+    _hls.gemv_bf16(wb.data_ptr(), W.shape[0], W.shape[1], x.data_ptr(), y.data_ptr())
+    return y
+
+
+def test_bf16_gemv_products_at_the_edges_of_fp32():
+    """The bf16 mode's exponent-add product (hls/qk_gemv.cpp): a zero weight times NaN/Inf
+    gave 0 (x * 0 is NaN), and a table entry x*(1+m/128) outside the normal range gave 0 or
+    Inf where x*w itself is normal: a subnormal x times a large weight, x near the fp32
+    limit times a weight below 1."""
+    nan, inf = float("nan"), float("inf")
+    W = torch.tensor([[0.0, 1.0], [0.0, 0.0], [-0.0, 2.0]])
+    for xv in (nan, inf, -inf):
+        y = _gemv_bf16(W, torch.tensor([xv, 1.0]))
+        assert torch.isnan(y).all(), (xv, y)
+    assert torch.equal(_gemv_bf16(W, torch.tensor([3.0, 1.0])), torch.tensor([1.0, 0.0, 2.0]))
+    for w, xv in ((1024.0, 1e-39), (0.75, 3e38), (-0.75, 3e38), (3.0, -1e-38)):
+        got, ref = _gemv_bf16(torch.tensor([[w]]), torch.tensor([xv])), torch.tensor([w]) * xv
+        torch.testing.assert_close(got, ref, rtol=2 ** -23, atol=0)
+    # products below the normal range flush to zero (docs/fpga.md)
+    assert _gemv_bf16(torch.tensor([[0.5], [-0.5]]), torch.tensor([1e-39])).tolist() == [0.0, 0.0]
+    assert _gemv_bf16(torch.tensor([[2.0]]), torch.tensor([3e38])).item() == inf  # overflows in fp32 too

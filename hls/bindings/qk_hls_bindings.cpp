@@ -27,10 +27,14 @@ T* ptr(uintptr_t p, const char* name, int64_t count) {
   return reinterpret_cast<T*>(p);
 }
 
+// what: "A*B", the two sizes' names: a negative one is named itself, not as the product.
 int64_t mul(int64_t a, int64_t b, const char* what) {
+  const std::string w(what);
+  const size_t star = w.find('*');
+  require(a >= 0, w.substr(0, star) + " must be >= 0, got " + s(a));
+  require(b >= 0, w.substr(star + 1) + " must be >= 0, got " + s(b));
   int64_t r;
-  require(a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, &r) && r < (int64_t(1) << 40),
-          std::string(what) + " is negative or too large");
+  require(!__builtin_mul_overflow(a, b, &r) && r < (int64_t(1) << 40), w + " is too large");
   return r;
 }
 
@@ -50,6 +54,7 @@ void check_weight(int64_t N, int64_t K, int64_t bs, int64_t packed_numel, int64_
 
 void dequantize_4bit(uintptr_t packed, int64_t packed_numel, uintptr_t absmax, int64_t absmax_numel, uintptr_t code,
                      int64_t n, int64_t blocksize, uintptr_t out) {
+  require(n >= 0, "n must be >= 0, got " + s(n));
   check_weight(1, n, blocksize, packed_numel, absmax_numel);
   qk_host::dequantize_4bit(ptr<const uint8_t>(packed, "packed", n), ptr<const float>(absmax, "absmax", n),
                            ptr<const float>(code, "code", n), n, blocksize, ptr<float>(out, "out", n));
