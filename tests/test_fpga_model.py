@@ -136,6 +136,33 @@ def test_model_from_a_hugging_face_config(tmp_path):
         fpga.get_model({"hidden_size": 1})
     with pytest.raises(ValueError, match="known boards"):
         fpga.get_board("u999")
+    # each gave a ZeroDivisionError/TypeError traceback, or (negative KV heads) figures
+    # with a KV cache that made decoding faster
+    for key, value in (("num_attention_heads", 0), ("hidden_size", 0), ("num_hidden_layers", 0),
+                       ("num_key_value_heads", -8), ("head_dim", 0), ("vocab_size", 1.5), ("intermediate_size", "x")):
+        with pytest.raises(ValueError, match=f"model config: {key} must be an integer >= 1"):
+            fpga.get_model({**cfg, key: value})
+        (tmp_path / "bad.json").write_text(json.dumps({**cfg, key: value}))
+        assert cli.main(["fpga-estimate", "--model", str(tmp_path / "bad.json")]) == 2
+
+
+def test_a_blocksize_that_does_not_divide_in_features_is_refused(capsys):
+    """The estimator planned Phi-3's 3072-wide layers at blocksize 4096 (175.8 tokens/s)
+    while the host packer refuses any K that is not a multiple of the blocksize."""
+    with pytest.raises(ValueError, match=r"blocksize 4096 does not divide the in_features of qkv_proj \(K=3072\)"):
+        fpga.estimate("u280", "phi-3-mini", blocksize=4096)
+    cfg = {"hidden_size": 1000, "intermediate_size": 4096, "num_hidden_layers": 2, "num_attention_heads": 8,
+           "vocab_size": 1000}
+    with pytest.raises(ValueError, match="K=1000"):
+        fpga.estimate("u280", cfg)
+    assert cli.main(["fpga-estimate", "--blocksize", "2048"]) == 2
+    assert "does not divide" in capsys.readouterr().err
+    assert fpga.estimate("u280", "phi-3-mini", blocksize=1024).decode["tokens_per_s"] > 0
+
+
+def test_timing_warning_names_the_clock_asked_for():
+    text = str(fpga.estimate("u280", "phi-3-mini", clock_mhz=200))
+    assert "timing closure at 200 MHz" in text and "timing closure at 300 MHz" not in text
 
 
 def test_cli_prints_the_estimate(capsys):

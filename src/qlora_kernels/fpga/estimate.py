@@ -281,6 +281,14 @@ def estimate(board: str | Board = "u280", model: Any = "phi-3-mini", *, design: 
     config.json path) on `board`; keyword options are the fields of ``Options``."""
     b, m, o = get_board(board), get_model(model), replace(Options(), **options)
     check_options(o, design)
+    # The packed layout needs whole blocks along K (hls/host/qk_layout.cpp refuses the rest);
+    # the engines planned here could not run such a layer.
+    odd = [f"{name} (K={k})" for name, _, k in m.linears() if k % o.blocksize]
+    if o.lm_head == "4bit" and m.hidden % o.blocksize:
+        odd.append(f"lm_head (K={m.hidden})")
+    if odd:
+        raise ValueError(f"blocksize {o.blocksize} does not divide the in_features of {', '.join(odd)}: the 4-bit "
+                         "layout needs whole blocks along K; pick a blocksize that divides them")
     wb = weight_bytes_per_token(m, o.blocksize, o.double_quant, o.lm_head)
     dec0 = decode_estimate(b, m, o, design, context=0)
     decc = decode_estimate(b, m, o, design, context=o.context, cus=dec0["compute_units"])

@@ -71,13 +71,23 @@ def from_hf_config(cfg: Mapping[str, Any], name: str | None = None) -> ModelConf
     missing = [k for k in required if k not in cfg]
     if missing:
         raise ValueError(f"model config: missing {missing} (a Hugging Face decoder config is expected)")
-    heads = int(cfg["num_attention_heads"])
+    def size(key: str, value) -> int:
+        # every shape field is a count: 0 divided by zero in the model, a negative one gave
+        # nonsense figures (a KV cache that made decoding faster)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+            raise ValueError(f"model config: {key} must be an integer >= 1, got {value!r}")
+        return int(value)
+
+    heads = size("num_attention_heads", cfg["num_attention_heads"])
+    kv = cfg.get("num_key_value_heads")
+    head_dim = cfg.get("head_dim")
     return ModelConfig(
         name=name or str(cfg.get("_name_or_path") or cfg.get("model_type") or "custom"),
-        hidden=int(cfg["hidden_size"]), intermediate=int(cfg["intermediate_size"]),
-        layers=int(cfg["num_hidden_layers"]), heads=heads,
-        kv_heads=int(cfg.get("num_key_value_heads") or heads), vocab=int(cfg["vocab_size"]),
-        tied=bool(cfg.get("tie_word_embeddings", False)), head_dim=cfg.get("head_dim"))
+        hidden=size("hidden_size", cfg["hidden_size"]), intermediate=size("intermediate_size", cfg["intermediate_size"]),
+        layers=size("num_hidden_layers", cfg["num_hidden_layers"]), heads=heads,
+        kv_heads=heads if kv is None else size("num_key_value_heads", kv), vocab=size("vocab_size", cfg["vocab_size"]),
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim=None if head_dim is None else size("head_dim", head_dim))
 
 
 def get_model(model: str | Mapping[str, Any] | ModelConfig | Path) -> ModelConfig:

@@ -25,7 +25,8 @@ def warnings(est) -> list[str]:
     for what, res in (("decode", est.decode.get("resources")), ("training", est.training.get("resources"))):
         if res and res["most_used_percent"] > 75.0:
             out.append(f"{what} build uses {res['most_used_percent']:.0f}% of the {res['most_used']} left by the "
-                       f"shell: placement and timing closure at {est.board.kernel_clock_mhz:g} MHz are not assured")
+                       f"shell: placement and timing closure at {est.options.clock_mhz or est.board.kernel_clock_mhz:g} MHz "
+                       "are not assured")
     fp = est.decode.get("floorplan")
     if fp and fp["timing_risk"]:
         out.append(f"decode build: an SLR uses {fp['max_lut_percent']:.0f}% of its LUTs (over "
