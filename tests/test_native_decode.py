@@ -692,3 +692,28 @@ def test_generate_gets_a_static_cache_without_editing_the_generation_config(tmp_
         '"cache_implementation": null' in (tmp_path / "generation_config.json").read_text()
     hf_decode.disable_native_decode(m)
     assert "generate" not in m.__dict__
+
+
+def test_a_cache_handed_back_can_be_extended_by_the_next_turn():
+    """generate(return_dict_in_generate=True) handed back the StaticCache it had been given
+    for this call only: passing it to the next turn with a longer prompt raised IndexError
+    (index_copy_ past the cache). Such calls keep transformers' own cache choice."""
+    m = tiny()
+    prompt = PROMPT[:, :5]
+
+    def two_turns(model):
+        with torch.no_grad():
+            o1 = model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                return_dict_in_generate=True)
+            nxt = torch.cat([o1.sequences, PROMPT[:, :3]], 1)
+            o2 = model.generate(input_ids=nxt, past_key_values=o1.past_key_values, max_new_tokens=5,
+                                min_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        return type(o1.past_key_values).__name__, o2.sequences
+
+    kind, own = two_turns(m)
+    hf_decode.enable_native_decode(m)
+    kind_native, native = two_turns(m)
+    assert kind_native == kind and torch.equal(native, own)
+    with torch.no_grad():  # a plain call still takes the native step
+        m.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+    assert hf_decode.status(m)["steps"] >= 2

@@ -635,12 +635,17 @@ def _plain_generation(lm: nn.Module, passed, kwargs: dict) -> bool:
             setattr(probe, k, v)
     if probe.use_cache is False or probe.cache_implementation is not None:
         return False
+    # The caller gets the cache back (out.past_key_values) and may pass it to the next turn
+    # with a longer prompt: a StaticCache sized for this call cannot grow (IndexError in the
+    # next generate), the DynamicCache transformers would have chosen can.
+    if getattr(probe, "return_dict_in_generate", False):
+        return False
     return probe.get_generation_mode() in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
 
 
 def _generate(lm: nn.Module, *args, **kwargs):
     """The model's generate, with a StaticCache where the call is a plain greedy or
-    sampling one choosing no cache (enable_native_decode). A caller's generation config
+    sampling one choosing no cache and not asking for it back (enable_native_decode). A caller's generation config
     gets it on a copy: next to a generation config, transformers deprecates generation
     arguments."""
     passed = kwargs["generation_config"] if "generation_config" in kwargs else (args[1] if len(args) > 1 else None)
