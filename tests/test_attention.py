@@ -511,3 +511,39 @@ def test_opcheck(lengths):
     out, lse = torch.ops.qlora_kernels.causal_attention(q, k, v, 0.3, lengths)
     torch.library.opcheck(torch.ops.qlora_kernels.causal_attention_backward,
                           (torch.randn(2, 5, 4, 8), q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.3, lengths))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_attention_weights_asked_for_come_from_the_models_eager_attention(arch):
+    """sdpa returns no weights: an 'eager' model fused here answered output_attentions=True
+    with none (an empty tuple in generate), silently. Those calls run the model's own eager
+    attention, on the mask this implementation gets (sdpa's boolean one, or none)."""
+    from transformers import AutoModelForCausalLM
+
+    from .hf_models import tiny_config
+
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32, attn_implementation="eager").eval()
+    fused = copy.deepcopy(ref)
+    assert hf_attention.fuse_attention(fused) is None
+    ids = batch()["input_ids"][:, :9]
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    mask_left = torch.ones_like(ids)
+    mask_left[0, :3] = 0
+    with torch.no_grad():
+        for m in (None, mask, mask_left):
+            a = ref(ids, attention_mask=m, output_attentions=True)
+            b = fused(ids, attention_mask=m, output_attentions=True)
+            assert len(b.attentions) == len(a.attentions) == ref.config.num_hidden_layers
+            for x, y in zip(a.attentions, b.attentions):
+                torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+            keep = (m if m is not None else torch.ones_like(ids)).bool()
+            torch.testing.assert_close(b.logits[keep], a.logits[keep], rtol=1e-4, atol=1e-5)
+        kw = dict(max_new_tokens=2, do_sample=False, output_attentions=True, return_dict_in_generate=True,
+                  pad_token_id=0)
+        g1, g2 = ref.generate(ids[:1], **kw), fused.generate(ids[:1], **kw)
+    assert [len(s) for s in g2.attentions] == [len(s) for s in g1.attentions]
+    for s1, s2 in zip(g1.attentions, g2.attentions):
+        for x, y in zip(s1, s2):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)

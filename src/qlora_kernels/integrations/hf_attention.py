@@ -15,6 +15,7 @@ transformers' own sdpa attention, counted by reason in ``fallbacks()``."""
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import weakref
 
@@ -144,10 +145,33 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return ops.attention.causal_attention_call(query, key, value, float(scale), lengths)[0], None
     _count(why)
+    if kwargs.get("output_attentions"):
+        weighed = _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        if weighed is not None:
+            return weighed
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """The model's own eager attention, where the caller asks for the attention weights:
+    sdpa returns none, and an 'eager' model fused here had them before. The mask this
+    implementation gets is sdpa's (boolean, or None for plain causal); eager adds a float
+    one. None where the model's module has no eager function (sdpa then, weights None)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        return None
+    q_len, k_len = query.shape[2], key.shape[2]
+    mask = attention_mask
+    if mask is None:  # sdpa's is_causal: query i sees the keys up to its own position, the last q_len aligned
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return eager(module, query, key, value, mask, scaling=scale, dropout=dropout, **kwargs)
 
 
 def register() -> None:
