@@ -517,3 +517,17 @@ def test_info_shows_the_tuning(tmp_path):
     d = _C.default_tuning(_C.get_isa())
     if _C.get_isa() != "scalar":
         assert f"kc={d['kc']} nc={d['nc']} mc={d['mc']}" in line and "QLORA_KERNELS_TUNE=0" in line
+
+
+def test_a_winner_is_confirmed_head_to_head_before_it_is_taken(monkeypatch, avx512_table):
+    """A busy spell slowed every round of the default (fastest round 50% over the others):
+    nc=256 was taken and cached for good, and on the quiet machine it gained nothing. The
+    winner now meets the default once more; a gain that does not hold keeps the default."""
+    base = _C.default_tuning("avx512")
+    times = {v: [1.0] * 10 for v in tuning.NC["avx512"]}
+    times[base["nc"]] = [1.5] * 5 + [1.0] * 5  # the comparison's rounds disturbed, the confirmation's not
+    fake, _ = _fake_time(_per_value("avx512", "nc", times))
+    monkeypatch.setattr(tuning, "_time", fake)
+    chosen, measured = tuning._compare("avx512", dict(base), "nc", tuning.NC["avx512"], lambda: None,
+                                       time.perf_counter() + 60)
+    assert chosen == base["nc"] and measured["noisy"] and "confirm" in measured, measured
