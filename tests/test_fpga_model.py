@@ -139,7 +139,8 @@ def test_model_from_a_hugging_face_config(tmp_path):
     # each gave a ZeroDivisionError/TypeError traceback, or (negative KV heads) figures
     # with a KV cache that made decoding faster
     for key, value in (("num_attention_heads", 0), ("hidden_size", 0), ("num_hidden_layers", 0),
-                       ("num_key_value_heads", -8), ("head_dim", 0), ("vocab_size", 1.5), ("intermediate_size", "x")):
+                       ("num_key_value_heads", -8), ("head_dim", 0), ("vocab_size", 1.5), ("intermediate_size", "x"),
+                       ("hidden_size", float("nan")), ("num_hidden_layers", float("inf"))):
         with pytest.raises(ValueError, match=f"model config: {key} must be an integer >= 1"):
             fpga.get_model({**cfg, key: value})
         (tmp_path / "bad.json").write_text(json.dumps({**cfg, key: value}))

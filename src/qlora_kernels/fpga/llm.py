@@ -6,6 +6,7 @@ this is a re-layout at load time, not extra work)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -74,7 +75,8 @@ def from_hf_config(cfg: Mapping[str, Any], name: str | None = None) -> ModelConf
     def size(key: str, value) -> int:
         # every shape field is a count: 0 divided by zero in the model, a negative one gave
         # nonsense figures (a KV cache that made decoding faster)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value) or value < 1):
             raise ValueError(f"model config: {key} must be an integer >= 1, got {value!r}")
         return int(value)
 
