@@ -285,3 +285,43 @@ def test_an_invalid_isa_cap_is_an_error_not_an_abort():
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, (r.returncode, r.stderr[-1500:])
         assert "refused:" in r.stdout and "QLORA_KERNELS_ISA" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("op", ["MatMul4bit", "LinearDense"])
+def test_an_error_inside_a_parallel_slice_is_a_clean_error(op):
+    """A slice that throws on ONNX Runtime's pool (here: a mistyped QLORA_KERNELS_ISA, first
+    read inside a slice of a 256-row op on 2 threads) unwound through the pool while the other
+    threads still ran on the caller's stack: 'stack smashing detected', exit 134 or 139 after
+    a clean-looking first error. A plain ONNX Runtime process, no qlora_kernels import."""
+    import subprocess
+    import sys
+
+    code = f"""
+import numpy as np, onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+K, N, bs, op = 64, 256, 64, {op!r}
+if op == "LinearDense":
+    n = helper.make_node(op, ["X", "W"], ["Y"], domain="qlora_kernels")
+    inits = [numpy_helper.from_array(np.ones((N, K), np.float32), "W")]
+else:
+    n = helper.make_node(op, ["X", "B", "absmax", "code"], ["Y"], domain="qlora_kernels", K=K, N=N, block_size=bs)
+    inits = [numpy_helper.from_array(np.zeros(N * K // 2, np.uint8), "B"),
+             numpy_helper.from_array(np.ones(N * K // bs, np.float32), "absmax"),
+             numpy_helper.from_array(np.linspace(-1, 1, 16).astype(np.float32), "code")]
+g = helper.make_graph([n], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", K])],
+                      [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("qlora_kernels", 1)])
+o = ort.SessionOptions(); o.intra_op_num_threads = 2; o.register_custom_ops_library({ortops.library_path()!r})
+o.log_severity_level = 4
+s = ort.InferenceSession(m.SerializeToString(), o, providers=["CPUExecutionProvider"])
+for _ in range(2):
+    try:
+        s.run(None, {{"X": np.ones((2, K), np.float32)}})
+        print("ran")
+    except Exception as e:
+        print("refused:", str(e)[-200:])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "QLORA_KERNELS_ISA": "AVX2", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, (r.returncode, r.stdout[-500:], r.stderr[-1500:])
+    assert r.stdout.count("refused:") == 2 and "QLORA_KERNELS_ISA" in r.stdout, r.stdout

@@ -1,6 +1,8 @@
 #include "ort_common.h"
 
 #include <algorithm>
+#include <mutex>
+#include <string>
 #include <thread>
 
 namespace qk_ort {
@@ -97,14 +99,47 @@ Slices::Slices(int64_t N, int64_t unit)
     : N(N), unit(unit), count(std::max<int64_t>(1, std::min<int64_t>(slices_per_call(),
                                                                      N / std::max(unit, kMinRowsPerSlice)))) {}
 
+namespace {
+// A slice's exception must not unwind through ONNX Runtime's pool: it turned the caller's
+// part into an error status while the other threads still ran on the caller's stack (a bad
+// QLORA_KERNELS_ISA, first read inside a slice: "stack smashing detected"). Each slice
+// catches its own; the first message is raised on the caller's thread once all are done.
+struct Guarded {
+  void (*run)(void*, size_t);
+  void* task;
+  std::mutex mu;
+  std::string first;
+  bool failed = false;
+
+  static void call(void* p, size_t t) {
+    Guarded& g = *static_cast<Guarded*>(p);
+    try {
+      g.run(g.task, t);
+    } catch (const OpError& e) {
+      g.fail(e.msg);
+    } catch (const std::exception& e) {
+      g.fail(e.what());
+    } catch (...) {
+      g.fail("an unknown exception in a slice");
+    }
+  }
+  void fail(const std::string& msg) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!failed) failed = true, first = msg;
+  }
+};
+}  // namespace
+
 void run_slices(const OrtApi& api, OrtKernelContext* ctx, const Slices& slices, void (*run)(void*, size_t),
                 void* task) {
   if (slices.count == 1) {
     run(task, 0);
     return;
   }
-  ok(api, api.KernelContext_ParallelFor(ctx, run, static_cast<size_t>(slices.count), 0, task),
+  Guarded g{run, task, {}, {}, false};
+  ok(api, api.KernelContext_ParallelFor(ctx, &Guarded::call, static_cast<size_t>(slices.count), 0, &g),
      "could not run on ONNX Runtime's threads");
+  if (g.failed) throw OpError{g.first};
 }
 
 }  // namespace qk_ort
