@@ -143,6 +143,12 @@ def test_save_and_reload_round_trip_with_bitsandbytes_keys(fp32, tmp_path, arch,
     assert all(torch.equal(layers(r)[n].weight, m.weight) and layers(r)[n].quant_state == m.quant_state
                for n, m in layers(q).items())
     assert torch.equal(logits(r, IDS), logits(q, IDS))
+    # a model loaded from the 4-bit checkpoint saves again (transformers 5.25 reversed the load
+    # converter on save: NotImplementedError) to the same bytes
+    r.save_pretrained(tmp_path / "again")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+    assert torch.equal(logits(load(tmp_path / "again"), IDS), logits(q, IDS))
 
     # bitsandbytes reads the same checkpoint once config.json names its own method
     config = json.loads((tmp_path / "config.json").read_text())

@@ -365,6 +365,14 @@ class QLoraKernelsHfQuantizer(HfQuantizer):
         if empty:  # missing from the checkpoint: the layer would hold uninitialised bytes
             raise ValueError(f"no weight in the checkpoint for the 4-bit layers {[n + '.weight' for n in empty]}; "
                              "add them to skip_modules to keep them in full precision")
+        # transformers 5.25 keeps the load converters on the model and reverses them in
+        # save_pretrained; ours has no reverse (NotImplementedError: a model loaded from a 4-bit
+        # checkpoint could not be saved again), and needs none: Linear4bit's state_dict is the
+        # serialized form already.
+        convs = getattr(model, "_weight_conversions", None)
+        if isinstance(convs, list):
+            model._weight_conversions = [c for c in convs if not any(
+                isinstance(op, _Deserialize) for op in (getattr(c, "operations", None) or []))]
         if self.quantization_config.fuse_loss:
             from .hf_loss import fuse_loss
 
