@@ -1,4 +1,6 @@
 """Linear4bit, LoraLinear and quantize_model."""
+import re
+
 import pytest
 import torch
 
@@ -39,6 +41,27 @@ def test_load_rejects_a_state_for_another_shape():
     sd = qnn.Linear4bit(64, 32).state_dict()
     with pytest.raises(RuntimeError, match=r"quantization state is for shape \(32, 64\)"):
         qnn.Linear4bit(64, 16).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_load_rejects_values_no_forward_could_use(double_quant):
+    """NaN/Inf scales loaded with every key reported matched, then gave NaN outputs; an fp4
+    codebook under an nf4 state loaded too, and only the first forward failed, naming no
+    key. from_pretrained already refused both (integrations.transformers)."""
+    sd = qnn.Linear4bit(64, 32, double_quant=double_quant).state_dict()
+    scale = "weight.nested_absmax" if double_quant else "weight.absmax"
+    for key, value, says in ((scale, float("inf"), "holds NaN or Inf"), (scale, float("nan"), "holds NaN or Inf"),
+                             ("weight.quant_map", None, "not the nf4 codebook")):
+        bad = {k: v.clone() for k, v in sd.items()}
+        if value is None:
+            bad[key] = qk.formats.codebook("fp4").clone()
+        else:
+            bad[key].view(-1)[0] = value
+        layer = qnn.Linear4bit(64, 32, double_quant=double_quant)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        with pytest.raises(RuntimeError, match=re.escape(f"{key}: {says}")):
+            layer.load_state_dict(bad)
+        assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
 
 
 def test_quantize_model_swaps_linears_except_skipped():
