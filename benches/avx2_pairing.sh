@@ -13,6 +13,9 @@
 # Usage: bash benches/avx2_pairing.sh [pytest args]   (default: the linear suite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The working tree's package (built in place by scripts/setup.sh), not the copy installed in
+# .venv, which is as old as the last `pip install .`: tables must time the code they sit beside.
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-.venv/bin/python}
 mkdir -p bench-results
 [ "$#" -gt 0 ] || set -- benches/test_bench_linear.py --benchmark-json=bench-results/linear-avx2-pairing.json

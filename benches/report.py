@@ -11,13 +11,23 @@ import sys
 
 
 def table(data: dict) -> str:
+    """The interleaved groups' table, then the sequential benchmarks' (a JSON of several
+    suites holds both kinds: the second was dropped)."""
     interleaved = [r for b in data["benchmarks"] for r in b["extra_info"].get("interleaved", [])]
+    sequential = [b for b in data["benchmarks"] if not b["extra_info"].get("interleaved")]
+    parts = []
     if interleaved:
         from qlora_kernels.bench import format_table
 
-        return format_table(interleaved)
+        parts.append(format_table(interleaved))
+    if sequential:
+        parts.append(_sequential_table(sequential))
+    return "\n\n".join(parts)
+
+
+def _sequential_table(benchmarks: list[dict]) -> str:
     groups: dict[str, list[dict]] = {}
-    for b in data["benchmarks"]:
+    for b in benchmarks:
         groups.setdefault(b["group"], []).append(b)
     lines = ["| group | implementation | median ms | throughput | our speedup vs it |", "|---|---|---:|---:|---:|"]
     for g, bs in groups.items():
@@ -67,7 +77,10 @@ def main() -> int:
     with open(a.json_file) as f:
         data = json.load(f)
     m = data.get("machine_info", {})
-    ei = data["benchmarks"][0]["extra_info"] if data["benchmarks"] else {}
+    infos = [b["extra_info"] for b in data["benchmarks"]]
+    # the header from the first benchmark that has each field (interleaved ones carry the peak)
+    ei = next((i for i in infos if i.get("interleaved")), infos[0] if infos else {})
+    calls = sorted({i.get("calls") for i in infos if i.get("interleaved") and i.get("calls") is not None})
     print(f"{'#' * a.level} {a.title}\n")
     print(f"- machine: {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
           f"{m.get('cpu', {}).get('count', '?')} logical CPUs; {ei.get('machine', '')}")
@@ -77,8 +90,9 @@ def main() -> int:
     if ei.get("peak"):
         print("- this machine's limits (`qlora-kernels info --peak`):\n\n```\n" + ei["peak"] + "\n```")
     if ei.get("interleaved"):
+        per = " or ".join(map(str, calls)) if calls else "?"
         print(f"- every group timed in {ei.get('rounds')} interleaved rounds (each round: every case once, "
-              f"{ei.get('calls')} calls or more back to back; order rotating); 'ours / it' is our time over the "
+              f"{per} calls or more back to back, by group; order rotating); 'ours / it' is our time over the "
               "peer's, round by round: median [min-max], < 1 means ours is faster")
     print()
     print(table(data))

@@ -6,6 +6,9 @@
 #        SUITES="linear train" bash benches/run_all.sh    (a subset; the others' tables are dropped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The working tree's package (built in place by scripts/setup.sh), not the copy installed in
+# .venv, which is as old as the last `pip install .`: tables must time the code they sit beside.
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY="${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 mkdir -p bench-results
 cls=$("$PY" -c "import qlora_kernels._C as c; print('avx512' if c.best_isa().startswith('avx512') else 'avx2')")

@@ -225,3 +225,53 @@ def test_bitsandbytes_held_to_avx2():
     late = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {benches!r}); import bitsandbytes, "
                            "bnb_isa; bnb_isa.hold_to_avx2()"], capture_output=True, text=True, env=env, timeout=300)
     assert late.returncode != 0 and "before importing it" in late.stderr
+
+
+def test_the_lora_layer_group_quantizes_both_sides_alike():
+    """The bitsandbytes peer had double quantization (Params4bit's default) and ours not:
+    the peer decoded its nested absmax on every call and the ratio counted that against it."""
+    from qlora_kernels.bench import linear as bench_linear
+
+    cases = [c for c in bench_linear.lora_layer_cases(4, 64, 64, 4, 8) if "double_quant" in c.extra]
+    assert len(cases) == 2 and {c.extra["double_quant"] for c in cases} == {True}, [(c.name, c.extra) for c in cases]
+    for c in cases:
+        c.fn()  # each side runs its forward and backward
+
+
+def test_peak_is_measured_per_thread_count(monkeypatch):
+    """measure() was cached by its argument: measure() at 1 thread, then at 2 threads, gave
+    the 1-thread probes again."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(peak, "_measure", lambda threads, seconds: ("probe", threads))
+    try:
+        torch.set_num_threads(1)
+        one = peak.measure()
+        torch.set_num_threads(2)
+        two = peak.measure()
+    finally:
+        torch.set_num_threads(before)
+    assert one == ("probe", 1) and two == ("probe", 2)
+
+
+def test_report_prints_interleaved_and_sequential_benchmarks(tmp_path):
+    """A JSON of several suites (benches/report.py's own docstring) holds both kinds: the
+    sequential ones were dropped, and the header's "calls" was the first group's for all."""
+    row = {"group": "g1", "name": "ours", "ours": True, "median_s": 1e-3, "min_s": 1e-3, "max_s": 1e-3}
+    data = {"machine_info": {}, "datetime": "now", "benchmarks": [
+        {"group": "g1", "name": "x", "stats": {"median": 1e-3}, "extra_info": {
+            "interleaved": [row], "rounds": 7, "calls": 20, "peak": "PEAK TABLE"}},
+        {"group": "g2", "name": "y", "stats": {"median": 2e-3}, "extra_info": {"interleaved": [
+            dict(row, group="g2")], "rounds": 7, "calls": 1}},
+        {"group": "quant", "name": "qlora-kernels quantize", "stats": {"median": 5e-3},
+         "extra_info": {"ours": True}},
+        {"group": "quant", "name": "bitsandbytes quantize", "stats": {"median": 1e-1}, "extra_info": {}}]}
+    f = tmp_path / "mixed.json"
+    f.write_text(json.dumps(data))
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benches" / "report.py"), str(f)],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "| g1 |" in text and "| g2 |" in text and "| quant | bitsandbytes quantize |" in text, text
+    assert "PEAK TABLE" in text and "1 or 20 calls or more back to back, by group" in text, text

@@ -56,3 +56,16 @@ def test_bench_without_matplotlib_says_what_it_wrote(tmp_path, monkeypatch, caps
     assert "no chart" in out and f"wrote {tmp_path / 'bench.md'}\n" in out and "bench.png" not in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.md"]
     assert "bench.png" not in (tmp_path / "bench.md").read_text(), "bench.md links a chart that was not written"
+
+
+def test_bench_output_in_the_way_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    """A file at --output failed in makedirs after the whole run (the report lost)."""
+    from qlora_kernels import bench, cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("user data")
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda quick=False: ran.append(1) or [])
+    assert cli.main(["bench", "--quick", "--output", str(blocker)]) == 2
+    assert not ran and f"bench: --output {blocker}" in capsys.readouterr().err
+    assert blocker.read_text() == "user data"

@@ -78,12 +78,16 @@ def _bench(args) -> int:
         torch.set_num_threads(args.threads)
     import os
 
+    out = args.output or "bench-report"
+    try:  # before the run, not after it: a file in the way lost the whole run's report
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        print(f"bench: --output {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"machine: {bench.machine_summary()}")
     rows = bench.run(quick=args.quick)
     table = bench.format_table(rows)
     print(table)
-    out = args.output or "bench-report"
-    os.makedirs(out, exist_ok=True)
     md, png = os.path.join(out, "bench.md"), os.path.join(out, "bench.png")
     try:
         bench.plot(rows, png)

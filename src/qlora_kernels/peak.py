@@ -67,15 +67,21 @@ class Peak:
         return "\n".join(rows)
 
 
-@functools.cache
 def measure(threads: int | None = None, seconds: float = 0.1) -> Peak:
     """Times the probes (about ``seconds`` per figure; a few seconds in all) once per
-    process and thread count."""
+    process and thread count (None: torch's, resolved before the cache is asked: the
+    probes of one thread count were returned for another)."""
+    import torch
+
+    return _measure(threads or torch.get_num_threads(), seconds)
+
+
+@functools.cache
+def _measure(threads: int, seconds: float) -> Peak:
     import torch
 
     from . import _C
 
-    threads = threads or torch.get_num_threads()
     fma: dict[str, float] = {}
     for isa in _C.supported_isas():
         if isa == "avx512vnni" and "avx512" in fma:  # the same fp32 FMAs as avx512 (VNNI adds int8 ones)

@@ -141,7 +141,9 @@ def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, al
     g = f"LoRA layer fwd+bwd M={M} {K}->{N} r={r}"
     flops = 2 * 2.0 * M * K * N
 
-    ours = qnn.LoraLinear(qnn.Linear4bit.from_linear(dense, "nf4", 64), r=r, lora_alpha=alpha)
+    # Double quantization on both sides, as the QLoRA recipe and the training-step groups have
+    # it (Params4bit's compress_statistics defaults to True; ours had it off until 2026-12-08).
+    ours = qnn.LoraLinear(qnn.Linear4bit.from_linear(dense, "nf4", 64, double_quant=True), r=r, lora_alpha=alpha)
     torch.nn.init.normal_(ours.lora_B, std=0.01)
 
     def run(layer):
@@ -151,7 +153,8 @@ def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, al
             layer(x).backward(dy)
         return f
 
-    cases = [Case(g, "qlora-kernels LoraLinear on Linear4bit (NF4)", run(ours), True, flops, "GFLOP/s")]
+    cases = [Case(g, "qlora-kernels LoraLinear on Linear4bit (NF4)", run(ours), True, flops, "GFLOP/s",
+                  {"double_quant": ours.base_layer.quant_state.nested})]
     try:
         import bitsandbytes as bnb
         from peft import LoraConfig, get_peft_model
@@ -164,11 +167,11 @@ def lora_layer_cases(M: int = 512, K: int = 4096, N: int = 4096, r: int = 16, al
 
         bl = bnb.nn.Linear4bit(K, N, bias=False, quant_type="nf4", compute_dtype=torch.float32)
         bl.weight = bnb.nn.Params4bit(dense.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                      blocksize=64)
+                                      blocksize=64, compress_statistics=True)
         bl = bl.to("cpu")  # Params4bit quantizes on .to(device)
         assert bl.weight.dtype == torch.uint8
         cases.append(Case(g, "PEFT LoRA on bitsandbytes Linear4bit (NF4)", run(peft_layer(bl)), False, flops,
-                          "GFLOP/s"))
+                          "GFLOP/s", {"double_quant": bool(bl.weight.quant_state.nested)}))
         d2 = torch.nn.Linear(K, N, bias=False)
         d2.weight = torch.nn.Parameter(dense.weight.detach().clone(), requires_grad=False)
         cases.append(Case(g, "PEFT LoRA on dense fp32 nn.Linear", run(peft_layer(d2)), False, flops, "GFLOP/s"))
