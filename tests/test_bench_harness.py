@@ -275,3 +275,17 @@ def test_report_prints_interleaved_and_sequential_benchmarks(tmp_path):
     text = out.stdout
     assert "| g1 |" in text and "| g2 |" in text and "| quant | bitsandbytes quantize |" in text, text
     assert "PEAK TABLE" in text and "1 or 20 calls or more back to back, by group" in text, text
+
+
+def test_a_case_on_another_thread_count_is_held_to_that_counts_peak(monkeypatch):
+    """The thread-scaling group's 1-thread row was divided by the 2-thread peak (50% where it
+    ran at its own peak)."""
+    def fake(threads, seconds=0.1):
+        return peak.Peak(threads=threads, fma_gflops={"avx2": 100.0 * threads}, bandwidth_gbs={}, buffer_bytes={})
+
+    monkeypatch.setattr(peak, "measure", fake)
+    monkeypatch.setattr("qlora_kernels._C.get_isa", lambda: "avx2")
+    one = bench.Case("g", "qlora-kernels 1 thread", lambda: None, True, 100e9, "GFLOP/s", {"threads": 1})
+    two = bench.Case("g", "qlora-kernels 2 threads", lambda: None, True, 200e9, "GFLOP/s", {"threads": 2})
+    assert bench.harness.limit_fraction(one, 1.0, fake(2))["fraction"] == pytest.approx(1.0)
+    assert bench.harness.limit_fraction(two, 1.0, fake(2))["fraction"] == pytest.approx(1.0)

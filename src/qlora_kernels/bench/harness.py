@@ -114,6 +114,11 @@ def limit_fraction(c: Case, seconds: float, peak) -> dict:
     the bandwidth of the level they live in (cases that say how many bytes they stream),
     else flops over the FMA peak of the CPU path in use (ours) or of the widest path (a
     peer's library picks its own)."""
+    threads = c.extra.get("threads")
+    if threads and threads != peak.threads:  # a case on another thread count: that count's limits
+        from ..peak import measure
+
+        peak = measure(threads)
     nbytes = c.extra.get("stream_bytes")
     if nbytes:
         from ..peak import stream_fraction

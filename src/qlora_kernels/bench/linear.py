@@ -189,5 +189,6 @@ def thread_scaling_cases(M: int, K: int = 4096, N: int = 4096) -> list[Case]:
         def f(t=t):
             with threads(t):
                 functional.linear_4bit(x, w)
-        out.append(Case(g, f"qlora-kernels {t} thread{'s' if t > 1 else ''}", f, t == 2, flops, "GFLOP/s"))
+        out.append(Case(g, f"qlora-kernels {t} thread{'s' if t > 1 else ''}", f, t == 2, flops, "GFLOP/s",
+                        {"threads": t}))
     return out
