@@ -325,3 +325,21 @@ for _ in range(2):
                        env={**__import__("os").environ, "QLORA_KERNELS_ISA": "AVX2", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, (r.returncode, r.stdout[-500:], r.stderr[-1500:])
     assert r.stdout.count("refused:") == 2 and "QLORA_KERNELS_ISA" in r.stdout, r.stdout
+
+
+def test_rewrite_names_a_node_it_cannot_take():
+    """A MatMulBnb4 node with a quant_type other than 0/1 was a bare KeyError."""
+    packed, absmax = weight(64, 64, 64, "nf4")
+    model = contrib.bnb4_model(packed, absmax, 64, 64, 64, "nf4")
+    node = model.graph.node[0]
+    for a in node.attribute:
+        if a.name == "quant_type":
+            a.i = 2
+    with pytest.raises(ExportError, match=r"quant_type 2 is neither FP4 \(0\) nor NF4 \(1\)"):
+        ortops.use_library(model)
+    model = contrib.bnb4_model(packed, absmax, 64, 64, 64, "nf4")
+    kept = [a for a in model.graph.node[0].attribute if a.name != "block_size"]
+    del model.graph.node[0].attribute[:]
+    model.graph.node[0].attribute.extend(kept)
+    with pytest.raises(ExportError, match="no block_size attribute"):
+        ortops.use_library(model)

@@ -105,7 +105,13 @@ def use_library(proto, int8: bool = False) -> int:
         if node.op_type != "MatMulBnb4" or node.domain != MSFT:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        kind = kinds[attrs.get("quant_type", 1)]
+        qt = attrs.get("quant_type", 1)
+        if qt not in kinds:
+            raise ExportError(f"MatMulBnb4 node {node.name!r}: quant_type {qt!r} is neither FP4 (0) nor NF4 (1)")
+        missing = [k for k in ("K", "N", "block_size") if k not in attrs]
+        if missing:
+            raise ExportError(f"MatMulBnb4 node {node.name!r}: no {', '.join(missing)} attribute")
+        kind = kinds[qt]
         if kind not in codes:
             name = f"qlora_kernels.codebook.{tag}{kind}"
             if name in names:
@@ -149,6 +155,9 @@ def isa() -> str:
 
 
 def set_isa(name: str) -> None:
-    """Switches the library's CPU path (for every session in the process), as _C.set_isa does."""
+    """Switches the library's CPU path (for every session in the process), as _C.set_isa does.
+    It holds for the library at ``library_path()``; a copy of the file loaded from another
+    path (the one an exported GenAI folder carries) is another library with its own switch,
+    which QLORA_KERNELS_ISA caps at its first use."""
     if _lib().qlora_kernels_ort_set_isa(str(name).encode()) != 0:
         raise ValueError(f"isa {name!r} is not a path this CPU runs (or QLORA_KERNELS_ISA caps it)")
