@@ -101,3 +101,17 @@ def test_a_float_blocksize_and_a_missing_dtype_are_named():
         qk.dequantize_4bit(packed, dataclasses.replace(state, dtype=None), dtype=None)
     with pytest.raises(TypeError, match="dtype must be float32, bfloat16 or float16"):
         qk.dequantize_4bit(packed, state, dtype="float32")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_state_without_dtype_is_refused_when_written(packed):
+    """dtype=None passes validate() and dequantizes, but was written as "None", a dict that
+    from_dict (and bitsandbytes) then refused: refused when written instead, naming why."""
+    import dataclasses
+
+    _, st = qk.quantize_4bit(torch.randn(8, 64), double_quant=True)
+    with pytest.raises(ValueError, match="quant_state: dtype is None"):
+        dataclasses.replace(st, dtype=None).as_dict(packed=packed)
+    with pytest.raises(ValueError, match="quant_state: state2.dtype is None"):
+        dataclasses.replace(st, state2=dataclasses.replace(st.state2, dtype=None)).as_dict(packed=packed)
+    assert QuantState.from_dict(st.as_dict(packed=packed)) == st

@@ -215,6 +215,10 @@ class QuantState:
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         """bitsandbytes' keys. ``packed=True`` gives only tensors (for safetensors): the
         non-tensor items go, as UTF-8 JSON bytes, under ``quant_state.bitsandbytes__<type>``."""
+        for name, dt in (("dtype", self.dtype), ("state2.dtype", self.state2.dtype if self.nested else 0)):
+            if dt is None:  # written as "None", which from_dict (and bitsandbytes) then refused
+                raise ValueError(f"quant_state: {name} is None; bitsandbytes' format records the dtype the "
+                                 "weight was quantized from (set it, e.g. torch.float32)")
         d: dict[str, Any] = {
             "quant_type": self.quant_type,
             "absmax": self.absmax,
