@@ -136,14 +136,18 @@ def packed_numel(n: int) -> int:
     return (n + 1) // 2
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    # None (a state built without it: validate() and the kernels take it) is written as JSON
+    # null and read back as None; it was written as "None", which from_dict refused
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 _DTYPES_BY_NAME = {_dtype_name(d): d for d in INPUT_DTYPES}
 
 
-def _dtype_from_name(name: Any, key: str) -> torch.dtype:
+def _dtype_from_name(name: Any, key: str) -> torch.dtype | None:
+    if name is None:
+        return None
     if name not in _DTYPES_BY_NAME:
         raise ValueError(f"quant_state: {key} must be one of {sorted(_DTYPES_BY_NAME)}, got {name!r}")
     return _DTYPES_BY_NAME[name]
@@ -215,10 +219,6 @@ class QuantState:
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         """bitsandbytes' keys. ``packed=True`` gives only tensors (for safetensors): the
         non-tensor items go, as UTF-8 JSON bytes, under ``quant_state.bitsandbytes__<type>``."""
-        for name, dt in (("dtype", self.dtype), ("state2.dtype", self.state2.dtype if self.nested else 0)):
-            if dt is None:  # written as "None", which from_dict (and bitsandbytes) then refused
-                raise ValueError(f"quant_state: {name} is None; bitsandbytes' format records the dtype the "
-                                 "weight was quantized from (set it, e.g. torch.float32)")
         d: dict[str, Any] = {
             "quant_type": self.quant_type,
             "absmax": self.absmax,
