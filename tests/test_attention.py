@@ -547,3 +547,38 @@ def test_attention_weights_asked_for_come_from_the_models_eager_attention(arch):
     for s1, s2 in zip(g1.attentions, g2.attentions):
         for x, y in zip(s1, s2):
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_weights_of_non_causal_attention_see_every_key():
+    """The eager fallback for output_attentions built a causal mask wherever sdpa would get
+    none, also for attention that is not causal: a BERT encoder's weights were lower-
+    triangular and its outputs 0.027 off, a Whisper decoder's cross-attention lost the last
+    encoder frames."""
+    from transformers import BertConfig, BertModel, WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    bert = BertModel._from_config(BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, max_position_embeddings=64),
+                                  attn_implementation="eager").eval()
+    wcfg = WhisperConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                         max_source_positions=8, max_target_positions=16, pad_token_id=0, decoder_start_token_id=1)
+    whisper = WhisperForConditionalGeneration._from_config(wcfg, attn_implementation="eager").eval()
+    ids = torch.randint(0, 100, (2, 6))
+    feats = torch.randn(1, 8, 16)
+    dec = torch.tensor([[1, 5, 7]])
+    for ref, call in ((bert, lambda m: m(ids, output_attentions=True)),
+                      (whisper, lambda m: m(input_features=feats, decoder_input_ids=dec, output_attentions=True))):
+        fused = copy.deepcopy(ref)
+        hf_attention.fuse_attention(fused)
+        with torch.no_grad():
+            a, b = call(ref), call(fused)
+        for name in ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions"):
+            ours, theirs = getattr(b, name, None), getattr(a, name, None)
+            if theirs is None:
+                continue
+            assert ours is not None and len(ours) == len(theirs), name
+            for x, y in zip(theirs, ours):
+                torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
+        out = "last_hidden_state" if hasattr(a, "last_hidden_state") else "logits"
+        torch.testing.assert_close(getattr(b, out), getattr(a, out), rtol=1e-5, atol=1e-6)

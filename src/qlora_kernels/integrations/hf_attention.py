@@ -146,7 +146,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         return ops.attention.causal_attention_call(query, key, value, float(scale), lengths)[0], None
     _count(why)
     if kwargs.get("output_attentions"):
-        weighed = _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        weighed = _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, causal, kwargs)
         if weighed is not None:
             return weighed
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -155,19 +156,20 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                   is_causal=is_causal, **kwargs)
 
 
-def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, causal, kwargs):
     """The model's own eager attention, where the caller asks for the attention weights:
     sdpa returns none, and an 'eager' model fused here had them before. The mask this
-    implementation gets is sdpa's (boolean, or None for plain causal); eager adds a float
-    one. None where the model's module has no eager function (sdpa then, weights None)."""
+    implementation gets is sdpa's (boolean, or None: plain causal where the call is causal,
+    every key otherwise, as in an encoder or cross-attention); eager adds a float one. None
+    where the model's module has no eager function (sdpa then, weights None)."""
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
         return None
     q_len, k_len = query.shape[2], key.shape[2]
     mask = attention_mask
-    if mask is None:  # sdpa's is_causal: query i sees the keys up to its own position, the last q_len aligned
+    if mask is None and causal:  # sdpa's is_causal: query i sees the keys up to its own position, the last q_len aligned
         mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
-    if mask.dtype == torch.bool:
+    if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~mask, torch.finfo(query.dtype).min)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
