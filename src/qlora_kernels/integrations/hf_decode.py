@@ -577,8 +577,10 @@ def enable_native_decode(model: nn.Module, static_cache: bool = True) -> nn.Modu
     adapters. With ``static_cache``, plain greedy or sampling ``generate`` calls (no
     beams, no assisted decoding) that choose no cache themselves (no ``cache``/
     ``past_key_values``/``cache_implementation`` argument, none in the generation config)
-    get ``cache_implementation="static"`` (on a copy of a passed generation config): the
-    native step needs a StaticCache. The model's generation config itself is not edited
+    and do not ask for the cache back (``return_dict_in_generate``: a StaticCache sized for
+    the call cannot be extended by the next turn; pass ``cache_implementation="static"`` to
+    take the native step there anyway) get ``cache_implementation="static"`` (on a copy of a
+    passed generation config): the native step needs a StaticCache. The model's generation config itself is not edited
     (``save_pretrained`` would write it out). Raises NativeDecodeError naming what is not
     supported. Returns ``model``."""
     lm = _arch.core_model(model)
