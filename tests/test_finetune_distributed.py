@@ -22,8 +22,11 @@ STEPS = 4
 ARGS = ["--steps", str(STEPS), "--batch-size", "4", "--grad-accum", "2", "--seq-len", "64", "--lr", "1e-2",
         "--eval-size", "8", "--samples", "1", "--max-new-tokens", "4", "--dropout", "0", "--save-every", "2"]
 # After 4 clipped AdamW steps at lr 1e-2: the ranks' partial sums differ from one process's
-# in the last bits, and Adam's first steps normalise those differences up (observed <= 7e-5).
-ADAPTER_ATOL = 2e-4
+# in the last bits, and Adam's first steps normalise those differences up (observed <= 7e-5
+# on AMD hosts; 2.07e-4 for 1 of 2048 elements under fsdp2 and zero2 alike, AVX2 code on the
+# Intel Xeon of 2026-12-08: an element whose gradient is near zero, where Adam's m / sqrt(v)
+# turns a last-bit difference into a visible one).
+ADAPTER_ATOL = 5e-4
 # Each engine under one launcher; ZeRO-3 under DeepSpeed's own, the rest under torchrun.
 LAUNCHER = {"ddp": "torchrun", "fsdp2": "torchrun", "zero2": "torchrun", "zero3": "deepspeed"}
 
