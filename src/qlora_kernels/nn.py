@@ -11,23 +11,7 @@ from torch import nn
 
 from . import formats, functional, ops
 from .formats import QuantState
-from .prepared import Prepared4bit
-
-
-def _bad_values(state: QuantState) -> tuple[str, str] | None:
-    """(key, reason) for a loaded state whose values no forward could use: NaN/Inf scales
-    (the outputs then NaN with every key reported matched) or a codebook that is not its
-    quant type's (the first forward failed, naming no key). Not run on meta tensors."""
-    if state.code.device.type == "meta":
-        return None
-    if not torch.equal(state.code.float().cpu(), formats.codebook_cpu(state.quant_type)):
-        return "quant_map", f"not the {state.quant_type} codebook"
-    if state.nested:
-        if not torch.isfinite(state.state2.absmax).all() or not torch.isfinite(state.offset).all():
-            return "nested_absmax", "holds NaN or Inf"
-    elif not torch.isfinite(state.absmax).all():
-        return "absmax", "holds NaN or Inf"
-    return None
+from .prepared import Prepared4bit, value_problem
 
 
 class Linear4bit(nn.Module):
@@ -156,7 +140,7 @@ class Linear4bit(nn.Module):
             except (ValueError, TypeError) as e:
                 error_msgs.append(f"{wkey}: {e}")
                 return
-            bad = _bad_values(state)  # as a checkpoint's are refused on from_pretrained (integrations.transformers)
+            bad = value_problem(state)  # as a checkpoint's are refused on from_pretrained (integrations.transformers)
             if bad is not None:
                 error_msgs.append(f"{wkey}.{bad[0]}: {bad[1]}")
                 return

@@ -82,6 +82,23 @@ def check_state(state: QuantState) -> None:
             raise ValueError(f"state.code is not the {state.quant_type} codebook")
 
 
+def value_problem(state: QuantState) -> tuple[str, str] | None:
+    """(key, reason) for a loaded state whose values no forward could use: NaN/Inf scales
+    (the outputs then NaN with every key reported matched) or a codebook that is not its
+    quant type's (the first forward failed, naming no key). Not run on meta tensors. Checked
+    by Linear4bit.load_state_dict and by the transformers integration's checkpoint load."""
+    if state.code.device.type == "meta":
+        return None
+    if not torch.equal(state.code.float().cpu(), formats.codebook_cpu(state.quant_type)):
+        return "quant_map", f"not the {state.quant_type} codebook"
+    if state.nested:
+        if not torch.isfinite(state.state2.absmax).all() or not torch.isfinite(state.offset).all():
+            return "nested_absmax", "holds NaN or Inf"
+    elif not torch.isfinite(state.absmax).all():
+        return "absmax", "holds NaN or Inf"
+    return None
+
+
 def decode_absmax(state: QuantState) -> torch.Tensor:
     """The per-block fp32 absmax of a checked state; decodes double quantization the way
     bitsandbytes does (8-bit decode, then ``+ offset`` in fp32)."""

@@ -31,6 +31,7 @@ except ImportError as e:  # pragma: no cover - exercised only with transformers 
 from .. import formats, functional
 from ..formats import QuantState
 from ..nn import Linear4bit
+from ..prepared import value_problem
 
 QUANT_METHOD = "qlora_kernels"
 _PACKED_STATE = "quant_state.bitsandbytes__"
@@ -192,8 +193,6 @@ def restore_state(weight_key: str, tensors: dict[str, torch.Tensor], shape: tupl
     if state.absmax.numel() != nblocks or state.absmax.dtype != want:
         raise _err(weight_key + ".absmax", f"expected {nblocks} {want} values (one per {state.blocksize}-element "
                    f"block), got {state.absmax.numel()} {state.absmax.dtype}")
-    if not torch.equal(state.code.float(), formats.codebook(state.quant_type)):
-        raise _err(weight_key + ".quant_map", f"not the {state.quant_type} codebook")
     if state.nested:
         s2 = state.state2
         if s2.blocksize < 1 or s2.absmax.numel() != formats.num_blocks(nblocks, s2.blocksize) \
@@ -202,10 +201,9 @@ def restore_state(weight_key: str, tensors: dict[str, torch.Tensor], shape: tupl
                        f"float32 values for {nblocks} absmax codes, got {s2.absmax.numel()} {s2.absmax.dtype}")
         if s2.code.numel() != 256 or s2.code.dtype != torch.float32:
             raise _err(weight_key + ".nested_quant_map", f"expected 256 float32 values, got {s2.code.numel()}")
-        if not torch.isfinite(s2.absmax).all() or not torch.isfinite(state.offset).all():
-            raise _err(weight_key + ".nested_absmax", "holds NaN or Inf")
-    elif not torch.isfinite(state.absmax).all():
-        raise _err(weight_key + ".absmax", "holds NaN or Inf")
+    bad = value_problem(state)  # the codebook and finite scales, as Linear4bit.load_state_dict checks them
+    if bad is not None:
+        raise _err(f"{weight_key}.{bad[0]}", bad[1])
     try:
         state.validate()  # whatever the checks above do not name
     except (ValueError, TypeError) as e:
